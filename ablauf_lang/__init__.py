@@ -1,0 +1,70 @@
+"""ablauf_lang: a small s-expression language for durable, long-running workflows.
+
+    import ablauf_lang
+    run = ablauf_lang.eval('(do!! (log!! "hello") (log!! "world"))')
+    run.status  # Status.SUCCESS
+"""
+
+from ablauf_lang.api import (
+    Run,
+    abort_run,
+    compile,
+    eval,
+    eval_async,
+    make_job,
+    parse,
+    restart_job,
+    resume,
+    resume_async,
+    retry,
+    retry_async,
+)
+from ablauf_lang.errors import (
+    AblaufCompileError,
+    AblaufError,
+    AblaufSyntaxError,
+    JobError,
+    RunError,
+    StoreError,
+)
+from ablauf_lang.job import Job, abort, prepare_replay
+from ablauf_lang.nodes import Dispatch, LeafState, Result, Status, failure, success, timeout
+from ablauf_lang.stdlib.actions import ActionFailed
+from ablauf_lang.stores.base import JobStore, open_store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AblaufCompileError",
+    "AblaufError",
+    "AblaufSyntaxError",
+    "ActionFailed",
+    "Dispatch",
+    "Job",
+    "JobError",
+    "JobStore",
+    "LeafState",
+    "Result",
+    "Run",
+    "RunError",
+    "Status",
+    "StoreError",
+    "__version__",
+    "abort",
+    "abort_run",
+    "compile",
+    "eval",
+    "eval_async",
+    "failure",
+    "make_job",
+    "open_store",
+    "parse",
+    "prepare_replay",
+    "restart_job",
+    "resume",
+    "resume_async",
+    "retry",
+    "retry_async",
+    "success",
+    "timeout",
+]

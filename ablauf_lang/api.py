@@ -1,0 +1,196 @@
+"""The public API: read, compile, run, resume, retry and abort workflows."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ablauf_lang import job as _job
+from ablauf_lang.errors import AblaufError, RunError
+from ablauf_lang.forms import Form
+from ablauf_lang.job import Job
+from ablauf_lang.nodes import Dispatch, Node, Result, Status
+from ablauf_lang.runners.local import Action, LocalRunner
+from ablauf_lang.stores.base import JobStore, open_store
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """The outcome of `eval`: status, final context and job, and the run's id."""
+
+    run_id: str
+    job: Job
+
+    @property
+    def status(self) -> Status:
+        return self.job.status
+
+    @property
+    def context(self) -> dict[str, Any]:
+        return self.job.context
+
+    def to_dict(self) -> dict[str, Any]:
+        """`{"run_id", "status", "context"}`, as `ablauf run --json` prints it."""
+        return {"run_id": self.run_id, "status": str(self.status), "context": self.context}
+
+
+def parse(source: str, filename: str | None = None) -> tuple[Form, ...]:
+    """Read source text into forms (all top-level forms, positions kept)."""
+    from ablauf_lang.reader import read
+
+    return read(source, filename)
+
+
+def compile(source: str | Any, filename: str | None = None) -> Node:  # noqa: A001
+    """Compile source text (or read forms) into the lowered workflow tree."""
+    from ablauf_lang.compiler import compile_forms, compile_source
+
+    if isinstance(source, str):
+        return compile_source(source, filename)
+    forms = source if isinstance(source, tuple | builtins.list) else (source,)
+    return compile_forms(tuple(forms), filename=filename)
+
+
+def make_job(ast_or_source: Node | str, context: dict[str, Any] | None = None,
+             filename: str | None = None) -> Job:
+    """Create a job from a compiled tree or from source text."""
+    ast = compile(ast_or_source, filename) if isinstance(ast_or_source, str) else ast_or_source
+    return _job.make_job(ast, context)
+
+
+def restart_job(job: Job, results: Any = (), now: float | None = None
+                ) -> tuple[Job, list[Dispatch]]:
+    """Apply results and return the updated job and the next dispatches (pure)."""
+    return _job.restart_job(job, results, now)
+
+
+def _close_if_ours(store: JobStore, given: Any) -> None:
+    if given is None or isinstance(given, str):
+        store.close()
+
+
+async def eval_async(
+    source: str,
+    actions: Mapping[str, Action] | None = None,
+    context: dict[str, Any] | None = None,
+    store: str | JobStore | None = None,
+    run_id: str | None = None,
+    filename: str | None = None,
+    *,
+    on_restart: Callable[[Job, list[Dispatch], list[Result]], None] | None = None,
+) -> Run:
+    """Run a program to completion on the running event loop (see `eval`)."""
+    backend = open_store("memory:" if store is None else store)
+    try:
+        if run_id is not None and backend.exists(run_id):
+            # The same run id again: finish that run instead of starting a second one.
+            stored = backend.load(run_id)
+            if stored.job.done:
+                return Run(run_id, stored.job)
+            return await _drive(backend, run_id, _job.prepare_replay(stored.job), actions,
+                                on_restart)
+        job = make_job(source, context, filename)
+        run_id = backend.create_run(job, source=source, filename=filename, run_id=run_id)
+        return await _drive(backend, run_id, job, actions, on_restart)
+    finally:
+        _close_if_ours(backend, store)
+
+
+async def _drive(store: JobStore, run_id: str, job: Job, actions: Any,
+                 on_restart: Any = None) -> Run:
+    runner = LocalRunner(actions, store=store, run_id=run_id, on_restart=on_restart)
+    return Run(run_id, await runner.run(job))
+
+
+def _sync(coro: Any) -> Any:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    coro.close()
+    raise AblaufError("ablauf_lang.eval was called inside a running event loop: "
+                      "await ablauf_lang.eval_async(...) instead")
+
+
+def eval(  # noqa: A001 - the public name is fixed
+    source: str,
+    actions: Mapping[str, Action] | None = None,
+    context: dict[str, Any] | None = None,
+    store: str | JobStore | None = None,
+    run_id: str | None = None,
+    filename: str | None = None,
+) -> Run:
+    """Compile and run a program to completion; return its status, context and job.
+
+    `store`: None (in memory), a URL such as "sqlite:///runs.db", or a store object; the
+    job is recorded there after every restart. Passing the `run_id` of a run the store
+    already has finishes that run (resuming it if needed) instead of starting another.
+    """
+    return _sync(eval_async(source, actions, context, store, run_id, filename))  # type: ignore[no-any-return]
+
+
+async def resume_async(run_id: str, store: str | JobStore | None = None,
+                       actions: Mapping[str, Action] | None = None) -> Run:
+    """Go on with an unfinished run after a crash (idempotent in-flight work runs again)."""
+    backend = open_store(store)
+    try:
+        stored = backend.load(run_id)
+        if stored.job.done:
+            raise RunError(f"run {run_id} already finished ({stored.job.status}); "
+                           "use retry to run its failed steps again")
+        job = _job.prepare_replay(stored.job)
+        backend.record(run_id, job)
+        return await _drive(backend, run_id, job, actions)
+    finally:
+        _close_if_ours(backend, store)
+
+
+def resume(run_id: str, store: str | JobStore | None = None,
+           actions: Mapping[str, Action] | None = None) -> Run:
+    """Go on with an unfinished run after a crash (see `prepare_replay`)."""
+    return _sync(resume_async(run_id, store, actions))  # type: ignore[no-any-return]
+
+
+async def retry_async(run_id: str, store: str | JobStore | None = None,
+                      actions: Mapping[str, Action] | None = None) -> Run:
+    """Run a finished, failed run's failed steps again and continue."""
+    backend = open_store(store)
+    try:
+        stored = backend.load(run_id)
+        job = stored.job
+        if not job.done:
+            raise RunError(f"run {run_id} is still running; resume it, or abort it first")
+        if job.status is Status.SUCCESS:
+            raise RunError(f"run {run_id} succeeded: nothing to retry")
+        if not _job.can_replay(job, retry_interrupted=True):
+            raise RunError(f"run {run_id} has nothing to retry: its failed steps are not "
+                           "idempotent (mark them {:idempotent? true} to allow retries)")
+        job = _job.prepare_replay(job, retry_interrupted=True)
+        backend.record(run_id, job)
+        return await _drive(backend, run_id, job, actions)
+    finally:
+        _close_if_ours(backend, store)
+
+
+def retry(run_id: str, store: str | JobStore | None = None,
+          actions: Mapping[str, Action] | None = None) -> Run:
+    """Run a failed run's idempotent (and interrupted) failed steps again, and continue."""
+    return _sync(retry_async(run_id, store, actions))  # type: ignore[no-any-return]
+
+
+def abort_run(run_id: str, store: str | JobStore | None = None,
+              reason: str = "aborted") -> Run:
+    """Abort a run: its pending steps fail with `reason` and nothing new starts."""
+    backend = open_store(store)
+    try:
+        stored = backend.load(run_id)
+        if stored.job.done:
+            raise RunError(f"run {run_id} already finished ({stored.job.status})")
+        job = _job.abort(stored.job, reason)
+        backend.record(run_id, job)
+        return Run(run_id, job)
+    finally:
+        _close_if_ours(backend, store)

@@ -1,0 +1,118 @@
+"""Errors: user-facing language errors (with position and caret) apart from bugs.
+
+Only the standard library is imported here: every other module may raise these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """A 1-based source position: where a form starts (and ends)."""
+
+    line: int
+    column: int
+    end_line: int | None = None
+    end_column: int | None = None
+    filename: str | None = None
+
+
+def caret_text(source: str | None, line: int | None, column: int | None) -> str:
+    """Return the source line at `line` followed by a caret under `column`."""
+    if source is None or line is None or line < 1:
+        return ""
+    lines = source.splitlines()
+    if line > len(lines):
+        # An error at the end of input (an unclosed bracket) points after the last line.
+        text = lines[-1] if lines else ""
+        column = len(text) + 1
+    else:
+        text = lines[line - 1]
+    col = max(1, column or 1)
+    # Keep tabs so the caret lines up under tab-indented source.
+    pad = "".join("\t" if ch == "\t" else " " for ch in text[: col - 1])
+    return f"{text}\n{pad}^"
+
+
+class AblaufError(Exception):
+    """An error in the user's program or input; shown without a traceback."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        filename: str | None = None,
+        line: int | None = None,
+        column: int | None = None,
+        source: str | None = None,
+    ) -> None:
+        self.message = message
+        self.filename = filename
+        self.line = line
+        self.column = column
+        self.source = source
+        super().__init__(self.render())
+
+    @property
+    def location(self) -> str:
+        """`FILE:LINE:COL` (parts that are unknown are left out)."""
+        parts = [self.filename or "<input>"]
+        if self.line is not None:
+            parts.append(str(self.line))
+            if self.column is not None:
+                parts.append(str(self.column))
+        return ":".join(parts)
+
+    def render(self) -> str:
+        """Return `FILE:LINE:COL: error: message`, the source line and a caret."""
+        head = f"{self.location}: error: {self.message}"
+        snippet = caret_text(self.source, self.line, self.column)
+        return f"{head}\n{snippet}" if snippet else head
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+class AblaufSyntaxError(AblaufError):
+    """The reader could not read the source text."""
+
+    def __init__(self, message: str, *, incomplete: bool = False, **kw: object) -> None:
+        # incomplete: more input could fix it (an unclosed bracket or string); the REPL reads on.
+        self.incomplete = incomplete
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+
+
+class AblaufCompileError(AblaufError):
+    """A well-formed program that does not compile to a workflow."""
+
+
+class JobError(AblaufError):
+    """A job was driven wrongly: a result for an unknown node, a bad snapshot."""
+
+
+class StoreError(AblaufError):
+    """A store could not be opened or used: bad URL, newer schema, damaged file."""
+
+
+class RunError(AblaufError):
+    """A run operation was refused: unknown id, nothing to retry, already finished."""
+
+
+class InternalError(Exception):
+    """A bug in ablauf_lang itself, never the user's fault."""
+
+
+def with_span(exc_type: type[AblaufError], message: str, span: Span | None, source: str | None,
+              filename: str | None = None) -> AblaufError:
+    """Build a language error located at `span` in `source`."""
+    if span is None:
+        return exc_type(message, filename=filename, source=source)
+    return exc_type(
+        message,
+        filename=filename or span.filename,
+        line=span.line,
+        column=span.column,
+        source=source,
+    )

@@ -1,0 +1,465 @@
+"""The job: a workflow tree with its results, and the pure reducer that drives it.
+
+    make_job    :: Node -> Job
+    restart_job :: Job -> [Result] -> (Job, [Dispatch])
+
+`restart_job` applies results, then starts what became startable, and returns the new job
+with the actions to perform. It performs nothing, reads no clock (time comes in as `now`)
+and never mutates its input. Its cost is O(results x depth + dispatches): each result is
+reached through the id -> child-index path table and applied through the zipper, whose
+way up keeps the branch summaries current; then only the children that changed (`dirty`)
+are visited, never the whole tree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from pyrsistent import PVector, pvector
+
+from ablauf_lang import semantics, zipper
+from ablauf_lang.errors import AblaufError, JobError
+from ablauf_lang.nodes import (
+    Dispatch,
+    Leaf,
+    LeafState,
+    Node,
+    Result,
+    Status,
+    assoc_in,
+    is_branch,
+)
+from ablauf_lang.semantics import ALL, NOTHING
+
+LAST_ERROR = "exec/last-error"
+INTERRUPTED = "interrupted: "  # error prefix of a non-idempotent action whose outcome is unknown
+ROOT = -1  # the root's virtual parent, in `todo`
+
+OPS = zipper.Ops(is_branch, lambda n: n.children, semantics.replace_child)
+
+
+class Deferred:
+    """A payload evaluated when its leaf is dispatched (a run-time `ctx` expression)."""
+
+    def evaluate(self, context: dict[str, Any]) -> Any:
+        """Return the payload's value against `context`; raise AblaufError on failure."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Job:
+    """A workflow tree, its context, and what the next restart must look at."""
+
+    root: Node
+    context: dict[str, Any]
+    paths: PVector  # node id -> tuple of child indices from the root
+    todo: dict[int, Collection[int]] = field(default_factory=dict)  # dirty for next restart
+    restarts: int = 0
+    touched: frozenset[int] = frozenset()  # ids the last operation changed (for stores)
+    aborted: str | None = None  # set by abort: nothing new starts, status is failure
+
+    # ------------------------------------------------------------ status
+
+    @property
+    def done(self) -> bool:
+        """True when the run can no longer change: the root is done, or it was aborted."""
+        if self.aborted is not None:
+            return self.root.inflight == 0
+        return self.root.done
+
+    @property
+    def status(self) -> Status:
+        """success or failure once done, else pending."""
+        if not self.done:
+            return Status.PENDING
+        if self.aborted is not None or self.root.failed:
+            return Status.FAILURE
+        return Status.SUCCESS
+
+    @property
+    def inflight(self) -> int:
+        """How many leaves are dispatched and waiting for a result."""
+        return self.root.inflight
+
+    # ------------------------------------------------------------ access
+
+    def node(self, node_id: int) -> Node:
+        """Return the node with id `node_id`."""
+        if not 0 <= node_id < len(self.paths):
+            raise JobError(f"unknown node id {node_id}")
+        node: Node = self.root
+        for i in self.paths[node_id]:
+            node = node.children[i]
+        return node
+
+    def nodes(self) -> Iterator[Node]:
+        """Yield every node in pre-order."""
+        stack: list[Node] = [self.root]
+        while stack:
+            node = stack.pop()
+            yield node
+            if is_branch(node):
+                stack.extend(reversed(node.children))
+
+    def leaves(self) -> Iterator[Leaf]:
+        """Yield every leaf in pre-order."""
+        for node in self.nodes():
+            if isinstance(node, Leaf):
+                yield node
+
+    def pending(self) -> list[Leaf]:
+        """The leaves dispatched and waiting for a result (a walk: for inspection only)."""
+        return [leaf for leaf in self.leaves() if leaf.result is LeafState.PENDING]
+
+    def path(self, node_id: int) -> tuple[int, ...]:
+        """The child indices from the root to node `node_id`."""
+        self.node(node_id)
+        return self.paths[node_id]  # type: ignore[no-any-return]
+
+    def parent_ids(self, node_id: int) -> list[int]:
+        """The ids of the ancestors of `node_id`, root first."""
+        out: list[int] = []
+        node: Node = self.root
+        for i in self.path(node_id):
+            out.append(node.id)
+            node = node.children[i]
+        return out
+
+    # ------------------------------------------------------------ json
+
+    def to_json(self) -> str:
+        """Serialise to versioned JSON (see `serde`)."""
+        from ablauf_lang import serde
+
+        return serde.dumps(self)
+
+    @staticmethod
+    def from_json(text: str) -> Job:
+        """Load a job written by `to_json`."""
+        from ablauf_lang import serde
+
+        return serde.loads(text)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Job):
+            return NotImplemented
+        from ablauf_lang import serde
+
+        return serde.to_data(self) == serde.to_data(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+# ---------------------------------------------------------------- building
+
+
+def index_paths(root: Node) -> PVector:
+    """Return the id -> path table, checking ids are unique and dense (0..N-1)."""
+    found: dict[int, tuple[int, ...]] = {}
+    stack: list[tuple[Node, tuple[int, ...]]] = [(root, ())]
+    while stack:
+        node, path = stack.pop()
+        if node.id in found:
+            raise JobError(f"node id {node.id} appears twice in the tree")
+        found[node.id] = path
+        if is_branch(node):
+            kids = node.children
+            for i in range(len(kids) - 1, -1, -1):
+                stack.append((kids[i], (*path, i)))
+    if sorted(found) != list(range(len(found))):
+        raise JobError("node ids must be 0..N-1 (number the tree in pre-order)")
+    return pvector(found[i] for i in range(len(found)))
+
+
+def rebuild(root: Node, leaf_fn: Any, branch_fn: Any = None) -> Node:
+    """Rebuild the tree bottom-up with `leaf_fn` applied to leaves, summaries recomputed.
+
+    Iterative, so deep trees never hit the recursion limit; untouched subtrees are shared.
+    """
+    out: list[Node] = []
+    stack: list[list[Any]] = [[root, 0, 0]]  # node, next child, len(out) at entry
+    while stack:
+        frame = stack[-1]
+        node = frame[0]
+        if not is_branch(node):
+            stack.pop()
+            out.append(leaf_fn(node))
+            continue
+        kids = node.children
+        if frame[1] == 0:
+            frame[2] = len(out)
+        if frame[1] < len(kids):
+            frame[1] += 1
+            stack.append([kids[frame[1] - 1], 0, 0])
+            continue
+        stack.pop()
+        new_kids = out[frame[2]:]
+        del out[frame[2]:]
+        if any(a is not b for a, b in zip(new_kids, kids, strict=True)):
+            node = semantics.summarize(replace(node, children=pvector(new_kids)))
+        else:
+            node = semantics.summarize(node) if branch_fn is None else node
+        if branch_fn is not None:
+            node = branch_fn(node)
+        out.append(node)
+    return out[0]
+
+
+def make_job(ast: Node, context: dict[str, Any] | None = None) -> Job:
+    """Create a job from a compiled workflow: nothing started yet."""
+    root = rebuild(ast, lambda leaf: leaf)
+    return Job(root, dict(context or {}), index_paths(root), {ROOT: ALL})
+
+
+# ---------------------------------------------------------------- restart
+
+
+class _Restart:
+    """The working state of one restart; local to `restart_job`, so the reducer stays pure."""
+
+    def __init__(self, job: Job, now: float | None) -> None:
+        self.root: Node = job.root
+        self.context = job.context
+        self.paths = job.paths
+        self.now = now
+        self.blocked = job.aborted is not None
+        self.dirty: dict[int, Any] = {k: (v if v is ALL else set(v)) for k, v in job.todo.items()}
+        self.dispatches: list[Dispatch] = []
+        self.touched: set[int] = set()
+
+    # -------------------------------------------------- applying results
+
+    def apply(self, result: Result) -> None:
+        """Record one result on its leaf; ignore it unless that leaf waits for it."""
+        if not isinstance(result, Result):
+            raise JobError(f"not a result: {result!r}")
+        node_id = result.id
+        if not (isinstance(node_id, int) and 0 <= node_id < len(self.paths)):
+            raise JobError(f"result for unknown node id {node_id!r}")
+        path = self.paths[node_id]
+        loc = zipper.zipper(self.root, OPS)
+        ids = []
+        for i in path:
+            ids.append(loc.node.id)
+            loc = zipper.down(loc, i)  # type: ignore[assignment]
+        leaf = loc.node
+        if not isinstance(leaf, Leaf):
+            raise JobError(f"result for node {node_id}, which is a {leaf.kind}, not an action")
+        if leaf.result is not LeafState.PENDING or (
+            result.attempt is not None and result.attempt != leaf.attempt
+        ):
+            return  # a duplicate delivery or a stale attempt: never applied twice
+        ok = result.state is LeafState.SUCCESS
+        new = Leaf(
+            leaf.id, leaf.action, leaf.payload, leaf.idempotent, leaf.augment,
+            result.state, result.output if ok else None, None if ok else result.error,
+            leaf.attempt, leaf.dispatched_at,
+            result.finished_at if result.finished_at is not None else self.now, leaf.span,
+        )
+        if ok:
+            if leaf.augment is not None:
+                self.context = leaf.augment.apply(self.context, result.output)
+        else:
+            self.context = assoc_in(self.context, (LAST_ERROR,), result.error)
+        self.root = zipper.root(zipper.replace(loc, new))
+        self.touched.add(node_id)
+        dirty = self.dirty
+        for parent_id, i in zip(ids, path, strict=True):
+            entry = dirty.get(parent_id)
+            if entry is None:
+                dirty[parent_id] = {i}
+            elif entry is not ALL:
+                entry.add(i)
+
+    # -------------------------------------------------- starting what became startable
+
+    def start_leaf(self, leaf: Leaf) -> Leaf:
+        """Dispatch an unset leaf (or fail it when its payload cannot be evaluated)."""
+        payload = leaf.payload
+        attempt = leaf.attempt + 1
+        if isinstance(payload, Deferred):
+            try:
+                payload = payload.evaluate(self.context)
+            except AblaufError as exc:
+                self.context = assoc_in(self.context, (LAST_ERROR,), exc.message)
+                self.touched.add(leaf.id)
+                return Leaf(leaf.id, leaf.action, leaf.payload, leaf.idempotent, leaf.augment,
+                            LeafState.FAILURE, None, exc.message, attempt, self.now, self.now,
+                            leaf.span)
+        self.dispatches.append(
+            Dispatch(leaf.id, leaf.action, payload, leaf.idempotent, attempt, self.context)
+        )
+        self.touched.add(leaf.id)
+        return Leaf(leaf.id, leaf.action, leaf.payload, leaf.idempotent, leaf.augment,
+                    LeafState.PENDING, None, None, attempt, self.now, None, leaf.span)
+
+    def enter(self, loc: zipper.Loc, fresh: bool) -> tuple[zipper.Loc, list[Any] | None]:
+        """Visit a node: start it if it is a leaf, else return the children to visit."""
+        node = loc.node
+        if isinstance(node, Leaf):
+            if node.result is None:
+                loc = zipper.replace(loc, self.start_leaf(node))
+            return loc, None
+        dirty = ALL if fresh else self.dirty.get(node.id, NOTHING)
+        if fresh:
+            entered = semantics.enter(node, self)
+            if entered is not node:
+                loc = zipper.replace(loc, entered)
+                node = entered
+        fresh_kids = dirty is ALL
+        todo = [(i, fresh_kids, False) for i in semantics.plan(node, dirty)]
+        todo.reverse()
+        return loc, todo
+
+    def leave(self, loc: zipper.Loc, stack: list[list[Any]]) -> zipper.Loc:
+        """Go up to the parent and let it react to the child just visited."""
+        index = loc.path.index  # type: ignore[union-attr]
+        loc = zipper.up(loc)  # type: ignore[assignment]
+        node, nexts = semantics.follow(loc.node, index)
+        if node is not loc.node:
+            loc = zipper.replace(loc, node)
+        if nexts:
+            queue = stack[-1]
+            for nxt in reversed(nexts):
+                queue.append((nxt.index, True, nxt.skip))
+        return loc
+
+    def skip(self, loc: zipper.Loc) -> zipper.Loc:
+        """Mark every leaf that never ran under `loc` as skipped."""
+        touched = self.touched
+
+        def mark(leaf: Leaf) -> Leaf:
+            if leaf.result is None:
+                touched.add(leaf.id)
+                return semantics.skip_leaf(leaf)
+            return leaf
+
+        return zipper.replace(loc, rebuild(loc.node, mark))
+
+    def advance(self) -> None:
+        """Walk down the changed branches, starting every node that became startable."""
+        if self.blocked:
+            return
+        loc, todo = self.enter(zipper.zipper(self.root, OPS), self.dirty.get(ROOT) is ALL)
+        if todo is None:
+            self.root = loc.node
+            return
+        stack = [todo]
+        while stack:
+            queue = stack[-1]
+            if not queue:
+                stack.pop()
+                if stack:
+                    loc = self.leave(loc, stack)
+                continue
+            index, fresh, skip = queue.pop()
+            child = zipper.down(loc, index)
+            assert child is not None
+            if skip:
+                loc = zipper.up(self.skip(child))  # type: ignore[assignment]
+                continue
+            child, todo = self.enter(child, fresh)
+            if todo is None:
+                loc = self.leave(child, stack)
+            else:
+                loc = child
+                stack.append(todo)
+        self.root = loc.node
+
+
+def restart_job(
+    job: Job, results: Iterable[Result] = (), now: float | None = None
+) -> tuple[Job, list[Dispatch]]:
+    """Apply `results`, then return the updated job and the actions to perform next."""
+    rs = _Restart(job, now)
+    for result in results:
+        rs.apply(result)
+    rs.advance()
+    new = Job(rs.root, rs.context, rs.paths, {}, job.restarts + 1, frozenset(rs.touched),
+              job.aborted)
+    return new, rs.dispatches
+
+
+# ---------------------------------------------------------------- rewrites
+
+
+def _rewrite(job: Job, leaf_fn: Any) -> tuple[Node, set[int]]:
+    touched: set[int] = set()
+
+    def fn(leaf: Leaf) -> Leaf:
+        new = leaf_fn(leaf)
+        if new is not leaf:
+            touched.add(leaf.id)
+        return new  # type: ignore[no-any-return]
+
+    return rebuild(job.root, fn), touched
+
+
+def abort(job: Job, reason: Any = "aborted") -> Job:
+    """Fail every pending leaf with `reason` and stop the run: nothing new will start."""
+
+    def fail(leaf: Leaf) -> Leaf:
+        if leaf.result is LeafState.PENDING:
+            return replace(leaf, result=LeafState.FAILURE, error=reason)
+        return leaf
+
+    root, touched = _rewrite(job, fail)
+    context = assoc_in(job.context, (LAST_ERROR,), reason) if touched else job.context
+    return replace(job, root=root, context=context, touched=frozenset(touched),
+                   aborted=str(reason))
+
+
+def is_interrupted(leaf: Leaf) -> bool:
+    """A non-idempotent leaf that failed because its outcome is unknown (crash, lost lease)."""
+    return (
+        leaf.result is LeafState.FAILURE
+        and isinstance(leaf.error, str)
+        and leaf.error.startswith(INTERRUPTED)
+    )
+
+
+def prepare_replay(job: Job, *, retry_interrupted: bool = False) -> Job:
+    """Make a job ready to go on after a crash or to be retried.
+
+    Idempotent leaves that are pending or failed become unset (they will run again);
+    pending non-idempotent leaves become failures (their outcome is unknown). With
+    `retry_interrupted`, such interrupted leaves run again too: a person asked for it.
+    """
+
+    def reset(leaf: Leaf) -> Leaf:
+        state = leaf.result
+        rerun = (leaf.idempotent and (state is LeafState.PENDING or leaf.failed)) or (
+            retry_interrupted and is_interrupted(leaf)
+        )
+        if rerun:
+            return replace(leaf, result=None, output=None, error=None, finished_at=None)
+        if state is LeafState.PENDING:
+            return replace(leaf, result=LeafState.FAILURE, error=INTERRUPTED +
+                           f"{leaf.action} was in flight and is not idempotent")
+        return leaf
+
+    root, touched = _rewrite(job, reset)
+    todo: dict[int, Any] = {k: (v if v is ALL else set(v)) for k, v in job.todo.items()}
+    for leaf_id in touched:
+        node: Node = root
+        for i in job.paths[leaf_id]:
+            entry = todo.setdefault(node.id, set())
+            if entry is not ALL:
+                entry.add(i)
+            node = node.children[i]
+    frozen = {k: (v if v is ALL else frozenset(v)) for k, v in todo.items()}
+    return replace(job, root=root, todo=frozen, touched=frozenset(touched), aborted=None)
+
+
+def can_replay(job: Job, *, retry_interrupted: bool = False) -> bool:
+    """True when `prepare_replay` would change something (there is work to redo)."""
+    for leaf in job.leaves():
+        if leaf.idempotent and (leaf.result is LeafState.PENDING or leaf.failed):
+            return True
+        if leaf.result is LeafState.PENDING:
+            return True
+        if retry_interrupted and is_interrupted(leaf):
+            return True
+    return False

@@ -1,0 +1,105 @@
+"""Names of forms, actions and builtins: one source for the compiler, lexer and completer."""
+
+from __future__ import annotations
+
+# Structural workflow forms (branches of the tree).
+STRUCTURAL_FORMS: tuple[str, ...] = (
+    "do!!",
+    "dopar!!",
+    "try!!",
+    "rescue!!",
+    "finally!!",
+    "with-augment",
+    "if!!",
+    "when!!",
+    "doseq!!",
+    "pmap!!",
+)
+
+# Leaf forms: each becomes one action.
+LEAF_FORMS: tuple[str, ...] = (
+    "action!!",
+    "idempotent-action!!",
+    "log!!",
+    "fail!!",
+)
+
+# Compile-time declarations.
+DECLARATIONS: tuple[str, ...] = ("def", "defn", "let", "import")
+
+# Compile-time special forms that are not declarations.
+SPECIAL_FORMS: tuple[str, ...] = ("if", "when", "for", "do", "and", "or", "fn", "quote")
+
+# Pure builtin functions available at compile time (and at run time inside `ctx` expressions).
+BUILTINS: tuple[str, ...] = (
+    "ctx",
+    "str",
+    "+",
+    "-",
+    "*",
+    "/",
+    "mod",
+    "=",
+    "not=",
+    "<",
+    ">",
+    "<=",
+    ">=",
+    "not",
+    "get",
+    "get-in",
+    "assoc",
+    "assoc-in",
+    "dissoc",
+    "merge",
+    "count",
+    "range",
+    "concat",
+    "keyword",
+    "name",
+    "list",
+    "vector",
+    "hash-map",
+    "first",
+    "rest",
+    "last",
+    "nth",
+    "conj",
+    "contains?",
+    "empty?",
+    "nil?",
+    "identity",
+    "inc",
+    "dec",
+    "max",
+    "min",
+    "keys",
+    "vals",
+    "upper-case",
+    "lower-case",
+    "join",
+)
+
+# Actions shipped by the standard library.
+STDLIB_ACTIONS: tuple[str, ...] = ("action/log", "action/fail", "action/sleep")
+
+CONSTANTS: tuple[str, ...] = ("nil", "true", "false")
+
+# Commands of the stepping REPL.
+REPL_COMMANDS: tuple[str, ...] = (
+    ":step",
+    ":run",
+    ":tree",
+    ":ctx",
+    ":ok",
+    ":fail",
+    ":manual",
+    ":auto",
+    ":back",
+    ":load",
+    ":save",
+    ":help",
+    ":quit",
+)
+
+ALL_FORMS: tuple[str, ...] = STRUCTURAL_FORMS + LEAF_FORMS + DECLARATIONS + SPECIAL_FORMS

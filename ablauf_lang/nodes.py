@@ -1,0 +1,303 @@
+"""AST nodes (the lowered workflow tree), leaf states, dispatches and results.
+
+The same immutable nodes form the compiled AST and the job tree: a job is the AST with
+results filled in. Branch nodes cache a summary of their subtree (leaves in flight,
+children done and failed, the sequence cursor) so a restart never rescans the tree;
+`semantics` computes those summaries, one registration per node kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from pyrsistent import PVector, pvector
+
+from ablauf_lang.errors import Span
+
+
+class Status(StrEnum):
+    """Status of a run (or a job): pending until the root is done."""
+
+    PENDING = "pending"
+    SUCCESS = "success"
+    FAILURE = "failure"
+
+
+class LeafState(StrEnum):
+    """A leaf's result; a leaf that never started has result `None` (unset, eligible)."""
+
+    PENDING = "pending"  # dispatched, no result yet
+    SUCCESS = "success"
+    FAILURE = "failure"
+    TIMEOUT = "timeout"  # a failure kind
+    SKIPPED = "skipped"  # never ran: its branch was not taken
+
+
+FAILED_STATES = frozenset({LeafState.FAILURE, LeafState.TIMEOUT})
+DONE_STATES = frozenset(
+    {LeafState.SUCCESS, LeafState.FAILURE, LeafState.TIMEOUT, LeafState.SKIPPED}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Augment:
+    """`with-augment [source dest]`: on success copy `get-in output source` to `dest`."""
+
+    source: tuple[Any, ...]  # a get-in path into the output; () is `identity`
+    dest: tuple[Any, ...]  # a non-empty path into the context
+
+    def apply(self, context: dict[str, Any], output: Any) -> dict[str, Any]:
+        """Return a new context with the selected part of `output` stored at `dest`."""
+        value = output
+        for key in self.source:
+            value = value.get(key) if isinstance(value, dict) else None
+        return assoc_in(context, self.dest, value)
+
+
+def assoc_in(data: dict[str, Any], path: tuple[Any, ...], value: Any) -> dict[str, Any]:
+    """Return a copy of `data` with `value` at `path`, creating nested dicts (copy-on-write)."""
+    head, rest = path[0], path[1:]
+    out = dict(data)
+    if rest:
+        inner = out.get(head)
+        out[head] = assoc_in(inner if isinstance(inner, dict) else {}, rest, value)
+    else:
+        out[head] = value
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Leaf:
+    """One action to perform: `(action!! :ns/name payload)`, `(log!! x)`, `(fail!! r)`."""
+
+    kind: ClassVar[str] = "leaf"
+    id: int
+    action: str
+    payload: Any = None
+    idempotent: bool = False
+    augment: Augment | None = None
+    result: LeafState | None = None
+    output: Any = None
+    error: Any = None
+    attempt: int = 0
+    dispatched_at: float | None = None
+    finished_at: float | None = None
+    span: Span | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def done(self) -> bool:
+        """Success, failure, timeout or skipped."""
+        return self.result in DONE_STATES
+
+    @property
+    def failed(self) -> bool:
+        """Failure or timeout."""
+        return self.result in FAILED_STATES
+
+    @property
+    def inflight(self) -> int:
+        """1 while dispatched and waiting for its result."""
+        return 1 if self.result is LeafState.PENDING else 0
+
+    @property
+    def children(self) -> PVector:
+        return _NO_CHILDREN
+
+
+_NO_CHILDREN: PVector = pvector()
+
+
+class BranchView:
+    """Leaf attributes a branch answers too (None), so `job.nodes()` reads uniformly."""
+
+    __slots__ = ()
+    action = None
+    payload = None
+    output = None
+    error = None
+    idempotent = False
+    augment = None
+    attempt = 0
+
+    @property
+    def result(self) -> LeafState | None:
+        """success or failure once done, pending while something inside runs, else None."""
+        if self.done:  # type: ignore[attr-defined]
+            return LeafState.FAILURE if self.failed else LeafState.SUCCESS  # type: ignore[attr-defined]
+        return LeafState.PENDING if self.inflight else None  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class Seq(BranchView):
+    """`(do!! n ...)`: children one after the other.
+
+    failed: a child failed.  done: all children done, or failed with nothing in flight.
+    cursor: the child that runs now (or next).
+    """
+
+    kind: ClassVar[str] = "seq"
+    id: int
+    children: PVector
+    n_done: int = 0
+    n_failed: int = 0
+    inflight: int = 0
+    cursor: int = 0
+    span: Span | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def failed(self) -> bool:
+        return self.n_failed > 0
+
+    @property
+    def done(self) -> bool:
+        return self.n_done == len(self.children) or (self.n_failed > 0 and self.inflight == 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Par(BranchView):
+    """`(dopar!! n ...)`: children at the same time.
+
+    failed: a child failed.  done: every child done, or failed with nothing in flight.
+    """
+
+    kind: ClassVar[str] = "par"
+    id: int
+    children: PVector
+    n_done: int = 0
+    n_failed: int = 0
+    inflight: int = 0
+    span: Span | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def failed(self) -> bool:
+        return self.n_failed > 0
+
+    @property
+    def done(self) -> bool:
+        return self.n_done == len(self.children) or (self.n_failed > 0 and self.inflight == 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Try(BranchView):
+    """`(try!! body... (rescue!! ...) (finally!! ...))`: three sequence children.
+
+    | body    | rescue           | finally | try failed |
+    |---------|------------------|---------|------------|
+    | ok      | (skipped)        | ok      | no         |
+    | failed  | empty            | ok      | yes        |
+    | failed  | ok               | ok      | no         |
+    | failed  | failed           | ok      | yes        |
+    | any     | any              | failed  | yes        |
+
+    done: the body is done, the rescue (when it had to run) is done, and finally is done.
+    """
+
+    kind: ClassVar[str] = "try"
+    id: int
+    children: PVector  # [body, rescue, finally], each a Seq
+    inflight: int = 0
+    span: Span | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def body(self) -> Seq:
+        return self.children[0]  # type: ignore[no-any-return]
+
+    @property
+    def rescue(self) -> Seq:
+        return self.children[1]  # type: ignore[no-any-return]
+
+    @property
+    def final(self) -> Seq:
+        return self.children[2]  # type: ignore[no-any-return]
+
+    @property
+    def needs_rescue(self) -> bool:
+        """The body failed and there is a rescue to run."""
+        body = self.children[0]
+        return body.failed and len(self.children[1].children) > 0
+
+    @property
+    def failed(self) -> bool:
+        body, rescue, final = self.children
+        rescue_lost = len(rescue.children) == 0 or rescue.failed
+        return (body.failed and rescue_lost) or final.failed
+
+    @property
+    def phase(self) -> int:
+        """The child that runs now: 0 body, 1 rescue, 2 finally."""
+        body, rescue, _ = self.children
+        if not body.done:
+            return 0
+        if body.failed and len(rescue.children) > 0 and not rescue.done:
+            return 1
+        return 2
+
+    @property
+    def done(self) -> bool:
+        return self.phase == 2 and self.children[2].done
+
+
+Node = Leaf | Seq | Par | Try
+
+
+def is_branch(node: Any) -> bool:
+    """True for nodes with children (every kind but a leaf)."""
+    return not isinstance(node, Leaf)
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """An action to perform: what a restart asks a runner to do."""
+
+    id: int
+    action: str
+    payload: Any
+    idempotent: bool
+    attempt: int
+    context: Any = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The outcome of one dispatch, fed back to `restart_job`."""
+
+    id: int
+    attempt: int | None  # None: whatever attempt is pending (hand-fed results)
+    state: LeafState  # SUCCESS, FAILURE or TIMEOUT
+    output: Any = None
+    error: Any = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.state is LeafState.SUCCESS
+
+
+def _target(dispatch: Dispatch | int, attempt: int | None) -> tuple[int, int | None]:
+    if isinstance(dispatch, Dispatch):
+        return dispatch.id, dispatch.attempt if attempt is None else attempt
+    return int(dispatch), attempt
+
+
+def success(dispatch: Dispatch | int, output: Any = None, *, attempt: int | None = None,
+            started_at: float | None = None, finished_at: float | None = None) -> Result:
+    """Result of a dispatch that succeeded with `output`."""
+    node_id, att = _target(dispatch, attempt)
+    return Result(node_id, att, LeafState.SUCCESS, output, None, started_at, finished_at)
+
+
+def failure(dispatch: Dispatch | int, error: Any = None, *, attempt: int | None = None,
+            started_at: float | None = None, finished_at: float | None = None) -> Result:
+    """Result of a dispatch that failed with `error`."""
+    node_id, att = _target(dispatch, attempt)
+    return Result(node_id, att, LeafState.FAILURE, None, error, started_at, finished_at)
+
+
+def timeout(dispatch: Dispatch | int, error: Any = "timeout", *, attempt: int | None = None,
+            started_at: float | None = None, finished_at: float | None = None) -> Result:
+    """Result of a dispatch that ran out of time (a failure kind)."""
+    node_id, att = _target(dispatch, attempt)
+    return Result(node_id, att, LeafState.TIMEOUT, None, error, started_at, finished_at)

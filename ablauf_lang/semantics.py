@@ -1,0 +1,237 @@
+"""Execution semantics: one function per question, one registration per node kind.
+
+The questions a restart asks of a branch node:
+
+- `replace_child(node, i, child)`: the node with child `i` replaced, its cached summary
+  (children done and failed, leaves in flight) updated in O(1) from the old and new child;
+- `summarize(node)`: the same summary computed from all children (after a rewrite);
+- `plan(node, dirty)`: which children to visit in this restart, given the children that
+  changed (`dirty`), or `ALL` when the node is entered fresh;
+- `follow(node, i)`: after visiting child `i`, what happens next: the node (a sequence
+  moves its cursor) and the children to visit fresh or to mark skipped.
+
+A failed sequence or parallel node plans nothing: nothing new starts inside it, while
+results of actions already in flight are still applied (they arrive through `dirty`).
+Leaves are started by `job`, which owns dispatches, the context and the clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import replace
+from functools import singledispatch
+from typing import Any, NamedTuple
+
+from ablauf_lang.nodes import Leaf, LeafState, Node, Par, Seq, Try
+
+
+class _All(Collection[int]):
+    """Every child: the `dirty` set of a node entered fresh."""
+
+    def __contains__(self, item: object) -> bool:
+        return True
+
+    def __iter__(self) -> Iterator[int]:
+        raise TypeError("ALL is not iterable: plan over range(len(children))")
+
+    def __len__(self) -> int:
+        return 1 << 30
+
+    def __repr__(self) -> str:
+        return "ALL"
+
+
+ALL: Collection[int] = _All()
+NOTHING: frozenset[int] = frozenset()
+
+
+class Next(NamedTuple):
+    """A follow-up instruction: visit child `index` fresh, or mark its subtree skipped."""
+
+    index: int
+    skip: bool = False
+
+
+# ---------------------------------------------------------------- replace_child
+
+
+@singledispatch
+def replace_child(node: Any, index: int, child: Any) -> Any:
+    """Return `node` with child `index` replaced, its summary updated incrementally."""
+    raise TypeError(f"{type(node).__name__} has no children")
+
+
+def _counted(node: Seq | Par, index: int, child: Node) -> tuple[Any, int, int, int]:
+    old = node.children[index]
+    return (
+        node.children.set(index, child),
+        node.n_done + child.done - old.done,
+        node.n_failed + child.failed - old.failed,
+        node.inflight + child.inflight - old.inflight,
+    )
+
+
+@replace_child.register
+def _(node: Seq, index: int, child: Node) -> Seq:
+    # (do!! ...)
+    kids, n_done, n_failed, inflight = _counted(node, index, child)
+    return Seq(node.id, kids, n_done, n_failed, inflight, node.cursor, node.span)
+
+
+@replace_child.register
+def _(node: Par, index: int, child: Node) -> Par:
+    # (dopar!! ...)
+    kids, n_done, n_failed, inflight = _counted(node, index, child)
+    return Par(node.id, kids, n_done, n_failed, inflight, node.span)
+
+
+@replace_child.register
+def _(node: Try, index: int, child: Node) -> Try:
+    # (try!! ... (rescue!! ...) (finally!! ...))
+    kids = node.children.set(index, child)
+    return Try(node.id, kids, kids[0].inflight + kids[1].inflight + kids[2].inflight, node.span)
+
+
+# ---------------------------------------------------------------- summarize
+
+
+@singledispatch
+def summarize(node: Any) -> Any:
+    """Return `node` with its summary recomputed from its children."""
+    raise TypeError(f"unknown node kind {type(node).__name__}")
+
+
+@summarize.register
+def _(node: Leaf) -> Leaf:
+    return node
+
+
+def _counts(children: Sequence[Node]) -> tuple[int, int, int]:
+    done = failed = inflight = 0
+    for c in children:
+        done += c.done
+        failed += c.failed
+        inflight += c.inflight
+    return done, failed, inflight
+
+
+def seq_cursor(children: Sequence[Node]) -> int:
+    """The first child that has not succeeded (len when all have)."""
+    for i, c in enumerate(children):
+        if not c.done or c.failed:
+            return i
+    return len(children)
+
+
+@summarize.register
+def _(node: Seq) -> Seq:
+    done, failed, inflight = _counts(node.children)
+    return Seq(node.id, node.children, done, failed, inflight, seq_cursor(node.children),
+               node.span)
+
+
+@summarize.register
+def _(node: Par) -> Par:
+    done, failed, inflight = _counts(node.children)
+    return Par(node.id, node.children, done, failed, inflight, node.span)
+
+
+@summarize.register
+def _(node: Try) -> Try:
+    return Try(node.id, node.children, sum(c.inflight for c in node.children), node.span)
+
+
+# ---------------------------------------------------------------- plan
+
+
+@singledispatch
+def plan(node: Any, dirty: Collection[int]) -> Sequence[int]:
+    """Return the children to visit in this restart, in order."""
+    raise TypeError(f"unknown node kind {type(node).__name__}")
+
+
+@plan.register
+def _(node: Seq, dirty: Collection[int]) -> Sequence[int]:
+    # Only the child at the cursor can be running or about to start.
+    if node.n_failed or node.cursor >= len(node.children) or node.cursor not in dirty:
+        return ()
+    return (node.cursor,)
+
+
+@plan.register
+def _(node: Par, dirty: Collection[int]) -> Sequence[int]:
+    # All children start together; once failed, nothing new starts inside.
+    if node.n_failed:
+        return ()
+    if dirty is ALL:
+        return range(len(node.children))
+    return sorted(dirty)
+
+
+@plan.register
+def _(node: Try, dirty: Collection[int]) -> Sequence[int]:
+    # The phases run in order; a child past the current phase has not started.
+    phase = node.phase
+    return [i for i in range(phase + 1) if i in dirty]
+
+
+# ---------------------------------------------------------------- follow
+
+
+@singledispatch
+def follow(node: Any, index: int) -> tuple[Any, Sequence[Next]]:
+    """After visiting child `index`, return the node and what to do next."""
+    return node, ()
+
+
+@follow.register
+def _(node: Seq, index: int) -> tuple[Seq, Sequence[Next]]:
+    # The cursor child succeeded: move on to the next child.
+    child = node.children[index]
+    if index != node.cursor or not child.done or child.failed:
+        return node, ()
+    cursor = index + 1
+    moved = Seq(node.id, node.children, node.n_done, node.n_failed, node.inflight, cursor,
+                node.span)
+    return moved, (Next(cursor),) if cursor < len(node.children) else ()
+
+
+@follow.register
+def _(node: Try, index: int) -> tuple[Try, Sequence[Next]]:
+    body, rescue, _ = node.children
+    if index == 0 and body.done:
+        if not body.failed:
+            # The body succeeded: the rescue is the branch not taken.
+            return node, (Next(1, skip=True), Next(2))
+        return node, (Next(1),) if len(rescue.children) else (Next(2),)
+    if index == 1 and rescue.done:
+        return node, (Next(2),)
+    return node, ()
+
+
+# ---------------------------------------------------------------- enter
+
+
+@singledispatch
+def enter(node: Any, restart: Any) -> Any:
+    """Return the node as it is when first reached (run-time kinds decide or expand here)."""
+    return node
+
+
+# ---------------------------------------------------------------- display
+
+
+def state_of(node: Node) -> str:
+    """One word for a node's state: unset, pending, success, failure, timeout, skipped."""
+    if isinstance(node, Leaf):
+        return "unset" if node.result is None else str(node.result)
+    if node.done:
+        return "failure" if node.failed else "success"
+    if node.inflight:
+        return "pending"
+    return "unset"
+
+
+def skip_leaf(leaf: Leaf) -> Leaf:
+    """Mark a leaf that never ran as skipped (a leaf that ran keeps its result)."""
+    return replace(leaf, result=LeafState.SKIPPED) if leaf.result is None else leaf

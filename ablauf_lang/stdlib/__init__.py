@@ -1,0 +1,1 @@
+"""The standard library: pure builtins, standard actions and `.abl` modules."""

@@ -192,6 +192,7 @@ class Try(BranchView):
     | any     | any              | failed  | yes        |
 
     done: the body is done, the rescue (when it had to run) is done, and finally is done.
+    A try reports failure only once it is done, so that its finally always gets to run.
     """
 
     kind: ClassVar[str] = "try"
@@ -220,6 +221,9 @@ class Try(BranchView):
 
     @property
     def failed(self) -> bool:
+        # Reported only once done: a parent must not block the finally that is still to run.
+        if not self.done:
+            return False
         body, rescue, final = self.children
         rescue_lost = len(rescue.children) == 0 or rescue.failed
         return (body.failed and rescue_lost) or final.failed

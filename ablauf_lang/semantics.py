@@ -126,8 +126,10 @@ def seq_cursor(children: Sequence[Node]) -> int:
 @summarize.register
 def _(node: Seq) -> Seq:
     done, failed, inflight = _counts(node.children)
-    return Seq(node.id, node.children, done, failed, inflight, seq_cursor(node.children),
-               node.span)
+    # Never move the cursor forward here: only `follow` does, so that a child which is done
+    # without having run (an empty try, say) is still entered and settles its skipped parts.
+    cursor = min(node.cursor, seq_cursor(node.children))
+    return Seq(node.id, node.children, done, failed, inflight, cursor, node.span)
 
 
 @summarize.register
@@ -170,7 +172,10 @@ def _(node: Par, dirty: Collection[int]) -> Sequence[int]:
 
 @plan.register
 def _(node: Try, dirty: Collection[int]) -> Sequence[int]:
-    # The phases run in order; a child past the current phase has not started.
+    # Entered fresh: begin with the body; `follow` moves on through the phases.
+    # Otherwise: the changed children up to the current phase (later ones never started).
+    if dirty is ALL:
+        return (0,)
     phase = node.phase
     return [i for i in range(phase + 1) if i in dirty]
 

@@ -170,6 +170,15 @@ register_branch("try", Try, lambda n: {},
                 lambda r, k: semantics.summarize(Try(r["id"], k, span=_unspan(r.get("span")))))
 
 
+def encode_branch_fields(node: Node) -> dict[str, Any]:
+    """Encode a branch's own fields (a sequence's cursor ...): its record without id, kind,
+    span and children, in O(1) however many children it has (stores diff these)."""
+    encoder = _BRANCH_ENCODERS.get(type(node))
+    if encoder is None:
+        raise JobError(f"cannot store a node of kind {node.kind}")
+    return encoder(node)
+
+
 def decode_nodes(records: list[dict[str, Any]]) -> Node:
     """Build a tree from node records (any order; children have larger ids than parents)."""
     by_id = {rec["id"]: rec for rec in records}

@@ -1,0 +1,103 @@
+"""Printer: forms -> canonical source text, the inverse of the reader.
+
+`read_one(print_form(f)) == f` for every form the reader can produce: keywords print
+as `:name`, strings with escapes, floats so they read back as floats. Containers print
+on one line with single spaces; deep nesting is printed without recursion.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+
+from ablauf_lang.forms import Form, Keyword, List, Map, Symbol, Vector
+
+__all__ = ["print_form", "print_forms"]
+
+# What the reader accepts as a symbol or keyword name (see grammar/ablauf.lark).
+_SYMBOL = re.compile(r"(?![+-]?\.?\d)[\w*+!\-?<>=/.$&%][\w*+!\-?<>=/.$&%':#]*")
+_KEYWORD = re.compile(r"[\w*+!\-?<>=/.$&%'#][\w*+!\-?<>=/.$&%':#]*")
+_CONSTANTS = frozenset({"nil", "true", "false"})
+
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+# Characters printed as an escape: the named ones, other control characters, and lone
+# surrogates (which no encoder accepts raw).
+_NEEDS_ESCAPE = re.compile(r'["\\\x00-\x1f\x7f\ud800-\udfff]')
+
+
+def print_form(form: Form) -> str:
+    """Return the canonical text of `form`, which reads back as an equal form."""
+    out: list[str] = []
+    # Work stack: forms still to print, and literal text (closing brackets, spaces)
+    # wrapped in a one-element tuple so it cannot be mistaken for a string form.
+    todo: list[Form | tuple[str]] = [form]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, tuple):
+            out.append(item[0])
+        elif isinstance(item, List | Vector | Map):
+            opener, closer = _BRACKETS[type(item)]
+            out.append(opener)
+            todo.append((closer,))
+            todo.extend(_spaced(reversed(_elements(item))))
+        else:
+            out.append(_atom(item))
+    return "".join(out)
+
+
+def print_forms(forms: Iterable[Form]) -> str:
+    """Return the canonical text of a program: one top-level form per line."""
+    return "".join(print_form(form) + "\n" for form in forms)
+
+
+_BRACKETS: dict[type, tuple[str, str]] = {List: ("(", ")"), Vector: ("[", "]"), Map: ("{", "}")}
+
+
+def _elements(form: List | Vector | Map) -> list[Form]:
+    """Return a container's elements in order (a map's keys and values alternate)."""
+    if isinstance(form, Map):
+        return [x for pair in form.pairs for x in pair]
+    return list(form.items)
+
+
+def _spaced(items: Iterable[Form]) -> list[Form | tuple[str]]:
+    """Interleave single spaces between `items`."""
+    out: list[Form | tuple[str]] = []
+    for item in items:
+        if out:
+            out.append((" ",))
+        out.append(item)
+    return out
+
+
+def _atom(form: Form) -> str:
+    """Return the text of a scalar form; raise ValueError for one the reader cannot read."""
+    if form is None:
+        return "nil"
+    if form is True:
+        return "true"
+    if form is False:
+        return "false"
+    if isinstance(form, Keyword):
+        if not _KEYWORD.fullmatch(form):
+            raise ValueError(f"cannot print keyword {str(form)!r}: not a valid keyword name")
+        return ":" + form
+    if isinstance(form, str):
+        return '"' + _NEEDS_ESCAPE.sub(_escape, form) + '"'
+    if isinstance(form, Symbol):
+        if not _SYMBOL.fullmatch(form.name) or form.name in _CONSTANTS:
+            raise ValueError(f"cannot print symbol {form.name!r}: it would not read back")
+        return form.name
+    if isinstance(form, int):
+        return str(form)
+    if isinstance(form, float):
+        if not math.isfinite(form):
+            raise ValueError(f"cannot print {form!r}: ablauf has no literal for it")
+        return repr(form)  # shortest text that reads back as the same float, e.g. 1e+16
+    raise ValueError(f"cannot print {form!r}: not an ablauf form")
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return _ESCAPES.get(char) or f"\\u{ord(char):04x}"

@@ -1,0 +1,246 @@
+"""Show jobs to people: node labels, coloured states, the job tree, leaf counts.
+
+Shared by the REPL (`:tree`, `:step`) and the command line (`ablauf run` progress,
+`ablauf runs show`). Builds `rich` renderables; printing is the caller's business.
+Node kinds this module does not know are shown by their kind name, children included.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from rich.text import Text
+from rich.tree import Tree
+
+from ablauf_lang.forms import Keyword
+from ablauf_lang.job import Job
+from ablauf_lang.nodes import Leaf, LeafState
+from ablauf_lang.semantics import state_of
+
+__all__ = [
+    "STATE_STYLES",
+    "LeafCounts",
+    "changed_ids",
+    "dispatch_text",
+    "format_value",
+    "job_tree",
+    "kind_name",
+    "leaf_counts",
+    "node_text",
+    "state_text",
+    "status_text",
+]
+
+# Colours of node states and run statuses.
+STATE_STYLES: dict[str, str] = {
+    "success": "green",
+    "failure": "bold red",
+    "timeout": "bold magenta",
+    "pending": "yellow",
+    "skipped": "dim",
+    "unset": "dim cyan",
+}
+
+# What a branch kind is called in the language.
+_KIND_NAMES: dict[str, str] = {
+    "seq": "do!!",
+    "par": "dopar!!",
+    "try": "try!!",
+    "if": "if!!",
+    "when": "when!!",
+    "doseq": "doseq!!",
+    "pmap": "pmap!!",
+    "timeout": "timeout!!",
+}
+
+# The three children of a try node, by position.
+_TRY_ROLES = ("body", "rescue!!", "finally!!")
+
+# Marks a node whose state changed in the last step.
+CHANGED_MARK = "●"
+
+
+# ---------------------------------------------------------------- values
+
+
+def format_value(value: Any, limit: int = 60) -> str:
+    """Show a payload, output or error in the language's own notation, cut at `limit`."""
+    text = _edn(value)
+    if limit and len(text) > limit:
+        text = text[: max(1, limit - 1)] + "…"
+    return text
+
+
+def _edn(value: Any) -> str:
+    # Iterative enough for data people look at; deep data is cut by `limit` anyway.
+    if value is None:
+        return "nil"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, Keyword):
+        return ":" + str(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, Mapping):
+        inner = ", ".join(f"{_key(k)} {_edn(v)}" for k, v in value.items())
+        return "{" + inner + "}"
+    if isinstance(value, list | tuple):
+        return "[" + " ".join(_edn(v) for v in value) + "]"
+    return repr(value)
+
+
+def _key(key: Any) -> str:
+    # Context and payload keys are strings that were keywords in the source.
+    if isinstance(key, str) and key and not any(c.isspace() or c in '"(){}[],;' for c in key):
+        return ":" + key
+    return _edn(key)
+
+
+# ---------------------------------------------------------------- nodes
+
+
+def kind_name(kind: str) -> str:
+    """The language's name of a node kind: `do!!` for seq, `dopar!!` for par..."""
+    return _KIND_NAMES.get(kind, kind)
+
+
+def state_text(state: str) -> Text:
+    """A state word, coloured."""
+    return Text(state, style=STATE_STYLES.get(state, ""))
+
+
+def status_text(status: str) -> Text:
+    """A run status (pending, success, failure), coloured."""
+    return Text(str(status), style=STATE_STYLES.get(str(status), "bold"))
+
+
+def node_text(node: Any, role: str | None = None, *, changed: bool = False,
+              width: int = 60) -> Text:
+    """One line for a node: id, what it is, its state, and its output or error."""
+    text = Text()
+    text.append(CHANGED_MARK + " " if changed else "  ", style="bold yellow")
+    text.append(f"#{node.id} ", style="bold" if changed else "dim")
+    state = state_of(node)
+    if isinstance(node, Leaf):
+        text.append(node.action, style="bold")
+        if node.payload is not None:
+            text.append(" " + format_value(node.payload, width))
+        if node.idempotent:
+            text.append(" idempotent", style="dim")
+    else:
+        text.append(role or kind_name(node.kind), style="bold blue")
+    text.append("  ")
+    text.append_text(state_text(state))
+    if isinstance(node, Leaf):
+        if node.result is LeafState.SUCCESS and node.output is not None:
+            text.append(" → " + format_value(node.output, width), style="green")
+        elif node.result in (LeafState.FAILURE, LeafState.TIMEOUT):
+            text.append(" → " + format_value(node.error, width), style="red")
+        if node.attempt > 1:
+            text.append(f"  attempt {node.attempt}", style="dim")
+    return text
+
+
+def dispatch_text(dispatch: Any, width: int = 60) -> Text:
+    """One line for a dispatch: `#id action payload`."""
+    text = Text()
+    text.append(f"#{dispatch.id} ", style="bold")
+    text.append(dispatch.action, style="bold")
+    if dispatch.payload is not None:
+        text.append(" " + format_value(dispatch.payload, width))
+    return text
+
+
+def job_tree(job: Job, *, changed: Iterable[int] = (), max_nodes: int | None = None,
+             label: Text | str | None = None, width: int = 60) -> Tree:
+    """The job as a tree, each node with its id and state; `changed` ids are marked.
+
+    With `max_nodes`, nodes after that many (in pre-order) are summed up in one line.
+    """
+    marked = set(changed)
+    top = Tree(label if label is not None else _job_label(job), guide_style="dim")
+    # Pre-order walk with an explicit stack: deep trees never hit the recursion limit.
+    stack: list[tuple[Any, Tree, str | None]] = [(job.root, top, None)]
+    shown = 0
+    total = len(job.paths)
+    while stack:
+        node, parent, role = stack.pop()
+        if max_nodes is not None and shown >= max_nodes:
+            parent.add(Text(f"… {total - shown} more nodes", style="dim"))
+            break
+        shown += 1
+        branch = parent.add(node_text(node, role, changed=node.id in marked, width=width))
+        kids = list(getattr(node, "children", ()))
+        roles: tuple[str | None, ...] = (
+            _TRY_ROLES if node.kind == "try" and len(kids) == 3 else (None,) * len(kids)
+        )
+        for kid, kid_role in reversed(list(zip(kids, roles, strict=True))):
+            stack.append((kid, branch, kid_role))
+    return top
+
+
+def _job_label(job: Job) -> Text:
+    text = Text("job ", style="bold")
+    text.append_text(status_text(job.status))
+    text.append(f"  restarts {job.restarts}", style="dim")
+    if job.aborted is not None:
+        text.append(f"  aborted: {job.aborted}", style="red")
+    return text
+
+
+def changed_ids(before: Job | None, after: Job) -> set[int]:
+    """Ids of the nodes whose state word differs between two versions of a job."""
+    if before is None:
+        return set()
+    old = {n.id: state_of(n) for n in before.nodes()}
+    return {n.id for n in after.nodes() if old.get(n.id) != state_of(n)}
+
+
+# ---------------------------------------------------------------- counts
+
+
+@dataclass(frozen=True, slots=True)
+class LeafCounts:
+    """How many leaves are in each state."""
+
+    total: int = 0
+    unset: int = 0
+    pending: int = 0
+    success: int = 0
+    failed: int = 0
+    skipped: int = 0
+
+    @property
+    def done(self) -> int:
+        """Leaves that finished: succeeded, failed or skipped."""
+        return self.success + self.failed + self.skipped
+
+
+def leaf_counts(job: Job) -> LeafCounts:
+    """Count the leaves of a job by state (a walk over the tree)."""
+    counts = {"unset": 0, "pending": 0, "success": 0, "failed": 0, "skipped": 0}
+    total = 0
+    for leaf in job.leaves():
+        total += 1
+        state = leaf.result
+        if state is None:
+            counts["unset"] += 1
+        elif state is LeafState.PENDING:
+            counts["pending"] += 1
+        elif state is LeafState.SUCCESS:
+            counts["success"] += 1
+        elif state is LeafState.SKIPPED:
+            counts["skipped"] += 1
+        else:
+            counts["failed"] += 1
+    return LeafCounts(total=total, **counts)

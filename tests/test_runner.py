@@ -1,0 +1,141 @@
+"""The asyncio runner behind `ablauf_lang.eval`: actions, concurrency, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+
+import ablauf_lang
+from ablauf_lang import ActionFailed, Status
+from ablauf_lang.job import make_job, restart_job
+from ablauf_lang.nodes import LeafState, success
+from ablauf_lang.runners.local import LocalRunner
+from tests.builders import L, Do, Par_, number
+
+
+def run_tree(tree: Any, actions: dict[str, Any], context: dict[str, Any] | None = None):
+    return asyncio.run(LocalRunner(actions).run(make_job(number(tree), context)))
+
+
+def test_sync_and_async_actions_get_payload_and_context() -> None:
+    seen: list[Any] = []
+
+    def sync_action(payload: Any, context: Any) -> Any:
+        seen.append(("sync", payload, dict(context)))
+        return payload * 2
+
+    async def async_action(payload: Any, context: Any) -> Any:
+        await asyncio.sleep(0)
+        seen.append(("async", payload, dict(context)))
+        return payload + 1
+
+    tree = Do(L("s", 2, augment=((), ("doubled",))), L("a", 5))
+    job = run_tree(tree, {"s": sync_action, "a": async_action}, {"k": "v"})
+    assert job.status is Status.SUCCESS
+    assert seen == [("sync", 2, {"k": "v"}), ("async", 5, {"k": "v", "doubled": 4})]
+    assert [leaf.output for leaf in job.leaves()] == [4, 6]
+
+
+def test_exception_fails_the_leaf_naming_type_and_message() -> None:
+    def broken(payload: Any, context: Any) -> Any:
+        raise ValueError("no such host: db-7")
+
+    job = run_tree(Do(L("b"), L("never")), {"b": broken})
+    leaf = job.node(1)
+    assert leaf.result is LeafState.FAILURE
+    assert leaf.error == "ValueError: no such host: db-7"
+    assert job.context["exec/last-error"] == "ValueError: no such host: db-7"
+
+
+def test_action_failed_carries_data_as_the_error() -> None:
+    def refuse(payload: Any, context: Any) -> Any:
+        raise ActionFailed({"code": 409})
+
+    job = run_tree(L("r"), {"r": refuse})
+    assert job.node(0).error == {"code": 409}
+
+
+def test_unregistered_action_fails_its_leaf_and_the_run_goes_on() -> None:
+    job = run_tree(Par_(L("nobody/home"), L("action/log", "still runs")), {})
+    assert "nobody/home" in job.node(1).error
+    assert job.node(2).result is LeafState.SUCCESS
+    assert job.status is Status.FAILURE
+
+
+def test_user_actions_override_the_standard_library() -> None:
+    job = run_tree(L("action/log", "x"), {"action/log": lambda p, c: "mine"})
+    assert job.node(0).output == "mine"
+
+
+def test_blocking_sync_actions_overlap_in_threads() -> None:
+    barrier = threading.Barrier(3, timeout=5)
+
+    def wait_for_the_others(payload: Any, context: Any) -> Any:
+        barrier.wait()  # deadlocks unless all three run at the same time
+        return threading.get_ident()
+
+    job = run_tree(Par_(L("w"), L("w"), L("w")), {"w": wait_for_the_others})
+    assert job.status is Status.SUCCESS
+    assert len({leaf.output for leaf in job.leaves()}) == 3
+
+
+def test_async_actions_in_dopar_run_concurrently() -> None:
+    async def nap(payload: Any, context: Any) -> Any:
+        await asyncio.sleep(0.2)
+        return payload
+
+    start = time.perf_counter()
+    job = run_tree(Par_(*[L("nap", i) for i in range(10)]), {"nap": nap})
+    assert job.status is Status.SUCCESS
+    assert time.perf_counter() - start < 1.5  # 10 x 0.2 s one after the other would be 2 s
+
+
+def test_results_arriving_together_are_applied_in_one_restart() -> None:
+    restarts: list[int] = []
+
+    async def quick(payload: Any, context: Any) -> Any:
+        return payload
+
+    runner = LocalRunner({"q": quick}, on_restart=lambda job, d, r: restarts.append(len(r)))
+    job = asyncio.run(runner.run(make_job(number(Par_(*[L("q", i) for i in range(200)])))))
+    assert job.status is Status.SUCCESS
+    assert len(restarts) < 50 and sum(restarts) == 200
+
+
+def test_eval_runs_a_program() -> None:
+    run = ablauf_lang.eval(
+        "(do!! (with-augment [:id :repo] (action!! :git/create {:name \"svc\"})) (log!! :done))",
+        actions={"git/create": lambda p, c: {"id": f"repo-{p['name']}"}},
+        context={"who": "me"},
+    )
+    assert run.status == "success"
+    assert run.context == {"who": "me", "repo": "repo-svc"}
+    assert isinstance(run.run_id, str) and run.run_id
+    assert run.to_dict()["status"] == "success"
+
+
+def test_actions_may_be_named_with_a_colon() -> None:
+    run = ablauf_lang.eval("(action!! :x/y 1)", actions={":x/y": lambda p, c: p + 1})
+    assert run.job.node(0).output == 2
+
+
+async def test_eval_async_on_a_running_loop() -> None:
+    run = await ablauf_lang.eval_async("(dopar!! (log!! 1) (log!! 2))")
+    assert run.status == "success"
+
+
+async def test_eval_inside_a_running_loop_says_to_await() -> None:
+    with pytest.raises(ablauf_lang.AblaufError, match="eval_async"):
+        ablauf_lang.eval("(log!! 1)")
+
+
+def test_restart_shares_the_untouched_tree() -> None:
+    job, [d] = restart_job(make_job(number(Do(*[L("a", i) for i in range(10_000)]))))
+    new, _ = restart_job(job, [success(d, 0)])
+    assert new.root is not job.root
+    same = sum(a is b for a, b in zip(new.root.children, job.root.children, strict=True))
+    assert same == 10_000 - 2  # only the finished leaf and the next one are new

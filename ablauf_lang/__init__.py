@@ -1,8 +1,8 @@
 """ablauf_lang: a small s-expression language for durable, long-running workflows.
 
-    import ablauf_lang
-    run = ablauf_lang.eval('(do!! (log!! "hello") (log!! "world"))')
-    run.status  # Status.SUCCESS
+import ablauf_lang
+run = ablauf_lang.eval('(do!! (log!! "hello") (log!! "world"))')
+run.status  # Status.SUCCESS
 """
 
 from ablauf_lang.api import (

@@ -44,7 +44,7 @@ def parse(source: str, filename: str | None = None) -> tuple[Form, ...]:
     return read(source, filename)
 
 
-def compile(source: str | Any, filename: str | None = None) -> Node:  # noqa: A001
+def compile(source: str | Any, filename: str | None = None) -> Node:
     """Compile source text (or read forms) into the lowered workflow tree."""
     from ablauf_lang.compiler import compile_forms, compile_source
 
@@ -54,15 +54,17 @@ def compile(source: str | Any, filename: str | None = None) -> Node:  # noqa: A0
     return compile_forms(tuple(forms), filename=filename)
 
 
-def make_job(ast_or_source: Node | str, context: dict[str, Any] | None = None,
-             filename: str | None = None) -> Job:
+def make_job(
+    ast_or_source: Node | str, context: dict[str, Any] | None = None, filename: str | None = None
+) -> Job:
     """Create a job from a compiled tree or from source text."""
     ast = compile(ast_or_source, filename) if isinstance(ast_or_source, str) else ast_or_source
     return _job.make_job(ast, context)
 
 
-def restart_job(job: Job, results: Any = (), now: float | None = None
-                ) -> tuple[Job, list[Dispatch]]:
+def restart_job(
+    job: Job, results: Any = (), now: float | None = None
+) -> tuple[Job, list[Dispatch]]:
     """Apply results and return the updated job and the next dispatches (pure)."""
     return _job.restart_job(job, results, now)
 
@@ -90,8 +92,9 @@ async def eval_async(
             stored = backend.load(run_id)
             if stored.job.done:
                 return Run(run_id, stored.job)
-            return await _drive(backend, run_id, _job.prepare_replay(stored.job), actions,
-                                on_restart)
+            return await _drive(
+                backend, run_id, _job.prepare_replay(stored.job), actions, on_restart
+            )
         job = make_job(source, context, filename)
         run_id = backend.create_run(job, source=source, filename=filename, run_id=run_id)
         return await _drive(backend, run_id, job, actions, on_restart)
@@ -99,8 +102,9 @@ async def eval_async(
         _close_if_ours(backend, store)
 
 
-async def _drive(store: JobStore, run_id: str, job: Job, actions: Any,
-                 on_restart: Any = None) -> Run:
+async def _drive(
+    store: JobStore, run_id: str, job: Job, actions: Any, on_restart: Any = None
+) -> Run:
     runner = LocalRunner(actions, store=store, run_id=run_id, on_restart=on_restart)
     return Run(run_id, await runner.run(job))
 
@@ -111,11 +115,13 @@ def _sync(coro: Any) -> Any:
     except RuntimeError:
         return asyncio.run(coro)
     coro.close()
-    raise AblaufError("ablauf_lang.eval was called inside a running event loop: "
-                      "await ablauf_lang.eval_async(...) instead")
+    raise AblaufError(
+        "ablauf_lang.eval was called inside a running event loop: "
+        "await ablauf_lang.eval_async(...) instead"
+    )
 
 
-def eval(  # noqa: A001 - the public name is fixed
+def eval(
     source: str,
     actions: Mapping[str, Action] | None = None,
     context: dict[str, Any] | None = None,
@@ -132,15 +138,18 @@ def eval(  # noqa: A001 - the public name is fixed
     return _sync(eval_async(source, actions, context, store, run_id, filename))  # type: ignore[no-any-return]
 
 
-async def resume_async(run_id: str, store: str | JobStore | None = None,
-                       actions: Mapping[str, Action] | None = None) -> Run:
+async def resume_async(
+    run_id: str, store: str | JobStore | None = None, actions: Mapping[str, Action] | None = None
+) -> Run:
     """Go on with an unfinished run after a crash (idempotent in-flight work runs again)."""
     backend = open_store(store)
     try:
         stored = backend.load(run_id)
         if stored.job.done:
-            raise RunError(f"run {run_id} already finished ({stored.job.status}); "
-                           "use retry to run its failed steps again")
+            raise RunError(
+                f"run {run_id} already finished ({stored.job.status}); "
+                "use retry to run its failed steps again"
+            )
         job = _job.prepare_replay(stored.job)
         backend.record(run_id, job)
         return await _drive(backend, run_id, job, actions)
@@ -148,14 +157,16 @@ async def resume_async(run_id: str, store: str | JobStore | None = None,
         _close_if_ours(backend, store)
 
 
-def resume(run_id: str, store: str | JobStore | None = None,
-           actions: Mapping[str, Action] | None = None) -> Run:
+def resume(
+    run_id: str, store: str | JobStore | None = None, actions: Mapping[str, Action] | None = None
+) -> Run:
     """Go on with an unfinished run after a crash (see `prepare_replay`)."""
     return _sync(resume_async(run_id, store, actions))  # type: ignore[no-any-return]
 
 
-async def retry_async(run_id: str, store: str | JobStore | None = None,
-                      actions: Mapping[str, Action] | None = None) -> Run:
+async def retry_async(
+    run_id: str, store: str | JobStore | None = None, actions: Mapping[str, Action] | None = None
+) -> Run:
     """Run a finished, failed run's failed steps again and continue."""
     backend = open_store(store)
     try:
@@ -166,8 +177,10 @@ async def retry_async(run_id: str, store: str | JobStore | None = None,
         if job.status is Status.SUCCESS:
             raise RunError(f"run {run_id} succeeded: nothing to retry")
         if not _job.can_replay(job, retry_interrupted=True):
-            raise RunError(f"run {run_id} has nothing to retry: its failed steps are not "
-                           "idempotent (mark them {:idempotent? true} to allow retries)")
+            raise RunError(
+                f"run {run_id} has nothing to retry: its failed steps are not "
+                "idempotent (mark them {:idempotent? true} to allow retries)"
+            )
         job = _job.prepare_replay(job, retry_interrupted=True)
         backend.record(run_id, job)
         return await _drive(backend, run_id, job, actions)
@@ -175,14 +188,14 @@ async def retry_async(run_id: str, store: str | JobStore | None = None,
         _close_if_ours(backend, store)
 
 
-def retry(run_id: str, store: str | JobStore | None = None,
-          actions: Mapping[str, Action] | None = None) -> Run:
+def retry(
+    run_id: str, store: str | JobStore | None = None, actions: Mapping[str, Action] | None = None
+) -> Run:
     """Run a failed run's idempotent (and interrupted) failed steps again, and continue."""
     return _sync(retry_async(run_id, store, actions))  # type: ignore[no-any-return]
 
 
-def abort_run(run_id: str, store: str | JobStore | None = None,
-              reason: str = "aborted") -> Run:
+def abort_run(run_id: str, store: str | JobStore | None = None, reason: str = "aborted") -> Run:
     """Abort a run: its pending steps fail with `reason` and nothing new starts."""
     backend = open_store(store)
     try:

@@ -216,7 +216,7 @@ class LiveProgress:
         if len(job.paths) > self.max_nodes:
             head.append(f"  ({len(job.paths)} nodes)", style="dim")
             return head
-        return job_tree(job, label=head, width=max(20, self.console.width // 2))
+        return job_tree(job, label=head, width=max(16, self.console.width // 3))
 
 
 # ---------------------------------------------------------------- the group
@@ -340,14 +340,20 @@ def _preorder(root: Any) -> Any:
 @cli.command()
 @click.argument("file", required=False, metavar="[FILE.abl]")
 @actions_option
-def repl(file: str | None, actions: str | None) -> None:
-    """Step through workflows interactively (see :help inside)."""
+@context_option
+def repl(file: str | None, actions: str | None, context: str | None) -> None:
+    """Step through workflows interactively (see :help inside).
+
+    Enter a workflow form (or load FILE.abl) and step through it with :step, feed results
+    by hand with :manual, :ok and :fail, undo with :back.
+    """
     from ablauf_lang.repl.app import Repl
 
     registry = load_actions(actions)
+    ctx = parse_context(context)
     if file is not None:
         read_source(file)  # a missing file is a usage error before the session starts
-    app = Repl(actions=registry)
+    app = Repl(actions=registry, context=ctx)
     if file is not None:
         app.handle(f":load {file}")
     app.run()
@@ -427,7 +433,7 @@ def runs_show(run_id: str, store: str | None, as_json: bool) -> None:
                 f"restarts {stored.job.restarts}", style="dim")
     if info.filename:
         head.append(f"  {info.filename}", style="dim")
-    console.print(job_tree(stored.job, label=head, width=max(20, console.width // 2)))
+    console.print(job_tree(stored.job, label=head, width=max(16, console.width // 3)))
     console.print(Text("context ", style="dim") + Text(format_value(stored.job.context, 0)))
 
 

@@ -104,8 +104,13 @@ class InternalError(Exception):
     """A bug in ablauf_lang itself, never the user's fault."""
 
 
-def with_span(exc_type: type[AblaufError], message: str, span: Span | None, source: str | None,
-              filename: str | None = None) -> AblaufError:
+def with_span(
+    exc_type: type[AblaufError],
+    message: str,
+    span: Span | None,
+    source: str | None,
+    filename: str | None = None,
+) -> AblaufError:
     """Build a language error located at `span` in `source`."""
     if span is None:
         return exc_type(message, filename=filename, source=source)

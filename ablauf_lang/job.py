@@ -22,7 +22,10 @@ from pyrsistent import PVector, pvector
 from ablauf_lang import semantics, zipper
 from ablauf_lang.errors import AblaufError, JobError
 from ablauf_lang.nodes import (
+    Deferred,
     Dispatch,
+    Expansion,
+    If,
     Leaf,
     LeafState,
     Node,
@@ -38,14 +41,6 @@ INTERRUPTED = "interrupted: "  # error prefix of a non-idempotent action whose o
 ROOT = -1  # the root's virtual parent, in `todo`
 
 OPS = zipper.Ops(is_branch, lambda n: n.children, semantics.replace_child)
-
-
-class Deferred:
-    """A payload evaluated when its leaf is dispatched (a run-time `ctx` expression)."""
-
-    def evaluate(self, context: dict[str, Any]) -> Any:
-        """Return the payload's value against `context`; raise AblaufError on failure."""
-        raise NotImplementedError
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -195,8 +190,8 @@ def rebuild(root: Node, leaf_fn: Any, branch_fn: Any = None) -> Node:
             stack.append([kids[frame[1] - 1], 0, 0])
             continue
         stack.pop()
-        new_kids = out[frame[2]:]
-        del out[frame[2]:]
+        new_kids = out[frame[2] :]
+        del out[frame[2] :]
         if any(a is not b for a, b in zip(new_kids, kids, strict=True)):
             node = semantics.summarize(replace(node, children=pvector(new_kids)))
         else:
@@ -205,6 +200,63 @@ def rebuild(root: Node, leaf_fn: Any, branch_fn: Any = None) -> Node:
             node = branch_fn(node)
         out.append(node)
     return out[0]
+
+
+def copy_numbered(root: Node, first_id: int, fn: Any) -> tuple[Node, list[tuple[int, ...]]]:
+    """Copy a tree with fresh pre-order ids from `first_id`, applying `fn` to every node.
+
+    Returns the copy and the path of each new node (in id order) relative to its root.
+    """
+    next_id = first_id
+    out: list[Node] = []
+    paths: list[tuple[int, ...]] = []
+    # frame: node, next child, assigned id, len(out) at entry, path
+    stack: list[list[Any]] = [[root, 0, None, 0, ()]]
+    while stack:
+        frame = stack[-1]
+        node = frame[0]
+        if frame[2] is None:
+            frame[2], frame[3] = next_id, len(out)
+            next_id += 1
+            paths.append(frame[4])
+        if is_branch(node) and frame[1] < len(node.children):
+            i = frame[1]
+            frame[1] += 1
+            stack.append([node.children[i], 0, None, 0, (*frame[4], i)])
+            continue
+        stack.pop()
+        if is_branch(node):
+            kids = out[frame[3] :]
+            del out[frame[3] :]
+            new = semantics.summarize(fn(replace(node, id=frame[2], children=pvector(kids))))
+        else:
+            new = fn(replace(node, id=frame[2]))
+        out.append(new)
+    return out[0], paths
+
+
+def bind_node(node: Any, bindings: dict[str, Any]) -> Any:
+    """Bind run-time locals in a node's own expressions (and in a nested template)."""
+    if isinstance(node, Leaf):
+        if isinstance(node.payload, Deferred):
+            return replace(node, payload=node.payload.bind(bindings))
+        return node
+    if isinstance(node, If):
+        if isinstance(node.test, Deferred):
+            return replace(node, test=node.test.bind(bindings))
+        return node
+    if isinstance(node, Expansion):
+        coll = node.coll.bind(bindings) if isinstance(node.coll, Deferred) else node.coll
+        template = rebuild(
+            node.template, lambda leaf: bind_node(leaf, bindings), lambda n: bind_node(n, bindings)
+        )
+        return replace(node, coll=coll, template=template)
+    return node
+
+
+def error_text(exc: AblaufError) -> str:
+    """An error for a leaf or node: the expression's position, then the message."""
+    return f"{exc.location}: {exc.message}" if exc.line is not None else exc.message
 
 
 def make_job(ast: Node, context: dict[str, Any] | None = None) -> Job:
@@ -253,10 +305,18 @@ class _Restart:
             return  # a duplicate delivery or a stale attempt: never applied twice
         ok = result.state is LeafState.SUCCESS
         new = Leaf(
-            leaf.id, leaf.action, leaf.payload, leaf.idempotent, leaf.augment,
-            result.state, result.output if ok else None, None if ok else result.error,
-            leaf.attempt, leaf.dispatched_at,
-            result.finished_at if result.finished_at is not None else self.now, leaf.span,
+            leaf.id,
+            leaf.action,
+            leaf.payload,
+            leaf.idempotent,
+            leaf.augment,
+            result.state,
+            result.output if ok else None,
+            None if ok else result.error,
+            leaf.attempt,
+            leaf.dispatched_at,
+            result.finished_at if result.finished_at is not None else self.now,
+            leaf.span,
         )
         if ok:
             if leaf.augment is not None:
@@ -275,25 +335,92 @@ class _Restart:
 
     # -------------------------------------------------- starting what became startable
 
+    def evaluate(self, value: Any) -> tuple[bool, Any]:
+        """Evaluate a run-time expression against the context: (True, value) or (False, error)."""
+        if not isinstance(value, Deferred):
+            return True, value
+        try:
+            return True, value.evaluate(self.context)
+        except AblaufError as exc:
+            return False, error_text(exc)
+
+    def fail(self, node_id: int, error: Any) -> None:
+        """Record that node `node_id` failed before it could run (the rescue sees why)."""
+        self.context = assoc_in(self.context, (LAST_ERROR,), error)
+        self.touched.add(node_id)
+
+    def touch(self, node_id: int) -> None:
+        """Record that node `node_id` changed (stores write it)."""
+        self.touched.add(node_id)
+
+    def skip(self, node: Node) -> Node:
+        """Mark every leaf that never ran under `node` as skipped."""
+        touched = self.touched
+
+        def mark(leaf: Leaf) -> Leaf:
+            if leaf.result is None:
+                touched.add(leaf.id)
+                return semantics.skip_leaf(leaf)
+            return leaf
+
+        return rebuild(node, mark)
+
+    def instantiate(self, node: Any, elements: list[Any]) -> PVector:
+        """One copy of `node.template` per element, `node.var` bound, with fresh ids."""
+        base = self.paths[node.id]
+        kids = []
+        new_paths: list[tuple[int, ...]] = []
+        for i, element in enumerate(elements):
+            bindings = {node.var: element}
+            copy, sub_paths = copy_numbered(
+                node.template,
+                len(self.paths) + len(new_paths),
+                lambda n, b=bindings: bind_node(n, b),
+            )
+            kids.append(copy)
+            new_paths.extend((*base, i, *sub) for sub in sub_paths)
+            self.touched.update(range(copy.id, copy.id + len(sub_paths)))
+        self.paths = self.paths.extend(new_paths)
+        return pvector(kids)
+
     def start_leaf(self, leaf: Leaf) -> Leaf:
         """Dispatch an unset leaf (or fail it when its payload cannot be evaluated)."""
-        payload = leaf.payload
         attempt = leaf.attempt + 1
-        if isinstance(payload, Deferred):
-            try:
-                payload = payload.evaluate(self.context)
-            except AblaufError as exc:
-                self.context = assoc_in(self.context, (LAST_ERROR,), exc.message)
-                self.touched.add(leaf.id)
-                return Leaf(leaf.id, leaf.action, leaf.payload, leaf.idempotent, leaf.augment,
-                            LeafState.FAILURE, None, exc.message, attempt, self.now, self.now,
-                            leaf.span)
+        ok, payload = self.evaluate(leaf.payload)
+        if not ok:
+            self.fail(leaf.id, payload)
+            return Leaf(
+                leaf.id,
+                leaf.action,
+                leaf.payload,
+                leaf.idempotent,
+                leaf.augment,
+                LeafState.FAILURE,
+                None,
+                payload,
+                attempt,
+                self.now,
+                self.now,
+                leaf.span,
+            )
         self.dispatches.append(
             Dispatch(leaf.id, leaf.action, payload, leaf.idempotent, attempt, self.context)
         )
         self.touched.add(leaf.id)
-        return Leaf(leaf.id, leaf.action, leaf.payload, leaf.idempotent, leaf.augment,
-                    LeafState.PENDING, None, None, attempt, self.now, None, leaf.span)
+        return Leaf(
+            leaf.id,
+            leaf.action,
+            leaf.payload,
+            leaf.idempotent,
+            leaf.augment,
+            LeafState.PENDING,
+            None,
+            None,
+            attempt,
+            self.now,
+            None,
+            leaf.span,
+        )
 
     def enter(self, loc: zipper.Loc, fresh: bool) -> tuple[zipper.Loc, list[Any] | None]:
         """Visit a node: start it if it is a leaf, else return the children to visit."""
@@ -326,18 +453,6 @@ class _Restart:
                 queue.append((nxt.index, True, nxt.skip))
         return loc
 
-    def skip(self, loc: zipper.Loc) -> zipper.Loc:
-        """Mark every leaf that never ran under `loc` as skipped."""
-        touched = self.touched
-
-        def mark(leaf: Leaf) -> Leaf:
-            if leaf.result is None:
-                touched.add(leaf.id)
-                return semantics.skip_leaf(leaf)
-            return leaf
-
-        return zipper.replace(loc, rebuild(loc.node, mark))
-
     def advance(self) -> None:
         """Walk down the changed branches, starting every node that became startable."""
         if self.blocked:
@@ -358,7 +473,7 @@ class _Restart:
             child = zipper.down(loc, index)
             assert child is not None
             if skip:
-                loc = zipper.up(self.skip(child))  # type: ignore[assignment]
+                loc = zipper.up(zipper.replace(child, self.skip(child.node)))  # type: ignore[assignment]
                 continue
             child, todo = self.enter(child, fresh)
             if todo is None:
@@ -377,8 +492,9 @@ def restart_job(
     for result in results:
         rs.apply(result)
     rs.advance()
-    new = Job(rs.root, rs.context, rs.paths, {}, job.restarts + 1, frozenset(rs.touched),
-              job.aborted)
+    new = Job(
+        rs.root, rs.context, rs.paths, {}, job.restarts + 1, frozenset(rs.touched), job.aborted
+    )
     return new, rs.dispatches
 
 
@@ -407,8 +523,7 @@ def abort(job: Job, reason: Any = "aborted") -> Job:
 
     root, touched = _rewrite(job, fail)
     context = assoc_in(job.context, (LAST_ERROR,), reason) if touched else job.context
-    return replace(job, root=root, context=context, touched=frozenset(touched),
-                   aborted=str(reason))
+    return replace(job, root=root, context=context, touched=frozenset(touched), aborted=str(reason))
 
 
 def is_interrupted(leaf: Leaf) -> bool:
@@ -436,8 +551,11 @@ def prepare_replay(job: Job, *, retry_interrupted: bool = False) -> Job:
         if rerun:
             return replace(leaf, result=None, output=None, error=None, finished_at=None)
         if state is LeafState.PENDING:
-            return replace(leaf, result=LeafState.FAILURE, error=INTERRUPTED +
-                           f"{leaf.action} was in flight and is not idempotent")
+            return replace(
+                leaf,
+                result=LeafState.FAILURE,
+                error=INTERRUPTED + f"{leaf.action} was in flight and is not idempotent",
+            )
         return leaf
 
     root, touched = _rewrite(job, reset)

@@ -41,6 +41,41 @@ DONE_STATES = frozenset(
 )
 
 
+class Deferred:
+    """A value computed when its node is reached: a run-time expression such as `(ctx :k)`.
+
+    Subclasses (the language's expressions) register under a tag so stored jobs can hold
+    them: `to_data()` gives JSON-able data, `Deferred.registry[tag].from_data(data)` builds
+    one back.
+    """
+
+    __slots__ = ()
+    tag: ClassVar[str] = ""
+    registry: ClassVar[dict[str, type[Deferred]]] = {}
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if cls.tag:
+            Deferred.registry[cls.tag] = cls
+
+    def evaluate(self, context: dict[str, Any]) -> Any:
+        """Return the value against `context`; raise AblaufError (with position) on failure."""
+        raise NotImplementedError
+
+    def bind(self, bindings: dict[str, Any]) -> Deferred:
+        """Return a copy with run-time locals bound (a `doseq!!`/`pmap!!` element)."""
+        raise NotImplementedError
+
+    def to_data(self) -> Any:
+        """JSON-able data for a stored job."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_data(cls, data: Any) -> Deferred:
+        """Invert `to_data`."""
+        raise NotImplementedError
+
+
 @dataclass(frozen=True, slots=True)
 class Augment:
     """`with-augment [source dest]`: on success copy `get-in output source` to `dest`."""
@@ -243,7 +278,88 @@ class Try(BranchView):
         return self.phase == 2 and self.children[2].done
 
 
-Node = Leaf | Seq | Par | Try
+@dataclass(frozen=True, slots=True)
+class If(BranchView):
+    """`(if!! test then else?)`, `(when!! test body...)`: two sequence children.
+
+    The test is evaluated when the node is reached; the branch not taken is marked skipped.
+    A test that cannot be evaluated fails the node (`error`), so a rescue can handle it.
+    done: the chosen branch is done (or the test failed). failed: the test or the branch failed.
+    """
+
+    kind: ClassVar[str] = "if"
+    id: int
+    test: Any  # a value, or a Deferred evaluated when reached
+    children: PVector  # [then, else], each a Seq
+    chosen: int | None = None  # 0 then, 1 else; None until reached
+    error: Any = None
+    inflight: int = 0
+    span: Span | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def done(self) -> bool:
+        if self.error is not None:
+            return True
+        return self.chosen is not None and self.children[self.chosen].done
+
+    @property
+    def failed(self) -> bool:
+        if self.error is not None:
+            return True
+        return self.chosen is not None and self.children[self.chosen].failed
+
+
+@dataclass(frozen=True, slots=True)
+class Expansion(BranchView):
+    """A node that becomes one copy of `template` per element of `coll` when reached.
+
+    `var` is bound to the element in each copy. Until expanded it has no children; once
+    expanded it runs them like `do!!` (Doseq) or `dopar!!` (Pmap). A `coll` that cannot be
+    evaluated, or is not a sequence, fails the node.
+    """
+
+    kind: ClassVar[str] = "expansion"
+    id: int
+    var: str
+    coll: Any  # a value, or a Deferred evaluated when reached
+    template: Any  # the body: a node tree (ids local to the template)
+    children: PVector = field(default_factory=lambda: _NO_CHILDREN)
+    expanded: bool = False
+    error: Any = None
+    n_done: int = 0
+    n_failed: int = 0
+    inflight: int = 0
+    cursor: int = 0
+    span: Span | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None or self.n_failed > 0
+
+    @property
+    def done(self) -> bool:
+        if self.error is not None:
+            return True
+        if not self.expanded:
+            return False
+        return self.n_done == len(self.children) or (self.n_failed > 0 and self.inflight == 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Doseq(Expansion):
+    """`(doseq!! [x coll] body)`: one body per element, in sequence."""
+
+    kind: ClassVar[str] = "doseq"
+
+
+@dataclass(frozen=True, slots=True)
+class Pmap(Expansion):
+    """`(pmap!! [x coll] body)`: one body per element, in parallel."""
+
+    kind: ClassVar[str] = "pmap"
+
+
+Node = Leaf | Seq | Par | Try | If | Doseq | Pmap
 
 
 def is_branch(node: Any) -> bool:
@@ -286,22 +402,40 @@ def _target(dispatch: Dispatch | int, attempt: int | None) -> tuple[int, int | N
     return int(dispatch), attempt
 
 
-def success(dispatch: Dispatch | int, output: Any = None, *, attempt: int | None = None,
-            started_at: float | None = None, finished_at: float | None = None) -> Result:
+def success(
+    dispatch: Dispatch | int,
+    output: Any = None,
+    *,
+    attempt: int | None = None,
+    started_at: float | None = None,
+    finished_at: float | None = None,
+) -> Result:
     """Result of a dispatch that succeeded with `output`."""
     node_id, att = _target(dispatch, attempt)
     return Result(node_id, att, LeafState.SUCCESS, output, None, started_at, finished_at)
 
 
-def failure(dispatch: Dispatch | int, error: Any = None, *, attempt: int | None = None,
-            started_at: float | None = None, finished_at: float | None = None) -> Result:
+def failure(
+    dispatch: Dispatch | int,
+    error: Any = None,
+    *,
+    attempt: int | None = None,
+    started_at: float | None = None,
+    finished_at: float | None = None,
+) -> Result:
     """Result of a dispatch that failed with `error`."""
     node_id, att = _target(dispatch, attempt)
     return Result(node_id, att, LeafState.FAILURE, None, error, started_at, finished_at)
 
 
-def timeout(dispatch: Dispatch | int, error: Any = "timeout", *, attempt: int | None = None,
-            started_at: float | None = None, finished_at: float | None = None) -> Result:
+def timeout(
+    dispatch: Dispatch | int,
+    error: Any = "timeout",
+    *,
+    attempt: int | None = None,
+    started_at: float | None = None,
+    finished_at: float | None = None,
+) -> Result:
     """Result of a dispatch that ran out of time (a failure kind)."""
     node_id, att = _target(dispatch, attempt)
     return Result(node_id, att, LeafState.TIMEOUT, None, error, started_at, finished_at)

@@ -30,16 +30,16 @@ def print_form(form: Form) -> str:
     """Return the canonical text of `form`, which reads back as an equal form."""
     out: list[str] = []
     # Work stack: forms still to print, and literal text (closing brackets, spaces)
-    # wrapped in a one-element tuple so it cannot be mistaken for a string form.
-    todo: list[Form | tuple[str]] = [form]
+    # wrapped in `_Text` so it cannot be mistaken for a string form.
+    todo: list[Form | _Text] = [form]
     while todo:
         item = todo.pop()
-        if isinstance(item, tuple):
-            out.append(item[0])
+        if isinstance(item, _Text):
+            out.append(item.text)
         elif isinstance(item, List | Vector | Map):
             opener, closer = _BRACKETS[type(item)]
             out.append(opener)
-            todo.append((closer,))
+            todo.append(_Text(closer))
             todo.extend(_spaced(reversed(_elements(item))))
         else:
             out.append(_atom(item))
@@ -61,12 +61,24 @@ def _elements(form: List | Vector | Map) -> list[Form]:
     return list(form.items)
 
 
-def _spaced(items: Iterable[Form]) -> list[Form | tuple[str]]:
+class _Text:
+    """Literal output text on the printer's work stack."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+_SPACE = _Text(" ")
+
+
+def _spaced(items: Iterable[Form]) -> list[Form | _Text]:
     """Interleave single spaces between `items`."""
-    out: list[Form | tuple[str]] = []
+    out: list[Form | _Text] = []
     for item in items:
         if out:
-            out.append((" ",))
+            out.append(_SPACE)
         out.append(item)
     return out
 

@@ -125,9 +125,12 @@ def status_text(status: str) -> Text:
 
 
 def node_text(node: Any, role: str | None = None, *, changed: bool = False,
-              width: int = 60) -> Text:
-    """One line for a node: id, what it is, its state, and its output or error."""
-    text = Text()
+              width: int = 40) -> Text:
+    """One line for a node: id, what it is, its state, and its output or error.
+
+    The line never wraps: what does not fit the terminal ends in an ellipsis.
+    """
+    text = Text(no_wrap=True, overflow="ellipsis")
     text.append(CHANGED_MARK + " " if changed else "  ", style="bold yellow")
     text.append(f"#{node.id} ", style="bold" if changed else "dim")
     state = state_of(node)
@@ -162,7 +165,7 @@ def dispatch_text(dispatch: Any, width: int = 60) -> Text:
 
 
 def job_tree(job: Job, *, changed: Iterable[int] = (), max_nodes: int | None = None,
-             label: Text | str | None = None, width: int = 60) -> Tree:
+             label: Text | str | None = None, width: int = 40) -> Tree:
     """The job as a tree, each node with its id and state; `changed` ids are marked.
 
     With `max_nodes`, nodes after that many (in pre-order) are summed up in one line.

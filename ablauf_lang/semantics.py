@@ -22,7 +22,7 @@ from dataclasses import replace
 from functools import singledispatch
 from typing import Any, NamedTuple
 
-from ablauf_lang.nodes import Leaf, LeafState, Node, Par, Seq, Try
+from ablauf_lang.nodes import Doseq, Expansion, If, Leaf, LeafState, Node, Par, Pmap, Seq, Try
 
 
 class _All(Collection[int]):
@@ -92,6 +92,55 @@ def _(node: Try, index: int, child: Node) -> Try:
     return Try(node.id, kids, kids[0].inflight + kids[1].inflight + kids[2].inflight, node.span)
 
 
+@replace_child.register
+def _(node: If, index: int, child: Node) -> If:
+    # (if!! test then else)
+    kids = node.children.set(index, child)
+    return If(
+        node.id,
+        node.test,
+        kids,
+        node.chosen,
+        node.error,
+        kids[0].inflight + kids[1].inflight,
+        node.span,
+    )
+
+
+def _expansion(
+    node: Expansion,
+    kids: Any,
+    n_done: int,
+    n_failed: int,
+    inflight: int,
+    cursor: int,
+    *,
+    expanded: bool | None = None,
+    error: Any = None,
+) -> Expansion:
+    return type(node)(
+        node.id,
+        node.var,
+        node.coll,
+        node.template,
+        kids,
+        node.expanded if expanded is None else expanded,
+        node.error if error is None else error,
+        n_done,
+        n_failed,
+        inflight,
+        cursor,
+        node.span,
+    )
+
+
+@replace_child.register
+def _(node: Expansion, index: int, child: Node) -> Expansion:
+    # (doseq!! [x coll] body) / (pmap!! [x coll] body), once expanded
+    kids, n_done, n_failed, inflight = _counted(node, index, child)  # type: ignore[arg-type]
+    return _expansion(node, kids, n_done, n_failed, inflight, node.cursor)
+
+
 # ---------------------------------------------------------------- summarize
 
 
@@ -143,6 +192,27 @@ def _(node: Try) -> Try:
     return Try(node.id, node.children, sum(c.inflight for c in node.children), node.span)
 
 
+@summarize.register
+def _(node: If) -> If:
+    kids = node.children
+    return If(
+        node.id,
+        node.test,
+        kids,
+        node.chosen,
+        node.error,
+        kids[0].inflight + kids[1].inflight,
+        node.span,
+    )
+
+
+@summarize.register
+def _(node: Expansion) -> Expansion:
+    done, failed, inflight = _counts(node.children)
+    cursor = min(node.cursor, seq_cursor(node.children))
+    return _expansion(node, node.children, done, failed, inflight, cursor)
+
+
 # ---------------------------------------------------------------- plan
 
 
@@ -180,6 +250,30 @@ def _(node: Try, dirty: Collection[int]) -> Sequence[int]:
     return [i for i in range(phase + 1) if i in dirty]
 
 
+@plan.register
+def _(node: If, dirty: Collection[int]) -> Sequence[int]:
+    # Only the branch taken runs; it is chosen when the node is entered.
+    if node.chosen is None or node.error is not None or node.chosen not in dirty:
+        return ()
+    return (node.chosen,)
+
+
+@plan.register
+def _(node: Doseq, dirty: Collection[int]) -> Sequence[int]:
+    # Once expanded, a doseq!! is a do!! over its copies.
+    if not node.expanded or node.failed or node.cursor >= len(node.children):
+        return ()
+    return (node.cursor,) if node.cursor in dirty else ()
+
+
+@plan.register
+def _(node: Pmap, dirty: Collection[int]) -> Sequence[int]:
+    # Once expanded, a pmap!! is a dopar!! over its copies.
+    if not node.expanded or node.failed:
+        return ()
+    return range(len(node.children)) if dirty is ALL else sorted(dirty)
+
+
 # ---------------------------------------------------------------- follow
 
 
@@ -196,8 +290,9 @@ def _(node: Seq, index: int) -> tuple[Seq, Sequence[Next]]:
     if index != node.cursor or not child.done or child.failed:
         return node, ()
     cursor = index + 1
-    moved = Seq(node.id, node.children, node.n_done, node.n_failed, node.inflight, cursor,
-                node.span)
+    moved = Seq(
+        node.id, node.children, node.n_done, node.n_failed, node.inflight, cursor, node.span
+    )
     return moved, (Next(cursor),) if cursor < len(node.children) else ()
 
 
@@ -214,13 +309,74 @@ def _(node: Try, index: int) -> tuple[Try, Sequence[Next]]:
     return node, ()
 
 
+@follow.register
+def _(node: Doseq, index: int) -> tuple[Doseq, Sequence[Next]]:
+    # The copy at the cursor succeeded: move on to the next copy.
+    child = node.children[index]
+    if index != node.cursor or not child.done or child.failed:
+        return node, ()
+    cursor = index + 1
+    moved = _expansion(node, node.children, node.n_done, node.n_failed, node.inflight, cursor)
+    return moved, (Next(cursor),) if cursor < len(node.children) else ()  # type: ignore[return-value]
+
+
 # ---------------------------------------------------------------- enter
+#
+# `restart` offers: evaluate(value) -> (ok, value or error text), skip(node) -> node with its
+# unset leaves skipped, fail(node_id, error) recording the error in the context, and
+# instantiate(expansion, elements) -> the copies with fresh ids.
 
 
 @singledispatch
 def enter(node: Any, restart: Any) -> Any:
     """Return the node as it is when first reached (run-time kinds decide or expand here)."""
     return node
+
+
+def is_truthy(value: Any) -> bool:
+    """Clojure's truth: only nil and false are false (0 and "" are true)."""
+    return value is not None and value is not False
+
+
+@enter.register
+def _(node: If, restart: Any) -> If:
+    # (if!! test then else): evaluate the test now; the other branch is skipped.
+    if node.chosen is not None or node.error is not None:
+        return node
+    ok, value = restart.evaluate(node.test)
+    if not ok:
+        restart.fail(node.id, value)
+        return If(node.id, node.test, node.children, None, value, node.inflight, node.span)
+    chosen = 0 if is_truthy(value) else 1
+    kids = node.children.set(1 - chosen, restart.skip(node.children[1 - chosen]))
+    restart.touch(node.id)
+    return If(node.id, node.test, kids, chosen, None, node.inflight, node.span)
+
+
+@enter.register
+def _(node: Expansion, restart: Any) -> Expansion:
+    # (doseq!! [x coll] body): evaluate coll now and make one copy of the body per element.
+    if node.expanded or node.error is not None:
+        return node
+    ok, value = restart.evaluate(node.coll)
+    if ok and (isinstance(value, str | bytes | dict) or not _is_sequence(value)):
+        ok, value = (
+            False,
+            (
+                f"{node.kind}!! needs a sequence to go over, got "
+                f"{type(value).__name__}: {value!r:.60}"
+            ),
+        )
+    if not ok:
+        restart.fail(node.id, value)
+        return _expansion(node, node.children, 0, 0, 0, 0, error=value)
+    kids = restart.instantiate(node, list(value))
+    restart.touch(node.id)
+    return summarize(_expansion(node, kids, 0, 0, 0, 0, expanded=True))  # type: ignore[no-any-return]
+
+
+def _is_sequence(value: Any) -> bool:
+    return isinstance(value, list | tuple | range)
 
 
 # ---------------------------------------------------------------- display

@@ -14,14 +14,29 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from pyrsistent import pvector
 
 from ablauf_lang import semantics
 from ablauf_lang.errors import JobError, Span
-from ablauf_lang.job import ALL, Job, index_paths
-from ablauf_lang.nodes import Augment, Leaf, LeafState, Node, Par, Seq, Try
+from ablauf_lang.job import Job, index_paths
+from ablauf_lang.nodes import (
+    Augment,
+    Deferred,
+    Doseq,
+    Expansion,
+    If,
+    Leaf,
+    LeafState,
+    Node,
+    Par,
+    Pmap,
+    Seq,
+    Try,
+)
+from ablauf_lang.semantics import ALL
 
 FORMAT = "ablauf/job"
 VERSION = 1
@@ -32,8 +47,9 @@ VERSION = 1
 _VALUE_CODECS: dict[str, tuple[type, Callable[[Any], Any], Callable[[Any], Any]]] = {}
 
 
-def register_value(tag: str, cls: type, encode: Callable[[Any], Any],
-                   decode: Callable[[Any], Any]) -> None:
+def register_value(
+    tag: str, cls: type, encode: Callable[[Any], Any], decode: Callable[[Any], Any]
+) -> None:
     """Teach the codec a Python type (stored as `{"$<tag>": encode(value)}`)."""
     _VALUE_CODECS[tag] = (cls, encode, decode)
 
@@ -52,6 +68,8 @@ def encode_value(value: Any) -> Any:
         return [encode_value(v) for v in value]
     if isinstance(value, tuple):
         return {"$tuple": [encode_value(v) for v in value]}
+    if isinstance(value, Deferred):
+        return {"$deferred": [value.tag, value.to_data()]}
     for tag, (cls, encode, _) in _VALUE_CODECS.items():
         if isinstance(value, cls):
             return {"$" + tag: encode(value)}
@@ -69,10 +87,22 @@ def decode_value(data: Any) -> Any:
                 return {_hashable(decode_value(k)): decode_value(v) for k, v in inner}
             if key == "$tuple":
                 return tuple(decode_value(v) for v in inner)
+            if key == "$deferred":
+                return _decode_deferred(inner)
             if key.startswith("$") and key[1:] in _VALUE_CODECS:
                 return _VALUE_CODECS[key[1:]][2](inner)
         return {k: decode_value(v) for k, v in data.items()}
     return data
+
+
+def _decode_deferred(data: list[Any]) -> Deferred:
+    tag, inner = data
+    if tag not in Deferred.registry:
+        import ablauf_lang.expr  # noqa: F401  (registers the language's expressions)
+    cls = Deferred.registry.get(tag)
+    if cls is None:
+        raise JobError(f"stored job holds a run-time expression of unknown kind {tag!r}")
+    return cls.from_data(inner)
 
 
 def _hashable(value: Any) -> Any:
@@ -103,7 +133,9 @@ def encode_node(node: Node) -> dict[str, Any]:
             "action": node.action,
             "payload": encode_value(node.payload),
             "idempotent": node.idempotent,
-            "augment": None if node.augment is None else {
+            "augment": None
+            if node.augment is None
+            else {
                 "source": encode_value(list(node.augment.source)),
                 "dest": encode_value(list(node.augment.dest)),
             },
@@ -118,8 +150,12 @@ def encode_node(node: Node) -> dict[str, Any]:
     encoder = _BRANCH_ENCODERS.get(type(node))
     if encoder is None:
         raise JobError(f"cannot store a node of kind {node.kind}")
-    record = {"id": node.id, "kind": node.kind, "children": [c.id for c in node.children],
-              "span": _span(node.span)}
+    record = {
+        "id": node.id,
+        "kind": node.kind,
+        "children": [c.id for c in node.children],
+        "span": _span(node.span),
+    }
     record.update(encoder(node))
     return record
 
@@ -131,8 +167,9 @@ def _decode_leaf(rec: dict[str, Any]) -> Leaf:
         rec["action"],
         decode_value(rec.get("payload")),
         bool(rec.get("idempotent", False)),
-        None if aug is None else Augment(tuple(decode_value(aug["source"])),
-                                         tuple(decode_value(aug["dest"]))),
+        None
+        if aug is None
+        else Augment(tuple(decode_value(aug["source"])), tuple(decode_value(aug["dest"]))),
         None if rec.get("result") is None else LeafState(rec["result"]),
         decode_value(rec.get("output")),
         decode_value(rec.get("error")),
@@ -148,8 +185,12 @@ _BRANCH_ENCODERS: dict[type, Callable[[Any], dict[str, Any]]] = {}
 _BRANCH_DECODERS: dict[str, Callable[[dict[str, Any], Any], Node]] = {}
 
 
-def register_branch(kind: str, cls: type, encode: Callable[[Any], dict[str, Any]],
-                    decode: Callable[[dict[str, Any], Any], Node]) -> None:
+def register_branch(
+    kind: str,
+    cls: type,
+    encode: Callable[[Any], dict[str, Any]],
+    decode: Callable[[dict[str, Any], Any], Node],
+) -> None:
     """Teach the codec a branch kind: `decode(record, children_pvector)` builds the node."""
     _BRANCH_ENCODERS[cls] = encode
     _BRANCH_DECODERS[kind] = decode
@@ -164,10 +205,18 @@ def _decode_seq(rec: dict[str, Any], kids: Any) -> Seq:
 
 
 register_branch("seq", Seq, lambda n: {"cursor": n.cursor}, _decode_seq)
-register_branch("par", Par, lambda n: {},
-                lambda r, k: semantics.summarize(Par(r["id"], k, span=_unspan(r.get("span")))))
-register_branch("try", Try, lambda n: {},
-                lambda r, k: semantics.summarize(Try(r["id"], k, span=_unspan(r.get("span")))))
+register_branch(
+    "par",
+    Par,
+    lambda n: {},
+    lambda r, k: semantics.summarize(Par(r["id"], k, span=_unspan(r.get("span")))),
+)
+register_branch(
+    "try",
+    Try,
+    lambda n: {},
+    lambda r, k: semantics.summarize(Try(r["id"], k, span=_unspan(r.get("span")))),
+)
 
 
 def encode_branch_fields(node: Node) -> dict[str, Any]:
@@ -177,6 +226,72 @@ def encode_branch_fields(node: Node) -> dict[str, Any]:
     if encoder is None:
         raise JobError(f"cannot store a node of kind {node.kind}")
     return encoder(node)
+
+
+def _decode_if(rec: dict[str, Any], kids: Any) -> If:
+    node = If(
+        rec["id"],
+        decode_value(rec.get("test")),
+        kids,
+        rec.get("chosen"),
+        decode_value(rec.get("error")),
+        span=_unspan(rec.get("span")),
+    )
+    return semantics.summarize(node)  # type: ignore[no-any-return]
+
+
+register_branch(
+    "if",
+    If,
+    lambda n: {"test": encode_value(n.test), "chosen": n.chosen, "error": encode_value(n.error)},
+    _decode_if,
+)
+
+
+def encode_tree(root: Node) -> list[dict[str, Any]]:
+    """Encode a whole tree as flat records (a template: its ids are local to it)."""
+    out = []
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        out.append(encode_node(node))
+        if not isinstance(node, Leaf):
+            stack.extend(reversed(node.children))
+    return out
+
+
+def _encode_expansion(node: Expansion) -> dict[str, Any]:
+    return {
+        "var": node.var,
+        "coll": encode_value(node.coll),
+        "template": encode_tree(node.template),
+        "expanded": node.expanded,
+        "error": encode_value(node.error),
+        "cursor": node.cursor,
+    }
+
+
+def _decoder(cls: type[Expansion]) -> Callable[[dict[str, Any], Any], Node]:
+    def decode(rec: dict[str, Any], kids: Any) -> Node:
+        node = cls(
+            rec["id"],
+            rec["var"],
+            decode_value(rec.get("coll")),
+            decode_nodes(rec["template"]),
+            kids,
+            bool(rec.get("expanded")),
+            decode_value(rec.get("error")),
+            cursor=int(rec.get("cursor", 0)),
+            span=_unspan(rec.get("span")),
+        )
+        done = semantics.summarize(node)
+        return replace(done, cursor=node.cursor) if done.cursor != node.cursor else done
+
+    return decode
+
+
+register_branch("doseq", Doseq, _encode_expansion, _decoder(Doseq))
+register_branch("pmap", Pmap, _encode_expansion, _decoder(Pmap))
 
 
 def decode_nodes(records: list[dict[str, Any]]) -> Node:
@@ -226,13 +341,22 @@ def from_data(data: dict[str, Any]) -> Job:
         raise JobError("not an ablauf job snapshot")
     version = data.get("version")
     if not isinstance(version, int) or version > VERSION:
-        raise JobError(f"job snapshot version {version} is newer than this ablauf_lang "
-                       f"understands ({VERSION}); upgrade ablauf_lang")
+        raise JobError(
+            f"job snapshot version {version} is newer than this ablauf_lang "
+            f"understands ({VERSION}); upgrade ablauf_lang"
+        )
     root = decode_nodes(data["nodes"])
     todo = {int(k): (ALL if v == "all" else frozenset(v)) for k, v in data["todo"].items()}
     context = decode_value(data.get("context") or {})
-    return Job(root, context, index_paths(root), todo, int(data.get("restarts", 0)),
-               frozenset(data.get("touched", ())), data.get("aborted"))
+    return Job(
+        root,
+        context,
+        index_paths(root),
+        todo,
+        int(data.get("restarts", 0)),
+        frozenset(data.get("touched", ())),
+        data.get("aborted"),
+    )
 
 
 def dumps(job: Job) -> str:

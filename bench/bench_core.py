@@ -58,7 +58,8 @@ def drive(job: Job, perform: Callable[[Any, Any], Any] = noop) -> tuple[Job, int
     restarts = 1
     while dispatches:
         job, dispatches = restart_job(
-            job, [success(d, perform(d.payload, d.context)) for d in dispatches])
+            job, [success(d, perform(d.payload, d.context)) for d in dispatches]
+        )
         restarts += 1
     return job, restarts, time.perf_counter() - t
 
@@ -91,20 +92,28 @@ def main() -> None:
         job, _, dt = drive(make_job(seq_tree(n)))
         assert job.status == "success"
         totals[n] = dt
-        print(f"{'do!! x ' + format(n, ','):<22}{dt:>10.3f}{dt / n * 1e6:>10.1f}"
-              f"{dt / n / floor:>17.0f}")
+        print(
+            f"{'do!! x ' + format(n, ','):<22}{dt:>10.3f}{dt / n * 1e6:>10.1f}"
+            f"{dt / n / floor:>17.0f}"
+        )
     for n in par_sizes:
         job, restarts, dt = drive(make_job(par_tree(n)))
         assert job.status == "success"
-        print(f"{'dopar!! x ' + format(n, ','):<22}{dt:>10.3f}{dt / n * 1e6:>10.1f}"
-              f"{dt / n / floor:>17.0f}   ({restarts} restarts)")
+        print(
+            f"{'dopar!! x ' + format(n, ','):<22}{dt:>10.3f}{dt / n * 1e6:>10.1f}"
+            f"{dt / n / floor:>17.0f}   ({restarts} restarts)"
+        )
     if 100_000 in totals:
-        print(f"\n100k total / 10k total = {totals[100_000] / totals[10_000]:.1f}x "
-              "(flat per step: 10x; target <= 12x)")
+        print(
+            f"\n100k total / 10k total = {totals[100_000] / totals[10_000]:.1f}x "
+            "(flat per step: 10x; target <= 12x)"
+        )
 
     one = single_restart_cost(10_000)
-    print(f"\none restart (1 result in, 1 dispatch out): {one * 1e6:.1f} us = "
-          f"{one / floor:.0f} bare calls (target <= 1,000)")
+    print(
+        f"\none restart (1 result in, 1 dispatch out): {one * 1e6:.1f} us = "
+        f"{one / floor:.0f} bare calls (target <= 1,000)"
+    )
 
     n = 10_000
     source = "(do!! " + " ".join(f"(action!! :bench/noop {i})" for i in range(n)) + ")"
@@ -113,8 +122,10 @@ def main() -> None:
     run = ablauf_lang.eval(source, actions={"bench/noop": noop})
     dt = time.perf_counter() - t
     assert run.status == "success"
-    print(f"ablauf_lang.eval of a {n:,}-step do!! (compile included): {dt / n * 1e6:.1f} us/step"
-          f" = {dt / n / floor:.0f} bare calls (target <= 2,000)")
+    print(
+        f"ablauf_lang.eval of a {n:,}-step do!! (compile included): {dt / n * 1e6:.1f} us/step"
+        f" = {dt / n / floor:.0f} bare calls (target <= 2,000)"
+    )
 
     gc.collect()
     tracemalloc.start()
@@ -123,9 +134,11 @@ def main() -> None:
     job, _, _ = drive(make_job(seq_tree(size)))
     current, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    print(f"\npeak memory of the {size:,}-leaf run: {(peak - base) / 1e6:.1f} MB = "
-          f"{(peak - base) / size:.0f} bytes/node; final job {(current - base) / size:.0f} "
-          "bytes/node (target <= 1 KiB)")
+    print(
+        f"\npeak memory of the {size:,}-leaf run: {(peak - base) / 1e6:.1f} MB = "
+        f"{(peak - base) / size:.0f} bytes/node; final job {(current - base) / size:.0f} "
+        "bytes/node (target <= 1 KiB)"
+    )
     del job
 
 

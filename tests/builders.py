@@ -12,24 +12,29 @@ from ablauf_lang.job import Job, make_job, restart_job
 from ablauf_lang.nodes import Augment, Dispatch, Leaf, Node, Par, Result, Seq, Try, failure, success
 
 
-def L(name: str = "x", payload: Any = None, *, idempotent: bool = False,  # noqa: N802
-      augment: tuple[Any, Any] | None = None) -> Leaf:
+def L(
+    name: str = "x",
+    payload: Any = None,
+    *,
+    idempotent: bool = False,
+    augment: tuple[Any, Any] | None = None,
+) -> Leaf:
     """A leaf whose action is `name` (payload defaults to the name)."""
     aug = None if augment is None else Augment(tuple(augment[0]), tuple(augment[1]))
     return Leaf(-1, name, name if payload is None else payload, idempotent, aug)
 
 
-def Do(*kids: Node) -> Seq:  # noqa: N802
+def Do(*kids: Node) -> Seq:
     """A sequence."""
     return Seq(-1, pvector(kids))
 
 
-def Par_(*kids: Node) -> Par:  # noqa: N802
+def Par_(*kids: Node) -> Par:
     """A parallel node."""
     return Par(-1, pvector(kids))
 
 
-def Try_(body: Iterable[Node], rescue: Iterable[Node] = (), fin: Iterable[Node] = ()) -> Try:  # noqa: N802
+def Try_(body: Iterable[Node], rescue: Iterable[Node] = (), fin: Iterable[Node] = ()) -> Try:
     """A try with body, rescue and finally sequences."""
     return Try(-1, pvector([Do(*body), Do(*rescue), Do(*fin)]))
 
@@ -66,8 +71,9 @@ def by_name(outcomes: dict[str, Any]) -> Callable[[Dispatch], Result]:
     return outcome
 
 
-def drive(job: Job, outcome: Callable[[Dispatch], Result], *, max_steps: int = 10_000
-          ) -> tuple[Job, list[Dispatch]]:
+def drive(
+    job: Job, outcome: Callable[[Dispatch], Result], *, max_steps: int = 10_000
+) -> tuple[Job, list[Dispatch]]:
     """Restart until done, delivering every dispatch's outcome at once; return all dispatches."""
     job, dispatches = restart_job(job, [])
     seen = list(dispatches)

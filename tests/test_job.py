@@ -7,7 +7,7 @@ import pytest
 from ablauf_lang.errors import JobError
 from ablauf_lang.job import INTERRUPTED, LAST_ERROR, Job, abort, prepare_replay, restart_job
 from ablauf_lang.nodes import LeafState, Status, failure, success, timeout
-from tests.builders import L, Do, Par_, Try_, by_name, drive, job_of, ran
+from tests.builders import Do, L, Par_, Try_, by_name, drive, job_of, ran
 
 BOOM = RuntimeError("boom")
 
@@ -73,7 +73,8 @@ def test_parallel_starts_all_children_together() -> None:
 def test_dopar_with_one_failing_branch_lets_the_others_finish() -> None:
     job, [da, db, dc] = restart_job(job_of(Par_(L("a"), L("b"), L("c"))))
     job, more = restart_job(job, [failure(db, "x")])
-    assert more == [] and job.status is Status.PENDING
+    assert more == []
+    assert job.status is Status.PENDING
     job, _ = restart_job(job, [success(da, 1), success(dc, 3)])
     assert job.status is Status.FAILURE
     assert leaf_states(job) == {"a": "success", "b": "failure", "c": "success"}
@@ -99,7 +100,8 @@ def test_parallel_rule_holds_at_every_depth() -> None:
     job, more = restart_job(job, [success(db1, 1)])
     assert more == []
     assert job.status is Status.FAILURE
-    assert leaf_states(job)["b2"] is None and leaf_states(job)["after"] is None
+    assert leaf_states(job)["b2"] is None
+    assert leaf_states(job)["after"] is None
 
 
 def test_results_arriving_together_with_a_failure_start_nothing_in_the_failed_parallel() -> None:
@@ -107,12 +109,14 @@ def test_results_arriving_together_with_a_failure_start_nothing_in_the_failed_pa
     job, [da, db1] = restart_job(job_of(Par_(L("a"), Do(L("b1"), L("b2")))))
     for order in ([success(db1, 1), failure(da, "x")], [failure(da, "x"), success(db1, 1)]):
         done, more = restart_job(job, order)
-        assert more == [] and done.status is Status.FAILURE
+        assert more == []
+        assert done.status is Status.FAILURE
 
 
 def test_empty_parallel_is_done_at_once() -> None:
     job, dispatches = restart_job(job_of(Par_()))
-    assert dispatches == [] and job.status is Status.SUCCESS
+    assert dispatches == []
+    assert job.status is Status.SUCCESS
 
 
 # ---------------------------------------------------------------- try / rescue / finally
@@ -180,8 +184,9 @@ def test_try_waits_for_the_whole_body_before_rescue() -> None:
 
 
 def test_finally_runs_after_rescue_failed_and_try_fails() -> None:
-    job, seen = drive(job_of(Do(Try_([L("b")], [L("r")], [L("f")]), L("next"))),
-                      by_name({"b": BOOM, "r": BOOM}))
+    job, seen = drive(
+        job_of(Do(Try_([L("b")], [L("r")], [L("f")]), L("next"))), by_name({"b": BOOM, "r": BOOM})
+    )
     assert ran(seen) == ["b", "r", "f"]
     assert job.status is Status.FAILURE
 
@@ -215,8 +220,7 @@ def test_context_after_a_chain_of_augments() -> None:
 
 
 def test_augment_path_missing_in_output_gives_nil() -> None:
-    job, _ = drive(job_of(L("a", {"x": 1}, augment=(("nope", "deeper"), ("dst",)))),
-                   by_name({}))
+    job, _ = drive(job_of(L("a", {"x": 1}, augment=(("nope", "deeper"), ("dst",)))), by_name({}))
     assert job.context == {"dst": None}
 
 
@@ -253,13 +257,15 @@ def test_stale_attempt_is_ignored() -> None:
     job, _ = restart_job(job, [success(d, "old")])
     assert job.node(d.id).result is LeafState.PENDING
     job, _ = restart_job(job, [success(d2, "new")])
-    assert job.node(d.id).output == "new" and job.status is Status.SUCCESS
+    assert job.node(d.id).output == "new"
+    assert job.status is Status.SUCCESS
 
 
 def test_same_result_twice_in_one_restart_is_applied_once() -> None:
     job, [d] = restart_job(job_of(Do(L("a"), L("b"))))
     job, more = restart_job(job, [success(d, 1), success(d, 2)])
-    assert ran(more) == ["b"] and job.node(d.id).output == 1
+    assert ran(more) == ["b"]
+    assert job.node(d.id).output == 1
 
 
 def test_result_for_unknown_node_is_an_error() -> None:
@@ -291,12 +297,15 @@ def test_result_records_times_and_attempt() -> None:
 def test_restart_on_a_done_job_does_nothing() -> None:
     job, _ = drive(job_of(Do(L("a"))), by_name({}))
     again, more = restart_job(job)
-    assert more == [] and again.status is Status.SUCCESS
+    assert more == []
+    assert again.status is Status.SUCCESS
 
 
 def test_root_can_be_a_single_leaf() -> None:
     job, seen = drive(job_of(L("solo", 3)), by_name({}))
-    assert ran(seen) == ["solo"] and job.status is Status.SUCCESS and job.node(0).output == 3
+    assert ran(seen) == ["solo"]
+    assert job.status is Status.SUCCESS
+    assert job.node(0).output == 3
 
 
 # ---------------------------------------------------------------- abort and replay
@@ -309,7 +318,8 @@ def test_abort_fails_pending_leaves_and_stops_the_run() -> None:
     assert job.node(db.id).result is LeafState.FAILURE
     job, more = restart_job(job)
     assert more == []
-    assert job.done and job.status is Status.FAILURE
+    assert job.done
+    assert job.status is Status.FAILURE
     assert job.aborted == "operator said stop"
 
 
@@ -320,20 +330,23 @@ def test_prepare_replay_reruns_idempotent_pending_leaves() -> None:
     assert job.node(ds.id).result is None
     assert job.node(dd.id).output == 1  # finished work is kept
     job, more = restart_job(job)
-    assert ran(more) == ["safe"] and more[0].attempt == 2
+    assert ran(more) == ["safe"]
+    assert more[0].attempt == 2
     job, _ = restart_job(job, [success(more[0], 1)])
     assert job.status is Status.SUCCESS
 
 
 def test_prepare_replay_fails_pending_non_idempotent_leaves() -> None:
     # The interrupted leaf fails, so its dopar!! fails: the idempotent sibling is not re-run.
-    job, [ds, du] = restart_job(job_of(Par_(L("safe", idempotent=True), L("unsafe"))))
+    job, [_ds, du] = restart_job(job_of(Par_(L("safe", idempotent=True), L("unsafe"))))
     job = prepare_replay(job)
     unsafe = job.node(du.id)
-    assert unsafe.result is LeafState.FAILURE and unsafe.error.startswith(INTERRUPTED)
+    assert unsafe.result is LeafState.FAILURE
+    assert unsafe.error.startswith(INTERRUPTED)
     assert job.context == {}  # the context keeps what was recorded
     job, more = restart_job(job)
-    assert more == [] and job.status is Status.FAILURE
+    assert more == []
+    assert job.status is Status.FAILURE
 
 
 def test_retry_reruns_failed_idempotent_leaves_of_a_finished_run() -> None:
@@ -346,7 +359,8 @@ def test_retry_reruns_failed_idempotent_leaves_of_a_finished_run() -> None:
     job, _ = drive(job_of(Do(L("a", idempotent=True), L("b"))), flaky)
     assert job.status is Status.FAILURE
     job, seen = drive(prepare_replay(job), flaky)
-    assert ran(seen) == ["a", "b"] and job.status is Status.SUCCESS
+    assert ran(seen) == ["a", "b"]
+    assert job.status is Status.SUCCESS
 
 
 def test_prepare_replay_of_rescued_failure_runs_body_again() -> None:
@@ -362,7 +376,7 @@ def test_replay_after_abort_clears_the_abort() -> None:
     job, _ = restart_job(job_of(Do(L("a", idempotent=True), L("b"))))
     job = prepare_replay(abort(job))
     assert job.aborted is None
-    job, seen = drive(job, by_name({}))
+    job, _seen = drive(job, by_name({}))
     assert job.status is Status.SUCCESS
 
 
@@ -380,15 +394,26 @@ def test_nodes_are_pre_order_and_node_finds_by_id() -> None:
     job = job_of(Try_([Par_(L("a1"), L("a2")), L("b1")], [L("r1")], [L("f1")]))
     assert [n.id for n in job.nodes()] == list(range(10))
     assert [n.kind for n in job.nodes()] == [
-        "try", "seq", "par", "leaf", "leaf", "leaf", "seq", "leaf", "seq", "leaf"]
+        "try",
+        "seq",
+        "par",
+        "leaf",
+        "leaf",
+        "leaf",
+        "seq",
+        "leaf",
+        "seq",
+        "leaf",
+    ]
     assert job.node(7).action == "r1"
     with pytest.raises(JobError):
         job.node(10)
 
 
 def test_spec_example_first_restart_dispatches_leaves_3_and_4() -> None:
-    job = job_of(Try_([Par_(L("record"), L("action/log")), L("record")], [L("record")],
-                      [L("record")]))
+    job = job_of(
+        Try_([Par_(L("record"), L("action/log")), L("record")], [L("record")], [L("record")])
+    )
     _, dispatches = restart_job(job)
     assert [d.id for d in dispatches] == [3, 4]
 
@@ -401,10 +426,10 @@ def _deep(depth: int):
 
 
 def test_deep_nesting_never_hits_the_recursion_limit() -> None:
-    from tests.builders import number
-
     # builders.number recurses; build the ids with a raised limit, the engine must not need it.
     import sys
+
+    from tests.builders import number
 
     old = sys.getrecursionlimit()
     sys.setrecursionlimit(20_000)
@@ -414,7 +439,7 @@ def test_deep_nesting_never_hits_the_recursion_limit() -> None:
         sys.setrecursionlimit(old)
     from ablauf_lang.job import make_job
 
-    job, seen = drive(make_job(tree), by_name({}))
+    job, _seen = drive(make_job(tree), by_name({}))
     assert job.status is Status.SUCCESS
     assert Job.from_json(job.to_json()) == job
     assert sum(1 for _ in job.nodes()) > 1_400

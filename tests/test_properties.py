@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from ablauf_lang.job import Job, make_job, prepare_replay, restart_job
 from ablauf_lang.nodes import Leaf, LeafState, Node, Par, Seq, Status, Try, failure, success
-from tests.builders import L, Do, Par_, Try_, number
+from tests.builders import Do, L, Par_, Try_, number
 
 # ---------------------------------------------------------------- strategies
 
@@ -50,8 +50,9 @@ def reference_ok(node: Node, fails: set[int]) -> bool:
 # ---------------------------------------------------------------- the driver under test
 
 
-def run_randomly(tree: Node, data: st.DataObject, fails: set[int], *, crash: bool = False
-                 ) -> tuple[Job, list[int]]:
+def run_randomly(
+    tree: Node, data: st.DataObject, fails: set[int], *, crash: bool = False
+) -> tuple[Job, list[int]]:
     """Drive a job, delivering random subsets of in-flight results (duplicates included)."""
     job = make_job(tree)
     job, dispatches = restart_job(job)
@@ -71,11 +72,11 @@ def run_randomly(tree: Node, data: st.DataObject, fails: set[int], *, crash: boo
             job, dispatches = restart_job(job)
         else:
             ids = sorted(inflight)
-            chosen = data.draw(st.lists(st.sampled_from(ids), min_size=1, unique=True),
-                               label="arrive")
+            chosen = data.draw(
+                st.lists(st.sampled_from(ids), min_size=1, unique=True), label="arrive"
+            )
             results = [
-                failure(inflight[i], "x") if i in fails else success(inflight[i], i)
-                for i in chosen
+                failure(inflight[i], "x") if i in fails else success(inflight[i], i) for i in chosen
             ]
             if delivered and data.draw(st.booleans(), label="dup"):
                 results.append(data.draw(st.sampled_from(delivered), label="which dup"))
@@ -101,7 +102,8 @@ def check_invariants(job: Job, tree: Node) -> None:
         if isinstance(node, Try):
             body, rescue, _ = node.children
             if not _untouched(rescue):
-                assert body.done and body.failed, f"try {node.id} ran its rescue too early"
+                assert body.done, f"try {node.id} ran its rescue before its body was done"
+                assert body.failed, f"try {node.id} ran its rescue after its body succeeded"
         if isinstance(node, Seq):
             blocked = False
             for child in node.children:
@@ -123,8 +125,11 @@ def _untouched(node: Node) -> bool:
 @given(trees, st.data())
 def test_random_runs_terminate_and_match_the_reference(tree: Node, data: st.DataObject) -> None:
     leaf_ids = [n.id for n in make_job(tree).leaves()]
-    fails = set(data.draw(st.lists(st.sampled_from(leaf_ids), unique=True), label="fails")
-                ) if leaf_ids else set()
+    fails = (
+        set(data.draw(st.lists(st.sampled_from(leaf_ids), unique=True), label="fails"))
+        if leaf_ids
+        else set()
+    )
     job, started = run_randomly(tree, data, fails)
     assert job.done
     assert len(started) == len(set(started)), "a leaf ran twice"

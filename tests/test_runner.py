@@ -14,7 +14,7 @@ from ablauf_lang import ActionFailed, Status
 from ablauf_lang.job import make_job, restart_job
 from ablauf_lang.nodes import LeafState, success
 from ablauf_lang.runners.local import LocalRunner
-from tests.builders import L, Do, Par_, number
+from tests.builders import Do, L, Par_, number
 
 
 def run_tree(tree: Any, actions: dict[str, Any], context: dict[str, Any] | None = None):
@@ -103,18 +103,20 @@ def test_results_arriving_together_are_applied_in_one_restart() -> None:
     runner = LocalRunner({"q": quick}, on_restart=lambda job, d, r: restarts.append(len(r)))
     job = asyncio.run(runner.run(make_job(number(Par_(*[L("q", i) for i in range(200)])))))
     assert job.status is Status.SUCCESS
-    assert len(restarts) < 50 and sum(restarts) == 200
+    assert len(restarts) < 50
+    assert sum(restarts) == 200
 
 
 def test_eval_runs_a_program() -> None:
     run = ablauf_lang.eval(
-        "(do!! (with-augment [:id :repo] (action!! :git/create {:name \"svc\"})) (log!! :done))",
+        '(do!! (with-augment [:id :repo] (action!! :git/create {:name "svc"})) (log!! :done))',
         actions={"git/create": lambda p, c: {"id": f"repo-{p['name']}"}},
         context={"who": "me"},
     )
     assert run.status == "success"
     assert run.context == {"who": "me", "repo": "repo-svc"}
-    assert isinstance(run.run_id, str) and run.run_id
+    assert isinstance(run.run_id, str)
+    assert run.run_id
     assert run.to_dict()["status"] == "success"
 
 

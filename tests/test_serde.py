@@ -11,13 +11,24 @@ from ablauf_lang.errors import JobError
 from ablauf_lang.forms import Keyword
 from ablauf_lang.job import Job, restart_job
 from ablauf_lang.nodes import success
-from tests.builders import L, Do, Par_, Try_, job_of
+from tests.builders import Do, L, Par_, Try_, job_of
 
 
 @pytest.mark.parametrize(
     "value",
-    [None, True, 1, 1.5, "s", [1, [2]], {"a": {"b": None}}, {1: "int key"}, {"$x": 1},
-     {(1, 2): 3}, (1, "t")],
+    [
+        None,
+        True,
+        1,
+        1.5,
+        "s",
+        [1, [2]],
+        {"a": {"b": None}},
+        {1: "int key"},
+        {"$x": 1},
+        {(1, 2): 3},
+        (1, "t"),
+    ],
 )
 def test_values_round_trip(value: object) -> None:
     encoded = json.loads(json.dumps(serde.encode_value(value)))
@@ -37,7 +48,8 @@ def test_unstorable_value_is_a_clear_error() -> None:
 def test_job_json_is_flat_and_versioned() -> None:
     job = job_of(Try_([Par_(L("a"), L("b", augment=(("x",), ("y", "z"))))], [L("r")]))
     data = json.loads(job.to_json())
-    assert data["format"] == "ablauf/job" and data["version"] == serde.VERSION
+    assert data["format"] == "ablauf/job"
+    assert data["version"] == serde.VERSION
     assert [n["id"] for n in data["nodes"]] == list(range(8))
     assert data["nodes"][0]["children"] == [1, 5, 7]
 

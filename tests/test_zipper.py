@@ -9,16 +9,19 @@ from hypothesis import strategies as st
 
 from ablauf_lang import zipper as z
 from ablauf_lang.job import OPS
-from tests.builders import L, Do, Par_, job_of
+from tests.builders import Do, L, Par_, job_of
 
 # A plain tree: ("label", child, child...) tuples; leaves are ints.
 TUPLES = z.Ops(
     lambda n: isinstance(n, tuple),
     lambda n: n[1:],
-    lambda n, i, c: (*n[: i + 1], c, *n[i + 2:]),
+    lambda n, i, c: (*n[: i + 1], c, *n[i + 2 :]),
 )
-plain = st.recursive(st.integers(0, 9), lambda kids: st.lists(kids, max_size=3).map(
-    lambda k: ("n", *k)), max_leaves=15)
+plain = st.recursive(
+    st.integers(0, 9),
+    lambda kids: st.lists(kids, max_size=3).map(lambda k: ("n", *k)),
+    max_leaves=15,
+)
 
 
 def preorder(node: Any) -> list[Any]:
@@ -65,7 +68,8 @@ def test_left_right_carry_edits() -> None:
     loc = z.right(z.replace(loc, 10))
     loc = z.right(z.edit(loc, lambda n: n + 1))
     assert z.left(z.left(loc)).node == 10
-    assert z.right(loc) is None and z.left(z.down(z.zipper(tree, TUPLES))) is None
+    assert z.right(loc) is None
+    assert z.left(z.down(z.zipper(tree, TUPLES))) is None
     assert z.root(loc) == ("n", 10, 3, 3)
     assert z.path_indices(loc) == (2,)
 
@@ -78,5 +82,6 @@ def test_job_tree_zipper_keeps_summaries() -> None:
     from ablauf_lang.nodes import LeafState
 
     root = z.root(z.edit(loc, lambda leaf: replace(leaf, result=LeafState.FAILURE)))
-    assert root.children[0].n_failed == 1 and root.n_failed == 1
+    assert root.children[0].n_failed == 1
+    assert root.n_failed == 1
     assert job.root.n_failed == 0

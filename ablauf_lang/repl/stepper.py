@@ -114,7 +114,7 @@ class Stepper:
         now = time.time()
         result = (Result(node_id, leaf.attempt, LeafState.SUCCESS, value, None, now, now) if ok
                   else Result(node_id, leaf.attempt, LeafState.FAILURE, None, value, now, now))
-        queued = tuple(r for r in self.current.queued if r.id != node_id) + (result,)
+        queued = (*(r for r in self.current.queued if r.id != node_id), result)
         self.current = replace(self.current, queued=queued)
         return result
 

@@ -48,8 +48,12 @@ def _finish(dispatch: Dispatch, output: Any, started: float, durable: bool) -> R
         try:
             serde.encode_value(output)
         except AblaufError as exc:
-            return failure(dispatch, f"output of {dispatch.action} cannot be stored: "
-                           f"{exc.message}", started_at=started, finished_at=time.time())
+            return failure(
+                dispatch,
+                f"output of {dispatch.action} cannot be stored: {exc.message}",
+                started_at=started,
+                finished_at=time.time(),
+            )
     return success(dispatch, output, started_at=started, finished_at=time.time())
 
 
@@ -59,8 +63,12 @@ def _failed(dispatch: Dispatch, exc: BaseException, started: float) -> Result:
 
 def _unknown(dispatch: Dispatch) -> Result:
     now = time.time()
-    return failure(dispatch, f"unknown action {dispatch.action!r}: no action of that name is "
-                   "registered", started_at=now, finished_at=now)
+    return failure(
+        dispatch,
+        f"unknown action {dispatch.action!r}: no action of that name is registered",
+        started_at=now,
+        finished_at=now,
+    )
 
 
 def perform_sync(dispatch: Dispatch, fn: Action | None, durable: bool) -> Result:
@@ -128,8 +136,12 @@ class LocalRunner:
         tasks: dict[asyncio.Task[Result], int] = {}
         try:
             while True:
-                if (self.inline and len(dispatches) == 1 and not tasks
-                        and not inspect.iscoroutinefunction(actions.get(dispatches[0].action))):
+                if (
+                    self.inline
+                    and len(dispatches) == 1
+                    and not tasks
+                    and not inspect.iscoroutinefunction(actions.get(dispatches[0].action))
+                ):
                     # Nothing could overlap this action: call it directly.
                     d = dispatches[0]
                     result = perform_sync(d, actions.get(d.action), self.durable)
@@ -140,8 +152,9 @@ class LocalRunner:
                     tasks[task] = d.id
                 if not tasks:
                     if not job.done:
-                        raise InternalError(f"job stuck: not done, nothing in flight "
-                                            f"(status {job.status})")
+                        raise InternalError(
+                            f"job stuck: not done, nothing in flight (status {job.status})"
+                        )
                     return job
                 finished, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                 results = []

@@ -10,7 +10,7 @@ from typing import Any
 log = logging.getLogger("ablauf.action")
 
 
-class ActionFailed(Exception):  # noqa: N818 - an action's own failure, not a bug
+class ActionFailed(Exception):
     """Raised by an action to fail its leaf with `error` exactly (any data, not a message)."""
 
     def __init__(self, error: Any) -> None:

@@ -1,0 +1,225 @@
+"""The stepping REPL: a prompt-toolkit session around a `Stepper`.
+
+    ablauf> (dopar!! (log!! "a") (log!! "b"))
+    ablauf> :step
+
+Input is highlighted by the project's Pygments lexer; Tab completes forms, commands and
+action names; Enter submits once the brackets balance; history persists across sessions.
+The loop never dies: an error while reading or running is printed and the loop goes on.
+Ctrl-C clears the line, Ctrl-D (or `:quit`) leaves, F5 is `:step`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from prompt_toolkit import PromptSession
+from prompt_toolkit.application import run_in_terminal
+from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
+from prompt_toolkit.filters import Condition
+from prompt_toolkit.formatted_text import StyleAndTextTuples
+from prompt_toolkit.history import FileHistory, History, InMemoryHistory
+from prompt_toolkit.input import Input
+from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+from prompt_toolkit.lexers import PygmentsLexer
+from prompt_toolkit.output import Output
+from prompt_toolkit.styles import Style
+from rich.console import Console
+from rich.text import Text
+
+from ablauf_lang.errors import AblaufError
+from ablauf_lang.highlight import AblaufLexer
+from ablauf_lang.job import Job
+from ablauf_lang.render import LeafCounts, job_tree, leaf_counts
+from ablauf_lang.repl.commands import COMMANDS, QuitRepl, find_command
+from ablauf_lang.repl.completer import AblaufCompleter
+from ablauf_lang.repl.stepper import Stepper
+from ablauf_lang.repl.validator import AblaufValidator, is_command, is_incomplete
+
+__all__ = ["PROMPT", "Repl", "history_path"]
+
+PROMPT = "ablauf> "
+CONTINUATION = "   ...> "
+REPL_NAME = "<repl>"
+
+_STYLE = Style.from_dict({
+    "bottom-toolbar": "noreverse bg:#303030 #d0d0d0",
+    "bottom-toolbar.status-pending": "#ffd75f bold",
+    "bottom-toolbar.status-success": "#87ff87 bold",
+    "bottom-toolbar.status-failure": "#ff5f5f bold",
+    "bottom-toolbar.dim": "#8a8a8a",
+    "bottom-toolbar.mode": "#87d7ff",
+    "prompt": "#87d7ff bold",
+    "continuation": "#6c6c6c",
+})
+
+
+def history_path() -> str:
+    """Where the REPL keeps its history: the user's state directory (XDG)."""
+    from platformdirs import user_state_dir
+
+    return os.path.join(user_state_dir("ablauf", appauthor=False), "repl_history")
+
+
+def _default_history() -> History:
+    path = history_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError:
+        return InMemoryHistory()  # a read-only home: history for this session only
+    return FileHistory(path)
+
+
+class Repl:
+    """The REPL: reads input, runs commands and forms, prints through `console`."""
+
+    def __init__(
+        self,
+        actions: Mapping[str, Callable[..., Any]] | None = None,
+        *,
+        context: dict[str, Any] | None = None,
+        console: Console | None = None,
+        input: Input | None = None,
+        output: Output | None = None,
+        history: History | None = None,
+    ) -> None:
+        self.stepper = Stepper(actions)
+        self.context = dict(context or {})
+        self.console = console or Console(highlight=False)
+        self.env: Any = None  # compile-time definitions kept across inputs
+        self._counts: tuple[Job | None, LeafCounts] = (None, LeafCounts())
+        self.session: PromptSession[str] = PromptSession(
+            message=[("class:prompt", PROMPT)],
+            lexer=PygmentsLexer(AblaufLexer),
+            completer=AblaufCompleter(self._command_names, self._action_names, self._waiting),
+            complete_while_typing=False,
+            validator=AblaufValidator(frozenset(COMMANDS)),
+            validate_while_typing=False,
+            history=history if history is not None else _default_history(),
+            auto_suggest=AutoSuggestFromHistory(),
+            multiline=Condition(lambda: is_incomplete(self.session.default_buffer.text)),
+            prompt_continuation=lambda width, line, wrap: [("class:continuation",
+                                                            CONTINUATION.rjust(width))],
+            bottom_toolbar=self.toolbar,
+            key_bindings=self._key_bindings(),
+            style=_STYLE,
+            input=input,
+            output=output,
+        )
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        """Read and handle input until Ctrl-D or `:quit`."""
+        self.console.print(Text("ablauf REPL: enter a workflow form, :help for commands, "
+                                "Ctrl-D to leave", style="dim"))
+        while True:
+            try:
+                text = self.session.prompt()
+            except KeyboardInterrupt:
+                continue  # Ctrl-C clears the line
+            except EOFError:
+                break
+            try:
+                self.handle(text)
+            except QuitRepl:
+                break
+
+    def handle(self, text: str) -> None:
+        """Run one input: a command or a form. Errors are printed; QuitRepl leaves."""
+        if not text.strip():
+            return
+        try:
+            if is_command(text):
+                name, _, arg = text.strip().partition(" ")
+                find_command(name).fn(self, arg)
+            else:
+                job = self.compile(text, REPL_NAME)
+                if job is not None:
+                    self.stepper.start(job, REPL_NAME)
+                    self.console.print(job_tree(job))
+        except QuitRepl:
+            raise
+        except AblaufError as exc:
+            located = exc.filename is not None or exc.line is not None
+            self.console.print(Text(str(exc) if located else f"error: {exc.message}",
+                                    style="red"))
+        except KeyboardInterrupt:
+            self.console.print(Text("interrupted", style="yellow"))
+        except Exception as exc:  # a bug must not end the session
+            self.console.print(Text(f"internal error: {type(exc).__name__}: {exc} "
+                                    "(please report it)", style="bold red"))
+
+    def compile(self, text: str, name: str) -> Job | None:
+        """Compile input into a new job; None when it only held definitions."""
+        from ablauf_lang.compiler import TOP_LEVEL_RULES, Compiler, Env, head_name
+        from ablauf_lang.job import make_job
+        from ablauf_lang.reader import read
+
+        if self.env is None:
+            self.env = Env()
+        forms = read(text, name)
+        compiler = Compiler(text, name, env=self.env)
+        if forms and all(head_name(f) in TOP_LEVEL_RULES for f in forms):
+            for form in forms:
+                TOP_LEVEL_RULES[str(head_name(form))](compiler, form, self.env)
+            self.console.print(Text("ok", style="dim"))
+            return None
+        return make_job(compiler.program(forms), self.context)
+
+    # ------------------------------------------------------------ toolbar
+
+    def toolbar(self) -> StyleAndTextTuples:
+        """The bottom toolbar: job status, restarts, leaf counts, mode."""
+        job = self.stepper.job
+        mode = "manual" if self.stepper.manual else "auto"
+        if job is None:
+            return [("class:bottom-toolbar.dim", " no job: enter a workflow form or :load FILE"),
+                    ("class:bottom-toolbar.dim", "  · "),
+                    ("class:bottom-toolbar.mode", mode),
+                    ("class:bottom-toolbar.dim", "  · :help ")]
+        if self._counts[0] is not job:
+            self._counts = (job, leaf_counts(job))
+        counts = self._counts[1]
+        status = str(job.status)
+        parts: StyleAndTextTuples = [
+            ("class:bottom-toolbar", " job "),
+            (f"class:bottom-toolbar.status-{status}", status),
+            ("class:bottom-toolbar.dim", f"  restarts {job.restarts}  · "),
+            ("class:bottom-toolbar", f"pending {counts.pending}  done {counts.done}  "),
+            ("class:bottom-toolbar.status-failure" if counts.failed else "class:bottom-toolbar",
+             f"failed {counts.failed}"),
+            ("class:bottom-toolbar.dim", f"  of {counts.total} leaves  · "),
+            ("class:bottom-toolbar.mode", mode),
+        ]
+        queued = len(self.stepper.current.queued)
+        if queued:
+            parts.append(("class:bottom-toolbar.dim", f"  · {queued} result(s) queued"))
+        parts.append(("class:bottom-toolbar.dim", "  · F5 :step "))
+        return parts
+
+    # ------------------------------------------------------------ helpers
+
+    def _key_bindings(self) -> KeyBindings:
+        kb = KeyBindings()
+
+        @kb.add("f5")
+        def _step(event: KeyPressEvent) -> None:
+            """F5: `:step`, printed above the prompt; the typed text stays."""
+            run_in_terminal(lambda: self.handle(":step"), in_executor=True)
+
+        return kb
+
+    @staticmethod
+    def _command_names() -> list[tuple[str, str]]:
+        return [(c.name, c.help) for c in COMMANDS.values()]
+
+    def _action_names(self) -> list[str]:
+        return list(self.stepper.actions)
+
+    def _waiting(self) -> list[tuple[int, str]]:
+        return [(leaf.id, leaf.action) for leaf in self.stepper.waiting()]

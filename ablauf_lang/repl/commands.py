@@ -1,0 +1,314 @@
+"""The REPL's commands (`:step`, `:run`, `:tree` ...): one function each, in a table.
+
+Each command takes the REPL and the text after its name, prints through the REPL's
+console, and raises `AblaufError` for anything the user should fix (the loop prints it).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from rich.text import Text
+
+from ablauf_lang.errors import AblaufError
+from ablauf_lang.render import (
+    changed_ids,
+    dispatch_text,
+    format_value,
+    job_tree,
+    status_text,
+)
+from ablauf_lang.repl.stepper import ReplError, StepReport
+
+if TYPE_CHECKING:
+    from ablauf_lang.repl.app import Repl
+
+__all__ = ["COMMANDS", "Command", "QuitRepl", "find_command", "parse_value"]
+
+
+class QuitRepl(Exception):
+    """Raised by `:quit` to leave the loop."""
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A REPL command: its name, argument synopsis, one-line help and function."""
+
+    name: str
+    args: str
+    help: str
+    fn: Callable[[Repl, str], None]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, args: str, help_text: str) -> Callable[[Callable[[Repl, str], None]],
+                                                               Callable[[Repl, str], None]]:
+    """Register the decorated function as the command `name`."""
+
+    def register(fn: Callable[[Repl, str], None]) -> Callable[[Repl, str], None]:
+        COMMANDS[name] = Command(name, args, help_text, fn)
+        return fn
+
+    return register
+
+
+def find_command(name: str) -> Command:
+    """The command called `name`; ReplError naming close ones when there is none."""
+    found = COMMANDS.get(name)
+    if found is not None:
+        return found
+    close = difflib.get_close_matches(name, list(COMMANDS), n=2, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else "; :help lists them"
+    raise ReplError(f"unknown command {name}{hint}")
+
+
+# ---------------------------------------------------------------- printing
+
+
+def _result_line(result: Any, action: str | None, how: str) -> Text:
+    ok = result.ok
+    text = Text("  ")
+    text.append(f"{result.state:<9}", style="green" if ok else "bold red")
+    text.append(f"#{result.id} ", style="bold")
+    if action:
+        text.append(action, style="bold")
+    value = result.output if ok else result.error
+    text.append(" → " + format_value(value, 70), style="green" if ok else "red")
+    if how:
+        text.append(f"  ({how})", style="dim")
+    return text
+
+
+def print_report(repl: Repl, report: StepReport, *, tree: bool = True,
+                 finished: bool = True) -> None:
+    """Print what a step performed, its results, what it dispatched, and the tree."""
+    out = repl.console
+    before = report.before
+    for result in report.fed:
+        out.print(_result_line(result, _action_of(before, result.id), "by hand"))
+    for dispatch, result in report.performed:
+        out.print(_result_line(result, dispatch.action, ""))
+    for dispatch in report.dispatched:
+        line = Text("  ")
+        line.append(f"{'dispatch':<9}", style="yellow")
+        line.append_text(dispatch_text(dispatch, 70))
+        out.print(line)
+    if not (report.fed or report.performed or report.dispatched):
+        out.print(Text("  nothing changed", style="dim"))
+    if tree:
+        out.print(job_tree(report.after, changed=changed_ids(before, report.after)))
+    if finished:
+        _print_finished(repl, report)
+
+
+def _print_finished(repl: Repl, report: StepReport) -> None:
+    after = report.after
+    if after.done:
+        repl.console.print(Text("job finished: ") + status_text(after.status))
+    elif repl.stepper.manual and report.dispatched:
+        ids = " ".join(f"#{d.id}" for d in report.dispatched)
+        repl.console.print(Text(f"manual mode: feed results for {ids} with :ok ID VALUE "
+                                "or :fail ID ERROR, then :step", style="dim"))
+
+
+def _action_of(job: Any, node_id: int) -> str | None:
+    try:
+        return str(job.node(node_id).action)
+    except AblaufError:
+        return None
+
+
+def parse_value(text: str, default: Any) -> Any:
+    """A value typed after `:ok ID` / `:fail ID`: one ablauf form as data, else the text."""
+    from ablauf_lang.forms import to_data
+    from ablauf_lang.reader import read
+
+    text = text.strip()
+    if not text:
+        return default
+    try:
+        forms = read(text, "<value>")
+    except AblaufError:
+        return text
+    return to_data(forms[0]) if len(forms) == 1 else text
+
+
+def _node_id(text: str, usage: str) -> tuple[int, str]:
+    head, _, rest = text.strip().partition(" ")
+    head = head.lstrip("#")
+    if not head:
+        raise ReplError(f"usage: {usage}")
+    try:
+        return int(head), rest
+    except ValueError:
+        raise ReplError(f"{head!r} is not a node id (a number, as in :tree); "
+                        f"usage: {usage}") from None
+
+
+# ---------------------------------------------------------------- commands
+
+
+@command(":step", "", "one restart: perform the dispatches, apply results, show what changed")
+def _step(repl: Repl, arg: str) -> None:
+    print_report(repl, repl.stepper.step())
+
+
+@command(":run", "", "restart until the job is done (in manual mode: until it waits for you)")
+def _run(repl: Repl, arg: str) -> None:
+    start = repl.stepper.require_job()
+    reports = repl.stepper.run(lambda r: print_report(repl, r, tree=False, finished=False))
+    after = repl.stepper.require_job()
+    repl.console.print(job_tree(after, changed=changed_ids(start, after)))
+    if after.done:
+        repl.console.print(Text(f"job finished after {len(reports)} steps: ")
+                           + status_text(after.status))
+    else:
+        waiting = " ".join(f"#{leaf.id}" for leaf in repl.stepper.waiting())
+        repl.console.print(Text(f"stopped after {len(reports)} steps: waiting for results of "
+                                f"{waiting} (manual mode: :ok / :fail them)", style="dim"))
+
+
+@command(":tree", "", "the job tree with ids and each node's status")
+def _tree(repl: Repl, arg: str) -> None:
+    repl.console.print(job_tree(repl.stepper.require_job()))
+    waiting = repl.stepper.waiting()
+    if waiting:
+        ids = " ".join(f"#{leaf.id}" for leaf in waiting)
+        repl.console.print(Text(f"waiting for results of {ids}", style="dim"))
+
+
+@command(":ctx", "", "the context")
+def _ctx(repl: Repl, arg: str) -> None:
+    context = repl.stepper.require_job().context
+    if not context:
+        repl.console.print(Text("{}  (empty context)", style="dim"))
+        return
+    for key, value in context.items():
+        line = Text(format_value({key: value}, 0)[1:-1])
+        repl.console.print(line)
+
+
+@command(":ok", "ID [VALUE]", "feed a success (output VALUE, default nil) for a pending action")
+def _ok(repl: Repl, arg: str) -> None:
+    node_id, rest = _node_id(arg, ":ok ID [VALUE]")
+    result = repl.stepper.feed(node_id, True, parse_value(rest, None))
+    repl.console.print(Text(f"queued success for #{node_id} → {format_value(result.output)}; "
+                            ":step applies it", style="green"))
+
+
+@command(":fail", "ID [ERROR]", "feed a failure (error ERROR) for a pending action")
+def _fail(repl: Repl, arg: str) -> None:
+    node_id, rest = _node_id(arg, ":fail ID [ERROR]")
+    result = repl.stepper.feed(node_id, False, parse_value(rest, "failed by hand"))
+    repl.console.print(Text(f"queued failure for #{node_id} → {format_value(result.error)}; "
+                            ":step applies it", style="red"))
+
+
+@command(":manual", "", "manual mode: :step only dispatches; results come from :ok / :fail")
+def _manual(repl: Repl, arg: str) -> None:
+    repl.stepper.manual = True
+    repl.console.print("manual mode: :step applies the results you feed with :ok / :fail")
+
+
+@command(":auto", "", "auto mode: :step performs the dispatched actions")
+def _auto(repl: Repl, arg: str) -> None:
+    repl.stepper.manual = False
+    repl.console.print("auto mode: :step performs the dispatched actions")
+
+
+@command(":back", "", "undo the last restart (or load)")
+def _back(repl: Repl, arg: str) -> None:
+    snap = repl.stepper.back()
+    if snap.job is None:
+        repl.console.print(Text("back to the start: no job", style="dim"))
+        return
+    repl.console.print(Text(f"back to restart {snap.job.restarts}", style="dim"))
+    repl.console.print(job_tree(snap.job))
+
+
+@command(":load", "FILE", "load a program (.abl) or a job snapshot (saved by :save)")
+def _load(repl: Repl, arg: str) -> None:
+    path = os.path.expanduser(arg.strip())
+    if not path:
+        raise ReplError("usage: :load FILE")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ReplError(f"cannot read {path}: {reason}") from None
+    snapshot = _as_snapshot(text)
+    if snapshot is not None:
+        from ablauf_lang.job import Job
+
+        job = Job.from_json(text)
+        repl.stepper.start(job, path)
+        repl.console.print(Text(f"loaded job snapshot {path} (restart {job.restarts})",
+                                style="dim"))
+    else:
+        job = repl.compile(text, path)
+        if job is None:
+            return
+        repl.stepper.start(job, path)
+        repl.console.print(Text(f"loaded {path}", style="dim"))
+    repl.console.print(job_tree(job))
+
+
+def _as_snapshot(text: str) -> dict[str, Any] | None:
+    if not text.lstrip().startswith("{"):
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) and "nodes" in data else None
+
+
+@command(":save", "FILE", "save the current job as a JSON snapshot (:load reads it back)")
+def _save(repl: Repl, arg: str) -> None:
+    path = os.path.expanduser(arg.strip())
+    if not path:
+        raise ReplError("usage: :save FILE")
+    text = repl.stepper.require_job().to_json()
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as exc:
+        raise ReplError(f"cannot write {path}: {exc.strerror}") from None
+    repl.console.print(Text(f"saved job to {path}", style="dim"))
+
+
+@command(":actions", "", "the registered actions")
+def _actions(repl: Repl, arg: str) -> None:
+    for name in sorted(repl.stepper.actions):
+        repl.console.print(":" + name)
+
+
+@command(":help", "[COMMAND]", "this help")
+def _help(repl: Repl, arg: str) -> None:
+    wanted = arg.strip()
+    if wanted:
+        cmd = find_command(wanted if wanted.startswith(":") else ":" + wanted)
+        repl.console.print(Text(f"{cmd.name} {cmd.args}".strip(), style="bold") +
+                           Text(f"  {cmd.help}"))
+        return
+    repl.console.print("Enter a workflow form to make it the current job, e.g. "
+                       '(dopar!! (log!! "a") (log!! "b")). Commands:')
+    for cmd in COMMANDS.values():
+        line = Text(f"  {(cmd.name + ' ' + cmd.args).strip():<18}", style="bold")
+        line.append(cmd.help)
+        repl.console.print(line)
+    repl.console.print(Text("Keys: F5 = :step, Tab completes, Ctrl-C clears the line, "
+                            "Ctrl-D or :quit leaves.", style="dim"))
+
+
+@command(":quit", "", "leave the REPL")
+def _quit(repl: Repl, arg: str) -> None:
+    raise QuitRepl

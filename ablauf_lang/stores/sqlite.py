@@ -1,0 +1,284 @@
+"""The SQLite store, the embedded default: `sqlite:///relative/path`, `sqlite:////abs/path`.
+
+One file holds every run (tables in `sqlbase`). The file is opened in WAL mode with a busy
+timeout, so several processes can use it at once: readers never wait, writers take turns.
+Every `record` is one `BEGIN IMMEDIATE ... COMMIT` transaction writing only what changed.
+
+URL options (SQLAlchemy-style URL, query string):
+
+    synchronous=normal   default: a commit survives the process being killed; a power
+                         loss may lose the last commits, never corrupt the file
+    synchronous=full     also survives a power loss (an fsync per commit)
+    timeout=10           seconds a writer waits for another process's transaction
+
+The file carries an application id and a schema version (`PRAGMA application_id`,
+`PRAGMA user_version`): a file of another application, a newer schema or a damaged file is
+refused with a StoreError saying which.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+from ablauf_lang.errors import StoreError
+from ablauf_lang.stores.sqlbase import SCHEMA_VERSION, SqlStore
+
+APPLICATION_ID = 0x41626C66  # "Ablf" in the file header: this file is an ablauf store
+SYNCHRONOUS = ("off", "normal", "full", "extra")
+MEMORY = ":memory:"
+
+SCHEMA = """
+CREATE TABLE runs (
+    id INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    restarts INTEGER NOT NULL,
+    aborted TEXT,
+    todo TEXT NOT NULL,
+    touched TEXT NOT NULL,
+    n_nodes INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    source TEXT,
+    filename TEXT,
+    initial_context TEXT NOT NULL,
+    format INTEGER NOT NULL,
+    error TEXT
+);
+CREATE INDEX runs_by_created ON runs (created);
+CREATE TABLE nodes (
+    run INTEGER NOT NULL,
+    node INTEGER NOT NULL,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    children TEXT,
+    PRIMARY KEY (run, node)
+);
+CREATE TABLE context (
+    run INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    pos INTEGER NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (run, key)
+);
+"""
+
+
+def parse_url(url: str) -> tuple[str, dict[str, str]]:
+    """Split `sqlite:///path?opt=value` into the file path and its options."""
+    scheme, sep, rest = url.partition(":")
+    if scheme.lower() != "sqlite" or not sep or not rest.startswith("//"):
+        raise StoreError(
+            f"bad SQLite store URL {url!r}: use sqlite:///relative/path or sqlite:////absolute/path"
+        )
+    location, _, query = rest[2:].partition("?")
+    if location and not location.startswith("/"):
+        raise StoreError(
+            f"bad SQLite store URL {url!r}: a SQLite URL names no host; use "
+            "sqlite:///relative/path or sqlite:////absolute/path"
+        )
+    path = unquote(location[1:]) or MEMORY
+    try:
+        options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
+    except ValueError:
+        raise StoreError(f"bad options in SQLite store URL {url!r}") from None
+    return (path if path == MEMORY else os.path.expanduser(path)), options
+
+
+class SqliteStore(SqlStore):
+    """Runs in one SQLite file (WAL, busy timeout); see the module docstring."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        synchronous: str = "normal",
+        timeout: float = 10.0,
+        url: str | None = None,
+    ) -> None:
+        super().__init__()
+        synchronous = synchronous.lower()
+        if synchronous not in SYNCHRONOUS:
+            raise StoreError(
+                f"synchronous must be one of {', '.join(SYNCHRONOUS)}, not {synchronous!r}"
+            )
+        self.path = path
+        self.synchronous = synchronous
+        self.timeout = float(timeout)
+        self.url = url or ("sqlite://" if path == MEMORY else f"sqlite:///{path}")
+        self._lock = threading.RLock()
+        self._conn = self._open()
+
+    @classmethod
+    def from_url(cls, url: str) -> SqliteStore:
+        """Open the store a `sqlite:` URL names (see the module docstring for options)."""
+        path, options = parse_url(url)
+        unknown = set(options) - {"synchronous", "timeout"}
+        if unknown:
+            raise StoreError(
+                f"unknown option {sorted(unknown)[0]!r} in {url!r}: "
+                "known are synchronous and timeout"
+            )
+        try:
+            timeout = float(options.get("timeout", 10.0))
+        except ValueError:
+            raise StoreError(f"timeout must be a number of seconds in {url!r}") from None
+        return cls(path, synchronous=options.get("synchronous", "normal"), timeout=timeout, url=url)
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({self.url!r})"
+
+    def __enter__(self) -> SqliteStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -------------------------------------------------- opening
+
+    def _open(self) -> sqlite3.Connection:
+        where = self.path
+        if where != MEMORY:
+            parent = os.path.dirname(os.path.abspath(where))
+            try:
+                os.makedirs(parent, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot create the directory of store {where}: {exc.strerror}"
+                ) from None
+        try:
+            conn = sqlite3.connect(
+                where, timeout=self.timeout, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open store {where}: {exc}") from None
+        try:
+            self._prepare(conn)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise self._error(exc) from None
+        except StoreError:
+            conn.close()
+            raise
+        return conn
+
+    def _header(self, conn: sqlite3.Connection) -> tuple[int, int]:
+        app = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        return app, version
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        """Check the file is an ablauf store this code can read; create it when empty."""
+        app, version = self._header(conn)
+        self._check(app, version)
+        if self.path != MEMORY:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(
+                    f"store {self.path} cannot use write-ahead logging "
+                    f"(journal mode stays {mode}); is it on a network drive?"
+                )
+        conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+        if app == 0:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                app, version = self._header(conn)  # another process may have just made it
+                if app == 0:
+                    tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+                    if tables:
+                        raise StoreError(
+                            f"{self.path} is a SQLite database of something "
+                            "else, not an ablauf store"
+                        )
+                    # Statement by statement: executescript would commit this transaction.
+                    for statement in SCHEMA.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            self._check(*self._header(conn))
+
+    def _check(self, app: int, version: int) -> None:
+        if app not in (0, APPLICATION_ID):
+            raise StoreError(
+                f"{self.path} is a SQLite database of another application "
+                f"(application id {app:#x}), not an ablauf store"
+            )
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"store {self.path} has schema version {version}, newer than "
+                f"this ablauf_lang reads ({SCHEMA_VERSION}): upgrade ablauf_lang"
+            )
+        if app == APPLICATION_ID and version < 1:
+            raise StoreError(f"store {self.path} is damaged: it has no schema version")
+
+    def _error(self, exc: sqlite3.Error) -> StoreError:
+        """One line saying what went wrong with the file (never a driver traceback)."""
+        text = str(exc)
+        low = text.lower()
+        if "locked" in low or "busy" in low:
+            return StoreError(
+                f"store {self.path} is busy: another process held it longer "
+                f"than {self.timeout:g} s ({text}); add ?timeout=SECONDS to wait "
+                "longer"
+            )
+        if "not a database" in low or "malformed" in low or "corrupt" in low:
+            return StoreError(f"store {self.path} is damaged or not a SQLite database ({text})")
+        if "no such table" in low or "no such column" in low:
+            return StoreError(f"store {self.path} is damaged: its tables are not ablauf's ({text})")
+        return StoreError(f"store {self.path}: {text}")
+
+    # -------------------------------------------------- transactions
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Cursor]:
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn.cursor()
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise self._error(exc) from None
+            self.commits += 1
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Cursor]:
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN")  # one snapshot for every SELECT of the operation
+                try:
+                    yield conn.cursor()
+                finally:
+                    if conn.in_transaction:
+                        conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise self._error(exc) from None
+
+    def _insert_run(self, cur: Any, columns: Sequence[str], values: Sequence[Any]) -> int:
+        marks = ", ".join("?" for _ in columns)
+        cur.execute(f"INSERT INTO runs ({', '.join(columns)}) VALUES ({marks})", values)
+        return int(cur.lastrowid)
+
+    def close(self) -> None:
+        """Close the connection (the file and its WAL stay consistent)."""
+        with self._lock:
+            self._conn.close()

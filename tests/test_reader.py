@@ -1,0 +1,359 @@
+"""Reader: source text -> forms, positions, and named syntax errors."""
+
+from __future__ import annotations
+
+import gc
+import importlib.resources
+from typing import Any
+
+import pytest
+from lark import Lark
+
+from ablauf_lang.errors import AblaufSyntaxError, Span
+from ablauf_lang.forms import Keyword, List, Map, Symbol, Vector
+from ablauf_lang.reader import Forms, parser, read, read_one
+from tests.strategies import same_form
+
+K = Keyword
+S = Symbol
+
+
+def L(*items: Any) -> List:
+    return List(items)
+
+
+def V(*items: Any) -> Vector:
+    return Vector(items)
+
+
+def M(*flat: Any) -> Map:
+    return Map(tuple(zip(flat[::2], flat[1::2], strict=True)))
+
+
+# ---------------------------------------------------------------------------------------
+# The grammar
+
+
+def test_grammar_ships_as_package_data() -> None:
+    text = importlib.resources.files("ablauf_lang.grammar").joinpath("ablauf.lark").read_text()
+    assert text.startswith("//")
+    assert "start:" in text
+    assert "%ignore COMMENT" in text
+
+
+def test_grammar_has_no_conflicts_or_terminal_collisions() -> None:
+    pytest.importorskip("interegular")
+    # strict: LALR conflicts and regex collisions between terminals are errors.
+    strict = Lark.open_from_package(
+        "ablauf_lang.grammar", "ablauf.lark", parser="lalr", lexer="contextual", strict=True
+    )
+    assert strict.parse("(do!! -1 - -x)") is not None
+
+
+def test_parser_is_built_once() -> None:
+    assert parser() is parser()
+    assert parser().options.parser == "lalr"
+    assert parser().options.lexer == "contextual"
+
+
+EDGE_TOKENS = [
+    ("-", "SYMBOL", S("-")),
+    ("-1", "INT", -1),
+    ("+1", "INT", 1),
+    ("-x", "SYMBOL", S("-x")),
+    ("+", "SYMBOL", S("+")),
+    ("1.5", "FLOAT", 1.5),
+    ("-1.5", "FLOAT", -1.5),
+    ("1e3", "FLOAT", 1000.0),
+    ("a1", "SYMBOL", S("a1")),
+    ("do!!", "SYMBOL", S("do!!")),
+    (":ns/name", "KEYWORD", K("ns/name")),
+    ("ns/name", "SYMBOL", S("ns/name")),
+    ("nil-safe", "SYMBOL", S("nil-safe")),
+    ("nil", "SYMBOL", None),
+    ("#_", "_DISCARD", None),
+]
+
+
+@pytest.mark.parametrize(("source", "token_type", "form"), EDGE_TOKENS)
+def test_edge_tokens(source: str, token_type: str, form: Any) -> None:
+    tokens = list(parser().lex(source))
+    assert [t.type for t in tokens] == [token_type]
+    assert str(tokens[0]) == source
+    if token_type != "_DISCARD":
+        assert same_form(read_one(source), form)
+
+
+# ---------------------------------------------------------------------------------------
+# Forms
+
+READS = [
+    # constants and symbols
+    ("nil", None),
+    ("true", True),
+    ("false", False),
+    ("nil-safe", S("nil-safe")),
+    ("true?", S("true?")),
+    ("identity", S("identity")),
+    ("my-fn", S("my-fn")),
+    ("contains?", S("contains?")),
+    ("<=", S("<=")),
+    ("/", S("/")),
+    ("&", S("&")),
+    ("a.b", S("a.b")),
+    ("x'", S("x'")),
+    ("ñandú", S("ñandú")),
+    # numbers
+    ("0", 0),
+    ("42", 42),
+    ("-7", -7),
+    ("007", 7),
+    ("123456789012345678901234567890", 123456789012345678901234567890),
+    ("0.5", 0.5),
+    ("-0.0", -0.0),
+    ("1.5e10", 1.5e10),
+    ("2E-3", 0.002),
+    ("1e+16", 1e16),
+    # keywords
+    (":name", K("name")),
+    (":ns/name", K("ns/name")),
+    (":idempotent?", K("idempotent?")),
+    (":1", K("1")),
+    # strings
+    ('""', ""),
+    ('"hello"', "hello"),
+    ('"a,b;c"', "a,b;c"),
+    ('"say \\"hi\\""', 'say "hi"'),
+    ('"back\\\\slash"', "back\\slash"),
+    ('"a\\nb\\tc\\rd"', "a\nb\tc\rd"),
+    ('"\\u00e9\\u00E9"', "éé"),
+    ('"\\ud83d"', "\ud83d"),
+    ('"two\nlines"', "two\nlines"),
+    ('"#_ (not a form)"', "#_ (not a form)"),
+    # containers
+    ("()", L()),
+    ("[]", V()),
+    ("{}", M()),
+    ("(do!! (log!! :a))", L(S("do!!"), L(S("log!!"), K("a")))),
+    ("[1 [2 [3]]]", V(1, V(2, V(3)))),
+    ("{:a 1 :b [nil]}", M(K("a"), 1, K("b"), V(None))),
+    ('{[1 2] "v" nil true}', M(V(1, 2), "v", None, True)),
+    # commas and whitespace separate
+    ("[1,2,,3]", V(1, 2, 3)),
+    ("[1 , 2]", V(1, 2)),
+    ("{:a 1, :b 2}", M(K("a"), 1, K("b"), 2)),
+    ("(\n\t a\r\n b )", L(S("a"), S("b"))),
+    # forms end at delimiters
+    ('[a"b"]', V(S("a"), "b")),
+    ("[a(b)]", V(S("a"), L(S("b")))),
+    # comments
+    ("; comment\n42 ; trailing", 42),
+    ("[1 ; two\n 3]", V(1, 3)),
+    ('[";" 1]', V(";", 1)),
+    # discard
+    ("[1 #_ 2 3]", V(1, 3)),
+    ("[1 #_2 3]", V(1, 3)),
+    ("[#_ (a b [c]) 1]", V(1)),
+    ("[#_ #_ 1 2 3]", V(3)),
+    ("[#_ [#_ 1 2] 3]", V(3)),
+    ("{:a #_ :b 1}", M(K("a"), 1)),
+    ("#_ 1 2", 2),
+    ("[1 #_ 2]", V(1)),
+    ("(#_ ;comment\n x y)", L(S("y"))),
+]
+
+
+@pytest.mark.parametrize(("source", "expected"), READS)
+def test_read_one(source: str, expected: Any) -> None:
+    assert same_form(read_one(source), expected)
+
+
+def test_read_returns_every_top_level_form() -> None:
+    forms = read("1 :a\n(b) ; done\n")
+    assert isinstance(forms, tuple)
+    assert isinstance(forms, Forms)
+    assert [same_form(f, e) for f, e in zip(forms, [1, K("a"), L(S("b"))], strict=True)]
+    assert read("") == ()
+    assert read("  ; only a comment\n , ") == ()
+    assert read("#_ 1") == ()
+
+
+def test_keywords_are_strings_without_the_colon() -> None:
+    kw = read_one(":sentry/dsn")
+    assert isinstance(kw, Keyword)
+    assert isinstance(kw, str)
+    assert kw == "sentry/dsn"
+
+
+# ---------------------------------------------------------------------------------------
+# Positions
+
+
+def test_spans_of_containers_and_items() -> None:
+    source = '(do!!\n  (log!! "x")\n  [1 :k sym])'
+    form = read_one(source, "w.abl")
+    assert form.span == Span(1, 1, 3, 14, "w.abl")
+    log = form.items[1]
+    assert (log.span.line, log.span.column) == (2, 3)
+    assert (log.span.end_line, log.span.end_column) == (2, 14)
+    assert log.span.filename == "w.abl"
+    vec = form.items[2]
+    # Scalars carry no span themselves; their container knows where each item is.
+    assert [(s.line, s.column) for s in vec.item_spans] == [(3, 4), (3, 6), (3, 9)]
+    assert (vec.items[1].span.line, vec.items[1].span.column) == (3, 6)
+    assert (vec.items[2].span.line, vec.items[2].span.column) == (3, 9)
+    assert [(s.line, s.column) for s in log.item_spans] == [(2, 4), (2, 10)]
+
+
+def test_spans_skip_discarded_forms_and_cover_maps() -> None:
+    form = read_one("{:a #_ x 1\n :b 2}")
+    assert [(s.line, s.column) for s in form.item_spans] == [(1, 2), (1, 10), (2, 2), (2, 5)]
+    assert form.span_of(2).column == 2
+
+
+def test_spans_of_top_level_forms() -> None:
+    forms = read("42\n  [1]\n:k", "p.abl")
+    assert [(s.line, s.column) for s in forms.spans] == [(1, 1), (2, 3), (3, 1)]
+    assert forms.span_of(0) == Span(1, 1, 1, 3, "p.abl")
+
+
+def test_span_after_multiline_string() -> None:
+    form = read_one('["a\nbc" x]')
+    assert form.span_of(0) == Span(1, 2, 2, 4, None)
+    assert (form.items[1].span.line, form.items[1].span.column) == (2, 5)
+
+
+# ---------------------------------------------------------------------------------------
+# Errors
+
+ERRORS = [
+    # source, message fragment, line, column, incomplete
+    ("(a", "unclosed list: '(' opened at line 1, column 1", 1, 1, True),
+    ("(do!!\n  [1 2", "unclosed vector: '[' opened at line 2, column 3", 2, 3, True),
+    ("{:a 1", "unclosed map", 1, 1, True),
+    ("(a (b)", "expected ')'", 1, 1, True),
+    ("a)", "stray closing ')'", 1, 2, False),
+    ("(a))", "stray closing ')'", 1, 4, False),
+    ("]", "stray closing ']'", 1, 1, False),
+    (
+        "(a]",
+        "mismatched bracket: ']' cannot close the list '(' opened at line 1, column 1",
+        1,
+        3,
+        False,
+    ),
+    ("[a\n (b})", "expected ')'", 2, 4, False),
+    ('"abc', "unterminated string", 1, 1, True),
+    ('(log!! "abc)', "unterminated string", 1, 8, True),
+    ('"abc\\"', "unterminated string", 1, 1, True),
+    ('(a "b\\q")', "bad escape '\\\\q'", 1, 6, False),
+    ('"ok\nstill \\x"', "bad escape '\\\\x'", 2, 7, False),
+    ('"\\u12"', "bad escape '\\\\u12'", 1, 2, False),
+    ('"\\uzzzz"', "bad escape", 1, 2, False),
+    ("{:a}", "odd number of forms in map", 1, 2, False),
+    ("{:a 1\n :b}", "odd number of forms in map", 2, 2, False),
+    ("{:a #_ 1}", "odd number of forms in map", 1, 2, False),
+    ("(a #_)", "'#_' must be followed by a form to discard, found ')'", 1, 4, False),
+    ("[#_ #_ 1]", "'#_' must be followed by a form", 1, 2, False),
+    ("#_", "'#_' must be followed by a form to discard, found the end of input", 1, 1, True),
+    ("1 #_ ;c\n", "'#_' must be followed by a form", 1, 3, True),
+    ("1abc", "invalid number '1abc'", 1, 1, False),
+    ("[1.]", "invalid number '1.'", 1, 2, False),
+    (".5", "invalid number '.5'", 1, 1, False),
+    ("::a", "invalid keyword '::a'", 1, 1, False),
+    (":", "invalid keyword ':'", 1, 1, False),
+    ("#{1}", "unsupported dispatch '#{'", 1, 1, False),
+    ("(a @b)", "unexpected character '@'", 1, 4, False),
+    ("'x", 'unexpected character "\'"', 1, 1, False),
+]
+
+
+@pytest.mark.parametrize(("source", "fragment", "line", "column", "incomplete"), ERRORS)
+def test_syntax_errors(
+    source: str, fragment: str, line: int, column: int, incomplete: bool
+) -> None:
+    with pytest.raises(AblaufSyntaxError) as info:
+        read(source, "bad.abl")
+    err = info.value
+    assert fragment in err.message
+    assert (err.line, err.column) == (line, column)
+    assert err.incomplete is incomplete
+    assert err.filename == "bad.abl"
+    assert err.source == source
+
+
+def test_syntax_error_renders_location_line_and_caret() -> None:
+    with pytest.raises(AblaufSyntaxError) as info:
+        read("(do!!\n  (log!! 1]))", "flow.abl")
+    text = str(info.value)
+    assert text.startswith("flow.abl:2:11: error: mismatched bracket")
+    assert text.endswith("  (log!! 1]))\n          ^")
+
+
+def test_read_one_wants_exactly_one_form() -> None:
+    with pytest.raises(AblaufSyntaxError, match="expected a form, found none"):
+        read_one(" ; nothing")
+    with pytest.raises(AblaufSyntaxError, match="expected one form, found 2") as info:
+        read_one("1\n  2")
+    assert (info.value.line, info.value.column) == (2, 3)
+
+
+def test_errors_inside_discarded_forms_still_count() -> None:
+    with pytest.raises(AblaufSyntaxError, match="odd number"):
+        read("#_ {:a} 1")
+    with pytest.raises(AblaufSyntaxError, match="bad escape"):
+        read('#_ "\\q" 1')
+
+
+def test_reading_leaves_the_garbage_collector_as_it_was() -> None:
+    assert gc.isenabled()
+    read("(a [b])")
+    assert gc.isenabled()
+    with pytest.raises(AblaufSyntaxError):
+        read("(a")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        read("(a)")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+# ---------------------------------------------------------------------------------------
+# Size
+
+
+def _depth(form: Any) -> int:
+    depth = 0
+    while isinstance(form, List | Vector) and form.items:
+        depth += 1
+        form = form.items[-1]
+    return depth
+
+
+@pytest.mark.parametrize(("open_", "close"), [("(do!! ", ")"), ("[", "]"), ("{:k ", "}")])
+def test_deep_nesting_reads_without_recursion(open_: str, close: str) -> None:
+    depth = 2000
+    form = read_one(open_ * depth + "1" + close * depth)
+    if open_.startswith("{"):
+        count = 0
+        while isinstance(form, Map):
+            count += 1
+            form = form.pairs[0][1]
+        assert count == depth
+    else:
+        assert _depth(form) == depth
+
+
+def test_unclosed_deep_nesting_is_reported() -> None:
+    with pytest.raises(
+        AblaufSyntaxError, match=r"unclosed list: '\(' opened at line 1, column 3000"
+    ):
+        read("(" * 3000)
+
+
+def test_many_forms() -> None:
+    forms = read("\n".join(f"(log!! {i})" for i in range(5000)))
+    assert len(forms) == 5000
+    assert forms.spans[-1].line == 5000

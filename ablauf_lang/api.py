@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import builtins
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -50,8 +49,8 @@ def compile(source: str | Any, filename: str | None = None) -> Node:
 
     if isinstance(source, str):
         return compile_source(source, filename)
-    forms = source if isinstance(source, tuple | builtins.list) else (source,)
-    return compile_forms(tuple(forms), filename=filename)
+    forms = source if isinstance(source, tuple) else (source,)  # Forms keeps its spans
+    return compile_forms(forms, filename=filename)
 
 
 def make_job(

@@ -9,6 +9,7 @@ them), never as a traceback. Heavy modules are imported inside the commands that
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import os
 import sys
@@ -79,8 +80,9 @@ def read_source(path: str) -> str:
     except IsADirectoryError:
         raise UserError(f"ablauf: error: {path}: is a directory, not a program file") from None
     except UnicodeDecodeError as exc:
-        raise UserError(f"ablauf: error: {path}: not UTF-8 text ({exc.reason} at byte "
-                        f"{exc.start})") from None
+        raise UserError(
+            f"ablauf: error: {path}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
     except OSError as exc:
         raise UserError(f"ablauf: error: {path}: cannot read ({exc.strerror})") from None
 
@@ -96,11 +98,15 @@ def parse_context(text: str | None) -> dict[str, Any] | None:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UserError(f"ablauf: error: {where}: not valid JSON: {exc.msg} at line "
-                        f"{exc.lineno}, column {exc.colno}") from None
+        raise UserError(
+            f"ablauf: error: {where}: not valid JSON: {exc.msg} at line "
+            f"{exc.lineno}, column {exc.colno}"
+        ) from None
     if not isinstance(value, dict):
-        raise UserError(f"ablauf: error: {where}: must be a JSON object such as "
-                        f'{{"key": "value"}}, not {type(value).__name__}')
+        raise UserError(
+            f"ablauf: error: {where}: must be a JSON object such as "
+            f'{{"key": "value"}}, not {type(value).__name__}'
+        )
     return value
 
 
@@ -135,7 +141,10 @@ def echo_json(data: Any) -> None:
 def stdout_console() -> Console:
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=False)
+    console = Console(highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = 160  # piped: 80 columns would cut tables and trees short
+    return console
 
 
 def stderr_console() -> Console:
@@ -156,14 +165,16 @@ def print_outcome(run: Run, elapsed: float | None, console: Console) -> None:
     line.append(f"  run {run.run_id}  restarts {run.job.restarts}", style="dim")
     if elapsed is not None:
         line.append(f"  {elapsed:.2f}s", style="dim")
-    console.print(line)
+    console.print(line, soft_wrap=True)
     for leaf in run.job.leaves():
         if leaf.result in (LeafState.FAILURE, LeafState.TIMEOUT):
             err = Text(f"  #{leaf.id} {leaf.action} {leaf.result}: ", style="red")
             err.append(format_value(leaf.error, 200))
-            console.print(err)
+            console.print(err, soft_wrap=True)
     if run.context:
-        console.print(Text("context ", style="dim") + Text(format_value(run.context, 400)))
+        console.print(
+            Text("context ", style="dim") + Text(format_value(run.context, 400)), soft_wrap=True
+        )
 
 
 def exit_for(run: Run) -> NoReturn:
@@ -209,8 +220,11 @@ class LiveProgress:
             head.append("starting…", style="dim")
             return head
         head.append_text(status_text(job.status))
-        head.append(f"  {time.monotonic() - self.started:.1f}s  restarts {job.restarts}  "
-                    f"running {job.inflight}  finished {self.finished}", style="dim")
+        head.append(
+            f"  {time.monotonic() - self.started:.1f}s  restarts {job.restarts}  "
+            f"running {job.inflight}  finished {self.finished}",
+            style="dim",
+        )
         if self.failed:
             head.append(f"  failed {self.failed}", style="red")
         if len(job.paths) > self.max_nodes:
@@ -229,18 +243,28 @@ def cli() -> None:
 
 
 store_option = click.option(
-    "--store", "store", metavar="URL", default=None,
+    "--store",
+    "store",
+    metavar="URL",
+    default=None,
     help="Where runs are recorded: memory:, sqlite:///path or postgresql://... "
-         "[default: $ABLAUF_STORE, else SQLite in the user data directory]",
+    "[default: $ABLAUF_STORE, else SQLite in the user data directory]",
 )
-json_option = click.option("--json", "as_json", is_flag=True,
-                           help="Print the result as JSON on stdout, and nothing else.")
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print the result as JSON on stdout, and nothing else."
+)
 actions_option = click.option(
-    "--actions", "actions", metavar="MODULE", default=None,
+    "--actions",
+    "actions",
+    metavar="MODULE",
+    default=None,
     help="Python module (dotted name or .py path) exposing ACTIONS or @action functions.",
 )
 context_option = click.option(
-    "--context", "context", metavar="JSON", default=None,
+    "--context",
+    "context",
+    metavar="JSON",
+    default=None,
     help="Initial context: a JSON object, or @FILE holding one.",
 )
 
@@ -255,8 +279,14 @@ context_option = click.option(
 @store_option
 @json_option
 @click.option("-q", "--quiet", is_flag=True, help="No live progress, even on a terminal.")
-def run(file: str, context: str | None, actions: str | None, store: str | None,
-        as_json: bool, quiet: bool) -> None:
+def run(
+    file: str,
+    context: str | None,
+    actions: str | None,
+    store: str | None,
+    as_json: bool,
+    quiet: bool,
+) -> None:
     """Run a program to completion; exit 0 on success, 1 when the workflow fails.
 
     On a terminal the job tree is shown live on stderr as it runs.
@@ -275,8 +305,9 @@ def run(file: str, context: str | None, actions: str | None, store: str | None,
 
     async def go() -> Run:
         hook = progress.on_restart if progress is not None else None
-        return await eval_async(source, registry, ctx, store=url, run_id=run_id,
-                                filename=file, on_restart=hook)
+        return await eval_async(
+            source, registry, ctx, store=url, run_id=run_id, filename=file, on_restart=hook
+        )
 
     try:
         if progress is None:
@@ -284,12 +315,21 @@ def run(file: str, context: str | None, actions: str | None, store: str | None,
         else:
             from rich.live import Live
 
-            with Live(console=err, get_renderable=progress.__rich__, refresh_per_second=8,
-                      transient=False, redirect_stdout=False, redirect_stderr=False):
+            with Live(
+                console=err,
+                get_renderable=progress.__rich__,
+                refresh_per_second=8,
+                transient=False,
+                redirect_stdout=False,
+                redirect_stderr=False,
+            ):
                 result = asyncio.run(go())
     except KeyboardInterrupt:
-        click.echo(f"ablauf: interrupted; run {run_id} is recorded in {url}: go on with "
-                   f"`ablauf runs resume {run_id} --store {url}`", err=True)
+        click.echo(
+            f"ablauf: interrupted; run {run_id} is recorded in {url}: go on with "
+            f"`ablauf runs resume {run_id} --store {url}`",
+            err=True,
+        )
         sys.exit(130)
     if as_json:
         echo_json(result.to_dict())
@@ -394,8 +434,14 @@ def runs_list(store: str | None, as_json: bool, limit: int | None) -> None:
     for col in ("run", "status", "created", "updated", "restarts", "file"):
         table.add_column(col, no_wrap=col != "file")
     for info in infos:
-        table.add_row(info.run_id, status_text(info.status), _when(info.created),
-                      _when(info.updated), str(info.restarts), info.filename or "")
+        table.add_row(
+            info.run_id,
+            status_text(info.status),
+            _when(info.created),
+            _when(info.updated),
+            str(info.restarts),
+            info.filename or "",
+        )
     console.print(table)
 
 
@@ -429,11 +475,16 @@ def runs_show(run_id: str, store: str | None, as_json: bool) -> None:
     info = stored.info
     head = Text(f"run {info.run_id}  ", style="bold")
     head.append_text(status_text(stored.job.status))
-    head.append(f"  created {_when(info.created)}  updated {_when(info.updated)}  "
-                f"restarts {stored.job.restarts}", style="dim")
+    head.append(
+        f"  created {_when(info.created)}  updated {_when(info.updated)}  "
+        f"restarts {stored.job.restarts}",
+        style="dim",
+    )
     if info.filename:
         head.append(f"  {info.filename}", style="dim")
-    console.print(job_tree(stored.job, label=head, width=max(16, console.width // 3)))
+    console.print(
+        job_tree(stored.job, label=head, width=max(16, console.width // 3)), soft_wrap=True
+    )
     console.print(Text("context ", style="dim") + Text(format_value(stored.job.context, 0)))
 
 
@@ -450,8 +501,17 @@ def _stored_dict(stored: StoredRun) -> dict[str, Any]:
             "kind": n.kind,
             "state": state_of(n),
             "children": [c.id for c in getattr(n, "children", ())],
-            **({"action": n.action, "payload": n.payload, "output": n.output,
-                "error": n.error, "attempt": n.attempt} if n.kind == "leaf" else {}),
+            **(
+                {
+                    "action": n.action,
+                    "payload": n.payload,
+                    "output": n.output,
+                    "error": n.error,
+                    "attempt": n.attempt,
+                }
+                if n.kind == "leaf"
+                else {}
+            ),
         }
         for n in stored.job.nodes()
     ]
@@ -494,8 +554,12 @@ def runs_retry(run_id: str, actions: str | None, store: str | None, as_json: boo
 @click.argument("run_id", metavar="ID")
 @store_option
 @json_option
-@click.option("--reason", default="aborted", show_default=True,
-              help="The error recorded on the steps that were in flight.")
+@click.option(
+    "--reason",
+    default="aborted",
+    show_default=True,
+    help="The error recorded on the steps that were in flight.",
+)
 def runs_abort(run_id: str, store: str | None, as_json: bool, reason: str) -> None:
     """Abort a run: its pending steps fail with REASON and nothing new starts."""
     from ablauf_lang.api import abort_run
@@ -512,7 +576,7 @@ def runs_abort(run_id: str, store: str | None, as_json: bool, reason: str) -> No
 
 def _worker_module() -> Any:
     try:
-        from ablauf_lang.runners import worker
+        worker = importlib.import_module("ablauf_lang.runners.worker")
     except ImportError as exc:
         raise UserError(f"ablauf: error: distributed execution is not available: {exc}") from None
     return worker
@@ -521,8 +585,13 @@ def _worker_module() -> Any:
 @cli.command()
 @store_option
 @actions_option
-@click.option("--concurrency", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Actions performed at the same time by this worker.")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Actions performed at the same time by this worker.",
+)
 def worker(store: str | None, actions: str | None, concurrency: int) -> None:
     """Serve runs from a shared store until stopped (SIGTERM or Ctrl-C)."""
     module = _worker_module()

@@ -21,7 +21,7 @@ from ablauf_lang.errors import AblaufCompileError, Span
 from ablauf_lang.forms import Form, Keyword, List, Map, Symbol, Vector, span_of, to_data
 from ablauf_lang.nodes import Augment, Leaf, Node, Par, Seq, Try
 from ablauf_lang.printer import print_form
-from ablauf_lang.reader import read
+from ablauf_lang.reader import gc_paused, read
 
 __all__ = [
     "RULES",
@@ -521,7 +521,8 @@ def compile_forms(
     forms: Sequence[Form], *, source: str | None = None, filename: str | None = None
 ) -> Node:
     """Compile a program's top-level forms to the lowered tree of its (last) workflow."""
-    return Compiler(source, filename).program(forms)
+    with gc_paused():
+        return Compiler(source, filename).program(forms)
 
 
 def compile_source(source: str, filename: str | None = None) -> Node:

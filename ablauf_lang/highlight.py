@@ -24,7 +24,7 @@ Token kinds:
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pygments.lexer import RegexLexer, words
 from pygments.token import (
@@ -36,7 +36,6 @@ from pygments.token import (
     Punctuation,
     String,
     Whitespace,
-    _TokenType,
 )
 
 from ablauf_lang.names import (
@@ -56,10 +55,8 @@ _END = r"(?=[\s,()\[\]{}\";]|$)"
 _SYMBOL = r"(?![+-]?\.?\d)[\w*+!\-?<>=/.$&%][\w*+!\-?<>=/.$&%':#]*"
 _KEYWORD = r":[\w*+!\-?<>=/.$&%'#][\w*+!\-?<>=/.$&%':#]*"
 
-_Rules = list[tuple[str, _TokenType] | tuple[str, _TokenType, str]]
 
-
-class AblaufLexer(RegexLexer):
+class AblaufLexer(RegexLexer):  # type: ignore[misc]  # Pygments ships no type stubs
     """Lexer for ablauf workflow programs."""
 
     name = "Ablauf"
@@ -68,7 +65,7 @@ class AblaufLexer(RegexLexer):
     mimetypes: ClassVar[list[str]] = ["text/x-ablauf"]
     url = "https://github.com/ablauf-lang/ablauf_lang"
 
-    tokens: ClassVar[dict[str, _Rules]] = {  # type: ignore[misc]
+    tokens: ClassVar[dict[str, list[tuple[Any, ...]]]] = {
         "root": [
             (r";[^\n]*", Comment.Single),
             (r"#_", Comment),

@@ -16,7 +16,7 @@ from ablauf_lang.forms import Form, Keyword, List, Map, Symbol, Vector
 __all__ = ["print_form", "print_forms"]
 
 # What the reader accepts as a symbol or keyword name (see grammar/ablauf.lark).
-_SYMBOL = re.compile(r"(?![+-]?\.?\d)[\w*+!\-?<>=/.$&%][\w*+!\-?<>=/.$&%':#]*")
+_SYMBOL = re.compile(r"(?![+-]?\.?[0-9])[\w*+!\-?<>=/.$&%][\w*+!\-?<>=/.$&%':#]*")
 _KEYWORD = re.compile(r"[\w*+!\-?<>=/.$&%'#][\w*+!\-?<>=/.$&%':#]*")
 _CONSTANTS = frozenset({"nil", "true", "false"})
 

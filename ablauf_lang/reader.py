@@ -21,7 +21,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedTok
 from ablauf_lang.errors import AblaufSyntaxError, Span
 from ablauf_lang.forms import Form, Keyword, List, Map, Symbol, Vector
 
-__all__ = ["Forms", "parser", "read", "read_one"]
+__all__ = ["Forms", "gc_paused", "parser", "read", "read_one"]
 
 # ---------------------------------------------------------------------------------------
 # Types
@@ -85,8 +85,8 @@ def parser() -> Lark:
 
 def _to_forms(tree: Tree[Token], source: str, filename: str | None) -> Forms:
     """Turn the parse tree into forms bottom-up, with explicit stacks (no recursion)."""
-    # Reverse pre-order (children pushed left to right, popped right to left), so walking
-    # it backwards visits every node after its children: a post-order.
+    # A pre-order that visits children right to left; read backwards, it is the
+    # left-to-right post-order: every node comes after its children.
     order: list[Tree[Token] | Token] = []
     todo: list[Tree[Token] | Token] = [tree]
     while todo:
@@ -216,10 +216,10 @@ def _position_in(tok: Token, offset: int) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
+def gc_paused() -> Iterator[None]:
     """Pause the cyclic garbage collector for a while (and resume it if it was on)."""
-    # Reading allocates many objects and no cycles; collections triggered meanwhile
-    # walk the growing heap again and again and cost about a third of the time.
+    # Reading (or compiling) allocates many objects and no cycles; collections triggered
+    # meanwhile walk the growing heap again and again and cost a third of the time or more.
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -235,7 +235,7 @@ def _gc_paused() -> Iterator[None]:
 
 def read(source: str, filename: str | None = None) -> Forms:
     """Read every top-level form of `source`; raise `AblaufSyntaxError` on bad input."""
-    with _gc_paused():
+    with gc_paused():
         try:
             tree = parser().parse(source)
         except UnexpectedInput as exc:
@@ -369,7 +369,7 @@ def _bad_character(source: str, pos: int) -> tuple[str, bool]:
     word = source[pos : end.start() if end else len(source)]
     if char == '"':
         return "unterminated string: no closing '\"'", True
-    if re.match(r"[+-]?\.?\d", word):
+    if re.match(r"[+-]?\.?[0-9]", word):
         return f"invalid number {word!r}", False
     if char == ":":
         return f"invalid keyword {word!r}", False

@@ -124,8 +124,9 @@ def status_text(status: str) -> Text:
     return Text(str(status), style=STATE_STYLES.get(str(status), "bold"))
 
 
-def node_text(node: Any, role: str | None = None, *, changed: bool = False,
-              width: int = 40) -> Text:
+def node_text(
+    node: Any, role: str | None = None, *, changed: bool = False, width: int = 40
+) -> Text:
     """One line for a node: id, what it is, its state, and its output or error.
 
     The line never wraps: what does not fit the terminal ends in an ellipsis.
@@ -164,8 +165,14 @@ def dispatch_text(dispatch: Any, width: int = 60) -> Text:
     return text
 
 
-def job_tree(job: Job, *, changed: Iterable[int] = (), max_nodes: int | None = None,
-             label: Text | str | None = None, width: int = 40) -> Tree:
+def job_tree(
+    job: Job,
+    *,
+    changed: Iterable[int] = (),
+    max_nodes: int | None = None,
+    label: Text | str | None = None,
+    width: int = 40,
+) -> Tree:
     """The job as a tree, each node with its id and state; `changed` ids are marked.
 
     With `max_nodes`, nodes after that many (in pre-order) are summed up in one line.

@@ -49,19 +49,26 @@ async def create_ci_job(payload: dict[str, Any], context: dict[str, Any]) -> dic
     await asyncio.sleep(_delay(1.5))
     repo = payload["repo"]
     job_id = "ci-" + _token(repo)
-    return {"job-id": job_id, "url": f"https://ci.example.com/{repo}/jobs/{job_id}",
-            "stages": list(payload.get("pipeline", []))}
+    return {
+        "job-id": job_id,
+        "url": f"https://ci.example.com/{repo}/jobs/{job_id}",
+        "stages": list(payload.get("pipeline", [])),
+    }
 
 
 @action("sentry/create-project")
-async def create_tracking_project(payload: dict[str, Any],
-                                  context: dict[str, Any]) -> dict[str, Any]:
+async def create_tracking_project(
+    payload: dict[str, Any], context: dict[str, Any]
+) -> dict[str, Any]:
     """Create an error-tracking project; its DSN is what the service reports errors to."""
     await asyncio.sleep(_delay())
     name = payload["name"]
     key = _token("dsn", name, size=16)
-    return {"slug": name, "platform": payload.get("platform"),
-            "dsn": f"https://{key}@o4711.ingest.sentry.example/{int(key[:4], 16)}"}
+    return {
+        "slug": name,
+        "platform": payload.get("platform"),
+        "dsn": f"https://{key}@o4711.ingest.sentry.example/{int(key[:4], 16)}",
+    }
 
 
 @action("chat/post")
@@ -94,8 +101,10 @@ def lock(payload: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
 def migrate(payload: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
     """Always fails: the demo database is locked by another session."""
     time.sleep(_delay())
-    raise RuntimeError(f"database {payload['database']} is locked by another session "
-                       f"(wanted version {payload.get('to-version')})")
+    raise RuntimeError(
+        f"database {payload['database']} is locked by another session "
+        f"(wanted version {payload.get('to-version')})"
+    )
 
 
 @action("db/restore")
@@ -123,8 +132,11 @@ def create_order(payload: dict[str, Any], context: dict[str, Any]) -> dict[str, 
     items = payload["items"]
     customer = context.get("customer", "guest")
     total = sum(_PRICES[item["sku"]] * item["qty"] for item in items)
-    return {"order-id": "ord-" + _token(customer, items, size=6), "customer": customer,
-            "total": total}
+    return {
+        "order-id": "ord-" + _token(customer, items, size=6),
+        "customer": customer,
+        "total": total,
+    }
 
 
 @action("shop/charge")
@@ -132,21 +144,31 @@ def charge(payload: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
     """Charge the order a previous step put in the context."""
     time.sleep(_delay(0.5))
     order = context["order"]
-    return {"receipt": {"order": order["order-id"], "total": order["total"],
-                        "currency": payload["currency"]}}
+    return {
+        "receipt": {
+            "order": order["order-id"],
+            "total": order["total"],
+            "currency": payload["currency"],
+        }
+    }
 
 
 @action("shop/ship")
 async def ship(payload: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
     await asyncio.sleep(_delay())
     order_id = context["order"]["order-id"]
-    return {"carrier": payload["carrier"], "order": order_id,
-            "tracking": "TRK" + _token("ship", order_id, size=10).upper()}
+    return {
+        "carrier": payload["carrier"],
+        "order": order_id,
+        "tracking": "TRK" + _token("ship", order_id, size=10).upper(),
+    }
 
 
 @action("shop/email-receipt")
 async def email_receipt(payload: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
     await asyncio.sleep(_delay(0.5))
     order = context["order"]
-    return {"to": order["customer"],
-            "subject": f"Your order {order['order-id']}: {context['paid']:.2f} EUR"}
+    return {
+        "to": order["customer"],
+        "subject": f"Your order {order['order-id']}: {context['paid']:.2f} EUR",
+    }

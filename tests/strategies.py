@@ -22,7 +22,7 @@ _NAME_REST = _NAME_START + "0123456789':#"
 
 def _reads_as_symbol(name: str) -> bool:
     # A symbol cannot start like a number (`-1`, `+.5`); nil/true/false are constants.
-    return not re.match(r"[+-]?\.?\d", name) and name not in ("nil", "true", "false")
+    return not re.match(r"[+-]?\.?[0-9]", name) and name not in ("nil", "true", "false")
 
 
 symbol_names: st.SearchStrategy[str] = st.builds(

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ablauf_lang.errors import AblaufSyntaxError
 from ablauf_lang.forms import Keyword, List, Map, Symbol, Vector
 from ablauf_lang.printer import print_form, print_forms
 from ablauf_lang.reader import read, read_one
@@ -119,6 +120,23 @@ def test_symbols_read_back_as_symbols(name: str) -> None:
     form = read_one(print_form(Symbol(name)))
     assert type(form) is Symbol
     assert form.name == name
+
+
+@given(st.text(alphabet="ab1-+.:#'!?/\\\"();, \n", min_size=1, max_size=6))
+def test_printer_and_reader_agree_on_symbol_names(name: str) -> None:
+    try:
+        text = print_form(Symbol(name))
+    except ValueError:
+        try:
+            back = read_one(name)
+        except AblaufSyntaxError:
+            return
+        assert not (type(back) is Symbol and back.name == name)
+        return
+    assert text == name
+    back = read_one(text)
+    assert type(back) is Symbol
+    assert back.name == name
 
 
 @given(keyword_names)

@@ -103,6 +103,7 @@ READS = [
     ("a.b", S("a.b")),
     ("x'", S("x'")),
     ("ñandú", S("ñandú")),
+    ("٣", S("٣")),  # numbers are ASCII digits
     # numbers
     ("0", 0),
     ("42", 42),

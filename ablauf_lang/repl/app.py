@@ -44,16 +44,18 @@ PROMPT = "ablauf> "
 CONTINUATION = "   ...> "
 REPL_NAME = "<repl>"
 
-_STYLE = Style.from_dict({
-    "bottom-toolbar": "noreverse bg:#303030 #d0d0d0",
-    "bottom-toolbar.status-pending": "#ffd75f bold",
-    "bottom-toolbar.status-success": "#87ff87 bold",
-    "bottom-toolbar.status-failure": "#ff5f5f bold",
-    "bottom-toolbar.dim": "#8a8a8a",
-    "bottom-toolbar.mode": "#87d7ff",
-    "prompt": "#87d7ff bold",
-    "continuation": "#6c6c6c",
-})
+_STYLE = Style.from_dict(
+    {
+        "bottom-toolbar": "noreverse bg:#303030 #d0d0d0",
+        "bottom-toolbar.status-pending": "#ffd75f bold",
+        "bottom-toolbar.status-success": "#87ff87 bold",
+        "bottom-toolbar.status-failure": "#ff5f5f bold",
+        "bottom-toolbar.dim": "#8a8a8a",
+        "bottom-toolbar.mode": "#87d7ff",
+        "prompt": "#87d7ff bold",
+        "continuation": "#6c6c6c",
+    }
+)
 
 
 def history_path() -> str:
@@ -102,8 +104,9 @@ class Repl:
             history=history if history is not None else _default_history(),
             auto_suggest=AutoSuggestFromHistory(),
             multiline=Condition(lambda: is_incomplete(self.session.default_buffer.text)),
-            prompt_continuation=lambda width, line, wrap: [("class:continuation",
-                                                            CONTINUATION.rjust(width))],
+            prompt_continuation=lambda width, line, wrap: [
+                ("class:continuation", CONTINUATION.rjust(width))
+            ],
             bottom_toolbar=self.toolbar,
             key_bindings=self._key_bindings(),
             style=_STYLE,
@@ -115,8 +118,12 @@ class Repl:
 
     def run(self) -> None:
         """Read and handle input until Ctrl-D or `:quit`."""
-        self.console.print(Text("ablauf REPL: enter a workflow form, :help for commands, "
-                                "Ctrl-D to leave", style="dim"))
+        self.console.print(
+            Text(
+                "ablauf REPL: enter a workflow form, :help for commands, Ctrl-D to leave",
+                style="dim",
+            )
+        )
         while True:
             try:
                 text = self.session.prompt()
@@ -146,13 +153,16 @@ class Repl:
             raise
         except AblaufError as exc:
             located = exc.filename is not None or exc.line is not None
-            self.console.print(Text(str(exc) if located else f"error: {exc.message}",
-                                    style="red"))
+            self.console.print(Text(str(exc) if located else f"error: {exc.message}", style="red"))
         except KeyboardInterrupt:
             self.console.print(Text("interrupted", style="yellow"))
         except Exception as exc:  # a bug must not end the session
-            self.console.print(Text(f"internal error: {type(exc).__name__}: {exc} "
-                                    "(please report it)", style="bold red"))
+            self.console.print(
+                Text(
+                    f"internal error: {type(exc).__name__}: {exc} (please report it)",
+                    style="bold red",
+                )
+            )
 
     def compile(self, text: str, name: str) -> Job | None:
         """Compile input into a new job; None when it only held definitions."""
@@ -178,10 +188,12 @@ class Repl:
         job = self.stepper.job
         mode = "manual" if self.stepper.manual else "auto"
         if job is None:
-            return [("class:bottom-toolbar.dim", " no job: enter a workflow form or :load FILE"),
-                    ("class:bottom-toolbar.dim", "  · "),
-                    ("class:bottom-toolbar.mode", mode),
-                    ("class:bottom-toolbar.dim", "  · :help ")]
+            return [
+                ("class:bottom-toolbar.dim", " no job: enter a workflow form or :load FILE"),
+                ("class:bottom-toolbar.dim", "  · "),
+                ("class:bottom-toolbar.mode", mode),
+                ("class:bottom-toolbar.dim", "  · :help "),
+            ]
         if self._counts[0] is not job:
             self._counts = (job, leaf_counts(job))
         counts = self._counts[1]
@@ -191,8 +203,10 @@ class Repl:
             (f"class:bottom-toolbar.status-{status}", status),
             ("class:bottom-toolbar.dim", f"  restarts {job.restarts}  · "),
             ("class:bottom-toolbar", f"pending {counts.pending}  done {counts.done}  "),
-            ("class:bottom-toolbar.status-failure" if counts.failed else "class:bottom-toolbar",
-             f"failed {counts.failed}"),
+            (
+                "class:bottom-toolbar.status-failure" if counts.failed else "class:bottom-toolbar",
+                f"failed {counts.failed}",
+            ),
             ("class:bottom-toolbar.dim", f"  of {counts.total} leaves  · "),
             ("class:bottom-toolbar.mode", mode),
         ]

@@ -48,8 +48,9 @@ class Command:
 COMMANDS: dict[str, Command] = {}
 
 
-def command(name: str, args: str, help_text: str) -> Callable[[Callable[[Repl, str], None]],
-                                                               Callable[[Repl, str], None]]:
+def command(
+    name: str, args: str, help_text: str
+) -> Callable[[Callable[[Repl, str], None]], Callable[[Repl, str], None]]:
     """Register the decorated function as the command `name`."""
 
     def register(fn: Callable[[Repl, str], None]) -> Callable[[Repl, str], None]:
@@ -86,8 +87,9 @@ def _result_line(result: Any, action: str | None, how: str) -> Text:
     return text
 
 
-def print_report(repl: Repl, report: StepReport, *, tree: bool = True,
-                 finished: bool = True) -> None:
+def print_report(
+    repl: Repl, report: StepReport, *, tree: bool = True, finished: bool = True
+) -> None:
     """Print what a step performed, its results, what it dispatched, and the tree."""
     out = repl.console
     before = report.before
@@ -114,8 +116,13 @@ def _print_finished(repl: Repl, report: StepReport) -> None:
         repl.console.print(Text("job finished: ") + status_text(after.status))
     elif repl.stepper.manual and report.dispatched:
         ids = " ".join(f"#{d.id}" for d in report.dispatched)
-        repl.console.print(Text(f"manual mode: feed results for {ids} with :ok ID VALUE "
-                                "or :fail ID ERROR, then :step", style="dim"))
+        repl.console.print(
+            Text(
+                f"manual mode: feed results for {ids} with :ok ID VALUE "
+                "or :fail ID ERROR, then :step",
+                style="dim",
+            )
+        )
 
 
 def _action_of(job: Any, node_id: int) -> str | None:
@@ -148,8 +155,9 @@ def _node_id(text: str, usage: str) -> tuple[int, str]:
     try:
         return int(head), rest
     except ValueError:
-        raise ReplError(f"{head!r} is not a node id (a number, as in :tree); "
-                        f"usage: {usage}") from None
+        raise ReplError(
+            f"{head!r} is not a node id (a number, as in :tree); usage: {usage}"
+        ) from None
 
 
 # ---------------------------------------------------------------- commands
@@ -167,12 +175,18 @@ def _run(repl: Repl, arg: str) -> None:
     after = repl.stepper.require_job()
     repl.console.print(job_tree(after, changed=changed_ids(start, after)))
     if after.done:
-        repl.console.print(Text(f"job finished after {len(reports)} steps: ")
-                           + status_text(after.status))
+        repl.console.print(
+            Text(f"job finished after {len(reports)} steps: ") + status_text(after.status)
+        )
     else:
         waiting = " ".join(f"#{leaf.id}" for leaf in repl.stepper.waiting())
-        repl.console.print(Text(f"stopped after {len(reports)} steps: waiting for results of "
-                                f"{waiting} (manual mode: :ok / :fail them)", style="dim"))
+        repl.console.print(
+            Text(
+                f"stopped after {len(reports)} steps: waiting for results of "
+                f"{waiting} (manual mode: :ok / :fail them)",
+                style="dim",
+            )
+        )
 
 
 @command(":tree", "", "the job tree with ids and each node's status")
@@ -199,16 +213,24 @@ def _ctx(repl: Repl, arg: str) -> None:
 def _ok(repl: Repl, arg: str) -> None:
     node_id, rest = _node_id(arg, ":ok ID [VALUE]")
     result = repl.stepper.feed(node_id, True, parse_value(rest, None))
-    repl.console.print(Text(f"queued success for #{node_id} → {format_value(result.output)}; "
-                            ":step applies it", style="green"))
+    repl.console.print(
+        Text(
+            f"queued success for #{node_id} → {format_value(result.output)}; :step applies it",
+            style="green",
+        )
+    )
 
 
 @command(":fail", "ID [ERROR]", "feed a failure (error ERROR) for a pending action")
 def _fail(repl: Repl, arg: str) -> None:
     node_id, rest = _node_id(arg, ":fail ID [ERROR]")
     result = repl.stepper.feed(node_id, False, parse_value(rest, "failed by hand"))
-    repl.console.print(Text(f"queued failure for #{node_id} → {format_value(result.error)}; "
-                            ":step applies it", style="red"))
+    repl.console.print(
+        Text(
+            f"queued failure for #{node_id} → {format_value(result.error)}; :step applies it",
+            style="red",
+        )
+    )
 
 
 @command(":manual", "", "manual mode: :step only dispatches; results come from :ok / :fail")
@@ -250,12 +272,14 @@ def _load(repl: Repl, arg: str) -> None:
 
         job = Job.from_json(text)
         repl.stepper.start(job, path)
-        repl.console.print(Text(f"loaded job snapshot {path} (restart {job.restarts})",
-                                style="dim"))
+        repl.console.print(
+            Text(f"loaded job snapshot {path} (restart {job.restarts})", style="dim")
+        )
     else:
-        job = repl.compile(text, path)
-        if job is None:
+        compiled = repl.compile(text, path)
+        if compiled is None:
             return
+        job = compiled
         repl.stepper.start(job, path)
         repl.console.print(Text(f"loaded {path}", style="dim"))
     repl.console.print(job_tree(job))
@@ -296,17 +320,24 @@ def _help(repl: Repl, arg: str) -> None:
     wanted = arg.strip()
     if wanted:
         cmd = find_command(wanted if wanted.startswith(":") else ":" + wanted)
-        repl.console.print(Text(f"{cmd.name} {cmd.args}".strip(), style="bold") +
-                           Text(f"  {cmd.help}"))
+        repl.console.print(
+            Text(f"{cmd.name} {cmd.args}".strip(), style="bold") + Text(f"  {cmd.help}")
+        )
         return
-    repl.console.print("Enter a workflow form to make it the current job, e.g. "
-                       '(dopar!! (log!! "a") (log!! "b")). Commands:')
+    repl.console.print(
+        "Enter a workflow form to make it the current job, e.g. "
+        '(dopar!! (log!! "a") (log!! "b")). Commands:'
+    )
     for cmd in COMMANDS.values():
         line = Text(f"  {(cmd.name + ' ' + cmd.args).strip():<18}", style="bold")
         line.append(cmd.help)
         repl.console.print(line)
-    repl.console.print(Text("Keys: F5 = :step, Tab completes, Ctrl-C clears the line, "
-                            "Ctrl-D or :quit leaves.", style="dim"))
+    repl.console.print(
+        Text(
+            "Keys: F5 = :step, Tab completes, Ctrl-C clears the line, Ctrl-D or :quit leaves.",
+            style="dim",
+        )
+    )
 
 
 @command(":quit", "", "leave the REPL")

@@ -54,8 +54,9 @@ class AblaufCompleter(Completer):
         self.waiting = waiting  # (node id, action) of leaves waiting for a result
         self.paths = PathCompleter(expanduser=True)
 
-    def get_completions(self, document: Document,
-                        complete_event: CompleteEvent) -> Iterator[Completion]:
+    def get_completions(
+        self, document: Document, complete_event: CompleteEvent
+    ) -> Iterator[Completion]:
         before = document.text_before_cursor
         stripped = before.lstrip()
         if stripped.startswith(":"):
@@ -86,8 +87,9 @@ class AblaufCompleter(Completer):
                     yield Completion(cmd, -len(name), display_meta=help_text)
             return
         if name in (":load", ":save"):
-            yield from self.paths.get_completions(Document(rest.lstrip(), len(rest.lstrip())),
-                                                  event)
+            yield from self.paths.get_completions(
+                Document(rest.lstrip(), len(rest.lstrip())), event
+            )
         elif name in (":ok", ":fail") and " " not in rest.lstrip():
             typed = rest.lstrip()
             for node_id, action in self.waiting():

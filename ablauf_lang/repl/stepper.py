@@ -17,8 +17,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ablauf_lang.errors import AblaufError
-from ablauf_lang.job import Deferred, Job, restart_job
-from ablauf_lang.nodes import Dispatch, Leaf, LeafState, Result
+from ablauf_lang.job import Job, restart_job
+from ablauf_lang.nodes import Deferred, Dispatch, Leaf, LeafState, Result
 from ablauf_lang.runners.local import perform, registry
 
 __all__ = ["ReplError", "Snapshot", "StepReport", "Stepper"]
@@ -105,15 +105,21 @@ class Stepper:
         job = self.require_job()
         leaf = job.node(node_id)
         if not isinstance(leaf, Leaf):
-            raise ReplError(f"#{node_id} is a {leaf.kind} node, not an action: "
-                            "only actions take results")
+            raise ReplError(
+                f"#{node_id} is a {leaf.kind} node, not an action: only actions take results"
+            )
         if leaf.result is not LeafState.PENDING:
             state = "unset" if leaf.result is None else str(leaf.result)
-            raise ReplError(f"#{node_id} is not waiting for a result (it is {state}); "
-                            f"waiting: {_ids(self.waiting()) or 'nothing'}")
+            raise ReplError(
+                f"#{node_id} is not waiting for a result (it is {state}); "
+                f"waiting: {_ids(self.waiting()) or 'nothing'}"
+            )
         now = time.time()
-        result = (Result(node_id, leaf.attempt, LeafState.SUCCESS, value, None, now, now) if ok
-                  else Result(node_id, leaf.attempt, LeafState.FAILURE, None, value, now, now))
+        result = (
+            Result(node_id, leaf.attempt, LeafState.SUCCESS, value, None, now, now)
+            if ok
+            else Result(node_id, leaf.attempt, LeafState.FAILURE, None, value, now, now)
+        )
         queued = (*(r for r in self.current.queued if r.id != node_id), result)
         self.current = replace(self.current, queued=queued)
         return result
@@ -123,8 +129,9 @@ class Stepper:
         snap = self.current
         job = self.require_job()
         if job.done:
-            raise ReplError(f"the job is done ({job.status}): :back to step back, or enter "
-                            "a new form")
+            raise ReplError(
+                f"the job is done ({job.status}): :back to step back, or enter a new form"
+            )
         fed = snap.queued
         answered = {r.id for r in fed}
         todo = [d for i, d in snap.inflight.items() if i not in answered]
@@ -169,8 +176,11 @@ class Stepper:
         actions = self.actions
 
         async def all_of() -> list[Result]:
-            return list(await asyncio.gather(
-                *(perform(d, actions.get(d.action), False) for d in dispatches)))
+            return list(
+                await asyncio.gather(
+                    *(perform(d, actions.get(d.action), False) for d in dispatches)
+                )
+            )
 
         return asyncio.run(all_of())
 
@@ -180,8 +190,7 @@ class Stepper:
         payload = leaf.payload
         if isinstance(payload, Deferred):
             payload = payload.evaluate(job.context)
-        return Dispatch(leaf.id, leaf.action, payload, leaf.idempotent, leaf.attempt,
-                        job.context)
+        return Dispatch(leaf.id, leaf.action, payload, leaf.idempotent, leaf.attempt, job.context)
 
 
 def _is_pending(job: Job, node_id: int) -> bool:

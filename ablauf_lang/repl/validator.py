@@ -55,8 +55,9 @@ class AblaufValidator(Validator):
             line = max(1, exc.line or 1)
             column = max(1, exc.column or 1)
             index = document.translate_row_col_to_index(line - 1, column - 1)
-            raise ValidationError(cursor_position=index,
-                                  message=f"line {line}, column {column}: {exc.message}") from None
+            raise ValidationError(
+                cursor_position=index, message=f"line {line}, column {column}: {exc.message}"
+            ) from None
 
     def _validate_command(self, text: str) -> None:
         if self.known_commands is None:
@@ -69,5 +70,6 @@ class AblaufValidator(Validator):
                 find_command(name)
             except AblaufError as exc:
                 start = len(text) - len(text.lstrip())
-                raise ValidationError(cursor_position=start + len(name),
-                                      message=exc.message) from None
+                raise ValidationError(
+                    cursor_position=start + len(name), message=exc.message
+                ) from None

@@ -1,26 +1,27 @@
-"""The PostgreSQL store: runs shared by workers on many hosts, and the task queue they use.
+"""The PostgreSQL store: runs shared by workers on many hosts, and the queue they share.
 
     store = PostgresStore.from_url("postgresql://user@host/db")
 
-Tables (schema `ablauf`, created and migrated by the store from the versioned files in
-`stores/sql/postgres/`): `runs` (one row per run), `nodes` (one row per node of a job
-tree, upserted by (run_id, node_id) for the nodes a restart touched), `tasks` (the queue:
-restart tasks carrying results, action tasks carrying dispatches), `restarts` (one row per
-recorded step) and `schema_version`.
+The tables live in the schema `ablauf` (`stores/sql/postgres/*.sql`, applied by the store
+itself; a database at a newer schema version is refused): `runs`, `nodes` and `context`
+laid out as `sqlbase` writes them, plus `tasks` (the queue: restart tasks carrying
+results, action tasks carrying dispatches) and `restarts` (one row per recorded step).
 
-Besides the `JobStore` protocol, this module holds the queue operations the workers of
-`ablauf_lang.runners.worker` use, each inside a transaction the caller opened:
+`PostgresStore` is the `JobStore` of `sqlbase.SqlStore` on a psycopg connection, so
+`ablauf_lang.eval(..., store="postgresql://...")` and the `runs` operations work on the
+same database as the workers. The rest of this module is the queue, used by
+`ablauf_lang.runners.worker`; each function runs inside a transaction its caller opened:
 
-- `take_task`: the oldest ready task, locked with `FOR UPDATE SKIP LOCKED`;
-- `lock_run`: the run's row, `FOR NO KEY UPDATE` (waiting, or skipping for the fast path):
-  one restart of a run at a time;
-- `restart_locked`: apply every result queued for the run (batching), restart the job,
-  write the delta, enqueue the new action tasks, all in the caller's transaction;
-- `lease_action`, `finish_action`, `renew_leases`, `recover_leases`, `release_leases`.
+- `take_task`: the oldest ready task, locked `FOR UPDATE SKIP LOCKED`;
+- `lock_run`: the run's row, `FOR NO KEY UPDATE`, waiting (or, for the fast path of a
+  worker that just performed an action, skipping): one restart of a run at a time;
+- `restart_locked`: apply every result queued for the run at once, restart the job, write
+  the delta (`sqlbase.diff`) and enqueue the new action tasks, in the caller's transaction;
+- `lease_action`, `finish_action`, `renew_leases`, `release_leases`, `recover_leases`.
 
 A worker keeps the jobs it restarted in a `JobCache`. The run's `version` (bumped by every
-write, and carried by every node row written) tells whether the copy is current; a stale
-copy catches up by reading only the node rows written since, so the work of a restart
+write; every node row carries the version that wrote it) tells whether a copy is current;
+a stale copy catches up by reading only the rows written since, so the work of a restart
 does not grow with the size of the tree.
 """
 
@@ -35,7 +36,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from importlib import resources
 from typing import Any
@@ -43,16 +44,18 @@ from typing import Any
 import psycopg
 
 from ablauf_lang import semantics, serde
-from ablauf_lang.errors import InternalError, JobError, StoreError
-from ablauf_lang.job import ALL, INTERRUPTED, Job, index_paths, restart_job
-from ablauf_lang.nodes import Dispatch, Leaf, LeafState, Node, Result, Seq, Status
-from ablauf_lang.stores.base import RunInfo, StoredRun, new_run_id
+from ablauf_lang.errors import AblaufError, InternalError, StoreError
+from ablauf_lang.job import ALL, INTERRUPTED, Job, restart_job
+from ablauf_lang.nodes import Dispatch, LeafState, Node, Result, Status
+from ablauf_lang.stores import sqlbase
+from ablauf_lang.stores.base import run_error
 
 TASKS_CHANNEL = "ablauf_tasks"  # NOTIFY: tasks are ready to be taken
 RUNS_CHANNEL = "ablauf_runs"  # NOTIFY run_id: the run finished
 MIGRATIONS = ("sql", "postgres")
 _MIGRATION_LOCK = 0x61626C61  # pg_advisory_xact_lock key ("abla"): one migrator at a time
-_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+_FILE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 # ---------------------------------------------------------------- connections and errors
@@ -69,8 +72,9 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
-def connect(url: str, *, purpose: str = "store", autocommit: bool = True) -> psycopg.Connection:
-    """Open a connection; StoreError with a one-line message when that is not possible."""
+def connect(url: str, *, purpose: str = "store") -> psycopg.Connection:
+    """Open an autocommit connection (transactions are explicit); StoreError, one line,
+    when the URL is wrong or the server cannot be reached."""
     kwargs: dict[str, Any] = {"application_name": f"ablauf-{purpose}"[:63]}
     try:
         params = psycopg.conninfo.conninfo_to_dict(url)
@@ -79,7 +83,7 @@ def connect(url: str, *, purpose: str = "store", autocommit: bool = True) -> psy
     if "connect_timeout" not in params:
         kwargs["connect_timeout"] = 10
     try:
-        return psycopg.connect(url, autocommit=autocommit, **kwargs)
+        return psycopg.connect(url, autocommit=True, **kwargs)
     except psycopg.Error as exc:
         raise StoreError(
             f"cannot connect to PostgreSQL at {redact(url)}: {one_line(exc)}"
@@ -87,21 +91,25 @@ def connect(url: str, *, purpose: str = "store", autocommit: bool = True) -> psy
 
 
 def is_connection_error(exc: BaseException) -> bool:
-    """True when `exc` means the connection is gone (the server went away, a network cut)."""
-    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
-        return True
-    return isinstance(exc, psycopg.errors.AdminShutdown | psycopg.errors.CannotConnectNow)
+    """True when `exc` means the connection is gone (server down or restarted, network cut)."""
+    return isinstance(
+        exc,
+        psycopg.OperationalError
+        | psycopg.InterfaceError
+        | psycopg.errors.AdminShutdown
+        | psycopg.errors.CannotConnectNow,
+    )
 
 
 # ---------------------------------------------------------------- migrations
 
 
 def migrations() -> list[tuple[int, str, str]]:
-    """The schema's migration files, in order: (version, name, SQL text)."""
+    """The schema's migration files, in order: (version, file name, SQL text)."""
     folder = resources.files("ablauf_lang.stores").joinpath(*MIGRATIONS)
     found = []
     for entry in folder.iterdir():
-        match = _NAME.match(entry.name)
+        match = _FILE.match(entry.name)
         if match:
             found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
     found.sort()
@@ -120,143 +128,223 @@ def schema_version(conn: psycopg.Connection) -> int:
 
 
 def migrate(conn: psycopg.Connection, url: str = "") -> int:
-    """Bring the schema up to date (each file in its own transaction); return its version.
+    """Bring the schema up to date in one transaction; return its version.
 
-    Refuses a database whose schema is newer than this code knows. Many processes may
-    start at once: an advisory lock lets one migrate while the others wait, then re-read.
+    A database at a newer version than this code knows is refused (StoreError). Many
+    processes may start at once: an advisory lock lets one migrate while the others wait,
+    then find the work done.
     """
     files = migrations()
     latest = files[-1][0]
     current = schema_version(conn)
-    if current == latest:
-        return current
     if current < latest:
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
             current = schema_version(conn)
             for version, _name, text in files:
-                if version <= current:
-                    continue
-                conn.execute(text.encode())  # type: ignore[call-overload]
-                conn.execute("INSERT INTO ablauf.schema_version (version) VALUES (%s)",
-                             (version,))
-                current = version
+                if version > current:
+                    conn.execute(text.encode())  # type: ignore[call-overload]
+                    conn.execute(
+                        "INSERT INTO ablauf.schema_version (version) VALUES (%s)", (version,)
+                    )
+                    current = version
     if current > latest:
         raise StoreError(
             f"the database at {redact(url)} has ablauf schema version {current}, newer than "
-            f"this ablauf_lang supports ({latest}); upgrade ablauf_lang"
+            f"this ablauf_lang supports ({latest}): upgrade ablauf_lang"
         )
     return current
 
 
-# ---------------------------------------------------------------- values <-> JSON text
-
-
-def dumps(value: Any) -> str:
-    """Compact JSON text."""
-    return json.dumps(value, separators=(",", ":"), allow_nan=False)
-
-
-def encode_todo(todo: dict[int, Any]) -> str:
-    return dumps({str(k): "all" if v is ALL else sorted(v) for k, v in todo.items()})
-
-
-def decode_todo(data: Any) -> dict[int, Any]:
-    if isinstance(data, str):
-        data = json.loads(data)
-    return {int(k): (ALL if v == "all" else frozenset(v)) for k, v in (data or {}).items()}
+# ---------------------------------------------------------------- results as JSON text
 
 
 def encode_result(result: Result) -> str:
     """A result as JSON text (an output or error JSON cannot hold becomes a failure)."""
+    data: dict[str, Any] = {
+        "id": result.id,
+        "attempt": result.attempt,
+        "state": str(result.state),
+        "started_at": result.started_at,
+        "finished_at": result.finished_at,
+    }
     try:
-        output = serde.encode_value(result.output)
-        error = serde.encode_value(result.error)
-    except (JobError, ValueError) as exc:
-        return dumps({"id": result.id, "attempt": result.attempt, "state": "failure",
-                      "output": None, "error": f"result cannot be stored: {exc}",
-                      "started_at": result.started_at, "finished_at": result.finished_at})
-    return dumps({"id": result.id, "attempt": result.attempt, "state": str(result.state),
-                  "output": output, "error": error, "started_at": result.started_at,
-                  "finished_at": result.finished_at})
+        data["output"] = serde.encode_value(result.output)
+        data["error"] = serde.encode_value(result.error)
+        return _dumps(data)
+    except (AblaufError, ValueError) as exc:
+        data.update(state="failure", output=None, error=f"result cannot be stored: {exc}")
+        return _dumps(data)
 
 
-def decode_result(data: Any) -> Result:
-    if isinstance(data, str):
-        data = json.loads(data)
-    return Result(int(data["id"]), data.get("attempt"), LeafState(data["state"]),
-                  serde.decode_value(data.get("output")), serde.decode_value(data.get("error")),
-                  data.get("started_at"), data.get("finished_at"))
+def decode_result(text: str) -> Result:
+    """Invert `encode_result`."""
+    data = json.loads(text)
+    return Result(
+        int(data["id"]),
+        data.get("attempt"),
+        LeafState(data["state"]),
+        serde.decode_value(data.get("output")),
+        serde.decode_value(data.get("error")),
+        data.get("started_at"),
+        data.get("finished_at"),
+    )
 
 
-def _records_json(nodes: Sequence[Node]) -> str:
-    return dumps([serde.encode_node(n) for n in nodes])
+def _decode_key(text: str) -> Any:
+    value = serde.decode_value(json.loads(text))
+    return tuple(value) if isinstance(value, list) else value
 
 
-# ---------------------------------------------------------------- rows <-> job
+def context_from_rows(rows: Sequence[Sequence[Any]]) -> dict[Any, Any]:
+    """The context from its rows `(key, value)` in position order (as sqlbase writes them)."""
+    return {_decode_key(k): serde.decode_value(json.loads(v)) for k, v in rows}
 
 
-def job_from_records(records: list[dict[str, Any]], context: Any, todo: Any, restarts: int,
-                     aborted: str | None) -> Job:
-    """Build a job from its node rows and its run row."""
-    for rec in records:
-        # Only leaves are rewritten per step: a stored sequence cursor may be stale, and
-        # the decoder then recomputes it from the children (the first that has not
-        # succeeded), which is what the cursor is after every restart.
-        if rec.get("kind") == "seq":
-            rec.pop("cursor", None)
+# ---------------------------------------------------------------- the store
+
+
+class PostgresStore(sqlbase.SqlStore):
+    """Runs in a PostgreSQL database (`postgresql://...`), shared by many processes."""
+
+    PLACEHOLDER = "%s"
+
+    def __init__(self, conn: psycopg.Connection, url: str) -> None:
+        super().__init__()
+        self.conn = conn
+        self.url = redact(url)
+        self._lock = threading.RLock()
+
+    @classmethod
+    def from_url(cls, url: str) -> PostgresStore:
+        """Connect, create or migrate the schema, and return the store."""
+        conn = connect(url)
+        try:
+            prepare(conn, url)
+        except BaseException:
+            conn.close()
+            raise
+        return cls(conn, url)
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self.url!r})"
+
+    def __enter__(self) -> PostgresStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ sqlbase hooks
+
+    @contextmanager
+    def _write(self) -> Iterator[psycopg.Cursor[Any]]:
+        with self._lock, _errors(self.url):
+            outer = self.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            with self.conn.transaction():
+                yield self.conn.cursor()
+            if outer:
+                self.commits += 1
+
+    @contextmanager
+    def _read(self) -> Iterator[psycopg.Cursor[Any]]:
+        with self._lock, _errors(self.url):
+            outer = self.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            with self.conn.transaction():
+                if outer:  # one snapshot for every SELECT of the operation
+                    self.conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                yield self.conn.cursor()
+
+    def _insert_run(self, cur: Any, columns: Sequence[str], values: Sequence[Any]) -> int:
+        marks = ", ".join("%s" for _ in columns)
+        cur.execute(
+            f"INSERT INTO runs ({', '.join(columns)}) VALUES ({marks}) RETURNING id", values
+        )
+        return int(cur.fetchone()[0])
+
+    # ------------------------------------------------------------ JobStore
+
+    def create_run(
+        self,
+        job: Job,
+        *,
+        source: str | None = None,
+        filename: str | None = None,
+        run_id: str | None = None,
+        enqueue: bool = False,
+    ) -> str:
+        """Record a new run; with `enqueue`, queue its first restart for the workers too
+        (in the same transaction: a submitted run is never left without a task)."""
+        with self._write():
+            run_id = super().create_run(job, source=source, filename=filename, run_id=run_id)
+            if enqueue:
+                enqueue_restart(self.conn, run_id, None)
+        return run_id
+
+    def record(self, run_id: str, job: Job) -> None:
+        """Record a step (sqlbase); an aborted run's actions no one took yet are dropped."""
+        with self._write():
+            super().record(run_id, job)
+            if job.aborted is not None:
+                self.conn.execute(
+                    "DELETE FROM tasks WHERE run_id = %s AND kind = 'action' "
+                    "AND lease_owner IS NULL",
+                    (run_id,),
+                )
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
+
+    # ------------------------------------------------------------ for workers and tools
+
+    def requeue(self, run_id: str, job: Job) -> None:
+        """Record a rewritten job (resume, retry) and queue a restart for the workers."""
+        with self._write():
+            self.record(run_id, job)
+            enqueue_restart(self.conn, run_id, None)
+
+    @contextmanager
+    def locked(self, run_id: str) -> Iterator[None]:
+        """A transaction holding the run's row lock: no worker restarts it meanwhile."""
+        with self._write():
+            if lock_run(self.conn, run_id) is None:
+                raise self._unknown(run_id)
+            yield
+
+    def queue_counts(self) -> dict[str, int]:
+        """Tasks by state: ready, leased (being performed), broken (kept aside)."""
+        with self._read() as cur:
+            cur.execute(
+                "SELECT count(*) FILTER (WHERE lease_owner IS NULL AND error IS NULL), "
+                "count(*) FILTER (WHERE lease_owner IS NOT NULL), "
+                "count(*) FILTER (WHERE error IS NOT NULL) FROM tasks"
+            )
+            row = cur.fetchone()
+        return {"ready": int(row[0]), "leased": int(row[1]), "broken": int(row[2])}
+
+
+def prepare(conn: psycopg.Connection, url: str) -> None:
+    """Migrate the schema, and make its tables the connection's default names."""
+    with _errors(redact(url)):
+        migrate(conn, url)
+        conn.execute("SET search_path TO ablauf, public")
+
+
+@contextmanager
+def _errors(url: str) -> Iterator[None]:
+    """Turn driver errors into a one-line StoreError."""
     try:
-        root = serde.decode_nodes(records)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise JobError(f"stored job is damaged: {exc!r}") from None
-    ctx = serde.decode_value(json.loads(context) if isinstance(context, str) else context)
-    return Job(root, ctx, index_paths(root), decode_todo(todo), restarts, frozenset(), aborted)
+        yield
+    except psycopg.Error as exc:
+        raise StoreError(f"PostgreSQL store {url}: {one_line(exc)}") from None
 
 
-def _is_ok(node: Node) -> bool:
-    return node.done and not node.failed
-
-
-def _replace_leaf(root: Node, path: tuple[int, ...], leaf: Leaf) -> Node:
-    """Put `leaf` at `path`, updating each ancestor's summary (and a sequence's cursor)."""
-    chain: list[Node] = []
-    node = root
-    for i in path:
-        chain.append(node)
-        node = node.children[i]
-    new: Node = leaf
-    for parent, i in zip(reversed(chain), reversed(path), strict=True):
-        updated = semantics.replace_child(parent, i, new)
-        if isinstance(updated, Seq):
-            kids = updated.children
-            cursor = updated.cursor
-            if i < cursor and not _is_ok(new):
-                cursor = i
-            while cursor < len(kids) and _is_ok(kids[cursor]):
-                cursor += 1
-            if cursor != updated.cursor:
-                updated = Seq(updated.id, kids, updated.n_done, updated.n_failed,
-                              updated.inflight, cursor, updated.span)
-        new = updated
-    return new
-
-
-def catch_up(job: Job, records: list[dict[str, Any]], context: Any, todo: Any, restarts: int,
-             aborted: str | None) -> Job | None:
-    """Apply node rows written since `job` was read; None when only a full load will do."""
-    root = job.root
-    paths = job.paths
-    for rec in records:
-        if rec.get("kind") != "leaf" or not 0 <= int(rec["id"]) < len(paths):
-            return None  # a branch changed (run-time expansion): read the whole tree
-        leaf = serde.decode_nodes([rec])
-        root = _replace_leaf(root, paths[leaf.id], leaf)  # type: ignore[arg-type]
-    ctx = serde.decode_value(json.loads(context) if isinstance(context, str) else context)
-    return Job(root, ctx, paths, decode_todo(todo), restarts, frozenset(), aborted)
+# ---------------------------------------------------------------- the job cache
 
 
 class JobCache:
-    """Jobs a worker restarted, by run id, with the run version they correspond to."""
+    """Jobs a worker restarted, by run id, with the run version each corresponds to."""
 
     def __init__(self, size: int = 256) -> None:
         self.size = size
@@ -290,211 +378,402 @@ class JobCache:
 class RunRow:
     """A run's row as a restart reads it, under the run's row lock."""
 
+    key: int  # runs.id
     run_id: str
     version: int
-    restarts: int
     status: str
-    context: str  # JSON text, parsed only when needed
-    todo: str
+    restarts: int
     aborted: str | None
+    todo: str
+    touched: str
+    n_nodes: int
+    format: int
     started: datetime  # clock_timestamp() when the lock was taken
+
+    def mapping(self) -> dict[str, Any]:
+        """The columns `sqlbase.job_from_rows` reads."""
+        return {
+            "run_id": self.run_id,
+            "n_nodes": self.n_nodes,
+            "format": self.format,
+            "restarts": self.restarts,
+            "aborted": self.aborted,
+            "todo": self.todo,
+            "touched": self.touched,
+        }
+
+
+_LOCK_RUN = (
+    "SELECT id, version, status, restarts, aborted, todo, touched, n_nodes, format, "
+    "clock_timestamp() FROM ablauf.runs WHERE run_id = %s FOR NO KEY UPDATE"
+)
 
 
 def lock_run(conn: psycopg.Connection, run_id: str, *, wait: bool = True) -> RunRow | None:
     """Lock the run's row for this transaction: one restart of a run at a time.
 
-    `FOR NO KEY UPDATE` is the row lock an UPDATE takes: it excludes other restarts of the
-    run but not the foreign-key checks of inserted tasks, so enqueueing a result never
-    waits for a restart. With `wait=False` a locked row is skipped (None).
+    `FOR NO KEY UPDATE` is the lock an UPDATE of the row takes: it excludes other restarts
+    of the run, but not the foreign-key checks of tasks being inserted for it, so queueing
+    a result never waits for a restart. With `wait=False` a locked row gives None.
     """
-    query = (
-        "SELECT version, restarts, status, context::text, todo::text, aborted, "
-        "clock_timestamp() FROM ablauf.runs WHERE run_id = %s FOR NO KEY UPDATE"
-        + ("" if wait else " SKIP LOCKED")
-    )
-    row = conn.execute(query, (run_id,)).fetchone()
+    row = conn.execute(_LOCK_RUN if wait else _LOCK_RUN + " SKIP LOCKED", (run_id,)).fetchone()
     if row is None:
         return None
-    return RunRow(run_id, int(row[0]), int(row[1]), row[2], row[3], row[4], row[5], row[6])
+    return RunRow(
+        int(row[0]),
+        run_id,
+        int(row[1]),
+        row[2],
+        int(row[3]),
+        row[4],
+        row[5],
+        row[6],
+        int(row[7]),
+        int(row[8]),
+        row[9],
+    )
+
+
+def read_job(conn: psycopg.Connection, row: RunRow) -> Job:
+    """Read a run's whole job (under its row lock, so it is consistent)."""
+    nodes = conn.execute(
+        "SELECT node, spec, state, children FROM ablauf.nodes WHERE run = %s ORDER BY node",
+        (row.key,),
+    ).fetchall()
+    return sqlbase.job_from_rows(row.mapping(), nodes, _context_rows(conn, row.key))
+
+
+def _context_rows(conn: psycopg.Connection, key: int) -> list[Any]:
+    return conn.execute(
+        "SELECT key, value FROM ablauf.context WHERE run = %s ORDER BY pos, key", (key,)
+    ).fetchall()
 
 
 def job_for(conn: psycopg.Connection, row: RunRow, cache: JobCache | None) -> Job:
     """The run's job under its row lock: the cached copy, caught up, or read in full."""
     entry = cache.get(row.run_id) if cache is not None else None
-    if entry is not None:
-        version, job = entry
-        if version == row.version:
-            cache.hits += 1  # type: ignore[union-attr]
-            return job
-        if version < row.version:
-            got = conn.execute(
-                "SELECT coalesce(json_agg(record), '[]')::text FROM ablauf.nodes "
-                "WHERE run_id = %s AND version > %s", (row.run_id, version)
-            ).fetchone()
-            caught = catch_up(job, json.loads(got[0]) if got else [], row.context, row.todo,
-                              row.restarts, row.aborted)
-            if caught is not None:
-                cache.catchups += 1  # type: ignore[union-attr]
-                return caught
-    if cache is not None:
+    if cache is None or entry is None or entry[0] > row.version:
+        if cache is not None:
+            cache.loads += 1
+        return read_job(conn, row)
+    version, job = entry
+    if version == row.version:
+        cache.hits += 1
+        return job
+    rows = conn.execute(
+        "SELECT node, spec, state, children FROM ablauf.nodes WHERE run = %s AND version > %s",
+        (row.key, version),
+    ).fetchall()
+    caught = None
+    if row.n_nodes == len(job.paths):
+        caught = catch_up(job, rows)
+    if caught is None:
         cache.loads += 1
-    return read_job(conn, row.run_id, row.context, row.todo, row.restarts, row.aborted)
+        return read_job(conn, row)
+    cache.catchups += 1
+    return Job(
+        caught,
+        context_from_rows(_context_rows(conn, row.key)),
+        job.paths,
+        decode_todo(row.todo),
+        row.restarts,
+        frozenset(),
+        row.aborted,
+    )
 
 
-def read_job(conn: psycopg.Connection, run_id: str, context: Any, todo: Any, restarts: int,
-             aborted: str | None) -> Job:
-    """Read a run's whole job tree."""
-    got = conn.execute(
-        "SELECT coalesce(json_agg(record), '[]')::text FROM ablauf.nodes WHERE run_id = %s",
-        (run_id,),
-    ).fetchone()
-    records = json.loads(got[0]) if got else []
-    if not records:
-        raise JobError(f"run {run_id} has no stored job tree")
-    return job_from_records(records, context, todo, restarts, aborted)
+def decode_todo(text: str) -> dict[int, Any]:
+    """`runs.todo` back into `Job.todo`."""
+    return {int(k): (ALL if v == "all" else frozenset(v)) for k, v in json.loads(text).items()}
+
+
+def _replace_at(root: Node, path: Sequence[int], new: Node) -> Node:
+    """Put `new` at `path`, each ancestor's summary updated on the way up (O(depth))."""
+    chain: list[Node] = []
+    node = root
+    for i in path:
+        chain.append(node)
+        node = node.children[i]
+    for parent, i in zip(reversed(chain), reversed(path), strict=True):
+        new = semantics.replace_child(parent, i, new)
+    return new
+
+
+def _node_at(root: Node, path: Sequence[int]) -> Node:
+    node = root
+    for i in path:
+        node = node.children[i]
+    return node
+
+
+def catch_up(job: Job, rows: Sequence[Sequence[Any]]) -> Node | None:
+    """The tree of `job` with node rows written since applied; None when only a full read
+    will do (nodes were added or removed, a branch's children changed, an unknown kind)."""
+    paths = job.paths
+    leaves: list[dict[str, Any]] = []
+    branches: list[dict[str, Any]] = []
+    for node_id, spec, state, children in rows:
+        if not 0 <= node_id < len(paths):
+            return None
+        record = sqlbase.record_from_row(spec, state, children)
+        (leaves if record.get("kind") == "leaf" else branches).append(record)
+    root = job.root
+    for record in leaves:
+        leaf = serde.decode_nodes([record])
+        if _node_at(root, paths[leaf.id]).kind != "leaf":
+            return None
+        root = _replace_at(root, paths[leaf.id], leaf)
+    # Branches deepest first (pre-order ids: descendants have larger ids), so each is
+    # rebuilt over children already current.
+    for record in sorted(branches, key=lambda r: -int(r["id"])):
+        path = paths[record["id"]]
+        current = _node_at(root, path)
+        if current.kind != record.get("kind") or [c.id for c in current.children] != record.get(
+            "children", [c.id for c in current.children]
+        ):
+            return None
+        updated = _branch_state(current, record)
+        if updated is None:
+            return None
+        if updated is not current:
+            root = _replace_at(root, path, updated)
+    return root
+
+
+def _branch_state(node: Node, record: dict[str, Any]) -> Node | None:
+    """`node` with its own fields (a cursor) from `record`, its children kept; None when
+    another field changed (an `if!!` chose, a `doseq!!` failed): read the whole job."""
+    stored = {k: v for k, v in record.items() if k not in sqlbase.SPEC_KEYS and k != "children"}
+    mine = serde.encode_branch_fields(node)
+    if stored == mine:
+        return node  # nothing of its own changed (par, try have no own fields)
+    changed = {k for k in stored.keys() | mine.keys() if stored.get(k) != mine.get(k)}
+    if changed == {"cursor"} and hasattr(node, "cursor"):
+        return replace(node, cursor=int(stored["cursor"]))  # type: ignore[type-var]
+    return None
 
 
 # ---------------------------------------------------------------- writing a step
 
 
-def write_step(conn: psycopg.Connection, run_id: str, job: Job, *, expected_version: int | None,
-               previous_status: str, context_changed: bool, worker: str,
-               results: int | None, dispatches: int | None, started: datetime | None) -> int:
-    """Write what a step changed: touched nodes, the run row, a `restarts` row.
+def write_step(
+    conn: psycopg.Connection,
+    row: RunRow,
+    old: Job,
+    new: Job,
+    *,
+    worker: str,
+    results: int | None,
+    dispatches: int | None,
+) -> int:
+    """Write what turned `old` into `new` (`sqlbase.diff`) under the run's row lock, with a
+    `restarts` row; return the run's new version.
 
-    Returns the run's new version. With `expected_version`, a version that moved under the
-    lock is a bug and raises InternalError (the transaction must then be rolled back).
+    The version must not have moved under the lock (InternalError otherwise: the caller
+    rolls back). A run that just finished is announced on `RUNS_CHANNEL`.
     """
-    row = conn.execute(
-        "WITH r AS (UPDATE ablauf.runs SET version = version + 1, restarts = %s, status = %s, "
-        "context = coalesce(%s::json, context), todo = %s::json, aborted = %s, "
-        "updated = now(), error = NULL "
-        "WHERE run_id = %s AND (%s::bigint IS NULL OR version = %s::bigint) "
-        "RETURNING version) "
+    delta = sqlbase.diff(old, new)
+    got = conn.execute(
+        "WITH r AS (UPDATE ablauf.runs SET status = %s, updated = %s, restarts = %s, "
+        "aborted = %s, todo = %s, touched = %s, n_nodes = %s, error = %s, format = %s, "
+        "version = version + 1 WHERE id = %s AND version = %s RETURNING version) "
         "INSERT INTO ablauf.restarts (run_id, version, worker, results, dispatches, started, "
-        "finished) SELECT %s, r.version, %s, %s, %s, coalesce(%s, clock_timestamp()), "
-        "clock_timestamp() FROM r RETURNING version",
-        (job.restarts, str(job.status),
-         dumps(serde.encode_value(job.context)) if context_changed else None,
-         encode_todo(job.todo), job.aborted, run_id, expected_version, expected_version,
-         run_id, worker, results, dispatches, started),
+        "finished) SELECT %s, r.version, %s, %s, %s, %s, clock_timestamp() FROM r "
+        "RETURNING version",
+        (
+            str(new.status),
+            time.time(),
+            new.restarts,
+            new.aborted,
+            sqlbase.encode_todo(new),
+            _dumps(sorted(new.touched)),
+            len(new.paths),
+            run_error(new),
+            serde.VERSION,
+            row.key,
+            row.version,
+            row.run_id,
+            worker,
+            results,
+            dispatches,
+            row.started,
+        ),
     ).fetchone()
-    if row is None:
-        if expected_version is not None:
-            raise InternalError(f"run {run_id} changed under its row lock "
-                                f"(expected version {expected_version})")
-        raise StoreError(f"no run {run_id!r} in this store")
-    version = int(row[0])
-    if job.touched:
-        conn.execute(
-            "INSERT INTO ablauf.nodes (run_id, node_id, version, kind, action, result, record) "
-            "SELECT %s, (e->>'id')::int, %s, e->>'kind', e->>'action', e->>'result', e "
-            "FROM json_array_elements(%s::json) AS e "
-            "ON CONFLICT (run_id, node_id) DO UPDATE SET version = EXCLUDED.version, "
-            "kind = EXCLUDED.kind, action = EXCLUDED.action, result = EXCLUDED.result, "
-            "record = EXCLUDED.record",
-            (run_id, version, _records_json([job.node(i) for i in sorted(job.touched)])),
+    if got is None:
+        raise InternalError(
+            f"run {row.run_id} changed under its row lock (expected version {row.version})"
         )
-    if previous_status == Status.PENDING and job.status is not Status.PENDING:
-        conn.execute("SELECT pg_notify(%s, %s)", (RUNS_CHANNEL, run_id))
+    version = int(got[0])
+    _write_delta(conn, row.key, version, delta)
+    if row.status == Status.PENDING and new.status is not Status.PENDING:
+        conn.execute("SELECT pg_notify(%s, %s)", (RUNS_CHANNEL, row.run_id))
     return version
 
 
-def _dispatch_json(d: Dispatch, claim: bool, contexts: dict[int, str]) -> str:
-    key = id(d.context)
-    ctx = contexts.get(key)
-    if ctx is None:
-        ctx = contexts[key] = dumps(serde.encode_value(d.context or {}))
-    head = dumps({"id": d.id, "attempt": d.attempt, "action": d.action,
-                  "idempotent": d.idempotent, "payload": serde.encode_value(d.payload),
-                  "claim": claim})
-    return head[:-1] + ',"context":' + ctx + "}"
+def _write_delta(conn: psycopg.Connection, key: int, version: int, delta: sqlbase.Delta) -> None:
+    """The rows of a delta, each kind in one statement, stamped with `version`."""
+    if delta.reset:
+        conn.execute("DELETE FROM ablauf.nodes WHERE run = %s", (key,))
+        conn.execute("DELETE FROM ablauf.context WHERE run = %s", (key,))
+    if delta.drop_from is not None:
+        conn.execute(
+            "DELETE FROM ablauf.nodes WHERE run = %s AND node >= %s", (key, delta.drop_from)
+        )
+    if delta.full:
+        conn.execute(
+            "INSERT INTO ablauf.nodes (run, node, spec, state, children, version) "
+            "SELECT %s, u.node, u.spec, u.state, u.children, %s "
+            "FROM unnest(%s::int[], %s::text[], %s::text[], %s::text[]) "
+            "AS u(node, spec, state, children) "
+            "ON CONFLICT (run, node) DO UPDATE SET spec = EXCLUDED.spec, "
+            "state = EXCLUDED.state, children = EXCLUDED.children, version = EXCLUDED.version",
+            (
+                key,
+                version,
+                [r.node for r in delta.full],
+                [r.spec for r in delta.full],
+                [r.state for r in delta.full],
+                [r.children for r in delta.full],
+            ),
+        )
+    if delta.states:
+        conn.execute(
+            "UPDATE ablauf.nodes n SET state = u.state, version = %s "
+            "FROM unnest(%s::int[], %s::text[]) AS u(node, state) "
+            "WHERE n.run = %s AND n.node = u.node",
+            (version, [n for _, n in delta.states], [s for s, _ in delta.states], key),
+        )
+    if delta.context_drop:
+        conn.execute(
+            "DELETE FROM ablauf.context WHERE run = %s AND key = ANY(%s)",
+            (key, list(delta.context_drop)),
+        )
+    if delta.context:
+        conn.execute(
+            "INSERT INTO ablauf.context (run, key, pos, value) "
+            "SELECT %s, u.key, u.pos, u.value FROM unnest(%s::text[], %s::int[], %s::text[]) "
+            "AS u(key, pos, value) "
+            "ON CONFLICT (run, key) DO UPDATE SET pos = EXCLUDED.pos, value = EXCLUDED.value",
+            (
+                key,
+                [k for k, _, _ in delta.context],
+                [p for _, p, _ in delta.context],
+                [v for _, _, v in delta.context],
+            ),
+        )
 
 
-def enqueue_actions(conn: psycopg.Connection, run_id: str, dispatches: Sequence[Dispatch], *,
-                    claim: int = 0, owner: str | None = None, lease: float = 30.0
-                    ) -> list[tuple[int, Dispatch]]:
-    """Queue action tasks; the first `claim` are leased to `owner` at once (the caller
-    performs them). Returns [(task_id, dispatch)] of the claimed ones; NOTIFYs for the rest.
-    """
+# ---------------------------------------------------------------- the queue
+
+
+def enqueue_actions(
+    conn: psycopg.Connection,
+    run_id: str,
+    dispatches: Sequence[Dispatch],
+    *,
+    claim: int = 0,
+    owner: str | None = None,
+    lease: float = 30.0,
+) -> list[tuple[int, Dispatch]]:
+    """Queue one action task per dispatch; the first `claim` are leased to `owner` at once
+    (the caller performs them). Returns their (task_id, dispatch); NOTIFYs for the rest."""
     if not dispatches:
         return []
-    contexts: dict[int, str] = {}
-    items = ",".join(_dispatch_json(d, i < claim, contexts) for i, d in enumerate(dispatches))
+    contexts: dict[int, str] = {}  # dispatches of one restart share their context object
+
+    def context_text(d: Dispatch) -> str:
+        text = contexts.get(id(d.context))
+        if text is None:
+            text = contexts[id(d.context)] = _dumps(serde.encode_value(d.context or {}))
+        return text
+
     rows = conn.execute(
-        "INSERT INTO ablauf.tasks (run_id, kind, node_id, attempt, action, idempotent, "
-        "payload, context, lease_owner, lease_until, tries) "
-        "SELECT %s, 'action', (e->>'id')::int, (e->>'attempt')::int, e->>'action', "
-        "(e->>'idempotent')::boolean, e->'payload', e->'context', "
-        "CASE WHEN (e->>'claim')::boolean THEN %s END, "
-        "CASE WHEN (e->>'claim')::boolean THEN now() + %s * interval '1 second' END, "
-        "CASE WHEN (e->>'claim')::boolean THEN 1 ELSE 0 END "
-        "FROM json_array_elements(%s::json) AS e "
-        "RETURNING task_id, node_id, lease_owner IS NOT NULL",
-        (run_id, owner, lease, "[" + items + "]"),
+        "INSERT INTO ablauf.tasks (run_id, kind, node, attempt, action, idempotent, payload, "
+        "context, lease_owner, lease_until, tries) "
+        "SELECT %s, 'action', u.node, u.attempt, u.action, u.idempotent, u.payload, u.context, "
+        "CASE WHEN u.mine THEN %s END, "
+        "CASE WHEN u.mine THEN now() + %s * interval '1 second' END, "
+        "CASE WHEN u.mine THEN 1 ELSE 0 END "
+        "FROM unnest(%s::int[], %s::int[], %s::text[], %s::bool[], %s::text[], %s::text[], "
+        "%s::bool[]) AS u(node, attempt, action, idempotent, payload, context, mine) "
+        "RETURNING task_id, node, lease_owner IS NOT NULL",
+        (
+            run_id,
+            owner,
+            lease,
+            [d.id for d in dispatches],
+            [d.attempt for d in dispatches],
+            [d.action for d in dispatches],
+            [d.idempotent for d in dispatches],
+            [_dumps(serde.encode_value(d.payload)) for d in dispatches],
+            [context_text(d) for d in dispatches],
+            [i < claim for i in range(len(dispatches))],
+        ),
     ).fetchall()
     by_node = {d.id: d for d in dispatches}
-    claimed = [(int(tid), by_node[int(nid)]) for tid, nid, mine in rows if mine]
+    claimed = [(int(task_id), by_node[int(node)]) for task_id, node, mine in rows if mine]
     if len(dispatches) > len(claimed):
-        conn.execute("SELECT pg_notify(%s, %s)", (TASKS_CHANNEL, str(len(dispatches))))
+        conn.execute(
+            "SELECT pg_notify(%s, %s)", (TASKS_CHANNEL, str(len(dispatches) - len(claimed)))
+        )
     return claimed
 
 
 def enqueue_restart(conn: psycopg.Connection, run_id: str, result: Result | None) -> None:
     """Queue a restart task (with a result to apply, or none) and wake a worker."""
     conn.execute(
-        "INSERT INTO ablauf.tasks (run_id, kind, result) VALUES (%s, 'restart', %s::json)",
+        "INSERT INTO ablauf.tasks (run_id, kind, result) VALUES (%s, 'restart', %s)",
         (run_id, None if result is None else encode_result(result)),
     )
     conn.execute("SELECT pg_notify(%s, '1')", (TASKS_CHANNEL,))
 
 
 def take_results(conn: psycopg.Connection, run_id: str) -> list[tuple[int, Result | None]]:
-    """Remove and return the restart tasks queued for a run that no one else holds."""
+    """Remove and return the restart tasks queued for a run that no one else holds, in
+    queue order (a task this transaction locked itself is among them)."""
     rows = conn.execute(
         "DELETE FROM ablauf.tasks WHERE task_id IN (SELECT task_id FROM ablauf.tasks "
-        "WHERE run_id = %s AND kind = 'restart' AND error IS NULL ORDER BY task_id "
-        "FOR UPDATE SKIP LOCKED) RETURNING task_id, result::text",
+        "WHERE run_id = %s AND kind = 'restart' AND error IS NULL "
+        "FOR UPDATE SKIP LOCKED) RETURNING task_id, result",
         (run_id,),
     ).fetchall()
     rows.sort()
-    return [(int(tid), None if res is None else decode_result(res)) for tid, res in rows]
+    return [(int(t), None if res is None else decode_result(res)) for t, res in rows]
 
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """What `restart_locked` did: the new job and version, and the actions claimed."""
+    """What `restart_locked` did: the new job and version, the actions it claimed."""
 
     job: Job
     version: int
-    applied: int
+    results: int
+    task_ids: list[int]  # the restart tasks it consumed
     claimed: list[tuple[int, Dispatch]]
 
 
-def restart_locked(conn: psycopg.Connection, row: RunRow, extra: Sequence[Result],
-                   cache: JobCache | None, *, worker: str, claim: int = 0,
-                   lease: float = 30.0) -> Step:
-    """Restart a run whose row the caller locked: queued results plus `extra`, in one go.
-
-    Runs inside the caller's transaction. The cache is updated only by the caller, after
-    the commit succeeded.
-    """
+def restart_locked(
+    conn: psycopg.Connection,
+    row: RunRow,
+    extra: Sequence[Result],
+    cache: JobCache | None,
+    *,
+    worker: str,
+    claim: int = 0,
+    lease: float = 30.0,
+) -> Step:
+    """Restart a run whose row the caller locked, with every result queued for it plus
+    `extra`, inside the caller's transaction. The caller updates the cache after COMMIT."""
     queued = take_results(conn, row.run_id)
     results = [r for _, r in queued if r is not None]
     results.extend(extra)
-    job = job_for(conn, row, cache)
-    new, dispatches = restart_job(job, results, time.time())
+    old = job_for(conn, row, cache)
+    new, dispatches = restart_job(old, results, time.time())
     version = write_step(
-        conn, row.run_id, new, expected_version=row.version, previous_status=row.status,
-        context_changed=new.context is not job.context, worker=worker, results=len(results),
-        dispatches=len(dispatches), started=row.started,
+        conn, row, old, new, worker=worker, results=len(results), dispatches=len(dispatches)
     )
-    claimed = enqueue_actions(conn, row.run_id, dispatches, claim=claim, owner=worker,
-                              lease=lease)
-    return Step(new, version, len(results), claimed)
-
-
-# ---------------------------------------------------------------- taking and finishing tasks
+    claimed = enqueue_actions(conn, row.run_id, dispatches, claim=claim, owner=worker, lease=lease)
+    return Step(new, version, len(results), [t for t, _ in queued], claimed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -521,28 +800,34 @@ def lease_action(conn: psycopg.Connection, task_id: int, owner: str, lease: floa
     row = conn.execute(
         "UPDATE ablauf.tasks SET lease_owner = %s, "
         "lease_until = now() + %s * interval '1 second', tries = tries + 1 "
-        "WHERE task_id = %s "
-        "RETURNING node_id, attempt, action, idempotent, payload::text, context::text",
+        "WHERE task_id = %s RETURNING node, attempt, action, idempotent, payload, context",
         (owner, lease, task_id),
     ).fetchone()
     if row is None:
         raise InternalError(f"task {task_id} vanished while locked")
-    return Dispatch(int(row[0]), row[2], serde.decode_value(json.loads(row[4])), bool(row[3]),
-                    int(row[1]), serde.decode_value(json.loads(row[5])))
+    return Dispatch(
+        int(row[0]),
+        row[2],
+        serde.decode_value(json.loads(row[4])),
+        bool(row[3]),
+        int(row[1]),
+        serde.decode_value(json.loads(row[5])),
+    )
 
 
 def finish_action(conn: psycopg.Connection, task_id: int, owner: str) -> str | None:
-    """Remove a performed action task still leased to `owner`; its run id, or None when
-    the lease was lost (another worker recovered the task: the result must be dropped)."""
+    """Remove a performed action task still leased to `owner` and return its run id; None
+    when the lease was lost (another worker recovered the task: drop the result)."""
     row = conn.execute(
         "DELETE FROM ablauf.tasks WHERE task_id = %s AND lease_owner = %s RETURNING run_id",
         (task_id, owner),
     ).fetchone()
-    return None if row is None else row[0]
+    return None if row is None else str(row[0])
 
 
-def renew_leases(conn: psycopg.Connection, owner: str, task_ids: Sequence[int],
-                 lease: float) -> int:
+def renew_leases(
+    conn: psycopg.Connection, owner: str, task_ids: Sequence[int], lease: float
+) -> int:
     """Extend the leases `owner` holds on these tasks; return how many it still holds."""
     if not task_ids:
         return 0
@@ -555,7 +840,8 @@ def renew_leases(conn: psycopg.Connection, owner: str, task_ids: Sequence[int],
 
 
 def release_leases(conn: psycopg.Connection, owner: str, keep: Sequence[int] = ()) -> int:
-    """Put the action tasks `owner` holds (except `keep`) back in the queue, untouched."""
+    """Put the action tasks `owner` leased but did not start (all but `keep`) back in the
+    queue, as if never taken."""
     cur = conn.execute(
         "UPDATE ablauf.tasks SET lease_owner = NULL, lease_until = NULL, "
         "tries = greatest(tries - 1, 0) WHERE lease_owner = %s AND NOT (task_id = ANY(%s))",
@@ -567,14 +853,14 @@ def release_leases(conn: psycopg.Connection, owner: str, keep: Sequence[int] = (
 
 
 def recover_leases(conn: psycopg.Connection, limit: int = 100) -> tuple[int, int]:
-    """Recover action tasks whose lease expired (their worker died).
+    """Recover action tasks whose lease expired (their worker died or lost the database).
 
-    An idempotent action goes back in the queue, to run again; a non-idempotent one
-    becomes a failure result (error `interrupted: ...`), queued as a restart task: the run
-    goes on by the normal rules and can be retried later. Returns (requeued, failed).
+    An idempotent action goes back in the queue, to run again; a non-idempotent one becomes
+    a failure result (error `interrupted: ...`) queued as a restart task, so the run goes on
+    by the normal rules and can be retried later. Returns (requeued, failed).
     """
     rows = conn.execute(
-        "SELECT task_id, run_id, node_id, attempt, action, idempotent, lease_owner "
+        "SELECT task_id, run_id, node, attempt, action, idempotent, lease_owner "
         "FROM ablauf.tasks WHERE lease_owner IS NOT NULL AND lease_until < now() "
         "AND error IS NULL ORDER BY lease_until LIMIT %s FOR UPDATE SKIP LOCKED",
         (limit,),
@@ -582,194 +868,54 @@ def recover_leases(conn: psycopg.Connection, limit: int = 100) -> tuple[int, int
     again = [r[0] for r in rows if r[5]]
     lost = [r for r in rows if not r[5]]
     if again:
-        conn.execute("UPDATE ablauf.tasks SET lease_owner = NULL, lease_until = NULL "
-                     "WHERE task_id = ANY(%s)", (again,))
+        conn.execute(
+            "UPDATE ablauf.tasks SET lease_owner = NULL, lease_until = NULL "
+            "WHERE task_id = ANY(%s)",
+            (again,),
+        )
     if lost:
         conn.execute("DELETE FROM ablauf.tasks WHERE task_id = ANY(%s)", ([r[0] for r in lost],))
         now = time.time()
-        items = [
-            (r[1], encode_result(Result(
-                int(r[2]), int(r[3]), LeafState.FAILURE, None,
-                f"{INTERRUPTED}{r[4]} was in flight on worker {r[6]}, whose lease expired; "
-                "the action is not idempotent, so it was not run again", None, now)))
+        results = [
+            encode_result(
+                Result(
+                    int(r[2]),
+                    int(r[3]),
+                    LeafState.FAILURE,
+                    None,
+                    f"{INTERRUPTED}{r[4]} was in flight on worker {r[6]}, whose lease expired; "
+                    "it is not idempotent, so it was not run again",
+                    None,
+                    now,
+                )
+            )
             for r in lost
         ]
-        with conn.cursor() as cur:
-            cur.executemany("INSERT INTO ablauf.tasks (run_id, kind, result) "
-                            "VALUES (%s, 'restart', %s::json)", items)
+        conn.execute(
+            "INSERT INTO ablauf.tasks (run_id, kind, result) "
+            "SELECT u.run_id, 'restart', u.result FROM unnest(%s::text[], %s::text[]) "
+            "AS u(run_id, result)",
+            ([r[1] for r in lost], results),
+        )
     if rows:
         conn.execute("SELECT pg_notify(%s, %s)", (TASKS_CHANNEL, str(len(rows))))
     return len(again), len(lost)
 
 
-def mark_broken(conn: psycopg.Connection, run_id: str, task_ids: Sequence[int],
-                message: str) -> None:
-    """Keep tasks that cannot be processed out of the queue, with the reason (never lost)."""
-    conn.execute("UPDATE ablauf.tasks SET error = %s WHERE task_id = ANY(%s)",
-                 (message, list(task_ids)))
-    conn.execute("UPDATE ablauf.runs SET error = %s, updated = now() WHERE run_id = %s",
-                 (message, run_id))
+def set_aside(conn: psycopg.Connection, run_id: str, task_ids: Sequence[int], message: str) -> None:
+    """Keep tasks that cannot be processed out of the queue, saying why (never lost)."""
+    conn.execute(
+        "UPDATE ablauf.tasks SET error = %s WHERE task_id = ANY(%s)", (message, list(task_ids))
+    )
+    conn.execute(
+        "UPDATE ablauf.runs SET error = %s, updated = %s WHERE run_id = %s",
+        (message, time.time(), run_id),
+    )
 
 
 def process_name() -> str:
-    """`host:pid`, naming this process in leases and in the restarts table."""
+    """`host:pid`: names this process in leases and in the restarts table."""
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-# ---------------------------------------------------------------- the store
-
-
-class PostgresStore:
-    """Runs in a PostgreSQL database (`postgresql://...`), shared by many processes."""
-
-    durable = True
-
-    def __init__(self, conn: psycopg.Connection, url: str) -> None:
-        self.conn = conn
-        self.url = url
-        self._lock = threading.RLock()
-
-    @classmethod
-    def from_url(cls, url: str) -> PostgresStore:
-        """Connect, create or migrate the schema, and return the store."""
-        conn = connect(url)
-        try:
-            with _errors(f"cannot prepare the ablauf schema at {redact(url)}"):
-                migrate(conn, url)
-        except BaseException:
-            conn.close()
-            raise
-        return cls(conn, url)
-
-    @contextmanager
-    def _tx(self, what: str) -> Iterator[psycopg.Connection]:
-        with self._lock, _errors(what), self.conn.transaction():
-            yield self.conn
-
-    # ------------------------------------------------------------ JobStore
-
-    def create_run(self, job: Job, *, source: str | None = None, filename: str | None = None,
-                   run_id: str | None = None, enqueue: bool = False) -> str:
-        """Record a new run; with `enqueue`, also queue its first restart for the workers."""
-        run_id = run_id or new_run_id()
-        with self._tx(f"cannot create run {run_id}") as conn:
-            context = dumps(serde.encode_value(job.context))
-            row = conn.execute(
-                "INSERT INTO ablauf.runs (run_id, status, restarts, filename, source, "
-                "initial_context, context, todo, aborted) "
-                "VALUES (%s, %s, %s, %s, %s, %s::json, %s::json, %s::json, %s) "
-                "ON CONFLICT (run_id) DO NOTHING RETURNING run_id",
-                (run_id, str(job.status), job.restarts, filename, source, context, context,
-                 encode_todo(job.todo), job.aborted),
-            ).fetchone()
-            if row is None:
-                raise StoreError(f"run {run_id} already exists")
-            conn.execute(
-                "INSERT INTO ablauf.nodes (run_id, node_id, version, kind, action, result, "
-                "record) SELECT %s, (e->>'id')::int, 0, e->>'kind', e->>'action', "
-                "e->>'result', e FROM json_array_elements(%s::json) AS e",
-                (run_id, _records_json(list(job.nodes()))),
-            )
-            if enqueue:
-                enqueue_restart(conn, run_id, None)
-        return run_id
-
-    def record(self, run_id: str, job: Job) -> None:
-        """Record a step: touched nodes, context, status; waits for the run's row lock."""
-        with self._tx(f"cannot record run {run_id}") as conn:
-            row = lock_run(conn, run_id)
-            if row is None:
-                raise StoreError(f"no run {run_id!r} in this store")
-            write_step(conn, run_id, job, expected_version=None, previous_status=row.status,
-                       context_changed=True, worker=process_name(), results=None,
-                       dispatches=None, started=row.started)
-            if job.aborted is not None:
-                # Nothing new starts in an aborted run: drop the actions no one took yet.
-                conn.execute("DELETE FROM ablauf.tasks WHERE run_id = %s AND kind = 'action' "
-                             "AND lease_owner IS NULL", (run_id,))
-
-    def load(self, run_id: str) -> StoredRun:
-        """Load a run (info, program, initial context and job)."""
-        with self._tx(f"cannot load run {run_id}") as conn:
-            row = conn.execute(
-                "SELECT " + _INFO + ", source, initial_context::text, context::text, "
-                "todo::text FROM ablauf.runs WHERE run_id = %s", (run_id,)
-            ).fetchone()
-            if row is None:
-                raise StoreError(f"no run {run_id!r} in this store")
-            info = _info(row)
-            job = read_job(conn, run_id, row[10], row[11], info.restarts, row[7])
-        initial = serde.decode_value(json.loads(row[9])) if row[9] else {}
-        return StoredRun(info, job, row[8], initial)
-
-    def exists(self, run_id: str) -> bool:
-        with self._tx("cannot look up a run") as conn:
-            row = conn.execute("SELECT 1 FROM ablauf.runs WHERE run_id = %s",
-                               (run_id,)).fetchone()
-        return row is not None
-
-    def list_runs(self, *, limit: int | None = None) -> list[RunInfo]:
-        with self._tx("cannot list runs") as conn:
-            rows = conn.execute(
-                "SELECT " + _INFO + " FROM ablauf.runs ORDER BY created DESC, run_id "
-                + ("LIMIT %s" if limit else ""),
-                (limit,) if limit else (),
-            ).fetchall()
-        return [_info(r) for r in rows]
-
-    def close(self) -> None:
-        self.conn.close()
-
-    # ------------------------------------------------------------ for workers and tools
-
-    def info(self, run_id: str) -> RunInfo:
-        """What the store knows of a run, without reading its tree."""
-        with self._tx(f"cannot read run {run_id}") as conn:
-            row = conn.execute("SELECT " + _INFO + " FROM ablauf.runs WHERE run_id = %s",
-                               (run_id,)).fetchone()
-        if row is None:
-            raise StoreError(f"no run {run_id!r} in this store")
-        return _info(row)
-
-    def requeue(self, run_id: str, job: Job) -> None:
-        """Record a rewritten job (resume or retry) and queue a restart for the workers."""
-        with self._tx(f"cannot requeue run {run_id}") as conn:
-            row = lock_run(conn, run_id)
-            if row is None:
-                raise StoreError(f"no run {run_id!r} in this store")
-            write_step(conn, run_id, job, expected_version=None, previous_status=row.status,
-                       context_changed=True, worker=process_name(), results=None,
-                       dispatches=None, started=row.started)
-            enqueue_restart(conn, run_id, None)
-
-    def queue_counts(self) -> dict[str, int]:
-        """Tasks in the queue by state: ready, leased, broken (for people and tests)."""
-        with self._tx("cannot read the queue") as conn:
-            row = conn.execute(
-                "SELECT count(*) FILTER (WHERE lease_owner IS NULL AND error IS NULL), "
-                "count(*) FILTER (WHERE lease_owner IS NOT NULL), "
-                "count(*) FILTER (WHERE error IS NOT NULL) FROM ablauf.tasks"
-            ).fetchone()
-        assert row is not None
-        return {"ready": int(row[0]), "leased": int(row[1]), "broken": int(row[2])}
-
-
-_INFO = ("run_id, status, extract(epoch FROM created)::float8, "
-         "extract(epoch FROM updated)::float8, restarts, filename, error, aborted")
-
-
-def _info(row: Sequence[Any]) -> RunInfo:
-    return RunInfo(row[0], Status(row[1]), float(row[2]), float(row[3]), int(row[4]), row[5],
-                   row[6])
-
-
-@contextmanager
-def _errors(what: str) -> Iterator[None]:
-    """Turn driver errors into a one-line StoreError."""
-    try:
-        yield
-    except psycopg.Error as exc:
-        raise StoreError(f"{what}: {one_line(exc)}") from None
 
 
 __all__ = ["JobCache", "PostgresStore", "migrate", "schema_version"]

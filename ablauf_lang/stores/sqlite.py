@@ -45,7 +45,7 @@ CREATE TABLE runs (
     todo TEXT NOT NULL,
     touched TEXT NOT NULL,
     n_nodes INTEGER NOT NULL,
-    version INTEGER NOT NULL,
+    snapshot_seq INTEGER NOT NULL,
     source TEXT,
     filename TEXT,
     initial_context TEXT NOT NULL,
@@ -61,6 +61,14 @@ CREATE TABLE nodes (
     children TEXT,
     PRIMARY KEY (run, node)
 );
+CREATE TABLE deltas (
+    run INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    updated REAL NOT NULL,
+    restarts INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (run, seq)
+) WITHOUT ROWID;
 CREATE TABLE context (
     run INTEGER NOT NULL,
     key TEXT NOT NULL,
@@ -272,6 +280,17 @@ class SqliteStore(SqlStore):
                         conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise self._error(exc) from None
+
+    def _write_one(self, sql: str, params: Sequence[Any]) -> int:
+        with self._lock:
+            try:
+                # Autocommit: the statement is its own transaction (and waits on the busy
+                # timeout like BEGIN IMMEDIATE does).
+                count = self._conn.execute(sql, params).rowcount
+            except sqlite3.Error as exc:
+                raise self._error(exc) from None
+        self.commits += 1
+        return int(count)
 
     def _insert_run(self, cur: Any, columns: Sequence[str], values: Sequence[Any]) -> int:
         marks = ", ".join("?" for _ in columns)

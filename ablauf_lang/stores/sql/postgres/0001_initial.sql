@@ -1,15 +1,20 @@
--- ablauf on PostgreSQL, schema version 1.
+-- ablauf on PostgreSQL, schema version 1. Applied by ablauf_lang/stores/postgres.py, in one
+-- transaction, the first time a store or a worker opens the database.
 --
 -- Everything lives in the schema "ablauf":
---   runs      one row per run: its status, context and what the next restart must look at
---   nodes     one row per node of a run's job tree; a restart rewrites only the nodes it
---             changed, so a step costs the same whatever the size of the tree
---   tasks     the queue: 'restart' tasks carry a result to apply, 'action' tasks carry an
---             action to perform; workers take them with FOR UPDATE SKIP LOCKED
---   restarts  one row per recorded step of a run (who, when, how many results), in order
---   schema_version  which of these migration files have been applied
+--   runs      one row per run: status, restarts, what the next restart must look at
+--   nodes     a snapshot of each run's job tree: one row per node (spec, state, children)
+--   context   a snapshot of each run's context: one row per top-level key
+--   deltas    what each step changed since the snapshot (one small row per step); every
+--             so many steps they are folded into nodes and context
+--             (runs, nodes, context, deltas: as ablauf_lang/stores/sqlbase.py writes them)
+--   tasks     the queue: 'restart' tasks carry a result to apply, 'action' tasks an action
+--             to perform; workers take them with FOR UPDATE SKIP LOCKED
+--   restarts  one row per recorded step of a run: who wrote it, when, how many results
+--   run_list, queue   views for people: times as timestamps, the queue's state in words
 --
--- The store applies this file itself (ablauf_lang/stores/postgres.py), in one transaction.
+-- JSON is stored as text written by json.dumps (cast with ::json to query into it); times
+-- in runs are seconds since the epoch (see the run_list view).
 
 CREATE SCHEMA IF NOT EXISTS ablauf;
 
@@ -19,76 +24,106 @@ CREATE TABLE ablauf.schema_version (
 );
 
 CREATE TABLE ablauf.runs (
-    run_id          text PRIMARY KEY,
-    status          text NOT NULL DEFAULT 'pending'
-                    CHECK (status IN ('pending', 'success', 'failure')),
-    created         timestamptz NOT NULL DEFAULT now(),
-    updated         timestamptz NOT NULL DEFAULT now(),
-    restarts        integer NOT NULL DEFAULT 0,  -- restarts the job went through
-    version         bigint NOT NULL DEFAULT 0,   -- +1 on every write; node rows carry it
-    filename        text,                        -- where the program came from
-    source          text,                        -- the program
-    initial_context json NOT NULL,
-    context         json NOT NULL,               -- the context now
-    todo            json NOT NULL,               -- branches the next restart must look at
+    id              bigserial PRIMARY KEY,
+    run_id          text NOT NULL UNIQUE,        -- the public id
+    status          text NOT NULL CHECK (status IN ('pending', 'success', 'failure')),
+    created         double precision NOT NULL,   -- seconds since the epoch
+    updated         double precision NOT NULL,   -- as of the snapshot (see run_list)
+    restarts        integer NOT NULL,            -- as of the snapshot
     aborted         text,                        -- the abort reason, once aborted
-    error           text                         -- why a restart of this run could not run
+    todo            text NOT NULL,               -- JSON: branches the next restart must visit
+    touched         text NOT NULL,               -- JSON: node ids the last write changed
+    n_nodes         integer NOT NULL,            -- rows the snapshot has in nodes
+    snapshot_seq    bigint NOT NULL,             -- the write nodes and context are current with
+    source          text,                        -- the program
+    filename        text,                        -- where it came from
+    initial_context text NOT NULL,               -- JSON
+    format          integer NOT NULL,            -- ablauf_lang.serde.VERSION of the records
+    error           text                         -- why the run failed, or why a restart of
+                                                 -- it could not be performed
 );
-CREATE INDEX runs_created ON ablauf.runs (created DESC);
-CREATE INDEX runs_pending ON ablauf.runs (updated) WHERE status = 'pending';
+CREATE INDEX runs_created ON ablauf.runs (created);
 
 CREATE TABLE ablauf.nodes (
-    run_id   text NOT NULL REFERENCES ablauf.runs ON DELETE CASCADE,
-    node_id  integer NOT NULL,      -- pre-order id in the job tree
-    version  bigint NOT NULL,       -- the run's version when this row was last written
-    kind     text NOT NULL,         -- leaf, seq, par, try ...
-    action   text,                  -- leaves: the action
-    result   text,                  -- leaves: null (not started), pending, success, failure ...
-    record   json NOT NULL,         -- the node as ablauf_lang.serde.encode_node writes it
-    PRIMARY KEY (run_id, node_id)
+    run       bigint NOT NULL REFERENCES ablauf.runs (id) ON DELETE CASCADE,
+    node      integer NOT NULL,   -- pre-order id in the job tree
+    spec      text NOT NULL,      -- JSON: what the node is (kind, action, payload ...)
+    state     text NOT NULL,      -- JSON: what happened (result, output, error, attempt ...)
+    children  text,               -- JSON: a branch's child ids; null for a leaf
+    PRIMARY KEY (run, node)
 );
--- A worker that has an older copy of a job in memory reads only the rows written since.
-CREATE INDEX nodes_version ON ablauf.nodes (run_id, version);
+
+CREATE TABLE ablauf.deltas (
+    run       bigint NOT NULL REFERENCES ablauf.runs (id) ON DELETE CASCADE,
+    seq       bigint NOT NULL,             -- write number: snapshot_seq + 1, + 2 ...
+    updated   double precision NOT NULL,
+    restarts  integer NOT NULL,
+    data      text NOT NULL,               -- JSON: the nodes, context keys, fields changed
+    PRIMARY KEY (run, seq)
+);
+
+CREATE TABLE ablauf.context (
+    run    bigint NOT NULL REFERENCES ablauf.runs (id) ON DELETE CASCADE,
+    key    text NOT NULL,        -- JSON of the key
+    pos    integer NOT NULL,     -- the key's place in the context's order
+    value  text NOT NULL,        -- JSON
+    PRIMARY KEY (run, key)
+);
 
 CREATE TABLE ablauf.tasks (
     task_id     bigserial PRIMARY KEY,      -- queue order
-    run_id      text NOT NULL REFERENCES ablauf.runs ON DELETE CASCADE,
+    run_id      text NOT NULL REFERENCES ablauf.runs (run_id) ON DELETE CASCADE,
     kind        text NOT NULL CHECK (kind IN ('restart', 'action')),
     created     timestamptz NOT NULL DEFAULT now(),
-    -- restart tasks: the result to apply (null: restart without a result, e.g. a new run)
-    result      json,
+    -- restart tasks: the result to apply (JSON; null: restart without one, e.g. a new run)
+    result      text,
     -- action tasks: the dispatch to perform
-    node_id     integer,
+    node        integer,
     attempt     integer,
     action      text,
     idempotent  boolean,
-    payload     json,
-    context     json,                       -- the context when the action was dispatched
-    -- an action task being performed is leased by one worker, which renews the lease;
-    -- when a lease expires (the worker died) any worker recovers the task
-    lease_owner text,
+    payload     text,                       -- JSON
+    context     text,                       -- JSON: the context when it was dispatched
+    -- an action being performed is leased by one worker, which renews the lease while the
+    -- action runs; when a lease expires (its worker died) any worker recovers the task
+    lease_owner text,                       -- host:pid of the worker
     lease_until timestamptz,
     tries       integer NOT NULL DEFAULT 0, -- how many times the action was taken
-    error       text,                       -- set when the task could not be processed;
-                                            -- such a task is kept and never taken again
+    error       text,                       -- set when the task could not be processed:
+                                            -- kept, never taken again
     CHECK (kind = 'action' OR lease_owner IS NULL)
 );
-CREATE INDEX tasks_ready ON ablauf.tasks (task_id)
-    WHERE lease_owner IS NULL AND error IS NULL;
-CREATE INDEX tasks_run_restarts ON ablauf.tasks (run_id, task_id)
-    WHERE kind = 'restart';
-CREATE INDEX tasks_run_actions ON ablauf.tasks (run_id)
-    WHERE kind = 'action';
-CREATE INDEX tasks_leases ON ablauf.tasks (lease_until)
-    WHERE lease_owner IS NOT NULL;
+CREATE INDEX tasks_ready ON ablauf.tasks (task_id) WHERE lease_owner IS NULL AND error IS NULL;
+CREATE INDEX tasks_restarts ON ablauf.tasks (run_id, task_id) WHERE kind = 'restart';
+CREATE INDEX tasks_actions ON ablauf.tasks (run_id) WHERE kind = 'action';
+CREATE INDEX tasks_leases ON ablauf.tasks (lease_until) WHERE lease_owner IS NOT NULL;
 
 CREATE TABLE ablauf.restarts (
-    run_id      text NOT NULL REFERENCES ablauf.runs ON DELETE CASCADE,
-    version     bigint NOT NULL,        -- the run version this step wrote
+    run_id      text NOT NULL REFERENCES ablauf.runs (run_id) ON DELETE CASCADE,
+    seq         bigint NOT NULL,        -- the write number of this step (deltas.seq)
     worker      text NOT NULL,          -- host:pid of the process that wrote it
     results     integer,                -- results applied (null: written through the API)
     dispatches  integer,                -- actions started
     started     timestamptz NOT NULL,   -- when the run's row lock was taken
     finished    timestamptz NOT NULL,   -- when the step's writes were done
-    PRIMARY KEY (run_id, version)
+    PRIMARY KEY (run_id, seq)
 );
+
+CREATE VIEW ablauf.run_list AS
+    SELECT r.run_id, r.status, to_timestamp(r.created) AS created,
+           to_timestamp(coalesce(d.updated, r.updated)) AS updated,
+           coalesce(d.restarts, r.restarts) AS restarts, r.n_nodes AS nodes, r.filename,
+           r.aborted, r.error
+    FROM ablauf.runs r
+    LEFT JOIN LATERAL (SELECT updated, restarts FROM ablauf.deltas
+                       WHERE run = r.id ORDER BY seq DESC LIMIT 1) d ON true
+    ORDER BY r.created DESC;
+
+CREATE VIEW ablauf.queue AS
+    SELECT task_id, run_id, kind, node, action, created,
+           CASE WHEN error IS NOT NULL THEN 'broken'
+                WHEN lease_owner IS NULL THEN 'ready'
+                WHEN lease_until < now() THEN 'lease expired'
+                ELSE 'running' END AS state,
+           lease_owner, lease_until, tries, error
+    FROM ablauf.tasks ORDER BY task_id;

@@ -57,8 +57,11 @@ _KIND_NAMES: dict[str, str] = {
     "timeout": "timeout!!",
 }
 
-# The three children of a try node, by position.
-_TRY_ROLES = ("body", "rescue!!", "finally!!")
+# What the fixed children of a branch kind are, by position.
+_ROLES: dict[str, tuple[str | None, ...]] = {
+    "try": ("body", "rescue!!", "finally!!"),
+    "if": ("then", "else"),
+}
 
 # Marks a node whose state changed in the last step.
 CHANGED_MARK = "●"
@@ -143,9 +146,16 @@ def node_text(
             text.append(" idempotent", style="dim")
     else:
         text.append(role or kind_name(node.kind), style="bold blue")
+        if hasattr(node, "test"):  # (if!! test ...): the test, decided when reached
+            text.append(" " + format_value(node.test, width))
+        if hasattr(node, "var") and hasattr(node, "coll"):  # (doseq!! [x coll] ...)
+            text.append(f" [{node.var} {format_value(node.coll, width)}]")
     text.append("  ")
     text.append_text(state_text(state))
-    if isinstance(node, Leaf):
+    if not isinstance(node, Leaf):
+        if getattr(node, "error", None) is not None:  # a test or collection that failed
+            text.append(" → " + format_value(node.error, width), style="red")
+    else:
         if node.result is LeafState.SUCCESS and node.output is not None:
             text.append(" → " + format_value(node.output, width), style="green")
         elif node.result in (LeafState.FAILURE, LeafState.TIMEOUT):
@@ -191,9 +201,9 @@ def job_tree(
         shown += 1
         branch = parent.add(node_text(node, role, changed=node.id in marked, width=width))
         kids = list(getattr(node, "children", ()))
-        roles: tuple[str | None, ...] = (
-            _TRY_ROLES if node.kind == "try" and len(kids) == 3 else (None,) * len(kids)
-        )
+        roles = _ROLES.get(node.kind, ())
+        if len(roles) != len(kids):
+            roles = (None,) * len(kids)
         for kid, kid_role in reversed(list(zip(kids, roles, strict=True))):
             stack.append((kid, branch, kid_role))
     return top

@@ -12,6 +12,7 @@ expressions) are tagged `{"$map": ...}`, `{"$tuple": ...}` or by a registered co
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Callable
 from dataclasses import replace
@@ -98,7 +99,8 @@ def decode_value(data: Any) -> Any:
 def _decode_deferred(data: list[Any]) -> Deferred:
     tag, inner = data
     if tag not in Deferred.registry:
-        import ablauf_lang.expr  # noqa: F401  (registers the language's expressions)
+        # The language's expressions register themselves when their module is imported.
+        importlib.import_module("ablauf_lang.expr")
     cls = Deferred.registry.get(tag)
     if cls is None:
         raise JobError(f"stored job holds a run-time expression of unknown kind {tag!r}")

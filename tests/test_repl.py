@@ -18,7 +18,7 @@ import pytest
 from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
 from prompt_toolkit.history import InMemoryHistory
-from prompt_toolkit.input import create_pipe_input
+from prompt_toolkit.input import DummyInput, create_pipe_input
 from prompt_toolkit.output import DummyOutput
 from prompt_toolkit.validation import ValidationError
 from rich.console import Console
@@ -52,6 +52,7 @@ def make_repl(actions: dict[str, Any] | None = None, **kw: Any) -> tuple[Repl, i
         actions if actions is not None else {"record": record},
         console=console,
         history=InMemoryHistory(),
+        input=DummyInput(),
         output=DummyOutput(),
         **kw,
     )
@@ -527,3 +528,27 @@ def test_repl_in_a_real_terminal(tmp_path: Path, tmux: Tmux) -> None:
     history = (tmp_path / "state" / "ablauf" / "repl_history").read_text(encoding="utf-8")
     assert "+:manual" in history
     assert "+(fail!! 2))" in history
+
+
+def test_run_time_kinds_render_with_their_roles() -> None:
+    # if!! and doseq!! come from hand-built trees until the compiler knows them.
+    from pyrsistent import pvector
+
+    from ablauf_lang.nodes import Doseq, If
+    from tests.builders import Do, L, job_of, number
+
+    tree = Do(
+        If(-1, False, pvector([Do(L("yes/act")), Do(L("no/act"))])),
+        Doseq(-1, "x", [1, 2], number(L("each/act"))),
+    )
+    repl, out = make_repl(actions={"yes/act": record, "no/act": record, "each/act": record})
+    repl.stepper.start(job_of(tree))
+    repl.handle(":run")
+    repl.handle(":tree")
+    text = out.getvalue().split("job finished")[1]
+    assert "#1 if!! false  success" in text
+    assert "#2 then  success" in text  # a branch whose leaves were all skipped
+    assert '#3 yes/act "yes/act"  skipped' in text
+    assert "#4 else  success" in text
+    assert "#6 doseq!! [x [1 2]]  success" in text
+    assert text.count('each/act "each/act"  success') == 2  # one body per element

@@ -36,19 +36,18 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
 from typing import Any
 
 import psycopg
 
-from ablauf_lang import semantics, serde
-from ablauf_lang.errors import AblaufError, InternalError, StoreError
-from ablauf_lang.job import ALL, INTERRUPTED, Job, restart_job
-from ablauf_lang.nodes import Dispatch, LeafState, Node, Result, Status
+from ablauf_lang import serde
+from ablauf_lang.errors import AblaufError, InternalError, RunError, StoreError
+from ablauf_lang.job import INTERRUPTED, Job, can_replay, prepare_replay, restart_job
+from ablauf_lang.nodes import Dispatch, LeafState, Result, Status
 from ablauf_lang.stores import sqlbase
-from ablauf_lang.stores.base import run_error
 
 TASKS_CHANNEL = "ablauf_tasks"  # NOTIFY: tasks are ready to be taken
 RUNS_CHANNEL = "ablauf_runs"  # NOTIFY run_id: the run finished
@@ -191,32 +190,48 @@ def decode_result(text: str) -> Result:
     )
 
 
-def _decode_key(text: str) -> Any:
-    value = serde.decode_value(json.loads(text))
-    return tuple(value) if isinstance(value, list) else value
-
-
-def context_from_rows(rows: Sequence[Sequence[Any]]) -> dict[Any, Any]:
-    """The context from its rows `(key, value)` in position order (as sqlbase writes them)."""
-    return {_decode_key(k): serde.decode_value(json.loads(v)) for k, v in rows}
-
-
 # ---------------------------------------------------------------- the store
 
 
+class SharedKnown(OrderedDict[str, sqlbase.Known]):
+    """`SqlStore._known` shared by the store objects of one process's threads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+
+    def move_to_end(self, key: str, last: bool = True) -> None:
+        with self._lock:
+            if key in self:  # another thread may have just dropped it
+                super().move_to_end(key, last)
+
+    def popitem(self, last: bool = True) -> tuple[str, sqlbase.Known]:
+        with self._lock:
+            return super().popitem(last)
+
+
 class PostgresStore(sqlbase.SqlStore):
-    """Runs in a PostgreSQL database (`postgresql://...`), shared by many processes."""
+    """Runs in a PostgreSQL database (`postgresql://...`), shared by many processes.
+
+    The `JobStore` protocol is `sqlbase.SqlStore`'s. A transaction opened by one of the
+    methods below (or by the worker) takes in the `sqlbase` operations called inside it:
+    they run in it rather than in transactions of their own.
+    """
 
     PLACEHOLDER = "%s"
 
-    def __init__(self, conn: psycopg.Connection, url: str) -> None:
+    def __init__(
+        self, conn: psycopg.Connection, url: str, *, known: SharedKnown | None = None
+    ) -> None:
         super().__init__()
+        if known is not None:
+            self._known = known
         self.conn = conn
         self.url = redact(url)
         self._lock = threading.RLock()
 
     @classmethod
-    def from_url(cls, url: str) -> PostgresStore:
+    def from_url(cls, url: str, *, known: SharedKnown | None = None) -> PostgresStore:
         """Connect, create or migrate the schema, and return the store."""
         conn = connect(url)
         try:
@@ -224,7 +239,7 @@ class PostgresStore(sqlbase.SqlStore):
         except BaseException:
             conn.close()
             raise
-        return cls(conn, url)
+        return cls(conn, url, known=known)
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.url!r})"
@@ -237,22 +252,28 @@ class PostgresStore(sqlbase.SqlStore):
 
     # ------------------------------------------------------------ sqlbase hooks
 
+    def _in_transaction(self) -> bool:
+        return self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+
     @contextmanager
     def _write(self) -> Iterator[psycopg.Cursor[Any]]:
         with self._lock, _errors(self.url):
-            outer = self.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            if self._in_transaction():  # part of the caller's transaction
+                yield self.conn.cursor()
+                return
             with self.conn.transaction():
                 yield self.conn.cursor()
-            if outer:
-                self.commits += 1
+            self.commits += 1
 
     @contextmanager
     def _read(self) -> Iterator[psycopg.Cursor[Any]]:
         with self._lock, _errors(self.url):
-            outer = self.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            if self._in_transaction():
+                yield self.conn.cursor()
+                return
             with self.conn.transaction():
-                if outer:  # one snapshot for every SELECT of the operation
-                    self.conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                # One snapshot for every SELECT of the operation.
+                self.conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 yield self.conn.cursor()
 
     def _insert_run(self, cur: Any, columns: Sequence[str], values: Sequence[Any]) -> int:
@@ -273,7 +294,7 @@ class PostgresStore(sqlbase.SqlStore):
         run_id: str | None = None,
         enqueue: bool = False,
     ) -> str:
-        """Record a new run; with `enqueue`, queue its first restart for the workers too
+        """Record a new run; with `enqueue`, also queue its first restart for the workers
         (in the same transaction: a submitted run is never left without a task)."""
         with self._write():
             run_id = super().create_run(job, source=source, filename=filename, run_id=run_id)
@@ -282,7 +303,8 @@ class PostgresStore(sqlbase.SqlStore):
         return run_id
 
     def record(self, run_id: str, job: Job) -> None:
-        """Record a step (sqlbase); an aborted run's actions no one took yet are dropped."""
+        """Record a step (see sqlbase); in an aborted run, the actions no one took yet are
+        dropped from the queue."""
         with self._write():
             super().record(run_id, job)
             if job.aborted is not None:
@@ -298,19 +320,63 @@ class PostgresStore(sqlbase.SqlStore):
 
     # ------------------------------------------------------------ for workers and tools
 
-    def requeue(self, run_id: str, job: Job) -> None:
-        """Record a rewritten job (resume, retry) and queue a restart for the workers."""
-        with self._write():
-            self.record(run_id, job)
-            enqueue_restart(self.conn, run_id, None)
+    def restart(
+        self,
+        row: RunRow,
+        extra: Sequence[Result],
+        *,
+        worker: str,
+        claim: int = 0,
+        lease: float = 30.0,
+    ) -> Step:
+        """Restart a run whose row the caller locked (in its open transaction): every
+        result queued for it plus `extra`, in one go; write the step and enqueue its actions.
 
-    @contextmanager
-    def locked(self, run_id: str) -> Iterator[None]:
-        """A transaction holding the run's row lock: no worker restarts it meanwhile."""
+        The job comes from what this process last wrote or read of the run, when that is
+        still the newest write (`row.seq`); otherwise it is read again.
+        """
+        conn = self.conn
+        queued = take_results(conn, row.run_id)
+        results = [r for _, r in queued if r is not None]
+        results.extend(extra)
+        known = self._known.get(row.run_id)
+        if known is None or known.seq != row.seq or known.key != row.key:
+            self.loads += 1
+            old = self.load(row.run_id).job
+        else:
+            old = known.job
+        new, dispatches = restart_job(old, results, time.time())
+        self.record(row.run_id, new)
+        seq = self._known[row.run_id].seq
+        conn.execute(
+            "INSERT INTO restarts (run_id, seq, worker, results, dispatches, started, "
+            "finished) VALUES (%s, %s, %s, %s, %s, %s, clock_timestamp())",
+            (row.run_id, seq, worker, len(results), len(dispatches), row.started),
+        )
+        if row.status == Status.PENDING and new.status is not Status.PENDING:
+            conn.execute("SELECT pg_notify(%s, %s)", (RUNS_CHANNEL, row.run_id))
+        claimed = enqueue_actions(
+            conn, row.run_id, dispatches, claim=claim, owner=worker, lease=lease
+        )
+        return Step(new, seq, len(results), [t for t, _ in queued], claimed)
+
+    def forget(self, run_id: str) -> None:
+        """Drop what this process knows of a run (after a failed or doubtful transaction)."""
+        self._known.pop(run_id, None)
+
+    def requeue(self, run_id: str, *, retry: bool) -> Job:
+        """Hand a run back to the workers: resume it (`retry=False`, an unfinished run) or
+        retry its failed steps (`retry=True`, a failed run). The replay is recorded and a
+        restart queued in one transaction holding the run's lock; returns the job."""
         with self._write():
             if lock_run(self.conn, run_id) is None:
-                raise self._unknown(run_id)
-            yield
+                raise RunError(f"no run {run_id!r} in {self._where()}")
+            job = self.load(run_id).job
+            check_replay(run_id, job, retry=retry)
+            job = prepare_replay(job, retry_interrupted=retry)
+            self.record(run_id, job)
+            enqueue_restart(self.conn, run_id, None)
+        return job
 
     def queue_counts(self) -> dict[str, int]:
         """Tasks by state: ready, leased (being performed), broken (kept aside)."""
@@ -322,6 +388,29 @@ class PostgresStore(sqlbase.SqlStore):
             )
             row = cur.fetchone()
         return {"ready": int(row[0]), "leased": int(row[1]), "broken": int(row[2])}
+
+    loads = 0  # jobs read again because another process had written the run since
+
+
+def check_replay(run_id: str, job: Job, *, retry: bool) -> None:
+    """RunError unless the run can be resumed (`retry=False`) or retried (`retry=True`),
+    with the same rules as `ablauf_lang.resume` and `ablauf_lang.retry`."""
+    if not retry:
+        if job.done:
+            raise RunError(
+                f"run {run_id} already finished ({job.status}); use retry to run "
+                "its failed steps again"
+            )
+        return
+    if not job.done:
+        raise RunError(f"run {run_id} is still running; resume it, or abort it first")
+    if job.status is Status.SUCCESS:
+        raise RunError(f"run {run_id} succeeded: nothing to retry")
+    if not can_replay(job, retry_interrupted=True):
+        raise RunError(
+            f"run {run_id} has nothing to retry: its failed steps are not "
+            "idempotent (mark them {:idempotent? true} to allow retries)"
+        )
 
 
 def prepare(conn: psycopg.Connection, url: str) -> None:
@@ -340,37 +429,6 @@ def _errors(url: str) -> Iterator[None]:
         raise StoreError(f"PostgreSQL store {url}: {one_line(exc)}") from None
 
 
-# ---------------------------------------------------------------- the job cache
-
-
-class JobCache:
-    """Jobs a worker restarted, by run id, with the run version each corresponds to."""
-
-    def __init__(self, size: int = 256) -> None:
-        self.size = size
-        self._jobs: OrderedDict[str, tuple[int, Job]] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = self.catchups = self.loads = 0
-
-    def get(self, run_id: str) -> tuple[int, Job] | None:
-        with self._lock:
-            entry = self._jobs.get(run_id)
-            if entry is not None:
-                self._jobs.move_to_end(run_id)
-            return entry
-
-    def put(self, run_id: str, version: int, job: Job) -> None:
-        with self._lock:
-            self._jobs[run_id] = (version, job)
-            self._jobs.move_to_end(run_id)
-            while len(self._jobs) > self.size:
-                self._jobs.popitem(last=False)
-
-    def drop(self, run_id: str) -> None:
-        with self._lock:
-            self._jobs.pop(run_id, None)
-
-
 # ---------------------------------------------------------------- the run row
 
 
@@ -380,32 +438,15 @@ class RunRow:
 
     key: int  # runs.id
     run_id: str
-    version: int
     status: str
-    restarts: int
-    aborted: str | None
-    todo: str
-    touched: str
-    n_nodes: int
-    format: int
+    seq: int  # the newest write: the last delta's seq, or the snapshot's
     started: datetime  # clock_timestamp() when the lock was taken
-
-    def mapping(self) -> dict[str, Any]:
-        """The columns `sqlbase.job_from_rows` reads."""
-        return {
-            "run_id": self.run_id,
-            "n_nodes": self.n_nodes,
-            "format": self.format,
-            "restarts": self.restarts,
-            "aborted": self.aborted,
-            "todo": self.todo,
-            "touched": self.touched,
-        }
 
 
 _LOCK_RUN = (
-    "SELECT id, version, status, restarts, aborted, todo, touched, n_nodes, format, "
-    "clock_timestamp() FROM ablauf.runs WHERE run_id = %s FOR NO KEY UPDATE"
+    "SELECT r.id, r.status, coalesce((SELECT max(d.seq) FROM ablauf.deltas d "
+    "WHERE d.run = r.id), r.snapshot_seq), clock_timestamp() FROM ablauf.runs r "
+    "WHERE r.run_id = %s FOR NO KEY UPDATE"
 )
 
 
@@ -413,254 +454,14 @@ def lock_run(conn: psycopg.Connection, run_id: str, *, wait: bool = True) -> Run
     """Lock the run's row for this transaction: one restart of a run at a time.
 
     `FOR NO KEY UPDATE` is the lock an UPDATE of the row takes: it excludes other restarts
-    of the run, but not the foreign-key checks of tasks being inserted for it, so queueing
-    a result never waits for a restart. With `wait=False` a locked row gives None.
+    of the run, but not the foreign-key checks of rows being inserted for it (a queued
+    result, a delta), so queueing a result never waits for a restart. With `wait=False` a
+    row another transaction holds gives None at once.
     """
     row = conn.execute(_LOCK_RUN if wait else _LOCK_RUN + " SKIP LOCKED", (run_id,)).fetchone()
     if row is None:
         return None
-    return RunRow(
-        int(row[0]),
-        run_id,
-        int(row[1]),
-        row[2],
-        int(row[3]),
-        row[4],
-        row[5],
-        row[6],
-        int(row[7]),
-        int(row[8]),
-        row[9],
-    )
-
-
-def read_job(conn: psycopg.Connection, row: RunRow) -> Job:
-    """Read a run's whole job (under its row lock, so it is consistent)."""
-    nodes = conn.execute(
-        "SELECT node, spec, state, children FROM ablauf.nodes WHERE run = %s ORDER BY node",
-        (row.key,),
-    ).fetchall()
-    return sqlbase.job_from_rows(row.mapping(), nodes, _context_rows(conn, row.key))
-
-
-def _context_rows(conn: psycopg.Connection, key: int) -> list[Any]:
-    return conn.execute(
-        "SELECT key, value FROM ablauf.context WHERE run = %s ORDER BY pos, key", (key,)
-    ).fetchall()
-
-
-def job_for(conn: psycopg.Connection, row: RunRow, cache: JobCache | None) -> Job:
-    """The run's job under its row lock: the cached copy, caught up, or read in full."""
-    entry = cache.get(row.run_id) if cache is not None else None
-    if cache is None or entry is None or entry[0] > row.version:
-        if cache is not None:
-            cache.loads += 1
-        return read_job(conn, row)
-    version, job = entry
-    if version == row.version:
-        cache.hits += 1
-        return job
-    rows = conn.execute(
-        "SELECT node, spec, state, children FROM ablauf.nodes WHERE run = %s AND version > %s",
-        (row.key, version),
-    ).fetchall()
-    caught = None
-    if row.n_nodes == len(job.paths):
-        caught = catch_up(job, rows)
-    if caught is None:
-        cache.loads += 1
-        return read_job(conn, row)
-    cache.catchups += 1
-    return Job(
-        caught,
-        context_from_rows(_context_rows(conn, row.key)),
-        job.paths,
-        decode_todo(row.todo),
-        row.restarts,
-        frozenset(),
-        row.aborted,
-    )
-
-
-def decode_todo(text: str) -> dict[int, Any]:
-    """`runs.todo` back into `Job.todo`."""
-    return {int(k): (ALL if v == "all" else frozenset(v)) for k, v in json.loads(text).items()}
-
-
-def _replace_at(root: Node, path: Sequence[int], new: Node) -> Node:
-    """Put `new` at `path`, each ancestor's summary updated on the way up (O(depth))."""
-    chain: list[Node] = []
-    node = root
-    for i in path:
-        chain.append(node)
-        node = node.children[i]
-    for parent, i in zip(reversed(chain), reversed(path), strict=True):
-        new = semantics.replace_child(parent, i, new)
-    return new
-
-
-def _node_at(root: Node, path: Sequence[int]) -> Node:
-    node = root
-    for i in path:
-        node = node.children[i]
-    return node
-
-
-def catch_up(job: Job, rows: Sequence[Sequence[Any]]) -> Node | None:
-    """The tree of `job` with node rows written since applied; None when only a full read
-    will do (nodes were added or removed, a branch's children changed, an unknown kind)."""
-    paths = job.paths
-    leaves: list[dict[str, Any]] = []
-    branches: list[dict[str, Any]] = []
-    for node_id, spec, state, children in rows:
-        if not 0 <= node_id < len(paths):
-            return None
-        record = sqlbase.record_from_row(spec, state, children)
-        (leaves if record.get("kind") == "leaf" else branches).append(record)
-    root = job.root
-    for record in leaves:
-        leaf = serde.decode_nodes([record])
-        if _node_at(root, paths[leaf.id]).kind != "leaf":
-            return None
-        root = _replace_at(root, paths[leaf.id], leaf)
-    # Branches deepest first (pre-order ids: descendants have larger ids), so each is
-    # rebuilt over children already current.
-    for record in sorted(branches, key=lambda r: -int(r["id"])):
-        path = paths[record["id"]]
-        current = _node_at(root, path)
-        if current.kind != record.get("kind") or [c.id for c in current.children] != record.get(
-            "children", [c.id for c in current.children]
-        ):
-            return None
-        updated = _branch_state(current, record)
-        if updated is None:
-            return None
-        if updated is not current:
-            root = _replace_at(root, path, updated)
-    return root
-
-
-def _branch_state(node: Node, record: dict[str, Any]) -> Node | None:
-    """`node` with its own fields (a cursor) from `record`, its children kept; None when
-    another field changed (an `if!!` chose, a `doseq!!` failed): read the whole job."""
-    stored = {k: v for k, v in record.items() if k not in sqlbase.SPEC_KEYS and k != "children"}
-    mine = serde.encode_branch_fields(node)
-    if stored == mine:
-        return node  # nothing of its own changed (par, try have no own fields)
-    changed = {k for k in stored.keys() | mine.keys() if stored.get(k) != mine.get(k)}
-    if changed == {"cursor"} and hasattr(node, "cursor"):
-        return replace(node, cursor=int(stored["cursor"]))  # type: ignore[type-var]
-    return None
-
-
-# ---------------------------------------------------------------- writing a step
-
-
-def write_step(
-    conn: psycopg.Connection,
-    row: RunRow,
-    old: Job,
-    new: Job,
-    *,
-    worker: str,
-    results: int | None,
-    dispatches: int | None,
-) -> int:
-    """Write what turned `old` into `new` (`sqlbase.diff`) under the run's row lock, with a
-    `restarts` row; return the run's new version.
-
-    The version must not have moved under the lock (InternalError otherwise: the caller
-    rolls back). A run that just finished is announced on `RUNS_CHANNEL`.
-    """
-    delta = sqlbase.diff(old, new)
-    got = conn.execute(
-        "WITH r AS (UPDATE ablauf.runs SET status = %s, updated = %s, restarts = %s, "
-        "aborted = %s, todo = %s, touched = %s, n_nodes = %s, error = %s, format = %s, "
-        "version = version + 1 WHERE id = %s AND version = %s RETURNING version) "
-        "INSERT INTO ablauf.restarts (run_id, version, worker, results, dispatches, started, "
-        "finished) SELECT %s, r.version, %s, %s, %s, %s, clock_timestamp() FROM r "
-        "RETURNING version",
-        (
-            str(new.status),
-            time.time(),
-            new.restarts,
-            new.aborted,
-            sqlbase.encode_todo(new),
-            _dumps(sorted(new.touched)),
-            len(new.paths),
-            run_error(new),
-            serde.VERSION,
-            row.key,
-            row.version,
-            row.run_id,
-            worker,
-            results,
-            dispatches,
-            row.started,
-        ),
-    ).fetchone()
-    if got is None:
-        raise InternalError(
-            f"run {row.run_id} changed under its row lock (expected version {row.version})"
-        )
-    version = int(got[0])
-    _write_delta(conn, row.key, version, delta)
-    if row.status == Status.PENDING and new.status is not Status.PENDING:
-        conn.execute("SELECT pg_notify(%s, %s)", (RUNS_CHANNEL, row.run_id))
-    return version
-
-
-def _write_delta(conn: psycopg.Connection, key: int, version: int, delta: sqlbase.Delta) -> None:
-    """The rows of a delta, each kind in one statement, stamped with `version`."""
-    if delta.reset:
-        conn.execute("DELETE FROM ablauf.nodes WHERE run = %s", (key,))
-        conn.execute("DELETE FROM ablauf.context WHERE run = %s", (key,))
-    if delta.drop_from is not None:
-        conn.execute(
-            "DELETE FROM ablauf.nodes WHERE run = %s AND node >= %s", (key, delta.drop_from)
-        )
-    if delta.full:
-        conn.execute(
-            "INSERT INTO ablauf.nodes (run, node, spec, state, children, version) "
-            "SELECT %s, u.node, u.spec, u.state, u.children, %s "
-            "FROM unnest(%s::int[], %s::text[], %s::text[], %s::text[]) "
-            "AS u(node, spec, state, children) "
-            "ON CONFLICT (run, node) DO UPDATE SET spec = EXCLUDED.spec, "
-            "state = EXCLUDED.state, children = EXCLUDED.children, version = EXCLUDED.version",
-            (
-                key,
-                version,
-                [r.node for r in delta.full],
-                [r.spec for r in delta.full],
-                [r.state for r in delta.full],
-                [r.children for r in delta.full],
-            ),
-        )
-    if delta.states:
-        conn.execute(
-            "UPDATE ablauf.nodes n SET state = u.state, version = %s "
-            "FROM unnest(%s::int[], %s::text[]) AS u(node, state) "
-            "WHERE n.run = %s AND n.node = u.node",
-            (version, [n for _, n in delta.states], [s for s, _ in delta.states], key),
-        )
-    if delta.context_drop:
-        conn.execute(
-            "DELETE FROM ablauf.context WHERE run = %s AND key = ANY(%s)",
-            (key, list(delta.context_drop)),
-        )
-    if delta.context:
-        conn.execute(
-            "INSERT INTO ablauf.context (run, key, pos, value) "
-            "SELECT %s, u.key, u.pos, u.value FROM unnest(%s::text[], %s::int[], %s::text[]) "
-            "AS u(key, pos, value) "
-            "ON CONFLICT (run, key) DO UPDATE SET pos = EXCLUDED.pos, value = EXCLUDED.value",
-            (
-                key,
-                [k for k, _, _ in delta.context],
-                [p for _, p, _ in delta.context],
-                [v for _, _, v in delta.context],
-            ),
-        )
+    return RunRow(int(row[0]), run_id, row[1], int(row[2]), row[3])
 
 
 # ---------------------------------------------------------------- the queue
@@ -743,37 +544,13 @@ def take_results(conn: psycopg.Connection, run_id: str) -> list[tuple[int, Resul
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """What `restart_locked` did: the new job and version, the actions it claimed."""
+    """What a restart did: the new job and its write number, the actions it claimed."""
 
     job: Job
-    version: int
+    seq: int
     results: int
     task_ids: list[int]  # the restart tasks it consumed
     claimed: list[tuple[int, Dispatch]]
-
-
-def restart_locked(
-    conn: psycopg.Connection,
-    row: RunRow,
-    extra: Sequence[Result],
-    cache: JobCache | None,
-    *,
-    worker: str,
-    claim: int = 0,
-    lease: float = 30.0,
-) -> Step:
-    """Restart a run whose row the caller locked, with every result queued for it plus
-    `extra`, inside the caller's transaction. The caller updates the cache after COMMIT."""
-    queued = take_results(conn, row.run_id)
-    results = [r for _, r in queued if r is not None]
-    results.extend(extra)
-    old = job_for(conn, row, cache)
-    new, dispatches = restart_job(old, results, time.time())
-    version = write_step(
-        conn, row, old, new, worker=worker, results=len(results), dispatches=len(dispatches)
-    )
-    claimed = enqueue_actions(conn, row.run_id, dispatches, claim=claim, owner=worker, lease=lease)
-    return Step(new, version, len(results), [t for t, _ in queued], claimed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -918,4 +695,4 @@ def process_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-__all__ = ["JobCache", "PostgresStore", "migrate", "schema_version"]
+__all__ = ["PostgresStore", "SharedKnown", "migrate", "schema_version"]

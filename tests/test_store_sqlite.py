@@ -1,0 +1,391 @@
+"""The SQLite store: URLs, deltas that load back exactly, damaged files, several processes."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pyrsistent import pvector
+
+from ablauf_lang import serde
+from ablauf_lang.errors import RunError, StoreError
+from ablauf_lang.job import Job, abort, make_job, prepare_replay, restart_job
+from ablauf_lang.nodes import Doseq, If, Node, Pmap, Status, failure, success
+from ablauf_lang.runners.local import LocalRunner
+from ablauf_lang.stores import sqlbase
+from ablauf_lang.stores.base import default_url, open_store
+from ablauf_lang.stores.sqlite import SqliteStore, parse_url
+from tests.builders import Do, L, Par_, Try_, number
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def same(a: Job, b: Job) -> bool:
+    """Equal as serialised, context order included."""
+    return serde.to_data(a) == serde.to_data(b) and list(a.context) == list(b.context)
+
+
+# ---------------------------------------------------------------- URLs and opening
+
+
+@pytest.mark.parametrize(
+    ("url", "path", "options"),
+    [
+        ("sqlite:///runs.db", "runs.db", {}),
+        ("sqlite:///sub/dir/runs.db", "sub/dir/runs.db", {}),
+        ("sqlite:////abs/runs.db", "/abs/runs.db", {}),
+        ("sqlite:////abs/r%20s.db?synchronous=full", "/abs/r s.db", {"synchronous": "full"}),
+        ("sqlite://", ":memory:", {}),
+        ("sqlite:///:memory:", ":memory:", {}),
+        ("SQLITE:///x.db?timeout=2&synchronous=normal", "x.db", {"timeout": "2",
+                                                                   "synchronous": "normal"}),
+    ],
+)
+def test_url_names_a_path_and_options(url: str, path: str, options: dict[str, str]) -> None:
+    assert parse_url(url) == (path, options)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("sqlite:runs.db", "use sqlite:///relative/path"),
+        ("sqlite://host/runs.db", "names no host"),
+        ("sqlite:///x.db?synchronous=sometimes", "synchronous must be one of"),
+        ("sqlite:///x.db?timeout=soon", "timeout must be a number"),
+        ("sqlite:///x.db?journal=wal", "unknown option 'journal'"),
+        ("mysql://x", "unknown store URL"),
+    ],
+)
+def test_bad_urls_are_refused_in_one_line(tmp_path: Path, url: str, message: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StoreError, match=message) as info:
+        open_store(url)
+    assert "\n" not in str(info.value)
+
+
+def test_relative_path_is_relative_to_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with open_store("sqlite:///deep/er/runs.db") as store:  # type: ignore[attr-defined]
+        store.create_run(make_job(number(L("a"))))
+    assert (tmp_path / "deep" / "er" / "runs.db").is_file()
+
+
+def test_default_store_is_a_sqlite_file_in_the_user_data_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ABLAUF_STORE", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    url = default_url()
+    assert url == f"sqlite:///{tmp_path}/xdg/ablauf/runs.db"
+    store = open_store()
+    assert isinstance(store, SqliteStore)
+    store.close()
+    assert (tmp_path / "xdg" / "ablauf" / "runs.db").is_file()
+    monkeypatch.setenv("ABLAUF_STORE", "memory:")
+    assert open_store().url == "memory:"
+
+
+@pytest.mark.parametrize(("option", "level"), [("", 1), ("?synchronous=full", 2)])
+def test_wal_mode_and_synchronous_setting(tmp_path: Path, option: str, level: int) -> None:
+    store = SqliteStore.from_url(f"sqlite:///{tmp_path}/r.db{option}")
+    conn = store._conn
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == level
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 10_000
+    store.close()
+
+
+# ---------------------------------------------------------------- damaged and foreign files
+
+
+def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    SqliteStore(str(path)).close()
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(StoreError, match=r"schema version 99, newer than .* upgrade"):
+        SqliteStore(str(path))
+
+
+def test_garbage_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    path.write_bytes(b"this is not a database, just some text " * 200)
+    with pytest.raises(StoreError, match="damaged or not a SQLite database") as info:
+        SqliteStore(str(path))
+    assert "\n" not in str(info.value)
+
+
+def test_another_applications_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE mine (x)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="not an ablauf store"):
+        SqliteStore(str(path))
+
+
+def test_damaged_pages_give_a_store_error_on_load(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    with SqliteStore(str(path)) as store:
+        job = make_job(number(Do(*[L("a", "x" * 200) for _ in range(200)])))
+        run_id = store.create_run(job)
+        store._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = bytearray(path.read_bytes())
+    page = 4096
+    for at in range(2 * page, len(data) - page, page):  # every page but the header's
+        data[at : at + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="damaged") as info:
+        SqliteStore(str(path)).load(run_id)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_run_is_a_run_error(tmp_path: Path) -> None:
+    with SqliteStore(str(tmp_path / "r.db")) as store:
+        for call in (store.load, store.info, lambda r: store.record(r, make_job(number(L())))):
+            with pytest.raises(RunError, match="no run 'nope'"):
+                call("nope")
+        assert not store.exists("nope")
+
+
+# ---------------------------------------------------------------- what is written, and loaded back
+
+leaves = st.builds(
+    lambda idem, aug, n: L(f"act{n}", idempotent=idem, augment=((), (f"k{n}",)) if aug else None),
+    st.booleans(),
+    st.booleans(),
+    st.integers(0, 3),
+)
+
+
+def _branches(children: st.SearchStrategy[Node]) -> st.SearchStrategy[Node]:
+    kids = st.lists(children, max_size=3)
+    return st.one_of(
+        kids.map(lambda k: Do(*k)),
+        kids.map(lambda k: Par_(*k)),
+        st.tuples(kids, st.lists(children, max_size=2), st.lists(children, max_size=2)).map(
+            lambda t: Try_(*t)
+        ),
+        st.tuples(st.booleans(), kids, kids).map(
+            lambda t: If(-1, t[0], pvector([Do(*t[1]), Do(*t[2])]))
+        ),
+        st.tuples(st.sampled_from([Doseq, Pmap]), st.integers(0, 3), children).map(
+            lambda t: t[0](-1, "x", list(range(t[1])), number(t[2]))
+        ),
+    )
+
+
+trees = st.recursive(leaves, _branches, max_leaves=12).map(number)
+_ids = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("prop") / "runs.db")
+
+
+@settings(max_examples=60)
+@given(tree=trees, data=st.data())
+def test_every_write_loads_back_exactly(db: str, tree: Node, data: st.DataObject) -> None:
+    """Record every operation (restarts, abort, replay, crash) and load it back each time,
+    through store objects that wrote it, that only read it, or that never saw it."""
+    old = sqlbase.COMPACT_EVERY
+    sqlbase.COMPACT_EVERY = data.draw(st.sampled_from([2, 3, 64]), label="compact every")
+    writer = SqliteStore(db)
+    reader = SqliteStore(db)
+    try:
+        job = make_job(tree, {"start": 1})
+        run_id = writer.create_run(job, source="(test)", run_id=f"prop{next(_ids)}")
+        inflight: dict[int, Any] = {}
+        for _ in range(40):
+            op = data.draw(st.sampled_from(["restart"] * 6 + ["abort", "replay", "crash",
+                                                              "switch"]), label="op")
+            if op == "abort":
+                job, inflight = abort(job, "stop"), {}
+            elif op == "replay":
+                job, inflight = prepare_replay(job), {}
+            elif op == "crash":
+                job, inflight = prepare_replay(reader.load(run_id).job), {}
+            elif op == "switch":
+                # Go on with a store object that only read the run, or one that never saw it.
+                writer.close()
+                writer = reader if data.draw(st.booleans(), label="reader") else SqliteStore(db)
+                reader = SqliteStore(db)
+                reader.load(run_id) if writer is not reader else None
+                continue
+            else:
+                chosen = data.draw(st.lists(st.sampled_from(sorted(inflight)), unique=True)
+                                   if inflight else st.just([]), label="arrive")
+                results = [
+                    failure(inflight.pop(i), "bad")
+                    if data.draw(st.booleans(), label="fails")
+                    else success(inflight.pop(i), {"n": i})
+                    for i in chosen
+                ]
+                job, dispatches = restart_job(job, results, now=float(job.restarts))
+                inflight.update((d.id, d) for d in dispatches)
+            writer.record(run_id, job)
+            loaded = reader.load(run_id)
+            assert same(loaded.job, job)
+            assert loaded.info.status is job.status
+            assert loaded.info.restarts == job.restarts
+            if job.done and op == "restart":
+                break
+    finally:
+        sqlbase.COMPACT_EVERY = old
+        writer.close()
+        reader.close()
+
+
+def test_run_time_expansion_is_stored(tmp_path: Path) -> None:
+    tree = number(Do(L("a"), Doseq(-1, "x", [1, 2, 3], number(Par_(L("b"), L("c")))), L("d")))
+    with SqliteStore(str(tmp_path / "r.db")) as store:
+        job = make_job(tree)
+        run_id = store.create_run(job)
+        job, dispatches = restart_job(job)
+        store.record(run_id, job)
+        while dispatches:
+            job, dispatches = restart_job(job, [success(d, d.id) for d in dispatches])
+            store.record(run_id, job)
+            assert same(SqliteStore(store.path).load(run_id).job, job)
+    assert job.status is Status.SUCCESS
+    assert len(job.paths) == 5 + 3 * 3
+
+
+def test_a_step_writes_the_same_bytes_however_large_the_tree(tmp_path: Path) -> None:
+    per_step = {}
+    for n in (100, 5000):
+        with SqliteStore(str(tmp_path / f"r{n}.db")) as store:
+            job = make_job(number(Do(*[L("a", i) for i in range(n)])))
+            run_id = store.create_run(job)
+            job, dispatches = restart_job(job)
+            store.record(run_id, job)
+            before = store.bytes_written
+            for _ in range(300):
+                job, dispatches = restart_job(job, [success(d, d.payload) for d in dispatches])
+                store.record(run_id, job)
+            per_step[n] = (store.bytes_written - before) / 300
+    assert per_step[5000] < 1.3 * per_step[100]
+    assert per_step[5000] < 1000  # a few hundred bytes: two leaves and a cursor
+
+
+def test_deltas_are_folded_into_a_snapshot(tmp_path: Path) -> None:
+    with SqliteStore(str(tmp_path / "r.db")) as store:
+        job = make_job(number(Do(*[L("a", i) for i in range(300)])))
+        run_id = store.create_run(job)
+        job, dispatches = restart_job(job)
+        for _ in range(200):
+            job, dispatches = restart_job(job, [success(d, d.payload) for d in dispatches])
+            store.record(run_id, job)
+        count = store._conn.execute("SELECT count(*) FROM deltas").fetchone()[0]
+        assert 0 < count < sqlbase.COMPACT_EVERY
+        assert store.compactions == 200 // sqlbase.COMPACT_EVERY
+        assert same(SqliteStore(store.path).load(run_id).job, job)
+
+
+def test_results_arriving_together_are_one_commit(tmp_path: Path) -> None:
+    async def act(payload: Any, context: Any) -> Any:
+        await asyncio.sleep(0.001)
+        return payload
+
+    n = 300
+    with SqliteStore(str(tmp_path / "r.db")) as store:
+        job = make_job(number(Par_(*[L("t/act", i) for i in range(n)])))
+        run_id = store.create_run(job)
+        before = store.commits
+        final = asyncio.run(LocalRunner({"t/act": act}, store=store, run_id=run_id).run(job))
+        assert final.status is Status.SUCCESS
+        assert store.commits - before < n / 10
+
+
+# ---------------------------------------------------------------- listing
+
+
+def test_list_info_and_status_filter(tmp_path: Path) -> None:
+    with SqliteStore(str(tmp_path / "r.db")) as store:
+        ids = []
+        for i in range(3):
+            job = make_job(number(L("a")))
+            run_id = store.create_run(job, filename=f"f{i}.abl")
+            job, ds = restart_job(job)
+            job, _ = restart_job(job, [success(ds[0]) if i != 1 else failure(ds[0], "no\nway")])
+            store.record(run_id, job)
+            ids.append(run_id)
+        assert [i.run_id for i in store.list_runs()] == ids[::-1]
+        assert [i.run_id for i in store.list_runs(limit=2)] == ids[:0:-1]
+        failed = store.list_runs(status="failure")
+        assert [i.run_id for i in failed] == [ids[1]]
+        assert failed[0].error == "no way"
+        info = store.info(ids[0])
+        assert (info.status, info.restarts, info.filename) == (Status.SUCCESS, 2, "f0.abl")
+        assert info.to_dict()["status"] == "success"
+
+
+# ---------------------------------------------------------------- several writers
+
+
+def test_a_second_writer_of_one_run_is_refused(tmp_path: Path) -> None:
+    path = str(tmp_path / "r.db")
+    first, second = SqliteStore(path), SqliteStore(path)
+    job = make_job(number(Do(L("a"), L("b"))))
+    run_id = first.create_run(job)
+    job, _ = restart_job(job)
+    first.record(run_id, job)
+    theirs = second.load(run_id).job
+    second.record(run_id, abort(theirs, "stop"))
+    with pytest.raises(StoreError, match="written by another process"):
+        first.record(run_id, restart_job(job)[0])
+    assert second.load(run_id).job.aborted == "stop"
+
+
+WRITER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from ablauf_lang.job import make_job
+    from ablauf_lang.runners.local import LocalRunner
+    from ablauf_lang.stores.sqlite import SqliteStore
+    from tests.builders import Do, L, number
+
+    store = SqliteStore.from_url(sys.argv[1])
+    for i in range(int(sys.argv[3])):
+        job = make_job(number(Do(*[L("action/log", k) for k in range(40)])))
+        run_id = store.create_run(job, run_id=f"{sys.argv[2]}-{i}")
+        final = asyncio.run(LocalRunner({}, store=store, run_id=run_id).run(job))
+        assert final.status == "success", final.status
+    store.close()
+    """
+)
+
+
+def test_two_processes_write_one_file_at_once(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/shared.db"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WRITER, url, name, "6"], cwd=REPO, env=env,
+                         stderr=subprocess.PIPE, text=True)
+        for name in ("p", "q")
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    with SqliteStore.from_url(url) as store:
+        runs = store.list_runs()
+        assert len(runs) == 12
+        assert {r.status for r in runs} == {Status.SUCCESS}
+        assert store.load("q-5").job.restarts == 41
+        assert store._conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -5,6 +5,7 @@ run = ablauf_lang.eval('(do!! (log!! "hello") (log!! "world"))')
 run.status  # Status.SUCCESS
 """
 
+from ablauf_lang.actions_registry import action
 from ablauf_lang.api import (
     Run,
     abort_run,
@@ -52,6 +53,7 @@ __all__ = [
     "__version__",
     "abort",
     "abort_run",
+    "action",
     "compile",
     "eval",
     "eval_async",

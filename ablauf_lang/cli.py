@@ -291,12 +291,15 @@ def run(
 
     On a terminal the job tree is shown live on stderr as it runs.
     """
+    from ablauf_lang.api import compile as compile_source
     from ablauf_lang.api import eval_async
     from ablauf_lang.stores.base import new_run_id
 
     source = read_source(file)
     ctx = parse_context(context)
     registry = load_actions(actions)
+    # Compile once up front: a bad program is reported before any store is opened.
+    compile_source(source, file)
     url = store_url(store)
     run_id = new_run_id()
     err = stderr_console()
@@ -396,7 +399,10 @@ def repl(file: str | None, actions: str | None, context: str | None) -> None:
     app = Repl(actions=registry, context=ctx)
     if file is not None:
         app.handle(f":load {file}")
-    app.run()
+    if sys.stdin.isatty():
+        app.run()
+    else:
+        app.run_lines(sys.stdin)  # a script piped in: no prompt, inputs echoed
 
 
 # ---------------------------------------------------------------- runs

@@ -447,6 +447,7 @@ class _Restart:
         node, nexts = semantics.follow(loc.node, index)
         if node is not loc.node:
             loc = zipper.replace(loc, node)
+            self.touched.add(node.id)  # its own fields changed (a cursor moved): stores write it
         if nexts:
             queue = stack[-1]
             for nxt in reversed(nexts):

@@ -98,6 +98,7 @@ REPL_COMMANDS: tuple[str, ...] = (
     ":back",
     ":load",
     ":save",
+    ":actions",
     ":help",
     ":quit",
 )

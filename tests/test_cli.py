@@ -120,7 +120,9 @@ def test_syntax_error_shows_file_line_column_and_caret(tmp_path: Path) -> None:
 
 def test_compile_error_points_at_the_form(tmp_path: Path) -> None:
     prog = write(tmp_path / "bad.abl", "(do!!\n  (lgo!! 1))\n")
-    result = ablauf("run", prog, "--json")
+    db = tmp_path / "never.db"
+    result = ablauf("run", prog, "--json", "--store", f"sqlite:///{db}")
+    assert not db.exists()  # reported before any store is opened
     assert result.exit_code == 2
     assert result.stderr.startswith(f"{prog}:2:4: error: unknown form lgo!!")
     assert result.stderr.splitlines()[-1] == "   ^"
@@ -355,6 +357,17 @@ def test_worker_and_submit_without_the_worker_module(
     one_line_error(ablauf("worker", "--store", "memory:"), "distributed execution")
 
 
+def test_worker_and_submit_report_store_and_program_errors(tmp_path: Path) -> None:
+    # The real worker module: workers need PostgreSQL; a bad program is a compile error.
+    prog = write(tmp_path / "p.abl", "(log!! 1)")
+    bad = write(tmp_path / "bad.abl", "(do!! (lgo!! 1))")
+    one_line_error(ablauf("submit", prog, "--store", "memory:"), "PostgreSQL", "memory:")
+    one_line_error(ablauf("worker", "--store", "memory:"), "PostgreSQL")
+    result = ablauf("submit", bad, "--store", "memory:")
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"{bad}:1:8: error: unknown form lgo!!")
+
+
 def test_worker_and_submit_call_the_worker_module(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -447,14 +460,14 @@ def test_installed_script_and_python_m(tmp_path: Path) -> None:
 
 
 class Tmux:
-    """A private tmux server (its own socket), so nothing else's sessions are touched."""
+    """A private tmux server (its own socket file), so nothing else's sessions are touched."""
 
     def __init__(self, socket: str) -> None:
         self.socket = socket
 
     def __call__(self, *args: str) -> str:
         return subprocess.run(
-            ["tmux", "-L", self.socket, *args],
+            ["tmux", "-S", self.socket, *args],
             capture_output=True,
             text=True,
             check=True,
@@ -481,9 +494,9 @@ def tmux(tmp_path: Path) -> Iterator[Tmux]:
         if os.environ.get("CI"):
             pytest.fail("tmux is required in CI")
         pytest.skip("tmux is not installed")
-    server = Tmux(f"ablauf-test-{os.getpid()}-{tmp_path.name}")
+    server = Tmux(str(tmp_path / "tmux.sock"))
     yield server
-    subprocess.run(["tmux", "-L", server.socket, "kill-server"], capture_output=True, timeout=30)
+    subprocess.run(["tmux", "-S", server.socket, "kill-server"], capture_output=True, timeout=30)
 
 
 def test_run_shows_live_progress_on_a_terminal(tmp_path: Path, tmux: Tmux) -> None:

@@ -437,14 +437,14 @@ def test_history_is_saved_across_sessions(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 class Tmux:
-    """A private tmux server (its own socket), so nothing else's sessions are touched."""
+    """A private tmux server (its own socket file), so nothing else's sessions are touched."""
 
     def __init__(self, socket: str) -> None:
         self.socket = socket
 
     def __call__(self, *args: str) -> str:
         return subprocess.run(
-            ["tmux", "-L", self.socket, *args],
+            ["tmux", "-S", self.socket, *args],
             capture_output=True,
             text=True,
             check=True,
@@ -474,9 +474,9 @@ def tmux(tmp_path: Path) -> Iterator[Tmux]:
         if os.environ.get("CI"):
             pytest.fail("tmux is required in CI")
         pytest.skip("tmux is not installed")
-    server = Tmux(f"ablauf-repl-{os.getpid()}-{tmp_path.name}")
+    server = Tmux(str(tmp_path / "tmux.sock"))
     yield server
-    subprocess.run(["tmux", "-L", server.socket, "kill-server"], capture_output=True, timeout=30)
+    subprocess.run(["tmux", "-S", server.socket, "kill-server"], capture_output=True, timeout=30)
 
 
 def test_repl_in_a_real_terminal(tmp_path: Path, tmux: Tmux) -> None:
@@ -552,3 +552,32 @@ def test_run_time_kinds_render_with_their_roles() -> None:
     assert "#4 else  success" in text
     assert "#6 doseq!! [x [1 2]]  success" in text
     assert text.count('each/act "each/act"  success') == 2  # one body per element
+
+
+def test_piped_script_through_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from ablauf_lang.cli import cli
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    hello = Path(__file__).parent.parent / "examples" / "hello.abl"
+    script = ":step\n:run\n(do!! (log!! 1)\n  (log!! 2))\n:bogus\n:tree\n:quit\n:tree\n"
+    result = CliRunner().invoke(
+        cli, ["repl", str(hello), "--context", '{"k": 1}'], input=script, catch_exceptions=False
+    )
+    assert result.exit_code == 0
+    out = result.stdout
+    assert f"loaded {hello}" in out
+    assert "ablauf> :step\n" in out
+    assert "job finished after 2 steps: success" in out
+    assert "ablauf> (do!! (log!! 1)\n   ...>   (log!! 2))\n" in out
+    assert "error: unknown command :bogus" in out
+    assert out.count("ablauf> :tree") == 1  # nothing runs after :quit
+    assert not (tmp_path / "state").exists()  # no prompt, no history file
+
+
+def test_command_table_matches_the_shared_names() -> None:
+    from ablauf_lang.names import REPL_COMMANDS
+    from ablauf_lang.repl.commands import COMMANDS
+
+    assert set(COMMANDS) == set(REPL_COMMANDS)

@@ -12,7 +12,7 @@ Ctrl-C clears the line, Ctrl-D (or `:quit`) leaves, F5 is `:step`.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from prompt_toolkit import PromptSession
@@ -94,25 +94,34 @@ class Repl:
         self.console = console or Console(highlight=False)
         self.env: Any = None  # compile-time definitions kept across inputs
         self._counts: tuple[Job | None, LeafCounts] = (None, LeafCounts())
-        self.session: PromptSession[str] = PromptSession(
-            message=[("class:prompt", PROMPT)],
-            lexer=PygmentsLexer(AblaufLexer),
-            completer=AblaufCompleter(self._command_names, self._action_names, self._waiting),
-            complete_while_typing=False,
-            validator=AblaufValidator(frozenset(COMMANDS)),
-            validate_while_typing=False,
-            history=history if history is not None else _default_history(),
-            auto_suggest=AutoSuggestFromHistory(),
-            multiline=Condition(lambda: is_incomplete(self.session.default_buffer.text)),
-            prompt_continuation=lambda width, line, wrap: [
-                ("class:continuation", CONTINUATION.rjust(width))
-            ],
-            bottom_toolbar=self.toolbar,
-            key_bindings=self._key_bindings(),
-            style=_STYLE,
-            input=input,
-            output=output,
-        )
+        self._io = (input, output, history)
+        self._session: PromptSession[str] | None = None
+
+    @property
+    def session(self) -> PromptSession[str]:
+        """The prompt-toolkit session (made on first use: piped input never needs one)."""
+        if self._session is None:
+            input_, output, history = self._io
+            self._session = PromptSession(
+                message=[("class:prompt", PROMPT)],
+                lexer=PygmentsLexer(AblaufLexer),
+                completer=AblaufCompleter(self._command_names, self._action_names, self._waiting),
+                complete_while_typing=False,
+                validator=AblaufValidator(frozenset(COMMANDS)),
+                validate_while_typing=False,
+                history=history if history is not None else _default_history(),
+                auto_suggest=AutoSuggestFromHistory(),
+                multiline=Condition(lambda: is_incomplete(self.session.default_buffer.text)),
+                prompt_continuation=lambda width, line, wrap: [
+                    ("class:continuation", CONTINUATION.rjust(width))
+                ],
+                bottom_toolbar=self.toolbar,
+                key_bindings=self._key_bindings(),
+                style=_STYLE,
+                input=input_,
+                output=output,
+            )
+        return self._session
 
     # ------------------------------------------------------------ the loop
 
@@ -135,6 +144,35 @@ class Repl:
                 self.handle(text)
             except QuitRepl:
                 break
+
+    def run_lines(self, lines: Iterable[str]) -> None:
+        """Handle input that is not a terminal (`ablauf repl < script`): echo, then run.
+
+        Lines gather until the form they hold is complete, as at the prompt.
+        """
+        pending = ""
+        for line in lines:
+            pending += line if line.endswith("\n") else line + "\n"
+            if is_incomplete(pending):
+                continue
+            text, pending = pending.rstrip("\n"), ""
+            if not text.strip():
+                continue
+            self._echo(text)
+            try:
+                self.handle(text)
+            except QuitRepl:
+                return
+        if pending.strip():
+            self._echo(pending.rstrip("\n"))
+            self.handle(pending)  # incomplete at the end: the reader says what is missing
+
+    def _echo(self, text: str) -> None:
+        lines = text.split("\n")
+        echoed = Text(PROMPT, style="bold cyan") + Text(lines[0])
+        for line in lines[1:]:
+            echoed.append("\n" + CONTINUATION + line)
+        self.console.print(echoed)
 
     def handle(self, text: str) -> None:
         """Run one input: a command or a form. Errors are printed; QuitRepl leaves."""

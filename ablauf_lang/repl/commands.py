@@ -251,7 +251,10 @@ def _back(repl: Repl, arg: str) -> None:
     if snap.job is None:
         repl.console.print(Text("back to the start: no job", style="dim"))
         return
-    repl.console.print(Text(f"back to restart {snap.job.restarts}", style="dim"))
+    note = ""
+    if snap.queued:
+        note = "; queued again: " + " ".join(f"#{r.id} {r.state}" for r in snap.queued)
+    repl.console.print(Text(f"back to restart {snap.job.restarts}{note}", style="dim"))
     repl.console.print(job_tree(snap.job))
 
 

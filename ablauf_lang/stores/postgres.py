@@ -13,8 +13,8 @@ same database as the workers. The rest of this module is the queue, used by
 `ablauf_lang.runners.worker`; each function runs inside a transaction its caller opened:
 
 - `take_task`: the oldest ready task, locked `FOR UPDATE SKIP LOCKED`;
-- `lock_run`: the run's row, `FOR NO KEY UPDATE`, waiting (or, for the fast path of a
-  worker that just performed an action, skipping): one restart of a run at a time;
+- `lock_run`: the run's row, `FOR NO KEY UPDATE`, waiting: one restart of a run at a
+  time (`finish_action`, the fast path of a worker that performed an action, skips it);
 - `restart_locked`: apply every result queued for the run at once, restart the job, write
   the delta (`sqlbase.diff`) and enqueue the new action tasks, in the caller's transaction;
 - `lease_action`, `finish_action`, `renew_leases`, `release_leases`, `recover_leases`.
@@ -303,16 +303,29 @@ class PostgresStore(sqlbase.SqlStore):
         return run_id
 
     def record(self, run_id: str, job: Job) -> None:
-        """Record a step (see sqlbase); in an aborted run, the actions no one took yet are
-        dropped from the queue."""
+        """Record a step (see sqlbase), holding the run's row lock like a worker's restart:
+        the write of a process that read an older state of the run is refused."""
         with self._write():
-            super().record(run_id, job)
-            if job.aborted is not None:
-                self.conn.execute(
-                    "DELETE FROM tasks WHERE run_id = %s AND kind = 'action' "
-                    "AND lease_owner IS NULL",
-                    (run_id,),
-                )
+            if lock_run(self.conn, run_id) is None:
+                raise RunError(f"no run {run_id!r} in {self._where()}")
+            self._record_locked(run_id, job)
+
+    def _record_locked(self, run_id: str, job: Job) -> None:
+        """Record a step; a run that finishes is announced on `RUNS_CHANNEL`, and in an
+        aborted run the actions no one took yet are dropped from the queue."""
+        before = self._known.get(run_id)
+        super().record(run_id, job)
+        if job.status is not Status.PENDING and (before is None or before.status == Status.PENDING):
+            self.conn.execute("SELECT pg_notify(%s, %s)", (RUNS_CHANNEL, run_id))
+        if job.aborted is not None:
+            self.conn.execute(
+                "DELETE FROM tasks WHERE run_id = %s AND kind = 'action' AND lease_owner IS NULL",
+                (run_id,),
+            )
+
+    def _conflict(self, run_id: str) -> StoreError:
+        err = super()._conflict(run_id)
+        return WriteConflict(err.message)
 
     def close(self) -> None:
         with self._lock:
@@ -322,43 +335,50 @@ class PostgresStore(sqlbase.SqlStore):
 
     def restart(
         self,
-        row: RunRow,
+        run_id: str,
+        key: int,
         extra: Sequence[Result],
         *,
         worker: str,
         claim: int = 0,
         lease: float = 30.0,
     ) -> Step:
-        """Restart a run whose row the caller locked (in its open transaction): every
-        result queued for it plus `extra`, in one go; write the step and enqueue its actions.
+        """Restart a run whose row (`key`) the caller locked in its open transaction: every
+        result queued for it plus `extra`, in one go; record the step, queue its actions.
 
-        The job comes from what this process last wrote or read of the run, when that is
-        still the newest write (`row.seq`); otherwise it is read again.
+        The job is what this process last wrote or read of the run when that is still the
+        newest write; otherwise the run is read again.
         """
         conn = self.conn
-        queued = take_results(conn, row.run_id)
-        results = [r for _, r in queued if r is not None]
+        status, seq, started, batch = conn.execute(_RUN_STATE, (run_id, key)).fetchone()
+        queued = [(int(t), r) for t, r in json.loads(batch)]
+        results = [decode_result(r) for _, r in queued if r is not None]
         results.extend(extra)
-        known = self._known.get(row.run_id)
-        if known is None or known.seq != row.seq or known.key != row.key:
+        known = self._known.get(run_id)
+        if known is None or known.seq != seq or known.key != key:
             self.loads += 1
-            old = self.load(row.run_id).job
+            old = self.load(run_id).job
         else:
             old = known.job
         new, dispatches = restart_job(old, results, time.time())
-        self.record(row.run_id, new)
-        seq = self._known[row.run_id].seq
-        conn.execute(
-            "INSERT INTO restarts (run_id, seq, worker, results, dispatches, started, "
-            "finished) VALUES (%s, %s, %s, %s, %s, %s, clock_timestamp())",
-            (row.run_id, seq, worker, len(results), len(dispatches), row.started),
-        )
-        if row.status == Status.PENDING and new.status is not Status.PENDING:
-            conn.execute("SELECT pg_notify(%s, %s)", (RUNS_CHANNEL, row.run_id))
+        self._record_locked(run_id, new)
+        seq = self._known[run_id].seq
         claimed = enqueue_actions(
-            conn, row.run_id, dispatches, claim=claim, owner=worker, lease=lease
+            conn,
+            run_id,
+            dispatches,
+            claim=claim,
+            owner=worker,
+            lease=lease,
+            log=(seq, worker, len(results), started),
         )
         return Step(new, seq, len(results), [t for t, _ in queued], claimed)
+
+    @contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection]:
+        """A transaction on this store's connection (store methods called inside join it)."""
+        with self._write():
+            yield self.conn
 
     def forget(self, run_id: str) -> None:
         """Drop what this process knows of a run (after a failed or doubtful transaction)."""
@@ -374,7 +394,7 @@ class PostgresStore(sqlbase.SqlStore):
             job = self.load(run_id).job
             check_replay(run_id, job, retry=retry)
             job = prepare_replay(job, retry_interrupted=retry)
-            self.record(run_id, job)
+            self._record_locked(run_id, job)
             enqueue_restart(self.conn, run_id, None)
         return job
 
@@ -420,38 +440,46 @@ def prepare(conn: psycopg.Connection, url: str) -> None:
         conn.execute("SET search_path TO ablauf, public")
 
 
+class ConnectionLost(StoreError):
+    """The connection to the server went away (server down or restarted, network cut)."""
+
+
+class WriteConflict(StoreError):
+    """Another process wrote the run since this one read it: read it again and redo."""
+
+
 @contextmanager
 def _errors(url: str) -> Iterator[None]:
-    """Turn driver errors into a one-line StoreError."""
+    """Turn driver errors into a one-line StoreError (ConnectionLost for a lost connection)."""
     try:
         yield
     except psycopg.Error as exc:
-        raise StoreError(f"PostgreSQL store {url}: {one_line(exc)}") from None
+        kind = ConnectionLost if is_connection_error(exc) else StoreError
+        raise kind(f"PostgreSQL store {url}: {one_line(exc)}") from None
 
 
 # ---------------------------------------------------------------- the run row
 
 
-@dataclass(frozen=True, slots=True)
-class RunRow:
-    """A run's row as a restart reads it, under the run's row lock."""
+_LOCK_RUN = "SELECT id FROM ablauf.runs WHERE run_id = %s FOR NO KEY UPDATE"
 
-    key: int  # runs.id
-    run_id: str
-    status: str
-    seq: int  # the newest write: the last delta's seq, or the snapshot's
-    started: datetime  # clock_timestamp() when the lock was taken
-
-
-_LOCK_RUN = (
-    "SELECT r.id, r.status, coalesce((SELECT max(d.seq) FROM ablauf.deltas d "
-    "WHERE d.run = r.id), r.snapshot_seq), clock_timestamp() FROM ablauf.runs r "
-    "WHERE r.run_id = %s FOR NO KEY UPDATE"
+# Under the run's lock, in a statement of its own (so that it sees what the holder of the
+# lock it waited for wrote): the run's status and newest write, and the results queued for
+# it that no one else holds, taken out of the queue.
+_RUN_STATE = (
+    "WITH b AS (DELETE FROM ablauf.tasks WHERE task_id IN (SELECT task_id FROM ablauf.tasks "
+    "WHERE run_id = %s AND kind = 'restart' AND error IS NULL FOR UPDATE SKIP LOCKED) "
+    "RETURNING task_id, result) "
+    "SELECT r.status, coalesce((SELECT max(d.seq) FROM ablauf.deltas d WHERE d.run = r.id), "
+    "r.snapshot_seq), clock_timestamp(), (SELECT coalesce(json_agg(json_build_array("
+    "b.task_id, b.result) ORDER BY b.task_id), '[]')::text FROM b) "
+    "FROM ablauf.runs r WHERE r.id = %s"
 )
 
 
-def lock_run(conn: psycopg.Connection, run_id: str, *, wait: bool = True) -> RunRow | None:
-    """Lock the run's row for this transaction: one restart of a run at a time.
+def lock_run(conn: psycopg.Connection, run_id: str, *, wait: bool = True) -> int | None:
+    """Lock the run's row for this transaction (one restart of a run at a time); return
+    its key (`runs.id`), or None when there is no such run.
 
     `FOR NO KEY UPDATE` is the lock an UPDATE of the row takes: it excludes other restarts
     of the run, but not the foreign-key checks of rows being inserted for it (a queued
@@ -459,9 +487,7 @@ def lock_run(conn: psycopg.Connection, run_id: str, *, wait: bool = True) -> Run
     row another transaction holds gives None at once.
     """
     row = conn.execute(_LOCK_RUN if wait else _LOCK_RUN + " SKIP LOCKED", (run_id,)).fetchone()
-    if row is None:
-        return None
-    return RunRow(int(row[0]), run_id, row[1], int(row[2]), row[3])
+    return None if row is None else int(row[0])
 
 
 # ---------------------------------------------------------------- the queue
@@ -475,10 +501,15 @@ def enqueue_actions(
     claim: int = 0,
     owner: str | None = None,
     lease: float = 30.0,
+    log: tuple[int, str, int, datetime] | None = None,
 ) -> list[tuple[int, Dispatch]]:
     """Queue one action task per dispatch; the first `claim` are leased to `owner` at once
-    (the caller performs them). Returns their (task_id, dispatch); NOTIFYs for the rest."""
-    if not dispatches:
+    (the caller performs them). Returns their (task_id, dispatch); NOTIFYs for the rest.
+
+    `log` = (seq, worker, results, started): also add the step's row to `restarts`, in the
+    same statement.
+    """
+    if not dispatches and log is None:
         return []
     contexts: dict[int, str] = {}  # dispatches of one restart share their context object
 
@@ -488,8 +519,17 @@ def enqueue_actions(
             text = contexts[id(d.context)] = _dumps(serde.encode_value(d.context or {}))
         return text
 
+    head, params = "", []
+    if log is not None:
+        head = (
+            "WITH log AS (INSERT INTO ablauf.restarts (run_id, seq, worker, results, "
+            "dispatches, started, finished) VALUES (%s, %s, %s, %s, %s, %s, clock_timestamp())) "
+        )
+        seq, worker, n_results, started = log
+        params = [run_id, seq, worker, n_results, len(dispatches), started]
     rows = conn.execute(
-        "INSERT INTO ablauf.tasks (run_id, kind, node, attempt, action, idempotent, payload, "
+        head
+        + "INSERT INTO ablauf.tasks (run_id, kind, node, attempt, action, idempotent, payload, "
         "context, lease_owner, lease_until, tries) "
         "SELECT %s, 'action', u.node, u.attempt, u.action, u.idempotent, u.payload, u.context, "
         "CASE WHEN u.mine THEN %s END, "
@@ -527,19 +567,6 @@ def enqueue_restart(conn: psycopg.Connection, run_id: str, result: Result | None
         (run_id, None if result is None else encode_result(result)),
     )
     conn.execute("SELECT pg_notify(%s, '1')", (TASKS_CHANNEL,))
-
-
-def take_results(conn: psycopg.Connection, run_id: str) -> list[tuple[int, Result | None]]:
-    """Remove and return the restart tasks queued for a run that no one else holds, in
-    queue order (a task this transaction locked itself is among them)."""
-    rows = conn.execute(
-        "DELETE FROM ablauf.tasks WHERE task_id IN (SELECT task_id FROM ablauf.tasks "
-        "WHERE run_id = %s AND kind = 'restart' AND error IS NULL "
-        "FOR UPDATE SKIP LOCKED) RETURNING task_id, result",
-        (run_id,),
-    ).fetchall()
-    rows.sort()
-    return [(int(t), None if res is None else decode_result(res)) for t, res in rows]
 
 
 @dataclass(frozen=True, slots=True)
@@ -592,14 +619,21 @@ def lease_action(conn: psycopg.Connection, task_id: int, owner: str, lease: floa
     )
 
 
-def finish_action(conn: psycopg.Connection, task_id: int, owner: str) -> str | None:
-    """Remove a performed action task still leased to `owner` and return its run id; None
-    when the lease was lost (another worker recovered the task: drop the result)."""
+def finish_action(
+    conn: psycopg.Connection, task_id: int, owner: str
+) -> tuple[str, int | None] | None:
+    """Remove a performed action task still leased to `owner`, and try to lock its run's
+    row without waiting: (run_id, key or None when another transaction holds the row).
+    None when the lease was lost (another worker recovered the task: drop the result)."""
     row = conn.execute(
-        "DELETE FROM ablauf.tasks WHERE task_id = %s AND lease_owner = %s RETURNING run_id",
+        "WITH t AS (DELETE FROM ablauf.tasks WHERE task_id = %s AND lease_owner = %s "
+        "RETURNING run_id) SELECT t.run_id, r.id FROM t LEFT JOIN LATERAL (SELECT id FROM "
+        "ablauf.runs WHERE run_id = t.run_id FOR NO KEY UPDATE SKIP LOCKED) r ON true",
         (task_id, owner),
     ).fetchone()
-    return None if row is None else str(row[0])
+    if row is None:
+        return None
+    return str(row[0]), None if row[1] is None else int(row[1])
 
 
 def renew_leases(
@@ -695,4 +729,11 @@ def process_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-__all__ = ["PostgresStore", "SharedKnown", "migrate", "schema_version"]
+__all__ = [
+    "ConnectionLost",
+    "PostgresStore",
+    "SharedKnown",
+    "WriteConflict",
+    "migrate",
+    "schema_version",
+]

@@ -488,9 +488,10 @@ SQL_SNAPSHOT_RUN = (
 )
 
 
-# What changed since the snapshot, newest first: (state ids, whole ids, context keys,
-# context keys dropped?, older history). A cons list, so a write adds to it in O(1).
-History = tuple[tuple[int, ...], tuple[int, ...], tuple[str, ...], bool, Any] | None
+# What changed since the snapshot, newest first: (new states by node id, ids written whole,
+# context keys, context keys dropped?, older history). A cons list: a write adds to it in
+# O(1), and folding takes each node's newest state from it without encoding it again.
+History = tuple[dict[int, dict[str, Any]], tuple[int, ...], tuple[str, ...], bool, Any] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,16 +508,18 @@ class Known:
     delta_bytes: int = 0
     history: History = None  # what the deltas since the snapshot changed
 
-    def since(self) -> tuple[set[int], set[int], set[str], bool]:
-        """(state ids, whole ids, context keys, keys dropped?) changed since the snapshot."""
-        states: set[int] = set()
+    def since(self) -> tuple[dict[int, dict[str, Any]], set[int], set[str], bool]:
+        """(newest state by node id, ids written whole, context keys, keys dropped?) since
+        the snapshot."""
+        states: dict[int, dict[str, Any]] = {}
         wholes: set[int] = set()
         keys: set[str] = set()
         dropped = False
         entry = self.history
         while entry is not None:
             s, w, k, d, entry = entry
-            states.update(s)
+            for node_id, state in s.items():
+                states.setdefault(node_id, state)  # newest first: keep the first seen
             wholes.update(w)
             keys.update(k)
             dropped = dropped or d
@@ -666,7 +669,7 @@ class SqlStore:
         self.rows_written += 1
         self.bytes_written += len(data)
         history = (
-            tuple(change.states),
+            change.states,
             tuple(change.wholes),
             tuple(row[0] for row in change.context),
             bool(change.context_drop),
@@ -694,10 +697,14 @@ class SqlStore:
         q = self._q
         n = len(job.paths)
         states, wholes, keys, dropped = known.since()
+        states.update(change.states)
         wholes = {i for i in wholes.union(change.wholes) if i < n}
-        states = {i for i in states.union(change.states) if i < n} - wholes
         full = [node_row(job.node(i)) for i in sorted(wholes)]
-        state_rows = [(_dumps(node_state(job.node(i))), known.key, i) for i in sorted(states)]
+        state_rows = [
+            (_dumps(state), known.key, i)
+            for i, state in sorted(states.items())
+            if i < n and i not in wholes
+        ]
         reset = dropped or bool(change.context_drop)
         if reset:
             ctx = context_rows(job.context)
@@ -825,7 +832,7 @@ class SqlStore:
                 len(deltas),
                 sum(len(d[2]) for d in deltas),
                 (
-                    tuple(parts.touched_since),
+                    {i: parts.nodes[i][1] for i in parts.touched_since if i in parts.nodes},
                     tuple(parts.whole_since),
                     tuple(parts.keys_since),
                     parts.context_reset,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -167,15 +168,25 @@ class SqliteStore(SqlStore):
             )
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open store {where}: {exc}") from None
-        try:
-            self._prepare(conn)
-        except sqlite3.Error as exc:
-            conn.close()
-            raise self._error(exc) from None
-        except StoreError:
-            conn.close()
-            raise
-        return conn
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                self._prepare(conn)
+                return conn
+            except sqlite3.OperationalError as exc:
+                # While another process switches a new file to WAL, SQLite answers "locked"
+                # at once, without waiting on the busy timeout: wait here instead.
+                if "locked" in str(exc) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    continue
+                conn.close()
+                raise self._error(exc) from None
+            except sqlite3.Error as exc:
+                conn.close()
+                raise self._error(exc) from None
+            except StoreError:
+                conn.close()
+                raise
 
     def _header(self, conn: sqlite3.Connection) -> tuple[int, int]:
         app = conn.execute("PRAGMA application_id").fetchone()[0]

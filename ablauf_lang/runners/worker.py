@@ -1,0 +1,642 @@
+"""Workers: processes on any number of hosts running the runs of one PostgreSQL database.
+
+    submit(source, "postgresql://...")            # queue a run; returns its id at once
+    run_worker("postgresql://...", ACTIONS, 4)   # perform restarts and actions until stopped
+    wait(run_id, "postgresql://...")             # block until the run is done
+
+A worker process has `concurrency` slots (threads, each with its own connection), a
+listener (LISTEN on `ablauf_tasks`: a NOTIFY wakes idle slots at once, with a slow safety
+poll behind it) and a janitor (renews the leases of the actions in hand, recovers the
+tasks of workers whose lease expired). A slot loops:
+
+1. take the oldest ready task (`FOR UPDATE SKIP LOCKED`);
+   - a restart task: lock the run's row (waiting for a restart of the same run elsewhere),
+     apply every result queued for the run, record the step, queue the new action tasks
+     and lease one of them to itself, all in one transaction;
+   - an action task: lease it (one short transaction);
+2. perform the action outside any transaction (the janitor renews the lease meanwhile);
+3. deliver the result in one transaction: delete the action task (only if still leased to
+   this worker: a recovered task's late result is dropped), then, if no one holds the
+   run's row, restart the run right there with it (and lease the next action to itself);
+   otherwise queue the result as a restart task for whoever comes next.
+
+So a sequential run costs one commit per step, and nothing is lost when a worker dies: its
+transactions roll back, its leases expire, and any worker recovers the tasks (an
+idempotent action runs again; a non-idempotent one becomes a failure whose error starts
+with `interrupted: `, which `ablauf_lang.retry` or `requeue(..., retry=True)` runs again).
+A slot that loses its connection reconnects with backoff and delivers what it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import random
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+from ablauf_lang.errors import AblaufError, StoreError
+from ablauf_lang.job import Job
+from ablauf_lang.nodes import Dispatch, Result, Status, failure
+from ablauf_lang.runners.local import Action, perform, perform_sync, registry
+
+log = logging.getLogger("ablauf.worker")
+
+LEASE = 30.0  # seconds an action task stays leased without renewal
+POLL = 5.0  # safety poll of an idle slot (NOTIFY wakes it at once)
+MAX_BACKOFF = 5.0  # longest wait between two reconnection attempts
+
+
+def _pg() -> Any:
+    """The PostgreSQL store module (psycopg is imported only when workers are used)."""
+    try:
+        from ablauf_lang.stores import postgres
+    except ImportError as exc:
+        raise StoreError(
+            f"workers need psycopg: pip install 'ablauf_lang[postgres]' ({exc})"
+        ) from None
+    return postgres
+
+
+def _open(store_url: str, **kw: Any) -> Any:
+    """A PostgresStore for `store_url`; StoreError for any other kind of store."""
+    pg = _pg()
+    scheme = store_url.split(":", 1)[0].lower() if ":" in store_url else ""
+    if scheme not in ("postgresql", "postgres"):
+        raise StoreError(f"workers share a PostgreSQL store (postgresql://...), not {store_url!r}")
+    return pg.PostgresStore.from_url(store_url, **kw)
+
+
+# ---------------------------------------------------------------- submitting and waiting
+
+
+@dataclass(frozen=True, slots=True)
+class RunStatus:
+    """A run as `wait` finds it: like `ablauf_lang.Run` (status, context, job, run_id)."""
+
+    run_id: str
+    job: Job
+
+    @property
+    def status(self) -> Status:
+        return self.job.status
+
+    @property
+    def context(self) -> dict[str, Any]:
+        return self.job.context
+
+    def to_dict(self) -> dict[str, Any]:
+        """`{"run_id", "status", "context"}`, as `ablauf run --json` prints a run."""
+        return {"run_id": self.run_id, "status": str(self.status), "context": self.context}
+
+
+def submit(
+    source: str,
+    store_url: str,
+    *,
+    context: dict[str, Any] | None = None,
+    filename: str | None = None,
+    run_id: str | None = None,
+) -> str:
+    """Compile `source`, record it as a new run and queue it for the workers; return its id
+    at once (the workers run it). AblaufError for a bad program, StoreError for the store."""
+    from ablauf_lang.compiler import compile_source
+    from ablauf_lang.job import make_job
+
+    job = make_job(compile_source(source, filename), context)
+    store = _open(store_url)
+    try:
+        return str(
+            store.create_run(job, source=source, filename=filename, run_id=run_id, enqueue=True)
+        )
+    finally:
+        store.close()
+
+
+def wait(run_id: str, store_url: str, timeout: float | None = None) -> RunStatus:
+    """Block until the run is done (woken by NOTIFY), or `timeout` seconds passed; return
+    it as it is then (`status` is still "pending" after a timeout). RunError for an
+    unknown run id."""
+    pg = _pg()
+    store = _open(store_url)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    listener = None
+    try:
+        listener = pg.connect(store_url, purpose="wait")
+        listener.execute(f"LISTEN {pg.RUNS_CHANNEL}")
+        while store.info(run_id).status is Status.PENDING:
+            left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+            if left <= 0:
+                break
+            try:
+                for note in listener.notifies(timeout=left):
+                    if note.payload == run_id:
+                        break
+            except pg.psycopg.Error as exc:
+                raise StoreError(
+                    f"lost the connection to {store.url}: {pg.one_line(exc)}"
+                ) from None
+        return RunStatus(run_id, store.load(run_id).job)
+    finally:
+        if listener is not None:
+            listener.close()
+        store.close()
+
+
+def requeue(run_id: str, store_url: str, *, retry: bool = False) -> str:
+    """Hand a run back to the workers: resume an unfinished run (idempotent steps in flight
+    run again), or with `retry` a failed one (its idempotent and interrupted failed steps
+    run again). Returns the run id; RunError when there is nothing to do."""
+    store = _open(store_url)
+    try:
+        store.requeue(run_id, retry=retry)
+        return run_id
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------- the worker
+
+
+class _Wake:
+    """Wakes idle slots: a generation counter bumped by every NOTIFY."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self._cond = threading.Condition()
+
+    def bump(self) -> None:
+        with self._cond:
+            self.generation += 1
+            self._cond.notify_all()
+
+    def wait(self, seen: int, timeout: float, stop: threading.Event) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.generation == seen and not stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
+
+
+class _Backoff:
+    """Growing, jittered waits between reconnection attempts."""
+
+    def __init__(self) -> None:
+        self.delay = 0.0
+
+    def reset(self) -> None:
+        self.delay = 0.0
+
+    def sleep(self, stop: threading.Event | None = None) -> None:
+        self.delay = min(MAX_BACKOFF, max(0.05, self.delay * 2))
+        pause = self.delay * random.uniform(0.8, 1.2)
+        if stop is None:
+            time.sleep(pause)
+        else:
+            stop.wait(pause)
+
+
+@dataclass
+class _Slot:
+    """What one slot holds between iterations (survives a reconnection)."""
+
+    index: int
+    store: Any = None
+    todo: list[tuple[int, Dispatch]] = field(default_factory=list)  # leased, not started
+    done: tuple[int, Result] | None = None  # performed, not delivered yet
+    loop: asyncio.AbstractEventLoop | None = None
+
+
+class Worker:
+    """One worker process: slots, a listener and a janitor (see the module docstring)."""
+
+    def __init__(
+        self,
+        store_url: str,
+        actions: Mapping[str, Callable[..., Any]] | None,
+        concurrency: int = 4,
+        *,
+        stop: threading.Event | None = None,
+        lease: float = LEASE,
+        poll: float = POLL,
+    ) -> None:
+        if concurrency < 1:
+            raise AblaufError(f"concurrency must be at least 1, not {concurrency}")
+        if lease <= 0 or poll <= 0:
+            raise AblaufError("lease and poll must be positive numbers of seconds")
+        self.pg = _pg()
+        self.url = store_url
+        self.actions: dict[str, Action] = registry(actions)
+        self.concurrency = concurrency
+        self.stop = stop or threading.Event()
+        self.lease = lease
+        self.poll = poll
+        self.name = f"{self.pg.process_name()}:{uuid.uuid4().hex[:6]}"
+        self.known = self.pg.SharedKnown()
+        self.wake = _Wake()
+        self.held: set[int] = set()  # action tasks leased to this worker and not delivered
+        self.held_lock = threading.Lock()
+        self.finished = threading.Event()  # every slot has stopped
+        self.stats = {"actions": 0, "restarts": 0, "fast": 0, "queued_results": 0, "lost": 0}
+
+    # ------------------------------------------------------------ lifecycle
+
+    def run(self) -> None:
+        """Run until `stop` is set; slots finish the task in hand first."""
+        _open(self.url).close()  # a wrong URL or a newer schema: fail now, in one line
+        log.info("worker %s: %d slots on %s", self.name, self.concurrency, self.url)
+        threads = [
+            threading.Thread(target=self._slot_main, args=(i,), name=f"ablauf-slot-{i}")
+            for i in range(self.concurrency)
+        ]
+        helpers = [
+            threading.Thread(target=self._listen, name="ablauf-listen", daemon=True),
+            threading.Thread(target=self._janitor, name="ablauf-janitor"),
+        ]
+        for t in helpers + threads:
+            t.start()
+        try:
+            while not self.stop.wait(0.5):
+                pass
+        finally:
+            self.stop.set()
+            self.wake.bump()
+            for t in threads:
+                t.join()
+            self.finished.set()
+            for t in helpers:
+                t.join(timeout=10)
+            log.info("worker %s stopped", self.name)
+
+    # ------------------------------------------------------------ the slots
+
+    def _slot_main(self, index: int) -> None:
+        slot = _Slot(index)
+        backoff = _Backoff()
+        try:
+            while True:
+                if slot.store is None:
+                    if self.stop.is_set() and slot.done is None and not slot.todo:
+                        return
+                    if not self._reconnect(slot):
+                        backoff.sleep(None if slot.done else self.stop)
+                        if self.stop.is_set() and slot.done is not None and self._give_up(slot):
+                            return
+                        continue
+                    backoff.reset()
+                try:
+                    if not self._iterate(slot):
+                        return
+                except Exception as exc:
+                    if not self._lost(exc):
+                        raise
+                    log.warning(
+                        "slot %d lost its connection (%s); reconnecting", index, _message(exc)
+                    )
+                    self._drop_connection(slot)
+        except Exception:
+            log.exception("slot %d stopped by an unexpected error", index)
+        finally:
+            if slot.store is not None:
+                with contextlib.suppress(Exception):
+                    slot.store.close()
+            if slot.loop is not None:
+                slot.loop.close()
+
+    def _give_up(self, slot: _Slot) -> bool:
+        """While stopping with a result the database cannot take: wait a lease, then leave
+        the task to the lease recovery of the other workers."""
+        if not hasattr(slot, "_giving_up"):
+            slot._giving_up = time.monotonic()  # type: ignore[attr-defined]
+        if time.monotonic() - slot._giving_up > self.lease:  # type: ignore[attr-defined]
+            log.warning(
+                "slot %d: could not deliver the result of task %s before stopping; "
+                "its lease will expire and another worker recovers it",
+                slot.index,
+                slot.done[0] if slot.done else "?",
+            )
+            return True
+        return False
+
+    def _lost(self, exc: BaseException) -> bool:
+        return isinstance(exc, self.pg.ConnectionLost) or self.pg.is_connection_error(exc)
+
+    def _reconnect(self, slot: _Slot) -> bool:
+        try:
+            store = self.pg.PostgresStore.from_url(self.url, known=self.known)
+        except StoreError as exc:
+            log.warning("slot %d: %s; retrying", slot.index, exc.message)
+            return False
+        try:
+            # Actions this worker leased in a transaction whose COMMIT it never saw
+            # confirmed, and did not start: give them back to the queue.
+            with self.held_lock, store.transaction() as conn:
+                self.pg.release_leases(conn, self.name, keep=sorted(self.held))
+        except StoreError as exc:
+            log.warning("slot %d: %s; retrying", slot.index, exc.message)
+            store.close()
+            return False
+        slot.store = store
+        return True
+
+    def _drop_connection(self, slot: _Slot) -> None:
+        with contextlib.suppress(Exception):
+            slot.store.close()
+        slot.store = None
+        self.known.clear()  # a transaction's outcome is unknown: read runs afresh
+        for task_id, _ in slot.todo:  # leased in a transaction that may not have committed
+            self._unhold([task_id])
+        slot.todo.clear()
+
+    def _iterate(self, slot: _Slot) -> bool:
+        """One step of a slot; False when it should stop."""
+        if slot.done is not None:
+            task_id, result = slot.done
+            self._deliver(slot, task_id, result)
+            slot.done = None
+            return True
+        if slot.todo:
+            task_id, dispatch = slot.todo.pop(0)
+            if self.stop.is_set():
+                self._release(slot, [task_id, *(t for t, _ in slot.todo)])
+                slot.todo.clear()
+                return True
+            slot.done = (task_id, self._perform(slot, dispatch))
+            return True
+        if self.stop.is_set():
+            return False
+        seen = self.wake.generation
+        if not self._take(slot):
+            self.wake.wait(seen, self.poll, self.stop)
+        return True
+
+    def _hold(self, task_ids: list[int]) -> None:
+        with self.held_lock:
+            self.held.update(task_ids)
+
+    def _unhold(self, task_ids: list[int]) -> None:
+        with self.held_lock:
+            self.held.difference_update(task_ids)
+
+    def _take(self, slot: _Slot) -> bool:
+        """Take one task and process it (an action is only leased here); False if none."""
+        pg = self.pg
+        store = slot.store
+        claimed: list[int] = []
+        run_id = None
+        try:
+            with store.transaction() as conn:
+                task = pg.take_task(conn)
+                if task is None:
+                    return False
+                run_id = task.run_id
+                if task.kind == "action":
+                    dispatch = pg.lease_action(conn, task.task_id, self.name, self.lease)
+                    claimed = [task.task_id]
+                    self._hold(claimed)
+                    todo = [(task.task_id, dispatch)]
+                else:
+                    key = pg.lock_run(conn, task.run_id)  # waits for a restart elsewhere
+                    if key is None:
+                        conn.execute("DELETE FROM ablauf.tasks WHERE task_id = %s", (task.task_id,))
+                        return True
+                    step = store.restart(
+                        task.run_id, key, [], worker=self.name, claim=1, lease=self.lease
+                    )
+                    todo = step.claimed
+                    claimed = [t for t, _ in todo]
+                    self._hold(claimed)
+                    self.stats["restarts"] += 1
+        except BaseException as exc:
+            self._unhold(claimed)
+            if run_id is not None:
+                store.forget(run_id)
+            if not isinstance(exc, Exception) or self._lost(exc):
+                raise
+            if isinstance(exc, self.pg.WriteConflict):
+                return True  # the task is back in the queue; the run is read afresh
+            self._set_aside(slot, run_id, exc)
+            return True
+        slot.todo.extend(todo)
+        return True
+
+    def _perform(self, slot: _Slot, dispatch: Dispatch) -> Result:
+        """Perform an action here, outside any transaction; never raises for its errors."""
+        fn = self.actions.get(dispatch.action)
+        self.stats["actions"] += 1
+        try:
+            if fn is not None and inspect.iscoroutinefunction(fn):
+                if slot.loop is None:
+                    slot.loop = asyncio.new_event_loop()
+                return slot.loop.run_until_complete(perform(dispatch, fn, True))
+            return perform_sync(dispatch, fn, True)
+        except Exception as exc:  # perform* turn the action's errors into failures already
+            return failure(dispatch, f"{type(exc).__name__}: {exc}")
+
+    def _deliver(self, slot: _Slot, task_id: int, result: Result) -> None:
+        """Hand a result over (see the module docstring, step 3)."""
+        pg = self.pg
+        store = slot.store
+        run_id = None
+        claimed: list[int] = []
+        try:
+            with store.transaction() as conn:
+                found = pg.finish_action(conn, task_id, self.name)
+                if found is None:
+                    self.stats["lost"] += 1
+                    log.warning(
+                        "task %d: lease lost (another worker recovered it); dropping its result",
+                        task_id,
+                    )
+                else:
+                    run_id, key = found
+                    if key is None:  # a restart of the run is under way elsewhere
+                        pg.enqueue_restart(conn, run_id, result)
+                        self.stats["queued_results"] += 1
+                    else:
+                        claim = 0 if self.stop.is_set() else 1
+                        step = store.restart(
+                            run_id,
+                            key,
+                            [result],
+                            worker=self.name,
+                            claim=claim,
+                            lease=self.lease,
+                        )
+                        claimed = [t for t, _ in step.claimed]
+                        self._hold(claimed)
+                        slot.todo.extend(step.claimed)
+                        self.stats["fast"] += 1
+        except BaseException as exc:
+            self._unhold(claimed)
+            del slot.todo[len(slot.todo) - len(claimed) :]
+            if run_id is not None:
+                store.forget(run_id)
+            if not isinstance(exc, Exception) or self._lost(exc) or run_id is None:
+                raise
+            # The restart failed, not the connection: queue the result as it is; the
+            # restart task is then set aside with the reason. Nothing is lost.
+            log.error("run %s: restart failed (%s); queueing the result", run_id, _message(exc))
+            with store.transaction() as conn:
+                if pg.finish_action(conn, task_id, self.name) is not None:
+                    pg.enqueue_restart(conn, run_id, result)
+        self._unhold([task_id])
+
+    def _release(self, slot: _Slot, task_ids: list[int]) -> None:
+        """Give leased, unstarted tasks back to the queue (when stopping)."""
+        with slot.store.transaction() as conn:
+            conn.execute(
+                "UPDATE ablauf.tasks SET lease_owner = NULL, lease_until = NULL, "
+                "tries = greatest(tries - 1, 0) WHERE task_id = ANY(%s) AND lease_owner = %s",
+                (task_ids, self.name),
+            )
+            conn.execute("SELECT pg_notify(%s, %s)", (self.pg.TASKS_CHANNEL, str(len(task_ids))))
+        self._unhold(task_ids)
+
+    def _set_aside(self, slot: _Slot, run_id: str | None, exc: Exception) -> None:
+        """A restart that cannot be performed (a bug, a damaged run): keep its tasks out of
+        the queue with the reason, so the worker goes on with other runs."""
+        message = f"restart failed: {_message(exc)}"
+        log.error("run %s: %s; its queued results are set aside", run_id, message)
+        if run_id is None:
+            return
+        with slot.store.transaction() as conn:
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT task_id FROM ablauf.tasks WHERE run_id = %s AND kind = 'restart' "
+                    "AND error IS NULL",
+                    (run_id,),
+                ).fetchall()
+            ]
+            self.pg.set_aside(conn, run_id, ids, message)
+
+    # ------------------------------------------------------------ listener and janitor
+
+    def _listen(self) -> None:
+        """LISTEN for new tasks and wake idle slots; reconnect when the connection drops."""
+        pg = self.pg
+        backoff = _Backoff()
+        conn = None
+        while not self.finished.is_set():
+            try:
+                if conn is None:
+                    conn = pg.connect(self.url, purpose="listen")
+                    conn.execute(f"LISTEN {pg.TASKS_CHANNEL}")
+                    backoff.reset()
+                    self.wake.bump()  # tasks may have come while it was away
+                for _ in conn.notifies(timeout=0.5):
+                    self.wake.bump()
+            except (StoreError, pg.psycopg.Error) as exc:
+                if conn is not None:
+                    log.warning("listener lost its connection (%s); reconnecting", _message(exc))
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                conn = None
+                backoff.sleep(self.finished)
+        if conn is not None:
+            conn.close()
+
+    def _janitor(self) -> None:
+        """Renew this worker's leases; recover the tasks of workers whose lease expired."""
+        pg = self.pg
+        backoff = _Backoff()
+        conn = None
+        renew_every = self.lease / 4
+        next_recovery = 0.0
+        while not self.finished.is_set():
+            try:
+                if conn is None:
+                    conn = pg.connect(self.url, purpose="janitor")
+                    conn.execute("SET search_path TO ablauf, public")
+                    backoff.reset()
+                with self.held_lock:
+                    held = sorted(self.held)
+                pg.renew_leases(conn, self.name, held, self.lease)
+                if time.monotonic() >= next_recovery and not self.stop.is_set():
+                    with conn.transaction():
+                        again, lost = pg.recover_leases(conn)
+                    if again or lost:
+                        log.warning(
+                            "recovered %d expired action tasks (%d to run again, %d interrupted)",
+                            again + lost,
+                            again,
+                            lost,
+                        )
+                    next_recovery = time.monotonic() + self.lease / 2 * random.uniform(0.5, 1)
+            except (StoreError, pg.psycopg.Error) as exc:
+                log.warning("janitor lost its connection (%s); reconnecting", _message(exc))
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                conn = None
+                backoff.sleep(self.finished)
+                continue
+            self.finished.wait(renew_every)
+        if conn is not None:
+            conn.close()
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, AblaufError):
+        return exc.message
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _signals(stop: threading.Event) -> Iterator[None]:
+    """SIGTERM and SIGINT set `stop` (from the main thread only; elsewhere: nothing)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            log.warning("already stopping: finishing the actions in hand")
+        else:
+            log.info("%s: finishing the tasks in hand, then stopping", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def run_worker(
+    store_url: str,
+    actions: Mapping[str, Callable[..., Any]],
+    concurrency: int = 4,
+    *,
+    stop: threading.Event | None = None,
+    lease: float = LEASE,
+    poll: float = POLL,
+) -> None:
+    """Perform the restarts and actions of the runs in a PostgreSQL store until SIGTERM or
+    SIGINT (or `stop` is set); the tasks in hand are finished first.
+
+    `concurrency` actions run at the same time (threads). `lease`: seconds after which an
+    action of a worker that stopped renewing (it died) is recovered by another; `poll`: the
+    safety poll of an idle worker (new tasks wake it at once through LISTEN/NOTIFY).
+    StoreError (one line) when the store cannot be used at start; later connection losses
+    are retried with backoff.
+    """
+    worker = Worker(store_url, actions, concurrency, stop=stop, lease=lease, poll=poll)
+    with _signals(worker.stop):
+        worker.run()
+
+
+__all__ = ["RunStatus", "Worker", "requeue", "run_worker", "submit", "wait"]

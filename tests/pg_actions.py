@@ -1,0 +1,70 @@
+"""Actions for the PostgreSQL worker tests: each leaves a trace in the test's database.
+
+The database comes from `$ABLAUF_TEST_DSN` (set by the tests for the worker processes they
+start, and for themselves). Tables: `hits (n)` and `calls (name, pid)`, made by `setup`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+import psycopg
+
+DSN_VAR = "ABLAUF_TEST_DSN"
+_local = threading.local()
+
+
+def setup(dsn: str) -> None:
+    """Create the tables the actions write to."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS hits (n integer NOT NULL)")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS calls (name text NOT NULL, pid integer NOT NULL, "
+            "at timestamptz NOT NULL DEFAULT clock_timestamp())"
+        )
+
+
+def _conn() -> psycopg.Connection:
+    conn = getattr(_local, "conn", None)
+    if conn is None or conn.closed:
+        conn = _local.conn = psycopg.connect(os.environ[DSN_VAR], autocommit=True)
+    return conn
+
+
+def insert(payload: Any, context: Any) -> Any:
+    """Insert one row into `hits` (the 500-way fan-out counts them)."""
+    _conn().execute("INSERT INTO hits (n) VALUES (%s)", (payload["n"],))
+    return payload["n"]
+
+
+def noop(payload: Any, context: Any) -> Any:
+    """Do nothing; the output is the payload."""
+    return payload
+
+
+def hang_first(payload: Any, context: Any) -> Any:
+    """Record the call; the first call for a name hangs (until the worker is killed)."""
+    name = payload["name"]
+    conn = _conn()
+    conn.execute("INSERT INTO calls (name, pid) VALUES (%s, %s)", (name, os.getpid()))
+    count = conn.execute("SELECT count(*) FROM calls WHERE name = %s", (name,)).fetchone()[0]
+    if count == 1:
+        time.sleep(float(payload.get("hang", 120)))
+    return {"name": name, "call": count}
+
+
+def slow(payload: Any, context: Any) -> Any:
+    """Sleep a little (a step that takes time); the output is the payload."""
+    time.sleep(float(payload.get("seconds", 0.05)))
+    return payload
+
+
+ACTIONS = {
+    "test/insert": insert,
+    "test/noop": noop,
+    "test/hang-first": hang_first,
+    "test/slow": slow,
+}

@@ -67,6 +67,8 @@ class AblaufError(Exception):
 
     def render(self) -> str:
         """Return `FILE:LINE:COL: error: message`, the source line and a caret."""
+        if self.filename is None and self.line is None:
+            return self.message  # not about a place in a program (a store, a run id)
         head = f"{self.location}: error: {self.message}"
         snippet = caret_text(self.source, self.line, self.column)
         return f"{head}\n{snippet}" if snippet else head

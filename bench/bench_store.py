@@ -178,22 +178,32 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="ablauf-bench-") as folder:
         print("1. bytes written per step, sequential run (SQLite, WAL, synchronous NORMAL)")
-        print(f"{'leaves':>8} {'JSON/step':>10} {'WAL/step':>10} {'whole job':>11} "
-              f"{'whole/JSON':>11} {'create':>8} {'load':>8}")
+        print(
+            f"{'leaves':>8} {'JSON/step':>10} {'WAL/step':>10} {'whole job':>11} "
+            f"{'whole/JSON':>11} {'create':>8} {'load':>8}"
+        )
         for n in sizes:
             r = bytes_per_step(folder, n, steps)
-            print(f"{n:>8,} {r['json']:>9.0f}B {r['wal']:>9.0f}B {r['whole']:>10.0f}B "
-                  f"{r['whole'] / r['json']:>10.0f}x {r['create']:>7.2f}s {r['load']:>7.2f}s")
+            print(
+                f"{n:>8,} {r['json']:>9.0f}B {r['wal']:>9.0f}B {r['whole']:>10.0f}B "
+                f"{r['whole'] / r['json']:>10.0f}x {r['create']:>7.2f}s {r['load']:>7.2f}s"
+            )
 
         print()
-        print(f"2. time per step, sequential run of {seq_steps:,} steps (FULL: a fifth), "
-              f"best of {rounds}")
-        print(f"{'setting':>8} {'memory':>9} {'durable':>9} {'1 commit':>9} "
-              f"{'durable-memory':>15} {'(d-m)/commit':>13} {'durable/commit':>15}")
+        print(
+            f"2. time per step, sequential run of {seq_steps:,} steps (FULL: a fifth), "
+            f"best of {rounds}"
+        )
+        print(
+            f"{'setting':>8} {'memory':>9} {'durable':>9} {'1 commit':>9} "
+            f"{'durable-memory':>15} {'(d-m)/commit':>13} {'durable/commit':>15}"
+        )
         for sync, mem, dur, floor in step_times(folder, seq_steps, rounds):
-            print(f"{sync:>8} {mem * 1e6:>7.1f}us {dur * 1e6:>7.1f}us {floor * 1e6:>7.1f}us "
-                  f"{(dur - mem) * 1e6:>13.1f}us {(dur - mem) / floor:>12.2f}x "
-                  f"{dur / floor:>14.2f}x")
+            print(
+                f"{sync:>8} {mem * 1e6:>7.1f}us {dur * 1e6:>7.1f}us {floor * 1e6:>7.1f}us "
+                f"{(dur - mem) * 1e6:>13.1f}us {(dur - mem) / floor:>12.2f}x "
+                f"{dur / floor:>14.2f}x"
+            )
 
         print()
         n = 200 if args.quick else 1_000

@@ -6,6 +6,9 @@ import os
 
 from hypothesis import HealthCheck, settings
 
+# A throwaway PostgreSQL server (fixtures `pg_server`, `pg_url`) for the store and worker tests.
+pytest_plugins = ["tests.pg"]
+
 settings.register_profile(
     "ci",
     derandomize=True,

@@ -98,7 +98,11 @@ def crash(tmp_path: Path, where: str, arg: str) -> tuple[str, Path]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, str(script), url, "r1", str(effects), where, arg, SOURCE],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stdout, proc.stderr)
     return url, effects

@@ -83,8 +83,7 @@ def test_resume_reruns_idempotent_in_flight_work(url: str) -> None:
 def test_eval_with_a_known_run_id_finishes_that_run(url: str) -> None:
     run_id = started(url)
     flaky = Flaky()
-    run = ablauf_lang.eval(SOURCE, {"t/flaky": flaky, "t/once": Flaky()}, store=url,
-                           run_id=run_id)
+    run = ablauf_lang.eval(SOURCE, {"t/flaky": flaky, "t/once": Flaky()}, store=url, run_id=run_id)
     assert (run.run_id, run.status, flaky.calls) == (run_id, Status.SUCCESS, ["x"])
     again = ablauf_lang.eval(SOURCE, {}, store=url, run_id=run_id)
     assert again.status is Status.SUCCESS  # already finished: nothing runs again
@@ -152,6 +151,5 @@ def test_a_run_aborted_elsewhere_stops_its_driver(url: str) -> None:
     job = ablauf_lang.make_job(SOURCE)
     run_ids = [store.create_run(job)]
     with pytest.raises(ablauf_lang.StoreError, match="written by another process"):
-        ablauf_lang.eval(SOURCE, {"t/flaky": step, "t/once": step}, store=store,
-                         run_id=run_ids[0])
+        ablauf_lang.eval(SOURCE, {"t/flaky": step, "t/once": step}, store=store, run_id=run_ids[0])
     assert store.info(run_ids[0]).status is Status.FAILURE

@@ -47,8 +47,11 @@ def same(a: Job, b: Job) -> bool:
         ("sqlite:////abs/r%20s.db?synchronous=full", "/abs/r s.db", {"synchronous": "full"}),
         ("sqlite://", ":memory:", {}),
         ("sqlite:///:memory:", ":memory:", {}),
-        ("SQLITE:///x.db?timeout=2&synchronous=normal", "x.db", {"timeout": "2",
-                                                                   "synchronous": "normal"}),
+        (
+            "SQLITE:///x.db?timeout=2&synchronous=normal",
+            "x.db",
+            {"timeout": "2", "synchronous": "normal"},
+        ),
     ],
 )
 def test_url_names_a_path_and_options(url: str, path: str, options: dict[str, str]) -> None:
@@ -66,8 +69,9 @@ def test_url_names_a_path_and_options(url: str, path: str, options: dict[str, st
         ("mysql://x", "unknown store URL"),
     ],
 )
-def test_bad_urls_are_refused_in_one_line(tmp_path: Path, url: str, message: str,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_urls_are_refused_in_one_line(
+    tmp_path: Path, url: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(StoreError, match=message) as info:
         open_store(url)
@@ -199,7 +203,7 @@ def db(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(tmp_path_factory.mktemp("prop") / "runs.db")
 
 
-@settings(max_examples=60)
+@settings(max_examples=100)
 @given(tree=trees, data=st.data())
 def test_every_write_loads_back_exactly(db: str, tree: Node, data: st.DataObject) -> None:
     """Record every operation (restarts, abort, replay, crash) and load it back each time,
@@ -213,8 +217,10 @@ def test_every_write_loads_back_exactly(db: str, tree: Node, data: st.DataObject
         run_id = writer.create_run(job, source="(test)", run_id=f"prop{next(_ids)}")
         inflight: dict[int, Any] = {}
         for _ in range(40):
-            op = data.draw(st.sampled_from(["restart"] * 6 + ["abort", "replay", "crash",
-                                                              "switch"]), label="op")
+            op = data.draw(
+                st.sampled_from(["restart"] * 6 + ["abort", "replay", "crash", "switch"]),
+                label="op",
+            )
             if op == "abort":
                 job, inflight = abort(job, "stop"), {}
             elif op == "replay":
@@ -229,8 +235,12 @@ def test_every_write_loads_back_exactly(db: str, tree: Node, data: st.DataObject
                 reader.load(run_id) if writer is not reader else None
                 continue
             else:
-                chosen = data.draw(st.lists(st.sampled_from(sorted(inflight)), unique=True)
-                                   if inflight else st.just([]), label="arrive")
+                chosen = data.draw(
+                    st.lists(st.sampled_from(sorted(inflight)), unique=True)
+                    if inflight
+                    else st.just([]),
+                    label="arrive",
+                )
                 results = [
                     failure(inflight.pop(i), "bad")
                     if data.draw(st.booleans(), label="fails")
@@ -376,8 +386,13 @@ def test_two_processes_write_one_file_at_once(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/shared.db"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [
-        subprocess.Popen([sys.executable, "-c", WRITER, url, name, "6"], cwd=REPO, env=env,
-                         stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, url, name, "6"],
+            cwd=REPO,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for name in ("p", "q")
     ]
     for proc in procs:

@@ -350,7 +350,7 @@ class PostgresStore(sqlbase.SqlStore):
         newest write; otherwise the run is read again.
         """
         conn = self.conn
-        status, seq, started, batch = conn.execute(_RUN_STATE, (run_id, key)).fetchone()
+        seq, started, batch = conn.execute(_RUN_STATE, (run_id, key)).fetchone()
         queued = [(int(t), r) for t, r in json.loads(batch)]
         results = [decode_result(r) for _, r in queued if r is not None]
         results.extend(extra)
@@ -464,13 +464,13 @@ def _errors(url: str) -> Iterator[None]:
 _LOCK_RUN = "SELECT id FROM ablauf.runs WHERE run_id = %s FOR NO KEY UPDATE"
 
 # Under the run's lock, in a statement of its own (so that it sees what the holder of the
-# lock it waited for wrote): the run's status and newest write, and the results queued for
+# lock it waited for wrote): the run's newest write, and the results queued for
 # it that no one else holds, taken out of the queue.
 _RUN_STATE = (
     "WITH b AS (DELETE FROM ablauf.tasks WHERE task_id IN (SELECT task_id FROM ablauf.tasks "
     "WHERE run_id = %s AND kind = 'restart' AND error IS NULL FOR UPDATE SKIP LOCKED) "
     "RETURNING task_id, result) "
-    "SELECT r.status, coalesce((SELECT max(d.seq) FROM ablauf.deltas d WHERE d.run = r.id), "
+    "SELECT coalesce((SELECT max(d.seq) FROM ablauf.deltas d WHERE d.run = r.id), "
     "r.snapshot_seq), clock_timestamp(), (SELECT coalesce(json_agg(json_build_array("
     "b.task_id, b.result) ORDER BY b.task_id), '[]')::text FROM b) "
     "FROM ablauf.runs r WHERE r.id = %s"
@@ -519,7 +519,8 @@ def enqueue_actions(
             text = contexts[id(d.context)] = _dumps(serde.encode_value(d.context or {}))
         return text
 
-    head, params = "", []
+    head: str = ""
+    params: list[Any] = []
     if log is not None:
         head = (
             "WITH log AS (INSERT INTO ablauf.restarts (run_id, seq, worker, results, "
@@ -539,6 +540,7 @@ def enqueue_actions(
         "%s::bool[]) AS u(node, attempt, action, idempotent, payload, context, mine) "
         "RETURNING task_id, node, lease_owner IS NOT NULL",
         (
+            *params,
             run_id,
             owner,
             lease,

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import json.encoder
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -83,7 +84,22 @@ SPEC_KEYS = frozenset(
 # Branch fields that summarise the children (recomputed when decoding, never stored).
 SUMMARY_FIELDS = frozenset({"children", "n_done", "n_failed", "inflight"})
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+def _not_json(value: Any) -> Any:
+    raise TypeError(f"not JSON-able: {type(value).__name__}")
+
+
+def _make_dumps() -> Any:
+    """Compact `json.dumps`; on CPython one C encoder built once (json builds one a call)."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+    encode = make(None, _not_json, json.encoder.c_encode_basestring, None, ":", ",", False,
+                  False, True)  # fmt: skip
+    return lambda value: "".join(encode(value, 0))
+
+
+_dumps = _make_dumps()
 
 # ---------------------------------------------------------------- node records
 

@@ -95,16 +95,62 @@ def span_of(form: Form) -> Span | None:
 
 
 def to_data(form: Form) -> Any:
-    """Convert a quoted data form to plain Python: dicts, lists, strings (symbols as names)."""
-    if isinstance(form, Vector | List):
-        return [to_data(x) for x in form.items]
-    if isinstance(form, Map):
-        return {_key(to_data(k)): to_data(v) for k, v in form.pairs}
-    if isinstance(form, Symbol):
-        return form.name
-    return form
+    """Convert a quoted data form to plain Python: dicts, lists, strings (symbols as names).
+
+    Iterative, so deeply nested data never hits the recursion limit. A map key that is a
+    vector becomes a tuple (keys must be hashable); a map key that is a map is a TypeError.
+    """
+    if not isinstance(form, Vector | List | Map):
+        return form.name if isinstance(form, Symbol) else form
+    out: list[Any] = [None]
+    # Work stack: (form, container to fill, slot). Maps are filled as [key, value] pairs
+    # and built once their parts are done: `fixups`, applied innermost first.
+    stack: list[tuple[Any, Any, Any]] = [(form, out, 0)]
+    fixups: list[tuple[Any, Any, list[list[Any]]]] = []
+    while stack:
+        item, target, slot = stack.pop()
+        if isinstance(item, Vector | List):
+            items: list[Any] = [None] * len(item.items)
+            target[slot] = items
+            stack.extend((x, items, i) for i, x in enumerate(item.items))
+        elif isinstance(item, Map):
+            pairs = [[None, None] for _ in item.pairs]
+            fixups.append((target, slot, pairs))
+            for pair, (k, v) in zip(pairs, item.pairs, strict=True):
+                stack.append((k, pair, 0))
+                stack.append((v, pair, 1))
+        elif isinstance(item, Symbol):
+            target[slot] = item.name
+        else:
+            target[slot] = item
+    for target, slot, pairs in reversed(fixups):
+        target[slot] = {freeze(k): v for k, v in pairs}
+    return out[0]
 
 
-def _key(k: Any) -> Any:
-    # Map keys handed to Python must be hashable: a vector key becomes a tuple.
-    return tuple(k) if isinstance(k, list) else k
+def freeze(value: Any) -> Any:
+    """Return `value` usable as a map key: vectors (at any depth) become tuples.
+
+    Raises TypeError for a map, which cannot be a key.
+    """
+    if not isinstance(value, list | tuple):
+        if isinstance(value, dict):
+            raise TypeError("a map cannot be a map key")
+        return value
+    out: list[Any] = [None]
+    # Post-order without recursion: fill lists, then turn them into tuples innermost first.
+    stack: list[tuple[Any, Any, int]] = [(value, out, 0)]
+    built: list[tuple[Any, int, list[Any]]] = []
+    while stack:
+        item, target, slot = stack.pop()
+        if isinstance(item, list | tuple):
+            items: list[Any] = [None] * len(item)
+            built.append((target, slot, items))
+            stack.extend((x, items, i) for i, x in enumerate(item))
+        elif isinstance(item, dict):
+            raise TypeError("a map cannot be a map key")
+        else:
+            target[slot] = item
+    for target, slot, items in reversed(built):
+        target[slot] = tuple(items)
+    return out[0]

@@ -156,13 +156,28 @@ def node_text(
         if getattr(node, "error", None) is not None:  # a test or collection that failed
             text.append(" → " + format_value(node.error, width), style="red")
     else:
+        # Attempts and duration first: a long output may be cut at the terminal's edge.
+        if node.attempt > 1:
+            text.append(f" attempt {node.attempt}", style="dim")
+        if node.dispatched_at is not None and node.finished_at is not None:
+            text.append(" " + duration_text(node.finished_at - node.dispatched_at), style="dim")
         if node.result is LeafState.SUCCESS and node.output is not None:
             text.append(" → " + format_value(node.output, width), style="green")
         elif node.result in (LeafState.FAILURE, LeafState.TIMEOUT):
             text.append(" → " + format_value(node.error, width), style="red")
-        if node.attempt > 1:
-            text.append(f"  attempt {node.attempt}", style="dim")
     return text
+
+
+def duration_text(seconds: float) -> str:
+    """A duration for people: `850us`, `12ms`, `3.4s`, `2m05s`."""
+    if seconds < 0.001:
+        return f"{seconds * 1e6:.0f}us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, rest = divmod(int(seconds), 60)
+    return f"{minutes}m{rest:02d}s"
 
 
 def dispatch_text(dispatch: Any, width: int = 60) -> Text:

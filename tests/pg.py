@@ -89,7 +89,11 @@ class PgServer:
             kw = {"user": self.user, "group": pwd.getpwnam(self.user).pw_gid}
         proc = subprocess.run(
             [os.path.join(self.bindir, args[0]), *args[1:]],
-            capture_output=True, text=True, cwd=self.root, check=False, **kw,
+            capture_output=True,
+            text=True,
+            cwd=self.root,
+            check=False,
+            **kw,
         )
         if proc.returncode != 0:
             log = ""
@@ -100,15 +104,39 @@ class PgServer:
 
     def start(self) -> PgServer:
         """initdb, then start the server on a free port; wait until it accepts connections."""
-        self._run("initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8",
-                  "--locale=C", "--no-sync", "--no-instructions")
+        self._run(
+            "initdb",
+            "-D",
+            self.data,
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+            "--no-instructions",
+        )
         for attempt in range(5):
             self.port = _free_port()
-            opts = (f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 "
-                    "-c max_connections=200 -c shared_buffers=64MB")
+            opts = (
+                f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 "
+                "-c max_connections=200 -c shared_buffers=64MB"
+            )
             try:
-                self._run("pg_ctl", "-D", self.data, "-l", self.logfile, "-w", "-t", "60",
-                          "-o", opts, "start")
+                self._run(
+                    "pg_ctl",
+                    "-D",
+                    self.data,
+                    "-l",
+                    self.logfile,
+                    "-w",
+                    "-t",
+                    "60",
+                    "-o",
+                    opts,
+                    "start",
+                )
                 return self
             except RuntimeError:
                 if attempt == 4:

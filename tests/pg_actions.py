@@ -1,7 +1,7 @@
 """Actions for the PostgreSQL worker tests: each leaves a trace in the test's database.
 
 The database comes from `$ABLAUF_TEST_DSN` (set by the tests for the worker processes they
-start, and for themselves). Tables: `hits (n)` and `calls (name, pid)`, made by `setup`.
+start, and for themselves). Tables: `hits (n, pid)` and `calls (name, pid, at)`, made by `setup`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ _local = threading.local()
 def setup(dsn: str) -> None:
     """Create the tables the actions write to."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CREATE TABLE IF NOT EXISTS hits (n integer NOT NULL)")
+        conn.execute("CREATE TABLE IF NOT EXISTS hits (n integer NOT NULL, pid integer NOT NULL)")
         conn.execute(
             "CREATE TABLE IF NOT EXISTS calls (name text NOT NULL, pid integer NOT NULL, "
             "at timestamptz NOT NULL DEFAULT clock_timestamp())"
@@ -36,7 +36,7 @@ def _conn() -> psycopg.Connection:
 
 def insert(payload: Any, context: Any) -> Any:
     """Insert one row into `hits` (the 500-way fan-out counts them)."""
-    _conn().execute("INSERT INTO hits (n) VALUES (%s)", (payload["n"],))
+    _conn().execute("INSERT INTO hits (n, pid) VALUES (%s, %s)", (payload["n"], os.getpid()))
     return payload["n"]
 
 
@@ -56,6 +56,23 @@ def hang_first(payload: Any, context: Any) -> Any:
     return {"name": name, "call": count}
 
 
+def fail_once(payload: Any, context: Any) -> Any:
+    """Fail the first call for a name, succeed afterwards (a transient error)."""
+    name = payload["name"]
+    conn = _conn()
+    conn.execute("INSERT INTO calls (name, pid) VALUES (%s, %s)", (name, os.getpid()))
+    count = conn.execute("SELECT count(*) FROM calls WHERE name = %s", (name,)).fetchone()[0]
+    if count == 1:
+        raise RuntimeError(f"{name}: transient failure")
+    return count
+
+
+def until(payload: Any, context: Any) -> Any:
+    """Sleep until the epoch time `at`: many such actions finish at the same moment."""
+    time.sleep(max(0.0, float(payload["at"]) - time.time()))
+    return payload["i"]
+
+
 def slow(payload: Any, context: Any) -> Any:
     """Sleep a little (a step that takes time); the output is the payload."""
     time.sleep(float(payload.get("seconds", 0.05)))
@@ -67,4 +84,6 @@ ACTIONS = {
     "test/noop": noop,
     "test/hang-first": hang_first,
     "test/slow": slow,
+    "test/fail-once": fail_once,
+    "test/until": until,
 }

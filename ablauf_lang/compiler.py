@@ -1,27 +1,50 @@
-"""Compiler: reader forms -> the lowered workflow tree (Leaf, Seq, Par, Try).
+"""Compiler: reader forms -> the lowered workflow tree (Leaf, Seq, Par, Try, If, Doseq...).
 
 Each workflow form has one rule, registered by head symbol with `@rule("do!!")` (Hy's
 `builds_model`). A rule checks its form and returns a `Plan`: the node's kind, how to
 build it, and its children, still as forms. `Compiler.lower` walks plans with an explicit
 stack, numbering nodes in pre-order, so 1,000 levels of `do!!` need no recursion.
 Other modules add node kinds by registering more rules.
+
+Everything else is an expression for `expr.Evaluator`, which hands workflow forms back
+to the compiler (the `Host` protocol): so `(def step (log!! 1))` binds a workflow value,
+a function may return one, and `(for [h hosts] (log!! h))` is a list of them, spliced
+into its parent. Values are copied with fresh ids wherever they are used, so one value
+used twice gives two sets of nodes. Payloads, `if!!` tests and `doseq!!` collections that
+depend on the run (`ctx`, a `doseq!!` variable) are kept as `expr.Expr`.
+
+A program is a sequence of top-level forms: declarations (`def`, `defn`, `import`, see
+`TOP_LEVEL_RULES`) and workflows; its workflow is the last form.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-from collections.abc import Callable, Iterable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any, NamedTuple
 
 from pyrsistent import pvector
 
 from ablauf_lang.errors import AblaufCompileError, Span
-from ablauf_lang.forms import Form, Keyword, List, Map, Symbol, Vector, span_of, to_data
-from ablauf_lang.nodes import Augment, Leaf, Node, Par, Seq, Try
+from ablauf_lang.expr import (
+    SPECIAL_FORMS,
+    Code,
+    Env,
+    Evaluator,
+    Expr,
+    Var,
+    describe,
+    did_you_mean,
+    is_workflow,
+)
+from ablauf_lang.forms import Form, Keyword, List, Map, Symbol, Vector, span_of
+from ablauf_lang.nodes import Augment, Doseq, If, Leaf, Node, Par, Pmap, Seq, Try, is_branch
 from ablauf_lang.printer import print_form
 from ablauf_lang.reader import gc_paused, read
+from ablauf_lang.stdlib.builtins import BUILTINS
 
 __all__ = [
     "RULES",
@@ -29,10 +52,13 @@ __all__ = [
     "Child",
     "Compiler",
     "Env",
+    "Loader",
     "Plan",
     "compile_forms",
     "compile_source",
+    "head_name",
     "rule",
+    "stdlib_modules",
     "top_level_rule",
 ]
 
@@ -40,27 +66,6 @@ WORKFLOW_HINT = "a workflow (do!!, dopar!!, try!!, an action...)"
 
 # Options a leaf accepts in `(action!! :ns/name payload {...})`.
 LEAF_OPTIONS: tuple[str, ...] = ("idempotent?",)
-
-# ---------------------------------------------------------------------------------------
-# Environments
-
-
-class Env(dict[str, Any]):
-    """A compile-time scope: names bound to values, with a link to the enclosing scope."""
-
-    def __init__(self, bindings: dict[str, Any] | None = None, outer: Env | None = None) -> None:
-        super().__init__(bindings or {})
-        self.outer = outer
-
-    def find(self, name: str) -> Env | None:
-        """Return the innermost scope that binds `name`, or None."""
-        env: Env | None = self
-        while env is not None:
-            if name in env:
-                return env
-            env = env.outer
-        return None
-
 
 # ---------------------------------------------------------------------------------------
 # Plans: a node before it has an id
@@ -80,12 +85,17 @@ Builder = Callable[[int, list[Node]], Node]
 
 @dataclass(slots=True)
 class Plan:
-    """A node about to be built: its kind (as in `Node.kind`), builder and children."""
+    """A node about to be built: its kind (as in `Node.kind`), builder and children.
+
+    `node`: a workflow value already built (a `def`, a function's result); lowering
+    copies it with fresh ids instead of calling `build`.
+    """
 
     kind: str
     build: Builder
     span: Span | None
     children: Sequence[Child | Plan] = ()
+    node: Node | None = None
 
 
 # ---------------------------------------------------------------------------------------
@@ -124,29 +134,78 @@ def top_level_rule(*names: str) -> Callable[[TopLevelRule], TopLevelRule]:
 
 
 # ---------------------------------------------------------------------------------------
+# Imports: modules loaded once per compile, cycles reported
+
+
+STD_PREFIX = "std/"
+
+
+@dataclass
+class Loader:
+    """What one compile shares across the files it reads: sources, modules, the import chain."""
+
+    sources: dict[str, str] = field(default_factory=dict)  # filename -> text (for carets)
+    modules: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> its definitions
+    loading: list[tuple[str, str]] = field(default_factory=list)  # (key, shown name) chain
+
+
+def stdlib_modules() -> list[str]:
+    """The standard library's modules, as imported: `std/retry`, ..."""
+    root = resources.files("ablauf_lang.stdlib")
+    return sorted(
+        STD_PREFIX + entry.name[: -len(".abl")]
+        for entry in root.iterdir()
+        if entry.name.endswith(".abl")
+    )
+
+
+def _is_real_file(filename: str | None) -> bool:
+    return bool(filename) and not str(filename).startswith("<")
+
+
+# ---------------------------------------------------------------------------------------
 # The compiler
 
 
 @dataclass
 class Compiler:
-    """Compile forms from one source text; errors point into that text."""
+    """Compile forms from one source text; errors point into that text.
+
+    `env` is the program's scope: `def`, `defn` and `import` bind names there (the REPL
+    passes one env for a whole session). `loader` is shared with the compilers of the
+    modules this one imports.
+    """
 
     source: str | None = None
     filename: str | None = None
     env: Env = field(default_factory=Env)
+    loader: Loader = field(default_factory=Loader)
+    defined: list[str] = field(default_factory=list)  # names this file's def/defn bound
+
+    def __post_init__(self) -> None:
+        self.evaluator = Evaluator(self)
+        if self.filename is not None and self.source is not None:
+            self.loader.sources[self.filename] = self.source
+        if not self.loader.loading and _is_real_file(self.filename):
+            # The program's own file heads the import chain, so importing it back is a cycle.
+            assert self.filename is not None
+            self.loader.loading.append((os.path.realpath(self.filename), self.filename))
 
     # -- errors --
 
     def error(self, message: str, span: Span | None) -> AblaufCompileError:
-        """Return a compile error located at `span`."""
+        """Return a compile error located at `span` (in whichever file it is)."""
         if span is None:
             return AblaufCompileError(message, filename=self.filename, source=self.source)
+        source = self.source
+        if span.filename is not None and span.filename != self.filename:
+            source = self.loader.sources.get(span.filename, source)
         return AblaufCompileError(
             message,
-            filename=self.filename or span.filename,
+            filename=span.filename or self.filename,
             line=span.line,
             column=span.column,
-            source=self.source,
+            source=source,
         )
 
     def arity(self, form: List, low: int, high: int | None, usage: str) -> None:
@@ -159,31 +218,103 @@ class Compiler:
                 wanted = f"at least {low}"
             else:
                 wanted = f"{low} to {high}"
-            plural = "" if wanted == "1" else "s"
+            plural = "" if wanted in ("1", "at least 1") else "s"
             raise self.error(
                 f"{head_name(form)} takes {wanted} argument{plural}, got {got}: usage {usage}",
                 form.span,
             )
 
+    # -- the evaluator's host --
+
+    def workflow_form(self, name: str) -> bool:
+        """True when `name` heads a workflow form."""
+        return name in RULES
+
+    def top_level_form(self, name: str) -> bool:
+        """True when `name` heads a top-level declaration."""
+        return name in TOP_LEVEL_RULES
+
+    def workflow(self, form: List, env: Env) -> Node:
+        """The workflow value of a workflow form (ids local: copies are renumbered)."""
+        name = head_name(form)
+        assert name is not None
+        return self.lower(RULES[name](self, form, env))
+
+    def show(self, form: Form) -> str:
+        """A short printed form for messages."""
+        return show(form)
+
+    def evaluate(self, form: Form, span: Span | None, env: Env) -> Any:
+        """Evaluate an expression at compile time (run-time parts are left as `Code`)."""
+        return self.evaluator.evaluate(form, env, span)
+
+    def runtime(self, form: List, index: int, env: Env, what: str) -> Any:
+        """Evaluate item `index` of `form` into data, or an `Expr` evaluated at run time."""
+        return self.evaluator.data(form.items[index], env, form.span_of(index), what)
+
     # -- forms to plans --
 
     def expand(self, form: Form, span: Span | None, env: Env) -> Plan | None:
         """Return the plan of the workflow `form` (None for `nil`, which is dropped)."""
-        if form is None:
-            return None
-        name = head_name(form)
-        if name is None:
-            raise self.error(f"expected {WORKFLOW_HINT}, got {show(form)}", span)
-        found = RULES.get(name)
-        if found is None:
-            raise self.error(self.unknown(name), span_of(form.items[0]) or span)
-        return found(self, form, env)
+        plans = self.expand_child(Child(form, span, env))
+        if len(plans) > 1:
+            raise self.error(
+                f"expected {WORKFLOW_HINT}, got a list of {len(plans)} workflows", span
+            )
+        return plans[0] if plans else None
 
-    def unknown(self, name: str) -> str:
+    def expand_child(self, child: Child, expected: str = f"expected {WORKFLOW_HINT}") -> list[Plan]:
+        """The plans of a child: one for a workflow, none for nil, several for a list."""
+        form, span, env = child
+        if form is None:
+            return []
+        name = head_name(form)
+        if name is not None:
+            found = RULES.get(name)
+            if found is not None:
+                return [found(self, form, env)]
+            if name in TOP_LEVEL_RULES or (
+                name not in SPECIAL_FORMS and name not in BUILTINS and env.find(name) is None
+            ):
+                raise self.error(self.unknown(name, env), span_of(form.items[0]) or span)
+        elif isinstance(form, List) and form.items and _is_scalar(form.items[0]):
+            # ("log!!" 1), (42): a literal cannot be called, so this is no workflow.
+            raise self.error(f"{expected}, got {show(form)}", span)
+        value = self.evaluate(form, span, env)
+        return self.plans_of(value, form, span, expected)
+
+    def plans_of(self, value: Any, form: Form, span: Span | None, expected: str) -> list[Plan]:
+        """The plans of a workflow value, nil, or a (nested) list of them."""
+        if is_workflow(value):
+            return [embed(value)]
+        if isinstance(value, list):
+            plans: list[Plan] = []  # an empty list stands for no workflow at all
+            for item in _flatten(value):
+                if is_workflow(item):
+                    plans.append(embed(item))
+                elif item is not None:
+                    raise self.error(
+                        f"{expected}, got {describe(item)} in the list {show(form)}", span
+                    )
+            return plans
+        if value is None:
+            return []  # nil, (when false ...): nothing to run
+        if isinstance(value, Code):
+            raise self.error(
+                f"{expected}, got {show(form)}, which is only known at run time (it uses ctx "
+                "or a doseq!!/pmap!! variable): choose workflows at run time with if!!, "
+                "when!!, doseq!! or pmap!!",
+                span,
+            )
+        suffix = f", which is {describe(value)}" if isinstance(form, Symbol | List) else ""
+        raise self.error(f"{expected}, got {show(form)}{suffix}", span)
+
+    def unknown(self, name: str, env: Env | None = None) -> str:
         """Return the message for an unknown form, suggesting close names."""
         if name in TOP_LEVEL_RULES:
             return f"{name} is only allowed at the top level of a program"
-        return f"unknown form {name}{did_you_mean(name, RULES)}"
+        candidates = [*RULES, *SPECIAL_FORMS, *(env.names() if env is not None else ())]
+        return f"unknown form {name}{did_you_mean(name, candidates)}"
 
     def children(self, form: List, start: int, env: Env) -> list[Child]:
         """Return the items of `form` from index `start` on, as children to compile."""
@@ -202,16 +333,22 @@ class Compiler:
 
     def lower(self, root: Plan) -> Node:
         """Build the node tree of `root`, numbering nodes in pre-order, without recursion."""
+        if root.node is not None:
+            return number(root.node, 0)[0]
         next_id = 1
-        stack = [_Frame(root, 0)]
+        stack = [_Frame(root, 0, list(reversed(root.children)))]
         while True:
             top = stack[-1]
-            if top.next < len(top.plan.children):
-                child = top.plan.children[top.next]
-                top.next += 1
-                plan = child if isinstance(child, Plan) else self.expand(*child)
-                if plan is not None:  # nil children are dropped
-                    stack.append(_Frame(plan, next_id))
+            if top.todo:
+                item = top.todo.pop()
+                if isinstance(item, Child):
+                    # A child may stand for no node (nil), one, or several (a spliced list).
+                    top.todo.extend(reversed(self.expand_child(item)))
+                elif item.node is not None:
+                    node, next_id = number(item.node, next_id)
+                    top.built.append(node)
+                else:
+                    stack.append(_Frame(item, next_id, list(reversed(item.children))))
                     next_id += 1
                 continue
             stack.pop()
@@ -235,28 +372,159 @@ class Compiler:
             if name in TOP_LEVEL_RULES and not last:
                 TOP_LEVEL_RULES[name](self, form, self.env)
                 continue
-            if name is None or name in TOP_LEVEL_RULES:
-                if last:
-                    message = f"the program's last form must be {WORKFLOW_HINT}"
-                else:
-                    message = f"a top-level form must be {WORKFLOW_HINT}"
-                raise self.error(f"{message}, got {show(form)}", span)
-            plan = self.expand(form, span, self.env)
-            assert plan is not None  # only nil expands to None, and nil has no head
+            if last:
+                expected = f"the program's last form must be {WORKFLOW_HINT}"
+            else:
+                expected = (
+                    f"a top-level form must be {WORKFLOW_HINT} or a definition (def, defn, import)"
+                )
+            if name in TOP_LEVEL_RULES:
+                raise self.error(f"{expected}, got {show(form)}", span)
+            plans = self.expand_child(Child(form, span, self.env), expected)
+            if len(plans) != 1:
+                got = show(form) if not plans else f"a list of {len(plans)} workflows"
+                hint = "" if not plans else ": wrap them in (do!! ...) or (dopar!! ...)"
+                raise self.error(f"{expected}, got {got}{hint}", span)
             # Earlier workflows are checked and dropped; each is numbered from 0.
-            result = self.lower(plan)
+            result = self.lower(plans[0])
         assert result is not None
         return result
+
+    def module(self, forms: Sequence[Form]) -> None:
+        """Run an imported module's declarations (it holds definitions only)."""
+        spans = getattr(forms, "spans", ())
+        for index, form in enumerate(forms):
+            name = head_name(form)
+            if name not in TOP_LEVEL_RULES:
+                span = spans[index] if index < len(spans) else span_of(form)
+                raise self.error(
+                    "an imported module holds definitions only (def, defn, import), "
+                    f"got {show(form)}",
+                    span,
+                )
+            TOP_LEVEL_RULES[name](self, form, self.env)
+
+    # -- imports --
+
+    def load(self, path: str, span: Span | None) -> dict[str, Any]:
+        """The definitions of the module `path` names (read and compiled once per compile)."""
+        key, shown, read_text = self.locate(path, span)
+        loader = self.loader
+        if key in loader.modules:
+            return loader.modules[key]
+        keys = [k for k, _ in loader.loading]
+        if key in keys:
+            chain = [name for _, name in loader.loading[keys.index(key) :]]
+            raise self.error(f"import cycle: {' -> '.join([*chain, shown])}", span)
+        text = read_text()
+        loader.sources[shown] = text
+        loader.loading.append((key, shown))
+        try:
+            sub = Compiler(text, shown, Env(), loader)
+            sub.module(read(text, shown))
+        finally:
+            loader.loading.pop()
+        exports = {name: sub.env[name] for name in sub.defined}
+        loader.modules[key] = exports
+        return exports
+
+    def locate(self, path: str, span: Span | None) -> tuple[str, str, Callable[[], str]]:
+        """(key, name to show, reader) of an import path: `std/name` or a file."""
+        if path.startswith(STD_PREFIX):
+            name = path[len(STD_PREFIX) :].removesuffix(".abl")
+            entry = resources.files("ablauf_lang.stdlib").joinpath(name + ".abl")
+            if not name or "/" in name or not entry.is_file():
+                known = ", ".join(stdlib_modules())
+                raise self.error(
+                    f'cannot import "{path}": the standard library has no module {name!r} '
+                    f"(it has {known})",
+                    span,
+                )
+            return "std:" + name, f"{STD_PREFIX}{name}.abl", lambda: entry.read_text("utf-8")
+        here = self.filename if _is_real_file(self.filename) else None
+        base = os.path.dirname(here) if here else ""
+        shown = os.path.normpath(os.path.join(base, path))
+        if not os.path.splitext(shown)[1] and not os.path.isfile(shown):
+            shown += ".abl"
+        full = os.path.realpath(shown)
+
+        def read_text() -> str:
+            try:
+                with open(full, encoding="utf-8") as f:
+                    return f.read()
+            except FileNotFoundError:
+                where = f"relative to {base}" if base else "in the current directory"
+                raise self.error(f'cannot import "{path}": no such file {where}', span) from None
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                raise self.error(f'cannot import "{path}": {reason}', span) from None
+
+        return full, shown, read_text
 
 
 @dataclass(slots=True)
 class _Frame:
-    """A plan being built by `Compiler.lower`: its id and its children built so far."""
+    """A plan being built by `Compiler.lower`: its id, what is left, and what is built."""
 
     plan: Plan
     id: int
-    next: int = 0
+    todo: list[Child | Plan]  # children still to lower, last one first
     built: list[Node] = field(default_factory=list)
+
+
+def embed(node: Node) -> Plan:
+    """The plan of a workflow value: lowering copies it with fresh ids."""
+
+    def build(node_id: int, _: list[Node]) -> Node:
+        return number(node, node_id)[0]
+
+    return Plan(node.kind, build, node.span, (), node)
+
+
+def number(root: Node, first_id: int) -> tuple[Node, int]:
+    """Copy a tree with pre-order ids from `first_id`; return it and the next free id.
+
+    Iterative; the template of a `doseq!!`/`pmap!!` keeps its own local ids.
+    """
+    next_id = first_id
+    out: list[Node] = []
+    # frame: node, next child, its id, len(out) at entry
+    stack: list[list[Any]] = [[root, 0, None, 0]]
+    while stack:
+        frame = stack[-1]
+        node = frame[0]
+        if frame[2] is None:
+            frame[2], frame[3] = next_id, len(out)
+            next_id += 1
+        if is_branch(node) and frame[1] < len(node.children):
+            frame[1] += 1
+            stack.append([node.children[frame[1] - 1], 0, None, 0])
+            continue
+        stack.pop()
+        if is_branch(node):
+            kids = out[frame[3] :]
+            del out[frame[3] :]
+            out.append(dataclasses.replace(node, id=frame[2], children=pvector(kids)))
+        else:
+            out.append(dataclasses.replace(node, id=frame[2]))
+    return out[0], next_id
+
+
+def _flatten(items: list[Any]) -> Iterator[Any]:
+    """The items of a list, with nested lists spliced in, without recursion."""
+    stack: list[Iterator[Any]] = [iter(items)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            yield item
+        else:
+            stack.pop()
+
+
+def _is_scalar(form: Form) -> bool:
+    return not isinstance(form, List | Vector | Map | Symbol | Keyword)
 
 
 def head_name(form: Form) -> str | None:
@@ -264,15 +532,6 @@ def head_name(form: Form) -> str | None:
     if isinstance(form, List) and form.items and isinstance(form.items[0], Symbol):
         return form.items[0].name
     return None
-
-
-def did_you_mean(name: str, candidates: Iterable[str], prefix: str = "") -> str:
-    """Return "; did you mean x or y?" for the candidates close to `name`, or ""."""
-    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
-    if not close:
-        return ""
-    text = " or ".join(prefix + c for c in close)
-    return f"; did you mean {text}" + ("" if text.endswith("?") else "?")
 
 
 def show(form: Form, limit: int = 40) -> str:
@@ -292,14 +551,14 @@ def show(form: Form, limit: int = 40) -> str:
 @rule("log!!")
 def _log(c: Compiler, form: List, env: Env) -> Plan:
     c.arity(form, 1, 1, "(log!! x)")
-    return c.leaf(form, "action/log", to_data(form.items[1]))
+    return c.leaf(form, "action/log", c.runtime(form, 1, env, "a payload"))
 
 
 # (fail!!) / (fail!! reason)
 @rule("fail!!")
 def _fail(c: Compiler, form: List, env: Env) -> Plan:
     c.arity(form, 0, 1, "(fail!!) or (fail!! reason)")
-    reason = to_data(form.items[1]) if len(form.items) > 1 else None
+    reason = c.runtime(form, 1, env, "a fail!! reason") if len(form.items) > 1 else None
     return c.leaf(form, "action/fail", reason)
 
 
@@ -309,14 +568,14 @@ def _action(c: Compiler, form: List, env: Env) -> Plan:
     c.arity(form, 2, 3, "(action!! :ns/name payload) or (action!! :ns/name payload {...})")
     name = action_name(c, form)
     idempotent = leaf_options(c, form, 3).get("idempotent?", False)
-    return c.leaf(form, name, to_data(form.items[2]), bool(idempotent))
+    return c.leaf(form, name, c.runtime(form, 2, env, "a payload"), bool(idempotent))
 
 
 # (idempotent-action!! :ns/name payload)
 @rule("idempotent-action!!")
 def _idempotent_action(c: Compiler, form: List, env: Env) -> Plan:
     c.arity(form, 2, 2, "(idempotent-action!! :ns/name payload)")
-    return c.leaf(form, action_name(c, form), to_data(form.items[2]), True)
+    return c.leaf(form, action_name(c, form), c.runtime(form, 2, env, "a payload"), True)
 
 
 def action_name(c: Compiler, form: List) -> str:
@@ -373,7 +632,9 @@ def _dopar(c: Compiler, form: List, env: Env) -> Plan:
     return branch(Par, form.span, c.children(form, 1, env))
 
 
-def branch(kind: type[Seq] | type[Par], span: Span | None, children: Sequence[Child]) -> Plan:
+def branch(
+    kind: type[Seq] | type[Par], span: Span | None, children: Sequence[Child | Plan]
+) -> Plan:
     """Return the plan of a sequence or parallel node over `children` (nils dropped)."""
 
     def build(node_id: int, nodes: list[Node]) -> Node:
@@ -434,6 +695,72 @@ def _misplaced(c: Compiler, form: List, env: Env) -> Plan:
 
 
 # ---------------------------------------------------------------------------------------
+# Run-time choices and expansions
+
+
+# (if!! test then else?)
+@rule("if!!")
+def _if_bang(c: Compiler, form: List, env: Env) -> Plan:
+    c.arity(form, 2, 3, "(if!! test then else?)")
+    test = c.runtime(form, 1, env, "the test of if!!")
+    other = c.children(form, 3, env)
+    sections = [
+        branch(Seq, form.span_of(2), c.children(form, 2, env)[:1]),
+        branch(Seq, form.span_of(3) if other else form.span, other),
+    ]
+    return _if_plan(form.span, test, sections)
+
+
+# (when!! test body...)
+@rule("when!!")
+def _when_bang(c: Compiler, form: List, env: Env) -> Plan:
+    c.arity(form, 1, None, "(when!! test body...)")
+    test = c.runtime(form, 1, env, "the test of when!!")
+    sections = [branch(Seq, form.span, c.children(form, 2, env)), branch(Seq, form.span, [])]
+    return _if_plan(form.span, test, sections)
+
+
+def _if_plan(span: Span | None, test: Any, sections: list[Plan]) -> Plan:
+    def build(node_id: int, nodes: list[Node]) -> Node:
+        return If(node_id, test, pvector(nodes), span=span)
+
+    return Plan("if", build, span, sections)
+
+
+# (doseq!! [x coll] body...) and (pmap!! [x coll] body...)
+@rule("doseq!!", "pmap!!")
+def _expansion(c: Compiler, form: List, env: Env) -> Plan:
+    name = head_name(form)
+    usage = f"({name} [x coll] body...)"
+    c.arity(form, 2, None, usage)
+    binding = form.items[1]
+    if not isinstance(binding, Vector) or len(binding.items) != 2:
+        raise c.error(
+            f"{name} needs a binding vector [x coll], got {show(binding)}: usage {usage}",
+            form.span_of(1),
+        )
+    var = c.evaluator.name_of(binding.items[0], binding.span_of(0), f"the {name} variable")
+    coll = c.runtime(binding, 1, env, f"the collection of {name}")  # type: ignore[arg-type]
+    if not isinstance(coll, Expr | list):
+        raise c.error(
+            f"{name} needs a sequence (a vector) to go over, got {describe(coll)}",
+            binding.span_of(1),
+        )
+    # The body: one node, or several in a sequence; `var` is only known at run time.
+    inner = Env({var: Var(var, binding.span_of(0))}, env)
+    body = c.children(form, 2, inner)
+    plans = [p for child in body for p in c.expand_child(child)]
+    template = c.lower(plans[0] if len(plans) == 1 else branch(Seq, form.span, plans))
+    kind = Doseq if name == "doseq!!" else Pmap
+    span = form.span
+
+    def build(node_id: int, _: list[Node]) -> Node:
+        return kind(node_id, var, coll, template, span=span)
+
+    return Plan(kind.kind, build, span)
+
+
+# ---------------------------------------------------------------------------------------
 # Augment
 
 
@@ -453,13 +780,16 @@ def _with_augment(c: Compiler, form: List, env: Env) -> Plan:
     inner_form, inner_span = form.items[2], form.span_of(2)
     if head_name(inner_form) == "with-augment":
         raise c.error("with-augment cannot wrap another with-augment", inner_span)
-    inner = c.expand(inner_form, inner_span, env)
+    plans = c.expand_child(Child(inner_form, inner_span, env))
+    inner = plans[0] if len(plans) == 1 else None
     if inner is None or inner.kind != "leaf":
         raise c.error(
             f"with-augment wraps an action leaf (action!!, log!!, fail!!...), "
             f"got {show(inner_form)}",
             inner_span,
         )
+    if isinstance(inner.node, Leaf) and inner.node.augment is not None:
+        raise c.error("with-augment cannot wrap another with-augment", inner_span)
     augment = Augment(source, dest)
     build_leaf = inner.build
 
@@ -514,6 +844,78 @@ def augment_path(
 
 
 # ---------------------------------------------------------------------------------------
+# Top-level declarations
+
+
+# (def name value)
+@top_level_rule("def")
+def _def(c: Compiler, form: List, env: Env) -> None:
+    c.arity(form, 2, 2, "(def name value)")
+    name = c.evaluator.symbol(form, 1, "the name in def")
+    env[name] = c.evaluate(form.items[2], form.span_of(2), env)
+    c.defined.append(name)
+
+
+# (defn name "doc"? [params] body...)
+@top_level_rule("defn")
+def _defn(c: Compiler, form: List, env: Env) -> None:
+    c.arity(form, 2, None, "(defn name [params] body...)")
+    name = c.evaluator.symbol(form, 1, "the name in defn")
+    start = 2
+    if isinstance(form.items[2], str) and not isinstance(form.items[2], Keyword):
+        start = 3  # a docstring
+        if len(form.items) < 4:
+            raise c.error(f"defn {name} needs a parameter vector after its docstring", form.span)
+    env[name] = c.evaluator.make_fn(
+        env, name, form.items[start], form.span_of(start), form, start + 1
+    )
+    c.defined.append(name)
+
+
+# (import "file.abl"), (import "std/retry" :as r), (import "lib.abl" :only [a b])
+@top_level_rule("import")
+def _import(c: Compiler, form: List, env: Env) -> None:
+    usage = '(import "file.abl") or (import "std/retry" :as r :only [name ...])'
+    c.arity(form, 1, 5, usage)
+    path = form.items[1]
+    if not isinstance(path, str) or isinstance(path, Keyword) or not path:
+        raise c.error(
+            f'import needs a path in a string, like "lib.abl" or "std/retry", got {show(path)}',
+            form.span_of(1),
+        )
+    alias: str | None = None
+    only: list[tuple[str, Span | None]] | None = None
+    i = 2
+    while i < len(form.items):
+        option, where = form.items[i], form.span_of(i)
+        if i + 1 >= len(form.items):
+            raise c.error(f"import option {show(option)} needs a value: usage {usage}", where)
+        value, value_span = form.items[i + 1], form.span_of(i + 1)
+        if option == "as" and isinstance(option, Keyword):
+            alias = c.evaluator.name_of(value, value_span, "the name after :as")
+        elif option == "only" and isinstance(option, Keyword) and isinstance(value, Vector):
+            only = [
+                (c.evaluator.name_of(x, value.span_of(j), "a name in :only"), value.span_of(j))
+                for j, x in enumerate(value.items)
+            ]
+        elif option == "only" and isinstance(option, Keyword):
+            raise c.error(f"import :only needs a vector of names, got {show(value)}", value_span)
+        else:
+            raise c.error(f"unknown import option {show(option)} (known: :as, :only)", where)
+        i += 2
+    exports = c.load(path, form.span_of(1))
+    names = list(exports)
+    if only is not None:
+        for name, where in only:
+            if name not in exports:
+                hint = did_you_mean(name, exports)
+                raise c.error(f'"{path}" defines no {name}{hint}', where)
+        names = [name for name, _ in only]
+    for name in names:
+        env[f"{alias}/{name}" if alias else name] = exports[name]
+
+
+# ---------------------------------------------------------------------------------------
 # Entry points
 
 
@@ -522,7 +924,13 @@ def compile_forms(
 ) -> Node:
     """Compile a program's top-level forms to the lowered tree of its (last) workflow."""
     with gc_paused():
-        return Compiler(source, filename).program(forms)
+        try:
+            return Compiler(source, filename).program(forms)
+        except RecursionError:
+            # A backstop: nesting is bounded by MAX_DEPTH, but Python's stack may be smaller.
+            raise AblaufCompileError(
+                "the program is nested too deeply to compile", filename=filename, source=source
+            ) from None
 
 
 def compile_source(source: str, filename: str | None = None) -> Node:

@@ -94,14 +94,25 @@ def span_of(form: Form) -> Span | None:
     return getattr(form, "span", None)
 
 
-def to_data(form: Form) -> Any:
+class NotData(Exception):
+    """`to_data(form, strict=True)` met a symbol or a list: the form is code, not data."""
+
+
+def to_data(form: Form, *, strict: bool = False) -> Any:
     """Convert a quoted data form to plain Python: dicts, lists, strings (symbols as names).
 
     Iterative, so deeply nested data never hits the recursion limit. A map key that is a
     vector becomes a tuple (keys must be hashable); a map key that is a map is a TypeError.
+    `strict`: raise NotData at a symbol or a list instead (literal data only).
     """
     if not isinstance(form, Vector | List | Map):
-        return form.name if isinstance(form, Symbol) else form
+        if isinstance(form, Symbol):
+            if strict:
+                raise NotData(form.name)
+            return form.name
+        return form
+    if strict and isinstance(form, List):
+        raise NotData("a list")
     out: list[Any] = [None]
     # Work stack: (form, container to fill, slot). Maps are filled as [key, value] pairs
     # and built once their parts are done: `fixups`, applied innermost first.
@@ -109,6 +120,8 @@ def to_data(form: Form) -> Any:
     fixups: list[tuple[Any, Any, list[list[Any]]]] = []
     while stack:
         item, target, slot = stack.pop()
+        if strict and isinstance(item, Symbol | List):
+            raise NotData(str(item))
         if isinstance(item, Vector | List):
             items: list[Any] = [None] * len(item.items)
             target[slot] = items

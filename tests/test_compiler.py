@@ -95,7 +95,7 @@ COMPILES = [
     ("(fail!!)", leaf(0, "action/fail", None)),
     ('(fail!! "boom")', leaf(0, "action/fail", "boom")),
     ("(action!! :ns/name 1)", leaf(0, "ns/name", 1)),
-    ("(action!! :record [1 (2 3)])", leaf(0, "record", [1, [2, 3]])),
+    ("(action!! :record [1 (list 2 3)])", leaf(0, "record", [1, [2, 3]])),
     ("(action!! :ns/name nil {:idempotent? true})", leaf(0, "ns/name", None, idempotent=True)),
     ("(action!! :ns/name nil {:idempotent? false})", leaf(0, "ns/name", None)),
     ("(action!! :ns/name nil {:idempotent? nil})", leaf(0, "ns/name", None)),

@@ -211,6 +211,7 @@ class _Slot:
     """What one slot holds between iterations (survives a reconnection)."""
 
     index: int
+    owner: str  # the lease owner name of this slot: worker name / slot index
     store: Any = None
     todo: list[tuple[int, Dispatch]] = field(default_factory=list)  # leased, not started
     done: tuple[int, Result] | None = None  # performed, not delivered yet
@@ -242,6 +243,7 @@ class Worker:
         self.lease = lease
         self.poll = poll
         self.name = f"{self.pg.process_name()}:{uuid.uuid4().hex[:6]}"
+        self.owners = [self.owner(i) for i in range(concurrency)]
         self.known = self.pg.SharedKnown()
         self.wake = _Wake()
         self.held: set[int] = set()  # action tasks leased to this worker and not delivered
@@ -280,8 +282,12 @@ class Worker:
 
     # ------------------------------------------------------------ the slots
 
+    def owner(self, index: int) -> str:
+        """The lease owner name of slot `index` (`host:pid:tag/index`)."""
+        return f"{self.name}/{index}"
+
     def _slot_main(self, index: int) -> None:
-        slot = _Slot(index)
+        slot = _Slot(index, self.owner(index))
         backoff = _Backoff()
         try:
             while True:
@@ -338,10 +344,11 @@ class Worker:
             log.warning("slot %d: %s; retrying", slot.index, exc.message)
             return False
         try:
-            # Actions this worker leased in a transaction whose COMMIT it never saw
-            # confirmed, and did not start: give them back to the queue.
-            with self.held_lock, store.transaction() as conn:
-                self.pg.release_leases(conn, self.name, keep=sorted(self.held))
+            # Actions this slot leased in a transaction whose COMMIT it never saw confirmed,
+            # and did not start: back to the queue. The one it performed stays leased.
+            keep = [slot.done[0]] if slot.done is not None else []
+            with store.transaction() as conn:
+                self.pg.release_leases(conn, slot.owner, keep=keep)
         except StoreError as exc:
             log.warning("slot %d: %s; retrying", slot.index, exc.message)
             store.close()
@@ -354,8 +361,7 @@ class Worker:
             slot.store.close()
         slot.store = None
         self.known.clear()  # a transaction's outcome is unknown: read runs afresh
-        for task_id, _ in slot.todo:  # leased in a transaction that may not have committed
-            self._unhold([task_id])
+        self._unhold([task_id for task_id, _ in slot.todo])  # released on reconnection
         slot.todo.clear()
 
     def _iterate(self, slot: _Slot) -> bool:
@@ -389,45 +395,29 @@ class Worker:
             self.held.difference_update(task_ids)
 
     def _take(self, slot: _Slot) -> bool:
-        """Take one task and process it (an action is only leased here); False if none."""
-        pg = self.pg
+        """Take one task: lease an action (performed next), or run a restart; False if the
+        queue has nothing ready."""
         store = slot.store
-        claimed: list[int] = []
-        run_id = None
-        try:
-            with store.transaction() as conn:
-                task = pg.take_task(conn)
-                if task is None:
-                    return False
-                run_id = task.run_id
-                if task.kind == "action":
-                    dispatch = pg.lease_action(conn, task.task_id, self.name, self.lease)
-                    claimed = [task.task_id]
-                    self._hold(claimed)
-                    todo = [(task.task_id, dispatch)]
-                else:
-                    key = pg.lock_run(conn, task.run_id)  # waits for a restart elsewhere
-                    if key is None:
-                        conn.execute("DELETE FROM ablauf.tasks WHERE task_id = %s", (task.task_id,))
-                        return True
-                    step = store.restart(
-                        task.run_id, key, [], worker=self.name, claim=1, lease=self.lease
-                    )
-                    todo = step.claimed
-                    claimed = [t for t, _ in todo]
-                    self._hold(claimed)
-                    self.stats["restarts"] += 1
-        except BaseException as exc:
-            self._unhold(claimed)
-            if run_id is not None:
-                store.forget(run_id)
-            if not isinstance(exc, Exception) or self._lost(exc):
-                raise
-            if isinstance(exc, self.pg.WriteConflict):
-                return True  # the task is back in the queue; the run is read afresh
-            self._set_aside(slot, run_id, exc)
+        claimed = store.claim(slot.owner, self.lease)
+        if claimed is None:
+            return False
+        if claimed.dispatch is not None:
+            self._hold([claimed.task_id])
+            slot.todo.append((claimed.task_id, claimed.dispatch))
             return True
-        slot.todo.extend(todo)
+        try:
+            step = store.run_restart(claimed.run_id, worker=slot.owner, claim=1, lease=self.lease)
+        except Exception as exc:
+            store.forget(claimed.run_id)
+            if self._lost(exc):
+                raise
+            if not isinstance(exc, self.pg.WriteConflict):  # a conflict: the task is back
+                self._set_aside(slot, claimed.run_id, exc)
+            return True
+        if step is not None:
+            self.stats["restarts"] += 1
+            self._hold([t for t, _ in step.claimed])
+            slot.todo.extend(step.claimed)
         return True
 
     def _perform(self, slot: _Slot, dispatch: Dispatch) -> Result:
@@ -445,51 +435,33 @@ class Worker:
 
     def _deliver(self, slot: _Slot, task_id: int, result: Result) -> None:
         """Hand a result over (see the module docstring, step 3)."""
-        pg = self.pg
         store = slot.store
-        run_id = None
-        claimed: list[int] = []
+        claim = 0 if self.stop.is_set() else 1
         try:
-            with store.transaction() as conn:
-                found = pg.finish_action(conn, task_id, self.name)
-                if found is None:
-                    self.stats["lost"] += 1
-                    log.warning(
-                        "task %d: lease lost (another worker recovered it); dropping its result",
-                        task_id,
-                    )
-                else:
-                    run_id, key = found
-                    if key is None:  # a restart of the run is under way elsewhere
-                        pg.enqueue_restart(conn, run_id, result)
-                        self.stats["queued_results"] += 1
-                    else:
-                        claim = 0 if self.stop.is_set() else 1
-                        step = store.restart(
-                            run_id,
-                            key,
-                            [result],
-                            worker=self.name,
-                            claim=claim,
-                            lease=self.lease,
-                        )
-                        claimed = [t for t, _ in step.claimed]
-                        self._hold(claimed)
-                        slot.todo.extend(step.claimed)
-                        self.stats["fast"] += 1
-        except BaseException as exc:
-            self._unhold(claimed)
-            del slot.todo[len(slot.todo) - len(claimed) :]
-            if run_id is not None:
-                store.forget(run_id)
-            if not isinstance(exc, Exception) or self._lost(exc) or run_id is None:
+            got = store.deliver(task_id, result, worker=slot.owner, claim=claim, lease=self.lease)
+        except Exception as exc:
+            self.known.clear()
+            if self._lost(exc):
                 raise
-            # The restart failed, not the connection: queue the result as it is; the
-            # restart task is then set aside with the reason. Nothing is lost.
-            log.error("run %s: restart failed (%s); queueing the result", run_id, _message(exc))
-            with store.transaction() as conn:
-                if pg.finish_action(conn, task_id, self.name) is not None:
-                    pg.enqueue_restart(conn, run_id, result)
+            # The restart failed, not the connection: queue the result as it is (the
+            # restart task is then set aside with the reason if it fails again).
+            log.error("task %d: restart failed (%s); queueing the result", task_id, _message(exc))
+            got = None
+            if store.queue_result(task_id, result, worker=slot.owner) is None:
+                self.stats["lost"] += 1
+        if got is not None:
+            if got.outcome == "lost":
+                self.stats["lost"] += 1
+                log.warning(
+                    "task %d: lease lost (another worker recovered it); dropping its result",
+                    task_id,
+                )
+            elif got.outcome == "queued":
+                self.stats["queued_results"] += 1
+            else:
+                self.stats["fast"] += 1
+                self._hold([t for t, _ in got.step.claimed])
+                slot.todo.extend(got.step.claimed)
         self._unhold([task_id])
 
     def _release(self, slot: _Slot, task_ids: list[int]) -> None:
@@ -498,7 +470,7 @@ class Worker:
             conn.execute(
                 "UPDATE ablauf.tasks SET lease_owner = NULL, lease_until = NULL, "
                 "tries = greatest(tries - 1, 0) WHERE task_id = ANY(%s) AND lease_owner = %s",
-                (task_ids, self.name),
+                (task_ids, slot.owner),
             )
             conn.execute("SELECT pg_notify(%s, %s)", (self.pg.TASKS_CHANNEL, str(len(task_ids))))
         self._unhold(task_ids)
@@ -562,7 +534,7 @@ class Worker:
                     backoff.reset()
                 with self.held_lock:
                     held = sorted(self.held)
-                pg.renew_leases(conn, self.name, held, self.lease)
+                pg.renew_leases(conn, self.owners, held, self.lease)
                 if time.monotonic() >= next_recovery and not self.stop.is_set():
                     with conn.transaction():
                         again, lost = pg.recover_leases(conn)

@@ -13,12 +13,14 @@ Truth is Clojure's: only nil and false are false. Keywords are strings (`(str :a
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ablauf_lang.forms import Keyword
+from ablauf_lang.nodes import BranchView, Leaf
 
 __all__ = [
     "BUILTINS",
@@ -65,12 +67,15 @@ class Builtin:
 BUILTINS: dict[str, Builtin] = {}
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
 def builtin(
     name: str, min_args: int = 0, max_args: int | None = None, *, needs_context: bool = False
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+) -> Callable[[F], F]:
     """Register the decorated function as the builtin `name`."""
 
-    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def register(fn: F) -> F:
         BUILTINS[name] = Builtin(name, fn, min_args, max_args, needs_context)
         return fn
 
@@ -109,6 +114,8 @@ def type_name(value: Any) -> str:
         return "map"
     if isinstance(value, Builtin):
         return "function"
+    if isinstance(value, Leaf | BranchView):
+        return "workflow"
     return getattr(value, "type_name", type(value).__name__)
 
 
@@ -131,6 +138,11 @@ def _hashable(key: Any) -> Any:
     return key
 
 
+def _is_keyword_name(text: str) -> bool:
+    """True when `:text` reads back as a keyword."""
+    return bool(text) and not any(c.isspace() or c in '"(){}[],;`~^@\\' for c in text)
+
+
 _STRING_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
 
@@ -144,7 +156,7 @@ def _show_atom(value: Any, quoted: bool) -> str:
     if isinstance(value, str):
         if not quoted:
             return str(value)
-        if isinstance(value, Keyword):
+        if isinstance(value, Keyword) and _is_keyword_name(value):
             return ":" + value
         return '"' + "".join(_STRING_ESCAPES.get(c, c) for c in value) + '"'
     if isinstance(value, float):
@@ -176,11 +188,7 @@ def show_value(value: Any) -> str:
             for k, v in item.items():
                 if parts:
                     parts.append(_Lit(" "))
-                key = (
-                    _Lit(":" + k)
-                    if isinstance(k, str) and k and not any(c in ' "(){}[],;' for c in k)
-                    else k
-                )
+                key = _Lit(":" + k) if isinstance(k, str) and _is_keyword_name(k) else k
                 parts.extend([key, _Lit(" "), v])
             todo.extend(reversed(parts))
         elif isinstance(item, list | tuple):
@@ -249,9 +257,9 @@ def _lookup(coll: Any, key: Any, default: Any) -> tuple[bool, Any]:
         if key in coll:
             return True, coll[key]
         return False, default
-    if isinstance(coll, list | tuple | str) and isinstance(key, int) and not isinstance(key, bool):
-        if 0 <= key < len(coll):
-            return True, coll[key]
+    is_index = isinstance(key, int) and not isinstance(key, bool)
+    if isinstance(coll, list | tuple | str) and is_index and 0 <= key < len(coll):
+        return True, coll[key]
     return False, default
 
 
@@ -272,7 +280,7 @@ class MissingKey(BuiltinError):
 def ctx(context: dict[str, Any], key: Any = None, *default: Any) -> Any:
     """(ctx), (ctx :k), (ctx [:a :b]), (ctx :k default): read the run's context."""
     if key is None and not default:
-        return context
+        return copy_data(context)
     path = list(key) if isinstance(key, list | tuple) else [key]
     value: Any = context
     for i, step in enumerate(path):
@@ -283,7 +291,29 @@ def ctx(context: dict[str, Any], key: Any = None, *default: Any) -> Any:
             where = f" under {show_value(path[:i])}" if i else ""
             name = show_value(Keyword(step) if isinstance(step, str) else step)
             raise MissingKey(f"the context has no {name}{where} (and no default was given)")
-    return value
+    # A copy: an action that changes its payload must not change the run's context.
+    return copy_data(value)
+
+
+def copy_data(value: Any) -> Any:
+    """A deep copy of lists and dicts (other values are shared), without recursion."""
+    if not isinstance(value, list | dict):
+        return value
+    out: list[Any] = [None]
+    stack: list[tuple[Any, Any, Any]] = [(value, out, 0)]
+    while stack:
+        v, target, slot = stack.pop()
+        if isinstance(v, list):
+            items: list[Any] = [None] * len(v)
+            target[slot] = items
+            stack.extend((x, items, i) for i, x in enumerate(v))
+        elif isinstance(v, dict):
+            copied: dict[Any, Any] = dict.fromkeys(v)
+            target[slot] = copied
+            stack.extend((x, copied, k) for k, x in v.items())
+        else:
+            target[slot] = v
+    return out[0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -435,7 +465,7 @@ def not_eq(first: Any, *rest: Any) -> bool:
 def _compare(fn: str, ok: Callable[[Any, Any], bool]) -> Callable[..., bool]:
     def compare(*values: Any) -> bool:
         _numbers(fn, values)
-        return all(ok(a, b) for a, b in zip(values, values[1:], strict=False))
+        return all(ok(a, b) for a, b in itertools.pairwise(values))
 
     compare.__doc__ = f"({fn} x y ...): numbers in order."
     return compare

@@ -27,6 +27,7 @@ does not grow with the size of the tree.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -229,6 +230,7 @@ class PostgresStore(sqlbase.SqlStore):
         self.conn = conn
         self.url = redact(url)
         self._lock = threading.RLock()
+        self._defer: list[tuple[str, Sequence[Any]]] | None = None
 
     @classmethod
     def from_url(cls, url: str, *, known: SharedKnown | None = None) -> PostgresStore:
@@ -275,6 +277,15 @@ class PostgresStore(sqlbase.SqlStore):
                 # One snapshot for every SELECT of the operation.
                 self.conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 yield self.conn.cursor()
+
+    def _write_one(self, sql: str, params: Sequence[Any]) -> int:
+        """One statement of sqlbase's (the INSERT of a step's delta). In a worker's step it
+        is held back and sent with the COMMIT, followed by `ablauf.check_delta`: the
+        transaction then fails unless it wrote that row itself (see `_finish_step`)."""
+        if self._defer is not None and sql.startswith("INSERT INTO deltas"):
+            self._defer.append((sql, params))
+            return 1
+        return super()._write_one(sql, params)
 
     def _insert_run(self, cur: Any, columns: Sequence[str], values: Sequence[Any]) -> int:
         marks = ", ".join("%s" for _ in columns)
@@ -344,14 +355,38 @@ class PostgresStore(sqlbase.SqlStore):
         lease: float = 30.0,
     ) -> Step:
         """Restart a run whose row (`key`) the caller locked in its open transaction: every
-        result queued for it plus `extra`, in one go; record the step, queue its actions.
+        result queued for it plus `extra`, in one go; record the step, queue its actions."""
+        body = self._restart_body(run_id, key, extra, worker=worker, force=True)
+        assert body is not None
+        new, seq, dispatches, queued, log = body
+        claimed = enqueue_actions(
+            self.conn, run_id, dispatches, claim=claim, owner=worker, lease=lease, log=log
+        )
+        return Step(new, seq, log[2], queued, claimed)
+
+    def _restart_body(
+        self,
+        run_id: str,
+        key: int,
+        extra: Sequence[Result],
+        *,
+        worker: str,
+        force: bool,
+        state: Sequence[Any] | None = None,
+    ) -> tuple[Job, int, list[Dispatch], list[int], tuple[int, str, int, datetime]] | None:
+        """Take the queued results, restart the job, record the step (all but enqueueing the
+        new actions); None when there is nothing to do and not `force`. `state`: the run's
+        (newest write, clock, queued results) when the caller read them already.
 
         The job is what this process last wrote or read of the run when that is still the
-        newest write; otherwise the run is read again.
+        newest write (`seq`); otherwise the run is read again.
         """
-        conn = self.conn
-        seq, started, batch = conn.execute(_RUN_STATE, (run_id, key)).fetchone()
+        if state is None:
+            state = self.conn.execute(_RUN_STATE, (run_id, key)).fetchone()
+        seq, started, batch = state
         queued = [(int(t), r) for t, r in json.loads(batch)]
+        if not queued and not extra and not force:
+            return None  # another worker took these results with an earlier restart
         results = [decode_result(r) for _, r in queued if r is not None]
         results.extend(extra)
         known = self._known.get(run_id)
@@ -363,16 +398,138 @@ class PostgresStore(sqlbase.SqlStore):
         new, dispatches = restart_job(old, results, time.time())
         self._record_locked(run_id, new)
         seq = self._known[run_id].seq
-        claimed = enqueue_actions(
-            conn,
-            run_id,
-            dispatches,
-            claim=claim,
-            owner=worker,
-            lease=lease,
-            log=(seq, worker, len(results), started),
+        return new, seq, dispatches, [t for t, _ in queued], (seq, worker, len(results), started)
+
+    # ------------------------------------------------------------ a worker's transactions
+    #
+    # Each is one transaction whose BEGIN travels with its first statement and whose COMMIT
+    # travels with its last (psycopg pipeline mode): a sequential step is one commit and
+    # four round trips.
+
+    def claim(self, owner: str, lease: float) -> Claimed | None:
+        """Take the oldest ready task (`FOR UPDATE SKIP LOCKED`) in one statement: an action
+        task is leased to `owner` and returned with its dispatch; a restart task is only
+        named (`run_restart`). None when the queue has nothing ready."""
+        with self._lock, _errors(self.url):
+            row = self.conn.execute(_CLAIM, (owner, lease)).fetchone()
+        if row is None:
+            return None
+        task_id, run_id, kind = int(row[0]), str(row[1]), str(row[2])
+        if kind != "action" or row[3] is None:
+            return Claimed(task_id, run_id, kind, None)
+        dispatch = Dispatch(
+            int(row[3]),
+            row[5],
+            serde.decode_value(json.loads(row[7])),
+            bool(row[6]),
+            int(row[4]),
+            serde.decode_value(json.loads(row[8])),
         )
-        return Step(new, seq, len(results), [t for t, _ in queued], claimed)
+        return Claimed(task_id, run_id, kind, dispatch)
+
+    def run_restart(self, run_id: str, *, worker: str, claim: int, lease: float) -> Step | None:
+        """Restart a run for its queued results: wait for its row lock (a restart of the run
+        elsewhere finishes first), then apply every result queued for it at once."""
+        with self._lock, _errors(self.url):
+            try:
+                row = self._begin(_LOCK_RUN, (run_id,))
+                if row is None:
+                    self._end("ROLLBACK")
+                    return None
+                self._defer = []
+                body = self._restart_body(run_id, int(row[0]), [], worker=worker, force=False)
+                if body is None:
+                    self._end("ROLLBACK")
+                    return None
+                return self._finish_step(run_id, body, claim=claim, owner=worker, lease=lease)
+            except BaseException:
+                self._abandon()
+                raise
+            finally:
+                self._defer = None
+
+    def deliver(
+        self, task_id: int, result: Result, *, worker: str, claim: int, lease: float
+    ) -> Delivery:
+        """Hand over the result of an action task leased to `worker`: remove the task and,
+        when no one holds the run's row, restart the run with it right away (and lease the
+        next action to `worker`); otherwise queue the result as a restart task. A task whose
+        lease was lost (recovered by another worker) is left alone: the result is dropped."""
+        with self._lock, _errors(self.url):
+            try:
+                row = self._begin(_FINISH, (task_id, worker, encode_result(result)))
+                if row is None or row[0] is None:
+                    self._end("ROLLBACK")
+                    return Delivery("lost")
+                run_id, key = str(row[0]), row[1]
+                if key is None:
+                    self._end("COMMIT")
+                    return Delivery("queued", run_id)
+                self._defer = []
+                body = self._restart_body(
+                    run_id, int(key), [result], worker=worker, force=True, state=row[2:5]
+                )
+                assert body is not None
+                step = self._finish_step(run_id, body, claim=claim, owner=worker, lease=lease)
+                return Delivery("restarted", run_id, step)
+            except BaseException:
+                self._abandon()
+                raise
+            finally:
+                self._defer = None
+
+    def queue_result(self, task_id: int, result: Result, *, worker: str) -> str | None:
+        """Remove an action task leased to `worker` and queue its result as a restart task,
+        in one statement; the run id, or None when the lease was lost."""
+        with self._lock, _errors(self.url):
+            row = self.conn.execute(_QUEUE_RESULT, (task_id, worker, encode_result(result)))
+            found = row.fetchone()
+        return None if found is None else str(found[0])
+
+    def _begin(self, sql: str, params: Sequence[Any]) -> Any:
+        """BEGIN and a first statement in one round trip; the statement's first row."""
+        with self.conn.pipeline():
+            self.conn.execute("BEGIN")
+            cur = self.conn.execute(sql, params)
+        return cur.fetchone()
+
+    def _end(self, command: str) -> None:
+        self.conn.execute(command)
+        if command == "COMMIT":
+            self.commits += 1
+
+    def _abandon(self) -> None:
+        """Roll back a transaction that failed (when the connection still works)."""
+        if self.conn.closed or not self._in_transaction():
+            return
+        with contextlib.suppress(psycopg.Error):
+            self.conn.execute("ROLLBACK")
+
+    def _finish_step(
+        self,
+        run_id: str,
+        body: tuple[Job, int, list[Dispatch], list[int], tuple[int, str, int, datetime]],
+        *,
+        claim: int,
+        owner: str,
+        lease: float,
+    ) -> Step:
+        """Queue the step's actions (leasing `claim` of them to `owner`), log it and COMMIT,
+        in one round trip."""
+        new, seq, dispatches, queued, log = body
+        deferred, self._defer = self._defer or [], None
+        with self.conn.pipeline():
+            for sql, params in deferred:
+                self.conn.execute(sql, params)
+                self.conn.execute("SELECT ablauf.check_delta(%s, %s)", (params[0], params[1]))
+            cur = _enqueue(self.conn, run_id, dispatches, claim, owner, lease, log)
+            unclaimed = len(dispatches) - min(claim, len(dispatches))
+            if unclaimed:
+                self.conn.execute("SELECT pg_notify(%s, %s)", (TASKS_CHANNEL, str(unclaimed)))
+            self.conn.execute("COMMIT")
+        self.commits += 1
+        claimed = _claimed(cur.fetchall(), dispatches)
+        return Step(new, seq, log[2], queued, claimed)
 
     @contextmanager
     def transaction(self) -> Iterator[psycopg.Connection]:
@@ -454,7 +611,11 @@ def _errors(url: str) -> Iterator[None]:
     try:
         yield
     except psycopg.Error as exc:
-        kind = ConnectionLost if is_connection_error(exc) else StoreError
+        kind = StoreError
+        if is_connection_error(exc):
+            kind = ConnectionLost
+        elif isinstance(exc, psycopg.errors.SerializationFailure):
+            kind = WriteConflict
         raise kind(f"PostgreSQL store {url}: {one_line(exc)}") from None
 
 
@@ -475,6 +636,76 @@ _RUN_STATE = (
     "b.task_id, b.result) ORDER BY b.task_id), '[]')::text FROM b) "
     "FROM ablauf.runs r WHERE r.id = %s"
 )
+
+
+# Take the oldest ready task; lease it when it is an action (one statement, autocommit).
+_CLAIM = (
+    "WITH t AS (SELECT task_id, run_id, kind FROM ablauf.tasks "
+    "WHERE lease_owner IS NULL AND error IS NULL ORDER BY task_id LIMIT 1 "
+    "FOR UPDATE SKIP LOCKED), "
+    "a AS (UPDATE ablauf.tasks k SET lease_owner = %s, "
+    "lease_until = now() + %s * interval '1 second', tries = k.tries + 1 FROM t "
+    "WHERE k.task_id = t.task_id AND t.kind = 'action' "
+    "RETURNING k.task_id, k.node, k.attempt, k.action, k.idempotent, k.payload, k.context) "
+    "SELECT t.task_id, t.run_id, t.kind, a.node, a.attempt, a.action, a.idempotent, "
+    "a.payload, a.context FROM t LEFT JOIN a ON a.task_id = t.task_id"
+)
+
+# Deliver a result, in one statement: remove the action task (if still leased to this
+# worker), try the run's row lock without waiting; when another transaction holds it,
+# queue the result as a restart task (and wake a worker); when this one got it, take the
+# results queued for the run and read its newest write. Row: run_id (NULL: the lease was
+# lost), run key (NULL: the result was queued), newest write, clock, queued results.
+# (The lock is taken without waiting, so the statement's snapshot is as new as the lock;
+# were it not, the write of the step would conflict and be refused, not lost.)
+_FINISH = (
+    "WITH t AS (DELETE FROM ablauf.tasks WHERE task_id = %s AND lease_owner = %s "
+    "RETURNING run_id), "
+    "r AS (SELECT id, snapshot_seq FROM ablauf.runs WHERE run_id = (SELECT run_id FROM t) "
+    "FOR NO KEY UPDATE SKIP LOCKED), "
+    "q AS (INSERT INTO ablauf.tasks (run_id, kind, result) SELECT t.run_id, 'restart', %s "
+    "FROM t WHERE NOT EXISTS (SELECT 1 FROM r) RETURNING run_id), "
+    "n AS (SELECT pg_notify('" + TASKS_CHANNEL + "', '1') FROM q), "
+    "b AS (DELETE FROM ablauf.tasks WHERE task_id IN (SELECT task_id FROM ablauf.tasks "
+    "WHERE run_id = (SELECT run_id FROM t) AND EXISTS (SELECT 1 FROM r) "
+    "AND kind = 'restart' AND error IS NULL FOR UPDATE SKIP LOCKED) "
+    "RETURNING task_id, result) "
+    "SELECT (SELECT run_id FROM t), (SELECT id FROM r), "
+    "coalesce((SELECT max(d.seq) FROM ablauf.deltas d WHERE d.run = (SELECT id FROM r)), "
+    "(SELECT snapshot_seq FROM r)), clock_timestamp(), "
+    "(SELECT coalesce(json_agg(json_build_array(b.task_id, b.result) ORDER BY b.task_id), "
+    "'[]')::text FROM b), (SELECT count(*) FROM n)"
+)
+
+# Remove an action task leased to this worker and queue its result (one statement).
+_QUEUE_RESULT = (
+    "WITH t AS (DELETE FROM ablauf.tasks WHERE task_id = %s AND lease_owner = %s "
+    "RETURNING run_id), "
+    "q AS (INSERT INTO ablauf.tasks (run_id, kind, result) SELECT run_id, 'restart', %s "
+    "FROM t RETURNING run_id), "
+    "n AS (SELECT pg_notify('" + TASKS_CHANNEL + "', '1') FROM q) "
+    "SELECT q.run_id, (SELECT count(*) FROM n) FROM q"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A task `PostgresStore.claim` took: an action leased (with its dispatch), or a
+    restart task to run with `PostgresStore.run_restart`."""
+
+    task_id: int
+    run_id: str
+    kind: str
+    dispatch: Dispatch | None
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What became of a result: "restarted" (applied at once), "queued", or "lost"."""
+
+    outcome: str
+    run_id: str | None = None
+    step: Step | None = None
 
 
 def lock_run(conn: psycopg.Connection, run_id: str, *, wait: bool = True) -> int | None:
@@ -511,6 +742,26 @@ def enqueue_actions(
     """
     if not dispatches and log is None:
         return []
+    claimed = _claimed(
+        _enqueue(conn, run_id, dispatches, claim, owner, lease, log).fetchall(), dispatches
+    )
+    if len(dispatches) > len(claimed):
+        conn.execute(
+            "SELECT pg_notify(%s, %s)", (TASKS_CHANNEL, str(len(dispatches) - len(claimed)))
+        )
+    return claimed
+
+
+def _enqueue(
+    conn: psycopg.Connection,
+    run_id: str,
+    dispatches: Sequence[Dispatch],
+    claim: int,
+    owner: str | None,
+    lease: float,
+    log: tuple[int, str, int, datetime] | None,
+) -> psycopg.Cursor[Any]:
+    """Execute the INSERT of `enqueue_actions` (rows: task_id, node, leased?)."""
     contexts: dict[int, str] = {}  # dispatches of one restart share their context object
 
     def context_text(d: Dispatch) -> str:
@@ -519,7 +770,7 @@ def enqueue_actions(
             text = contexts[id(d.context)] = _dumps(serde.encode_value(d.context or {}))
         return text
 
-    head: str = ""
+    head = ""
     params: list[Any] = []
     if log is not None:
         head = (
@@ -528,7 +779,30 @@ def enqueue_actions(
         )
         seq, worker, n_results, started = log
         params = [run_id, seq, worker, n_results, len(dispatches), started]
-    rows = conn.execute(
+    if len(dispatches) == 1:  # the common step of a sequence: plain values, no arrays
+        d = dispatches[0]
+        return conn.execute(
+            head + "INSERT INTO ablauf.tasks (run_id, kind, node, attempt, action, "
+            "idempotent, payload, context, lease_owner, lease_until, tries) "
+            "VALUES (%s, 'action', %s, %s, %s, %s, %s, %s, %s, "
+            "CASE WHEN %s THEN now() + %s * interval '1 second' END, %s) "
+            "RETURNING task_id, node, lease_owner IS NOT NULL",
+            (
+                *params,
+                run_id,
+                d.id,
+                d.attempt,
+                d.action,
+                d.idempotent,
+                _dumps(serde.encode_value(d.payload)),
+                context_text(d),
+                owner if claim > 0 else None,
+                claim > 0,
+                lease,
+                1 if claim > 0 else 0,
+            ),
+        )
+    return conn.execute(
         head
         + "INSERT INTO ablauf.tasks (run_id, kind, node, attempt, action, idempotent, payload, "
         "context, lease_owner, lease_until, tries) "
@@ -552,14 +826,14 @@ def enqueue_actions(
             [context_text(d) for d in dispatches],
             [i < claim for i in range(len(dispatches))],
         ),
-    ).fetchall()
+    )
+
+
+def _claimed(
+    rows: Sequence[Sequence[Any]], dispatches: Sequence[Dispatch]
+) -> list[tuple[int, Dispatch]]:
     by_node = {d.id: d for d in dispatches}
-    claimed = [(int(task_id), by_node[int(node)]) for task_id, node, mine in rows if mine]
-    if len(dispatches) > len(claimed):
-        conn.execute(
-            "SELECT pg_notify(%s, %s)", (TASKS_CHANNEL, str(len(dispatches) - len(claimed)))
-        )
-    return claimed
+    return [(int(task_id), by_node[int(node)]) for task_id, node, mine in rows if mine]
 
 
 def enqueue_restart(conn: psycopg.Connection, run_id: str, result: Result | None) -> None:
@@ -639,15 +913,15 @@ def finish_action(
 
 
 def renew_leases(
-    conn: psycopg.Connection, owner: str, task_ids: Sequence[int], lease: float
+    conn: psycopg.Connection, owners: Sequence[str], task_ids: Sequence[int], lease: float
 ) -> int:
-    """Extend the leases `owner` holds on these tasks; return how many it still holds."""
+    """Extend the leases `owners` hold on these tasks; return how many they still hold."""
     if not task_ids:
         return 0
     cur = conn.execute(
         "UPDATE ablauf.tasks SET lease_until = now() + %s * interval '1 second' "
-        "WHERE task_id = ANY(%s) AND lease_owner = %s",
-        (lease, list(task_ids), owner),
+        "WHERE task_id = ANY(%s) AND lease_owner = ANY(%s)",
+        (lease, list(task_ids), list(owners)),
     )
     return cur.rowcount
 

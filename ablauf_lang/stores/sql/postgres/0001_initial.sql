@@ -62,6 +62,20 @@ CREATE TABLE ablauf.deltas (
     PRIMARY KEY (run, seq)
 );
 
+-- A worker sends the INSERT of a step's delta together with its COMMIT; this check, sent
+-- between them, makes sure the row is the one this transaction wrote (another writer of the
+-- same write number would have won the race), else the transaction fails and rolls back.
+CREATE FUNCTION ablauf.check_delta(p_run bigint, p_seq bigint) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM ablauf.deltas WHERE run = p_run AND seq = p_seq
+                   AND xmin::text::bigint = txid_current() % 4294967296) THEN
+        RAISE EXCEPTION 'write % of run % was taken by another process', p_seq, p_run
+            USING ERRCODE = 'serialization_failure';
+    END IF;
+END
+$$;
+
 CREATE TABLE ablauf.context (
     run    bigint NOT NULL REFERENCES ablauf.runs (id) ON DELETE CASCADE,
     key    text NOT NULL,        -- JSON of the key
@@ -95,7 +109,6 @@ CREATE TABLE ablauf.tasks (
 );
 CREATE INDEX tasks_ready ON ablauf.tasks (task_id) WHERE lease_owner IS NULL AND error IS NULL;
 CREATE INDEX tasks_restarts ON ablauf.tasks (run_id, task_id) WHERE kind = 'restart';
-CREATE INDEX tasks_actions ON ablauf.tasks (run_id) WHERE kind = 'action';
 CREATE INDEX tasks_leases ON ablauf.tasks (lease_until) WHERE lease_owner IS NOT NULL;
 
 CREATE TABLE ablauf.restarts (

@@ -1,0 +1,171 @@
+"""Distributed execution on PostgreSQL: steps per second with 1, 2 and 4 worker processes.
+
+    python bench/bench_postgres.py [--steps 1000] [--repeat 2]
+
+Starts its own throwaway PostgreSQL server (like the tests: `tests/pg.py`), then measures,
+in the same run:
+
+- the floor: one PostgreSQL commit per step (BEGIN; INSERT one row; COMMIT on one
+  connection), the cost every durable step pays at least once;
+- a 1,000-step sequence (`do!!`) and a 1,000-way `dopar!!` of no-op actions, submitted to
+  1, 2 and 4 worker processes (4 slots each), from submit to the run being done;
+- the same two programs run by `ablauf_lang.eval` in this process, recording into
+  PostgreSQL and into the embedded SQLite store, for comparison.
+
+"commits" is the time of a step divided by the time of one commit: what a step costs in
+units of the floor. Prints a table; takes a minute or two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import psycopg  # noqa: E402
+
+import ablauf_lang  # noqa: E402
+from ablauf_lang.runners import worker  # noqa: E402
+from ablauf_lang.stores.postgres import PostgresStore  # noqa: E402
+from tests.pg import PgServer, wait_for  # noqa: E402
+
+WORKER = (
+    "import sys; from ablauf_lang.runners.worker import run_worker; "
+    "run_worker(sys.argv[1], {'bench/noop': lambda p, c: p}, 4, poll=30)"
+)
+ACTIONS = {"bench/noop": lambda p, c: p}
+
+
+def programs(n: int) -> dict[str, str]:
+    leaves = " ".join(f"(action!! :bench/noop {i})" for i in range(n))
+    return {"sequence": f"(do!! {leaves})", "dopar!!": f"(dopar!! {leaves})"}
+
+
+def commit_floor(url: str, n: int = 1000) -> float:
+    """Seconds per step when a step is exactly one commit."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS floor (x integer)")
+        start = time.perf_counter()
+        for i in range(n):
+            with conn.transaction():
+                conn.execute("INSERT INTO floor VALUES (%s)", (i,))
+        return (time.perf_counter() - start) / n
+
+
+def listening(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name = 'ablauf-listen'"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def start_workers(url: str, n: int) -> list[subprocess.Popen[bytes]]:
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, url],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(n)
+    ]
+    wait_for(lambda: listening(url) >= n, 30, what="workers to listen")
+    return procs
+
+
+def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        p.wait(timeout=30)
+
+
+def run_distributed(url: str, source: str) -> tuple[float, int]:
+    """(seconds from submit to done, restarts the run took)."""
+    start = time.perf_counter()
+    run_id = worker.submit(source, url)
+    run = worker.wait(run_id, url, timeout=600)
+    elapsed = time.perf_counter() - start
+    assert run.status is ablauf_lang.Status.SUCCESS, run.status
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM ablauf.restarts WHERE run_id = %s", (run_id,)
+        ).fetchone()
+    return elapsed, int(row[0]) if row else 0
+
+
+def run_local(store: Any, source: str) -> float:
+    start = time.perf_counter()
+    run = ablauf_lang.eval(source, ACTIONS, store=store)
+    assert run.status is ablauf_lang.Status.SUCCESS, run.status
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--repeat", type=int, default=2, help="best of this many runs")
+    args = parser.parse_args()
+    n = args.steps
+    server = PgServer().start()
+    rows: list[tuple[str, str, float, str]] = []
+    try:
+        url = server.create_database("bench")
+        PostgresStore.from_url(url).close()
+        floor = min(commit_floor(url) for _ in range(args.repeat))
+        rows.append(("floor: 1 commit per step", "-", floor, "-"))
+        for name, source in programs(n).items():
+            best = min(run_local(url, source) for _ in range(args.repeat))
+            rows.append((f"{name}, eval into PostgreSQL", "in-process", best / n, "-"))
+        try:
+            import ablauf_lang.stores.sqlite  # noqa: F401
+
+            with tempfile.TemporaryDirectory() as tmp:
+                for name, source in programs(n).items():
+                    times = []
+                    for i in range(args.repeat):
+                        times.append(run_local(f"sqlite:///{tmp}/bench{i}{name[0]}.db", source))
+                    rows.append((f"{name}, eval into SQLite", "in-process", min(times) / n, "-"))
+        except ImportError:
+            rows.append(("SQLite store not available", "-", float("nan"), "-"))
+        for workers in (1, 2, 4):
+            procs = start_workers(url, workers)
+            try:
+                for name, source in programs(n).items():
+                    results = [run_distributed(url, source) for _ in range(args.repeat)]
+                    elapsed, restarts = min(results)
+                    rows.append((f"{name}, workers", str(workers), elapsed / n, str(restarts)))
+            finally:
+                stop_workers(procs)
+    finally:
+        server.stop()
+    print(
+        f"\n{n} steps per run, best of {args.repeat}; {os.cpu_count()} cores; "
+        f"floor = one commit per step ({floor * 1e6:.0f} us)\n"
+    )
+    head = (
+        f"{'scenario':36} {'workers':>10} {'steps/s':>9} {'ms/step':>8} {'commits':>8} "
+        f"{'restarts':>8}"
+    )
+    print(head)
+    print("-" * len(head))
+    for label, who, per_step, restarts in rows:
+        print(
+            f"{label:36} {who:>10} {1 / per_step:9.0f} {per_step * 1e3:8.3f} "
+            f"{per_step / floor:8.2f} {restarts:>8}"
+        )
+
+
+if __name__ == "__main__":
+    main()

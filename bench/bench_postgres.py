@@ -13,7 +13,8 @@ in the same run:
   PostgreSQL and into the embedded SQLite store, for comparison.
 
 "commits" is the time of a step divided by the time of one commit: what a step costs in
-units of the floor. Prints a table; takes a minute or two.
+units of the floor; "cpu" is how busy the machine's cores were during a distributed run
+(all of them: the server's, the workers'). Prints a table; takes a minute or two.
 """
 
 from __future__ import annotations
@@ -48,6 +49,23 @@ ACTIONS = {"bench/noop": lambda p, c: p}
 def programs(n: int) -> dict[str, str]:
     leaves = " ".join(f"(action!! :bench/noop {i})" for i in range(n))
     return {"sequence": f"(do!! {leaves})", "dopar!!": f"(dopar!! {leaves})"}
+
+
+def cpu_times() -> tuple[float, float]:
+    """(busy, total) jiffies of the whole machine (Linux `/proc/stat`; zeros elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [float(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return 0.0, 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
+    return sum(fields) - idle, sum(fields)
+
+
+def cpu_share(before: tuple[float, float], after: tuple[float, float]) -> str:
+    """How busy the machine's cores were between two `cpu_times()`, in percent."""
+    total = after[1] - before[1]
+    return f"{100 * (after[0] - before[0]) / total:.0f}%" if total > 0 else "-"
 
 
 def commit_floor(url: str, n: int = 1000) -> float:
@@ -91,18 +109,20 @@ def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
         p.wait(timeout=30)
 
 
-def run_distributed(url: str, source: str) -> tuple[float, int]:
-    """(seconds from submit to done, restarts the run took)."""
+def run_distributed(url: str, source: str) -> tuple[float, int, str]:
+    """(seconds from submit to done, restarts the run took, how busy the cores were)."""
+    cpu = cpu_times()
     start = time.perf_counter()
     run_id = worker.submit(source, url)
     run = worker.wait(run_id, url, timeout=600)
     elapsed = time.perf_counter() - start
+    busy = cpu_share(cpu, cpu_times())
     assert run.status is ablauf_lang.Status.SUCCESS, run.status
     with psycopg.connect(url) as conn:
         row = conn.execute(
             "SELECT count(*) FROM ablauf.restarts WHERE run_id = %s", (run_id,)
         ).fetchone()
-    return elapsed, int(row[0]) if row else 0
+    return elapsed, int(row[0]) if row else 0, busy
 
 
 def run_local(store: Any, source: str) -> float:
@@ -119,15 +139,15 @@ def main() -> None:
     args = parser.parse_args()
     n = args.steps
     server = PgServer().start()
-    rows: list[tuple[str, str, float, str]] = []
+    rows: list[tuple[str, str, float, str, str]] = []
     try:
         url = server.create_database("bench")
         PostgresStore.from_url(url).close()
         floor = min(commit_floor(url) for _ in range(args.repeat))
-        rows.append(("floor: 1 commit per step", "-", floor, "-"))
+        rows.append(("floor: 1 commit per step", "-", floor, "-", "-"))
         for name, source in programs(n).items():
             best = min(run_local(url, source) for _ in range(args.repeat))
-            rows.append((f"{name}, eval into PostgreSQL", "in-process", best / n, "-"))
+            rows.append((f"{name}, eval into PostgreSQL", "in-process", best / n, "-", "-"))
         try:
             import ablauf_lang.stores.sqlite  # noqa: F401
 
@@ -136,16 +156,20 @@ def main() -> None:
                     times = []
                     for i in range(args.repeat):
                         times.append(run_local(f"sqlite:///{tmp}/bench{i}{name[0]}.db", source))
-                    rows.append((f"{name}, eval into SQLite", "in-process", min(times) / n, "-"))
+                    rows.append(
+                        (f"{name}, eval into SQLite", "in-process", min(times) / n, "-", "-")
+                    )
         except ImportError:
-            rows.append(("SQLite store not available", "-", float("nan"), "-"))
+            rows.append(("SQLite store not available", "-", float("nan"), "-", "-"))
         for workers in (1, 2, 4):
             procs = start_workers(url, workers)
             try:
                 for name, source in programs(n).items():
                     results = [run_distributed(url, source) for _ in range(args.repeat)]
-                    elapsed, restarts = min(results)
-                    rows.append((f"{name}, workers", str(workers), elapsed / n, str(restarts)))
+                    elapsed, restarts, busy = min(results)
+                    rows.append(
+                        (f"{name}, workers", str(workers), elapsed / n, str(restarts), busy)
+                    )
             finally:
                 stop_workers(procs)
     finally:
@@ -156,14 +180,14 @@ def main() -> None:
     )
     head = (
         f"{'scenario':36} {'workers':>10} {'steps/s':>9} {'ms/step':>8} {'commits':>8} "
-        f"{'restarts':>8}"
+        f"{'restarts':>8} {'cpu':>5}"
     )
     print(head)
     print("-" * len(head))
-    for label, who, per_step, restarts in rows:
+    for label, who, per_step, restarts, busy in rows:
         print(
             f"{label:36} {who:>10} {1 / per_step:9.0f} {per_step * 1e3:8.3f} "
-            f"{per_step / floor:8.2f} {restarts:>8}"
+            f"{per_step / floor:8.2f} {restarts:>8} {busy:>5}"
         )
 
 

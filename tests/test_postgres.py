@@ -300,7 +300,11 @@ def test_expired_leases_are_recovered_by_the_rules(store: pg.PostgresStore) -> N
     # A late result from the worker whose lease was recovered is dropped, not applied.
     with store.transaction() as conn:
         task_id = conn.execute("SELECT task_id FROM ablauf.tasks WHERE node = 1").fetchone()[0]
-        assert pg.finish_action(conn, task_id, "dead:1") is None
+    late = store.deliver(
+        run_id, [(task_id, success(1, "late", attempt=1))], worker="dead:1", claim=0, lease=30
+    )
+    assert late.outcome == "lost"
+    assert store.load(run_id).job.node(1).result is LeafState.PENDING
 
 
 def test_a_submitted_run_is_queued_in_the_same_transaction(store: pg.PostgresStore) -> None:
@@ -313,3 +317,64 @@ def test_a_submitted_run_is_queued_in_the_same_transaction(store: pg.PostgresSto
 
 def _queued_run_with_id(store: pg.PostgresStore, run_id: str) -> str:
     return store.create_run(ablauf_lang.make_job("(log!! 2)"), run_id=run_id, enqueue=True)
+
+
+def test_a_rolled_back_write_is_never_shared_with_other_threads(pg_url: str) -> None:
+    shared = pg.SharedKnown()
+    a = pg.PostgresStore.from_url(pg_url, known=shared)
+    b = pg.PostgresStore.from_url(pg_url, known=shared)
+    try:
+        job = ablauf_lang.make_job("(do!! (log!! 1) (log!! 2))")
+        run_id = a.create_run(job)
+        before = shared[run_id].seq
+        seen: list[int] = []
+
+        def write_then_fail() -> None:
+            with a.transaction():
+                a.record(run_id, restart_job(job, [])[0])
+                seen.append(shared[run_id].seq)  # learned, but not shared before COMMIT
+                raise RuntimeError("roll back")
+
+        with pytest.raises(RuntimeError):
+            write_then_fail()
+        assert seen == [before]
+        assert run_id not in shared  # the write never happened: nothing of it is kept
+        b.record(run_id, restart_job(b.load(run_id).job, [])[0])
+        assert shared[run_id].seq == before + 1
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_delta_sent_with_the_commit_must_be_this_transactions(store: pg.PostgresStore) -> None:
+    job = ablauf_lang.make_job("(do!! (log!! 1) (log!! 2))")
+    run_id = store.create_run(job)
+    store.record(run_id, restart_job(job, [])[0])  # write 1, an earlier transaction
+    with store.transaction() as conn:
+        key = pg.lock_run(conn, run_id)
+    with pytest.raises(pg.WriteConflict), store.transaction() as conn:
+        conn.execute("SELECT ablauf.check_delta(%s, 1)", (key,))
+
+
+def test_claimed_actions_are_delivered_together(store: pg.PostgresStore) -> None:
+    run_id = _queued_run(store, "(dopar!! (log!! 1) (log!! 2) (log!! 3))")
+    (first,) = store.claim("w/0", 30, limit=5)
+    assert first.dispatch is None  # the submitted run's first restart: named, not leased
+    step = store.run_restart(run_id, worker="w/0", claim=0, lease=30)
+    assert step is not None
+    assert len(step.job.pending()) == 3
+    taken = store.claim("w/1", 30, limit=5)
+    assert [c.dispatch.id for c in taken] == [1, 2, 3]
+    assert store.queue_counts() == {"ready": 0, "leased": 3, "broken": 0}
+    got = store.deliver(
+        run_id,
+        [(c.task_id, success(c.dispatch, c.dispatch.payload)) for c in taken],
+        worker="w/1",
+        claim=0,
+        lease=30,
+    )
+    assert got.outcome == "restarted"
+    assert got.step.results == 3  # one restart for the three results
+    assert got.step.job.status is Status.SUCCESS
+    assert store.queue_counts() == {"ready": 0, "leased": 0, "broken": 0}
+    assert store.info(run_id).status is Status.SUCCESS

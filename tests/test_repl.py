@@ -582,3 +582,14 @@ def test_command_table_matches_the_shared_names() -> None:
     from ablauf_lang.repl.commands import COMMANDS
 
     assert set(COMMANDS) == set(REPL_COMMANDS)
+
+
+def test_completion_offers_names_the_session_defined() -> None:
+    repl, _ = make_repl()
+    repl.handle("(defn deploy-to [host] (action!! :deploy/host {:host host}))")
+    repl.handle("(def hosts [\"a\" \"b\"])")
+    completer = repl.session.completer
+    found = [c.text for c in completer.get_completions(Document("(do!! (depl"), CompleteEvent())]
+    assert found[0] == "deploy-to"
+    found = [c.text for c in completer.get_completions(Document("(doseq!! [h ho"), CompleteEvent())]
+    assert "hosts" in found

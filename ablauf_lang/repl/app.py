@@ -105,7 +105,9 @@ class Repl:
             self._session = PromptSession(
                 message=[("class:prompt", PROMPT)],
                 lexer=PygmentsLexer(AblaufLexer),
-                completer=AblaufCompleter(self._command_names, self._action_names, self._waiting),
+                completer=AblaufCompleter(
+                    self._command_names, self._action_names, self._waiting, self._defined_names
+                ),
                 complete_while_typing=False,
                 validator=AblaufValidator(frozenset(COMMANDS)),
                 validate_while_typing=False,
@@ -269,6 +271,10 @@ class Repl:
     @staticmethod
     def _command_names() -> list[tuple[str, str]]:
         return [(c.name, c.help) for c in COMMANDS.values()]
+
+    def _defined_names(self) -> list[str]:
+        """Names defined in this session (`def`, `defn`, `import`), for completion."""
+        return list(self.env.names()) if self.env is not None else []
 
     def _action_names(self) -> list[str]:
         return list(self.stepper.actions)

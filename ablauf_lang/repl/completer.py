@@ -40,7 +40,7 @@ class AblaufCompleter(Completer):
     - a `:word` at the start of the line: REPL commands;
     - after `:load ` / `:save `: file paths;  after `:ok ` / `:fail `: waiting node ids;
     - a `:word` inside a form: registered action names (and leaf options);
-    - any other word: forms, builtins and constants.
+    - any other word: names the session defined, forms, builtins and constants.
     """
 
     def __init__(
@@ -48,10 +48,12 @@ class AblaufCompleter(Completer):
         commands: Callable[[], Iterable[tuple[str, str]]],
         actions: Callable[[], Iterable[str]],
         waiting: Callable[[], Iterable[tuple[int, str]]],
+        defined: Callable[[], Iterable[str]] = lambda: (),
     ) -> None:
         self.commands = commands  # (name, help) pairs
         self.actions = actions  # registered action names, without the colon
         self.waiting = waiting  # (node id, action) of leaves waiting for a result
+        self.defined = defined  # names the session defined (def, defn, import)
         self.paths = PathCompleter(expanduser=True)
 
     def get_completions(
@@ -75,6 +77,9 @@ class AblaufCompleter(Completer):
             return
         if not word:
             return
+        for name in self.defined():
+            if name.startswith(word):
+                yield Completion(name, -len(word), display_meta="defined")
         for name, meta in _SYMBOLS:
             if name.startswith(word):
                 yield Completion(name, -len(word), display_meta=meta)

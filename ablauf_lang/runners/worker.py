@@ -51,6 +51,9 @@ from ablauf_lang.runners.local import Action, perform, perform_sync, registry
 log = logging.getLogger("ablauf.worker")
 
 LEASE = 30.0  # seconds an action task stays leased without renewal
+BATCH = 16  # most action tasks a slot takes at once (while actions prove quick)
+QUICK = 0.005  # an action quicker than this lets a slot take more at once
+BATCH_TIME = 0.05  # tasks of a batch not started by then go back to the queue
 POLL = 5.0  # safety poll of an idle slot (NOTIFY wakes it at once)
 MAX_BACKOFF = 5.0  # longest wait between two reconnection attempts
 
@@ -213,9 +216,17 @@ class _Slot:
     index: int
     owner: str  # the lease owner name of this slot: worker name / slot index
     store: Any = None
-    todo: list[tuple[int, Dispatch]] = field(default_factory=list)  # leased, not started
-    done: tuple[int, Result] | None = None  # performed, not delivered yet
+    # leased, not started: (task_id, dispatch, run_id)
+    todo: list[tuple[int, Dispatch, str]] = field(default_factory=list)
+    # performed, not delivered yet, all of one run: (task_id, result)
+    done: list[tuple[int, Result]] = field(default_factory=list)
+    done_run: str = ""
+    done_since: float = 0.0
     loop: asyncio.AbstractEventLoop | None = None
+    giving_up: float | None = None  # when it began failing to deliver while stopping
+    batch: int = 1  # how many action tasks to take at once (grows while actions are quick)
+    taken_at: float = 0.0  # when the current batch was taken
+    slow: bool = False  # an action of the current batch was not quick
 
 
 class Worker:
@@ -292,11 +303,11 @@ class Worker:
         try:
             while True:
                 if slot.store is None:
-                    if self.stop.is_set() and slot.done is None and not slot.todo:
+                    if self.stop.is_set() and not slot.done and not slot.todo:
                         return
                     if not self._reconnect(slot):
                         backoff.sleep(None if slot.done else self.stop)
-                        if self.stop.is_set() and slot.done is not None and self._give_up(slot):
+                        if self.stop.is_set() and slot.done and self._give_up(slot):
                             return
                         continue
                     backoff.reset()
@@ -304,14 +315,16 @@ class Worker:
                     if not self._iterate(slot):
                         return
                 except Exception as exc:
-                    if not self._lost(exc):
-                        raise
-                    log.warning(
-                        "slot %d lost its connection (%s); reconnecting", index, _message(exc)
-                    )
+                    if self._lost(exc):
+                        log.warning(
+                            "slot %d lost its connection (%s); reconnecting",
+                            index,
+                            _message(exc),
+                        )
+                    else:  # a bug: keep the slot alive, start again from a new connection
+                        log.exception("slot %d: unexpected error; reconnecting", index)
+                        backoff.sleep(self.stop)
                     self._drop_connection(slot)
-        except Exception:
-            log.exception("slot %d stopped by an unexpected error", index)
         finally:
             if slot.store is not None:
                 with contextlib.suppress(Exception):
@@ -322,14 +335,14 @@ class Worker:
     def _give_up(self, slot: _Slot) -> bool:
         """While stopping with a result the database cannot take: wait a lease, then leave
         the task to the lease recovery of the other workers."""
-        if not hasattr(slot, "_giving_up"):
-            slot._giving_up = time.monotonic()  # type: ignore[attr-defined]
-        if time.monotonic() - slot._giving_up > self.lease:  # type: ignore[attr-defined]
+        if slot.giving_up is None:
+            slot.giving_up = time.monotonic()
+        if time.monotonic() - slot.giving_up > self.lease:
             log.warning(
                 "slot %d: could not deliver the result of task %s before stopping; "
                 "its lease will expire and another worker recovers it",
                 slot.index,
-                slot.done[0] if slot.done else "?",
+                [t for t, _ in slot.done],
             )
             return True
         return False
@@ -346,7 +359,7 @@ class Worker:
         try:
             # Actions this slot leased in a transaction whose COMMIT it never saw confirmed,
             # and did not start: back to the queue. The one it performed stays leased.
-            keep = [slot.done[0]] if slot.done is not None else []
+            keep = [t for t, _ in slot.done]
             with store.transaction() as conn:
                 self.pg.release_leases(conn, slot.owner, keep=keep)
         except StoreError as exc:
@@ -361,23 +374,42 @@ class Worker:
             slot.store.close()
         slot.store = None
         self.known.clear()  # a transaction's outcome is unknown: read runs afresh
-        self._unhold([task_id for task_id, _ in slot.todo])  # released on reconnection
+        self._unhold([task_id for task_id, _, _ in slot.todo])  # released on reconnection
         slot.todo.clear()
 
     def _iterate(self, slot: _Slot) -> bool:
         """One step of a slot; False when it should stop."""
-        if slot.done is not None:
-            task_id, result = slot.done
-            self._deliver(slot, task_id, result)
-            slot.done = None
+        now = time.monotonic()
+        if slot.done and (
+            not slot.todo
+            or slot.todo[0][2] != slot.done_run
+            or self.stop.is_set()
+            or now - slot.done_since > BATCH_TIME
+        ):
+            # Results of one run go together (a batch of quick actions: one transaction).
+            self._deliver(slot, slot.done_run, list(slot.done))
+            slot.done.clear()
             return True
         if slot.todo:
-            task_id, dispatch = slot.todo.pop(0)
             if self.stop.is_set():
-                self._release(slot, [task_id, *(t for t, _ in slot.todo)])
+                self._release(slot, [t for t, _, _ in slot.todo])
                 slot.todo.clear()
                 return True
-            slot.done = (task_id, self._perform(slot, dispatch))
+            if len(slot.todo) > 1 and now - slot.taken_at > BATCH_TIME:
+                # A batch taken for quick actions turned out slow: the tasks not started go
+                # back to the queue for others.
+                self._release(slot, [t for t, _, _ in slot.todo[1:]])
+                del slot.todo[1:]
+                slot.slow = True
+            task_id, dispatch, run_id = slot.todo.pop(0)
+            result = self._perform(slot, dispatch)
+            if not slot.done:
+                slot.done_run, slot.done_since = run_id, time.monotonic()
+            slot.done.append((task_id, result))
+            slot.slow = slot.slow or time.monotonic() - now > QUICK
+            if not slot.todo:  # the batch is done: take more at once only if it was quick
+                slot.batch = 1 if slot.slow else min(BATCH, slot.batch * 2)
+                slot.slow = False
             return True
         if self.stop.is_set():
             return False
@@ -398,13 +430,18 @@ class Worker:
         """Take one task: lease an action (performed next), or run a restart; False if the
         queue has nothing ready."""
         store = slot.store
-        claimed = store.claim(slot.owner, self.lease)
-        if claimed is None:
+        taken = store.claim(slot.owner, self.lease, slot.batch)
+        if not taken:
             return False
-        if claimed.dispatch is not None:
-            self._hold([claimed.task_id])
-            slot.todo.append((claimed.task_id, claimed.dispatch))
+        actions = [(c.task_id, c.dispatch, c.run_id) for c in taken if c.dispatch is not None]
+        if actions:
+            self._hold([t for t, _, _ in actions])
+            slot.todo.extend(actions)
+            slot.taken_at = time.monotonic()
+        restarts = [c for c in taken if c.dispatch is None]
+        if not restarts:
             return True
+        claimed = restarts[0]  # the others stay queued (the first one's restart may take them)
         try:
             step = store.run_restart(claimed.run_id, worker=slot.owner, claim=1, lease=self.lease)
         except Exception as exc:
@@ -417,7 +454,7 @@ class Worker:
         if step is not None:
             self.stats["restarts"] += 1
             self._hold([t for t, _ in step.claimed])
-            slot.todo.extend(step.claimed)
+            slot.todo.extend((t, d, claimed.run_id) for t, d in step.claimed)
         return True
 
     def _perform(self, slot: _Slot, dispatch: Dispatch) -> Result:
@@ -433,39 +470,53 @@ class Worker:
         except Exception as exc:  # perform* turn the action's errors into failures already
             return failure(dispatch, f"{type(exc).__name__}: {exc}")
 
-    def _deliver(self, slot: _Slot, task_id: int, result: Result) -> None:
-        """Hand a result over (see the module docstring, step 3)."""
+    def _deliver(self, slot: _Slot, run_id: str, items: list[tuple[int, Result]]) -> None:
+        """Hand results of one run over (see the module docstring, step 3)."""
         store = slot.store
         claim = 0 if self.stop.is_set() else 1
         try:
-            got = store.deliver(task_id, result, worker=slot.owner, claim=claim, lease=self.lease)
+            got = store.deliver(run_id, items, worker=slot.owner, claim=claim, lease=self.lease)
         except Exception as exc:
-            self.known.clear()
             if self._lost(exc):
                 raise
-            # The restart failed, not the connection: queue the result as it is (the
-            # restart task is then set aside with the reason if it fails again).
-            log.error("task %d: restart failed (%s); queueing the result", task_id, _message(exc))
-            got = None
-            if store.queue_result(task_id, result, worker=slot.owner) is None:
-                self.stats["lost"] += 1
-        if got is not None:
-            if got.outcome == "lost":
-                self.stats["lost"] += 1
-                log.warning(
-                    "task %d: lease lost (another worker recovered it); dropping its result",
-                    task_id,
-                )
-            elif got.outcome == "queued":
-                self.stats["queued_results"] += 1
+            # The restart failed, not the connection (the transaction was rolled back):
+            # queue the results as they are. A write conflict (the run was written
+            # elsewhere meanwhile) is routine; anything else is logged, and the restart
+            # task is set aside with the reason if it fails again.
+            if isinstance(exc, self.pg.WriteConflict):
+                log.info("run %s: %s; queueing %d results", run_id, _message(exc), len(items))
             else:
+                log.error(
+                    "run %s: restart failed (%s); queueing %d results",
+                    run_id,
+                    _message(exc),
+                    len(items),
+                )
+            got = None
+            for task_id, result in items:
+                if store.queue_result(task_id, result, worker=slot.owner) is None:
+                    self.stats["lost"] += 1
+        if got is not None:
+            if got.lost:
+                self.stats["lost"] += got.lost
+                log.warning(
+                    "run %s: %d results dropped: their leases were lost (another "
+                    "worker recovered the tasks)",
+                    run_id,
+                    got.lost,
+                )
+            if got.outcome == "queued":
+                self.stats["queued_results"] += len(items) - got.lost
+            elif got.outcome == "restarted":
                 self.stats["fast"] += 1
                 self._hold([t for t, _ in got.step.claimed])
-                slot.todo.extend(got.step.claimed)
-        self._unhold([task_id])
+                slot.todo.extend((t, d, run_id) for t, d in got.step.claimed)
+        self._unhold([t for t, _ in items])
 
     def _release(self, slot: _Slot, task_ids: list[int]) -> None:
-        """Give leased, unstarted tasks back to the queue (when stopping)."""
+        """Give leased, unstarted tasks back to the queue (stopping, or a slow batch)."""
+        if not task_ids:
+            return
         with slot.store.transaction() as conn:
             conn.execute(
                 "UPDATE ablauf.tasks SET lease_owner = NULL, lease_until = NULL, "
@@ -509,7 +560,7 @@ class Worker:
                     self.wake.bump()  # tasks may have come while it was away
                 for _ in conn.notifies(timeout=0.5):
                     self.wake.bump()
-            except (StoreError, pg.psycopg.Error) as exc:
+            except Exception as exc:  # the connection, or a bug: start again
                 if conn is not None:
                     log.warning("listener lost its connection (%s); reconnecting", _message(exc))
                     with contextlib.suppress(Exception):
@@ -546,7 +597,7 @@ class Worker:
                             lost,
                         )
                     next_recovery = time.monotonic() + self.lease / 2 * random.uniform(0.5, 1)
-            except (StoreError, pg.psycopg.Error) as exc:
+            except Exception as exc:
                 log.warning("janitor lost its connection (%s); reconnecting", _message(exc))
                 if conn is not None:
                     with contextlib.suppress(Exception):

@@ -3,26 +3,28 @@
     store = PostgresStore.from_url("postgresql://user@host/db")
 
 The tables live in the schema `ablauf` (`stores/sql/postgres/*.sql`, applied by the store
-itself; a database at a newer schema version is refused): `runs`, `nodes` and `context`
-laid out as `sqlbase` writes them, plus `tasks` (the queue: restart tasks carrying
+itself; a database at a newer schema version is refused): `runs`, `nodes`, `context` and
+`deltas` laid out as `sqlbase` writes them, plus `tasks` (the queue: restart tasks carrying
 results, action tasks carrying dispatches) and `restarts` (one row per recorded step).
 
-`PostgresStore` is the `JobStore` of `sqlbase.SqlStore` on a psycopg connection, so
-`ablauf_lang.eval(..., store="postgresql://...")` and the `runs` operations work on the
-same database as the workers. The rest of this module is the queue, used by
-`ablauf_lang.runners.worker`; each function runs inside a transaction its caller opened:
+`PostgresStore` is `sqlbase.SqlStore` on a psycopg connection (the `JobStore` protocol),
+so `ablauf_lang.eval(..., store="postgresql://...")` and the `runs` operations work on the
+same database as the workers. Every write of a run holds the run's row lock (`lock_run`,
+`FOR NO KEY UPDATE`): one restart of a run at a time, and an API write never interleaves
+with a worker's.
 
-- `take_task`: the oldest ready task, locked `FOR UPDATE SKIP LOCKED`;
-- `lock_run`: the run's row, `FOR NO KEY UPDATE`, waiting: one restart of a run at a
-  time (`finish_action`, the fast path of a worker that performed an action, skips it);
-- `restart_locked`: apply every result queued for the run at once, restart the job, write
-  the delta (`sqlbase.diff`) and enqueue the new action tasks, in the caller's transaction;
-- `lease_action`, `finish_action`, `renew_leases`, `release_leases`, `recover_leases`.
+The worker's transactions are methods of the store (see `docs/distributed.md`):
 
-A worker keeps the jobs it restarted in a `JobCache`. The run's `version` (bumped by every
-write; every node row carries the version that wrote it) tells whether a copy is current;
-a stale copy catches up by reading only the rows written since, so the work of a restart
-does not grow with the size of the tree.
+- `claim`: take the oldest ready tasks (`FOR UPDATE SKIP LOCKED`), leasing the actions;
+- `deliver`: hand over results: restart the run at once when its lock is free (taken
+  without waiting), else queue them as restart tasks;
+- `run_restart`: wait for a run's lock, then apply every result queued for it at once;
+- `queue_result`, and the janitor's `renew_leases`, `release_leases`, `recover_leases`.
+
+A worker process shares what its threads know of the runs they wrote (`SharedKnown`, the
+base class's per-run memory of the last job), so a step does not read the tree again:
+only what was committed is shared, and a step checks it against the run's newest write
+number under the lock; a stale copy is read again, never written over.
 """
 
 from __future__ import annotations
@@ -91,14 +93,16 @@ def connect(url: str, *, purpose: str = "store") -> psycopg.Connection:
 
 
 def is_connection_error(exc: BaseException) -> bool:
-    """True when `exc` means the connection is gone (server down or restarted, network cut)."""
-    return isinstance(
-        exc,
-        psycopg.OperationalError
-        | psycopg.InterfaceError
-        | psycopg.errors.AdminShutdown
-        | psycopg.errors.CannotConnectNow,
-    )
+    """True when `exc` means the connection is gone (server down or restarted, network cut),
+    not that a statement failed (a serialization failure is an OperationalError too)."""
+    if isinstance(exc, psycopg.InterfaceError):
+        return True
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    state = exc.sqlstate
+    # No SQLSTATE: the client lost the connection; class 08: connection exception;
+    # 57P01-57P03: the server is shutting down or not accepting connections.
+    return state is None or state.startswith("08") or state in ("57P01", "57P02", "57P03")
 
 
 # ---------------------------------------------------------------- migrations
@@ -143,7 +147,7 @@ def migrate(conn: psycopg.Connection, url: str = "") -> int:
             current = schema_version(conn)
             for version, _name, text in files:
                 if version > current:
-                    conn.execute(text.encode())  # type: ignore[call-overload]
+                    conn.execute(text.encode())
                     conn.execute(
                         "INSERT INTO ablauf.schema_version (version) VALUES (%s)", (version,)
                     )
@@ -195,20 +199,88 @@ def decode_result(text: str) -> Result:
 
 
 class SharedKnown(OrderedDict[str, sqlbase.Known]):
-    """`SqlStore._known` shared by the store objects of one process's threads."""
+    """What the store objects of one process's threads know of runs (`SqlStore._known`).
+
+    Only what was committed is shared: a store object stages what it learns inside a
+    transaction (`KnownView`) and publishes it after the COMMIT. Otherwise a thread could
+    build on a write that was rolled back, whose number another process then took.
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
 
     def move_to_end(self, key: str, last: bool = True) -> None:
-        with self._lock:
+        with self.lock:
             if key in self:  # another thread may have just dropped it
                 super().move_to_end(key, last)
 
     def popitem(self, last: bool = True) -> tuple[str, sqlbase.Known]:
-        with self._lock:
+        with self.lock:
             return super().popitem(last)
+
+
+class KnownView:
+    """A store object's `_known`: the shared entries, plus what its open transaction
+    learned (staged until it commits, dropped if it rolls back)."""
+
+    def __init__(self, shared: SharedKnown) -> None:
+        self.shared = shared
+        self.staged: dict[str, sqlbase.Known] | None = None
+
+    def begin(self) -> None:
+        self.staged = {}
+
+    def commit(self) -> None:
+        staged, self.staged = self.staged or {}, None
+        for key, value in staged.items():
+            self.shared[key] = value
+            self.shared.move_to_end(key)
+
+    def rollback(self) -> None:
+        staged, self.staged = self.staged or {}, None
+        for key in staged:
+            self.shared.pop(key, None)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if self.staged is not None and key in self.staged:
+            return self.staged[key]
+        return self.shared.get(key, default)
+
+    def __getitem__(self, key: str) -> sqlbase.Known:
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value  # type: ignore[no-any-return]
+
+    def __setitem__(self, key: str, value: sqlbase.Known) -> None:
+        if self.staged is not None:
+            self.staged[key] = value
+        else:
+            self.shared[key] = value
+
+    def __contains__(self, key: object) -> bool:
+        return self.get(key) is not None  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self.shared)
+
+    def move_to_end(self, key: str, last: bool = True) -> None:
+        if self.staged is None:
+            self.shared.move_to_end(key, last)
+
+    def popitem(self, last: bool = True) -> tuple[str, sqlbase.Known]:
+        return self.shared.popitem(last)
+
+    def pop(self, key: str, default: Any = None) -> Any:
+        if self.staged is not None:
+            self.staged.pop(key, None)
+        return self.shared.pop(key, default)
+
+    def clear(self) -> None:
+        if self.staged is not None:
+            self.staged.clear()
+        self.shared.clear()
 
 
 class PostgresStore(sqlbase.SqlStore):
@@ -225,8 +297,7 @@ class PostgresStore(sqlbase.SqlStore):
         self, conn: psycopg.Connection, url: str, *, known: SharedKnown | None = None
     ) -> None:
         super().__init__()
-        if known is not None:
-            self._known = known
+        self._known: KnownView = KnownView(known if known is not None else SharedKnown())  # type: ignore[assignment]
         self.conn = conn
         self.url = redact(url)
         self._lock = threading.RLock()
@@ -263,8 +334,14 @@ class PostgresStore(sqlbase.SqlStore):
             if self._in_transaction():  # part of the caller's transaction
                 yield self.conn.cursor()
                 return
-            with self.conn.transaction():
-                yield self.conn.cursor()
+            self._known.begin()
+            try:
+                with self.conn.transaction():
+                    yield self.conn.cursor()
+            except BaseException:
+                self._known.rollback()
+                raise
+            self._known.commit()
             self.commits += 1
 
     @contextmanager
@@ -383,6 +460,8 @@ class PostgresStore(sqlbase.SqlStore):
         """
         if state is None:
             state = self.conn.execute(_RUN_STATE, (run_id, key)).fetchone()
+        if state is None:
+            raise InternalError(f"run {run_id} vanished under its row lock")
         seq, started, batch = state
         queued = [(int(t), r) for t, r in json.loads(batch)]
         if not queued and not extra and not force:
@@ -406,31 +485,34 @@ class PostgresStore(sqlbase.SqlStore):
     # travels with its last (psycopg pipeline mode): a sequential step is one commit and
     # four round trips.
 
-    def claim(self, owner: str, lease: float) -> Claimed | None:
-        """Take the oldest ready task (`FOR UPDATE SKIP LOCKED`) in one statement: an action
-        task is leased to `owner` and returned with its dispatch; a restart task is only
-        named (`run_restart`). None when the queue has nothing ready."""
+    def claim(self, owner: str, lease: float, limit: int = 1) -> list[Claimed]:
+        """Take the oldest ready tasks, at most `limit` (`FOR UPDATE SKIP LOCKED`), in one
+        statement: action tasks are leased to `owner` and returned with their dispatch;
+        restart tasks are only named (run them with `run_restart`), in queue order."""
         with self._lock, _errors(self.url):
-            row = self.conn.execute(_CLAIM, (owner, lease)).fetchone()
-        if row is None:
-            return None
-        task_id, run_id, kind = int(row[0]), str(row[1]), str(row[2])
-        if kind != "action" or row[3] is None:
-            return Claimed(task_id, run_id, kind, None)
-        dispatch = Dispatch(
-            int(row[3]),
-            row[5],
-            serde.decode_value(json.loads(row[7])),
-            bool(row[6]),
-            int(row[4]),
-            serde.decode_value(json.loads(row[8])),
-        )
-        return Claimed(task_id, run_id, kind, dispatch)
+            rows = self.conn.execute(_CLAIM, (limit, owner, lease)).fetchall()
+        out = []
+        for row in sorted(rows):
+            task_id, run_id, kind = int(row[0]), str(row[1]), str(row[2])
+            if kind != "action" or row[3] is None:
+                out.append(Claimed(task_id, run_id, kind, None))
+                continue
+            dispatch = Dispatch(
+                int(row[3]),
+                row[5],
+                serde.decode_value(json.loads(row[7])),
+                bool(row[6]),
+                int(row[4]),
+                serde.decode_value(json.loads(row[8])),
+            )
+            out.append(Claimed(task_id, run_id, kind, dispatch))
+        return out
 
     def run_restart(self, run_id: str, *, worker: str, claim: int, lease: float) -> Step | None:
         """Restart a run for its queued results: wait for its row lock (a restart of the run
         elsewhere finishes first), then apply every result queued for it at once."""
         with self._lock, _errors(self.url):
+            self._known.begin()
             try:
                 row = self._begin(_LOCK_RUN, (run_id,))
                 if row is None:
@@ -443,40 +525,76 @@ class PostgresStore(sqlbase.SqlStore):
                     return None
                 return self._finish_step(run_id, body, claim=claim, owner=worker, lease=lease)
             except BaseException:
+                self._known.rollback()
                 self._abandon()
                 raise
             finally:
                 self._defer = None
+                if self._known.staged is not None:  # every path ends the transaction
+                    self._known.rollback()
 
     def deliver(
-        self, task_id: int, result: Result, *, worker: str, claim: int, lease: float
+        self,
+        run_id: str,
+        items: Sequence[tuple[int, Result]],
+        *,
+        worker: str,
+        claim: int,
+        lease: float,
     ) -> Delivery:
-        """Hand over the result of an action task leased to `worker`: remove the task and,
-        when no one holds the run's row, restart the run with it right away (and lease the
-        next action to `worker`); otherwise queue the result as a restart task. A task whose
-        lease was lost (recovered by another worker) is left alone: the result is dropped."""
+        """Hand over results of action tasks of one run leased to `worker`: remove the tasks
+        and, when no one holds the run's row, restart the run with them right away (and
+        lease the next action to `worker`); otherwise queue them as restart tasks. Tasks
+        whose lease was lost (recovered by another worker) are left alone and their results
+        dropped (`Delivery.lost`)."""
+        ids = [t for t, _ in items]
+        by_id = dict(items)
         with self._lock, _errors(self.url):
+            self._known.begin()
             try:
-                row = self._begin(_FINISH, (task_id, worker, encode_result(result)))
-                if row is None or row[0] is None:
+                if len(items) == 1:
+                    params: tuple[Any, ...] = (
+                        ids[0],
+                        worker,
+                        run_id,
+                        run_id,
+                        encode_result(items[0][1]),
+                        run_id,
+                    )
+                    row = self._begin(_FINISH_ONE, params)
+                else:
+                    results = [encode_result(r) for _, r in items]
+                    params = (ids, worker, run_id, run_id, ids, results, run_id)
+                    row = self._begin(_FINISH, params)
+                mine = [int(t) for t in (row[0] or [])]
+                lost = len(ids) - len(mine)
+                if not mine:
                     self._end("ROLLBACK")
-                    return Delivery("lost")
-                run_id, key = str(row[0]), row[1]
+                    return Delivery("lost", run_id, lost=lost)
+                key = row[1]
                 if key is None:
                     self._end("COMMIT")
-                    return Delivery("queued", run_id)
+                    return Delivery("queued", run_id, lost=lost)
                 self._defer = []
                 body = self._restart_body(
-                    run_id, int(key), [result], worker=worker, force=True, state=row[2:5]
+                    run_id,
+                    int(key),
+                    [by_id[t] for t in sorted(mine)],
+                    worker=worker,
+                    force=True,
+                    state=row[2:5],
                 )
                 assert body is not None
                 step = self._finish_step(run_id, body, claim=claim, owner=worker, lease=lease)
-                return Delivery("restarted", run_id, step)
+                return Delivery("restarted", run_id, step, lost=lost)
             except BaseException:
+                self._known.rollback()
                 self._abandon()
                 raise
             finally:
                 self._defer = None
+                if self._known.staged is not None:  # every path ends the transaction
+                    self._known.rollback()
 
     def queue_result(self, task_id: int, result: Result, *, worker: str) -> str | None:
         """Remove an action task leased to `worker` and queue its result as a restart task,
@@ -497,6 +615,9 @@ class PostgresStore(sqlbase.SqlStore):
         self.conn.execute(command)
         if command == "COMMIT":
             self.commits += 1
+            self._known.commit()
+        else:
+            self._known.rollback()
 
     def _abandon(self) -> None:
         """Roll back a transaction that failed (when the connection still works)."""
@@ -528,6 +649,7 @@ class PostgresStore(sqlbase.SqlStore):
                 self.conn.execute("SELECT pg_notify(%s, %s)", (TASKS_CHANNEL, str(unclaimed)))
             self.conn.execute("COMMIT")
         self.commits += 1
+        self._known.commit()
         claimed = _claimed(cur.fetchall(), dispatches)
         return Step(new, seq, log[2], queued, claimed)
 
@@ -564,7 +686,8 @@ class PostgresStore(sqlbase.SqlStore):
                 "count(*) FILTER (WHERE error IS NOT NULL) FROM tasks"
             )
             row = cur.fetchone()
-        return {"ready": int(row[0]), "leased": int(row[1]), "broken": int(row[2])}
+        ready, leased, broken = row if row is not None else (0, 0, 0)
+        return {"ready": int(ready), "leased": int(leased), "broken": int(broken)}
 
     loads = 0  # jobs read again because another process had written the run since
 
@@ -638,10 +761,10 @@ _RUN_STATE = (
 )
 
 
-# Take the oldest ready task; lease it when it is an action (one statement, autocommit).
+# Take the oldest ready tasks; lease those that are actions (one statement, autocommit).
 _CLAIM = (
     "WITH t AS (SELECT task_id, run_id, kind FROM ablauf.tasks "
-    "WHERE lease_owner IS NULL AND error IS NULL ORDER BY task_id LIMIT 1 "
+    "WHERE lease_owner IS NULL AND error IS NULL ORDER BY task_id LIMIT %s "
     "FOR UPDATE SKIP LOCKED), "
     "a AS (UPDATE ablauf.tasks k SET lease_owner = %s, "
     "lease_until = now() + %s * interval '1 second', tries = k.tries + 1 FROM t "
@@ -651,26 +774,49 @@ _CLAIM = (
     "a.payload, a.context FROM t LEFT JOIN a ON a.task_id = t.task_id"
 )
 
-# Deliver a result, in one statement: remove the action task (if still leased to this
-# worker), try the run's row lock without waiting; when another transaction holds it,
-# queue the result as a restart task (and wake a worker); when this one got it, take the
-# results queued for the run and read its newest write. Row: run_id (NULL: the lease was
-# lost), run key (NULL: the result was queued), newest write, clock, queued results.
+# Deliver results of one run, in one statement: remove their action tasks (those still
+# leased to this worker), try the run's row lock without waiting; when another transaction
+# holds it, queue the results as restart tasks (and wake a worker); when this one got it,
+# take the results queued for the run and read its newest write. Row: the task ids removed
+# (NULL: every lease was lost), the run's key (NULL: the results were queued), its newest
+# write, the clock, the queued results.
 # (The lock is taken without waiting, so the statement's snapshot is as new as the lock;
 # were it not, the write of the step would conflict and be refused, not lost.)
 _FINISH = (
-    "WITH t AS (DELETE FROM ablauf.tasks WHERE task_id = %s AND lease_owner = %s "
-    "RETURNING run_id), "
-    "r AS (SELECT id, snapshot_seq FROM ablauf.runs WHERE run_id = (SELECT run_id FROM t) "
-    "FOR NO KEY UPDATE SKIP LOCKED), "
-    "q AS (INSERT INTO ablauf.tasks (run_id, kind, result) SELECT t.run_id, 'restart', %s "
-    "FROM t WHERE NOT EXISTS (SELECT 1 FROM r) RETURNING run_id), "
-    "n AS (SELECT pg_notify('" + TASKS_CHANNEL + "', '1') FROM q), "
+    "WITH t AS (DELETE FROM ablauf.tasks WHERE task_id = ANY(%s) AND lease_owner = %s "
+    "RETURNING task_id), "
+    "r AS (SELECT id, snapshot_seq FROM ablauf.runs WHERE run_id = %s "
+    "AND EXISTS (SELECT 1 FROM t) FOR NO KEY UPDATE SKIP LOCKED), "
+    "q AS (INSERT INTO ablauf.tasks (run_id, kind, result) SELECT %s, 'restart', u.result "
+    "FROM unnest(%s::bigint[], %s::text[]) AS u(task_id, result) "
+    "WHERE u.task_id IN (SELECT task_id FROM t) AND NOT EXISTS (SELECT 1 FROM r) "
+    "RETURNING task_id), "
+    "n AS (SELECT pg_notify('" + TASKS_CHANNEL + "', count(*)::text) FROM q HAVING count(*) > 0), "
     "b AS (DELETE FROM ablauf.tasks WHERE task_id IN (SELECT task_id FROM ablauf.tasks "
-    "WHERE run_id = (SELECT run_id FROM t) AND EXISTS (SELECT 1 FROM r) "
+    "WHERE run_id = %s AND EXISTS (SELECT 1 FROM r) "
     "AND kind = 'restart' AND error IS NULL FOR UPDATE SKIP LOCKED) "
     "RETURNING task_id, result) "
-    "SELECT (SELECT run_id FROM t), (SELECT id FROM r), "
+    "SELECT (SELECT array_agg(task_id) FROM t), (SELECT id FROM r), "
+    "coalesce((SELECT max(d.seq) FROM ablauf.deltas d WHERE d.run = (SELECT id FROM r)), "
+    "(SELECT snapshot_seq FROM r)), clock_timestamp(), "
+    "(SELECT coalesce(json_agg(json_build_array(b.task_id, b.result) ORDER BY b.task_id), "
+    "'[]')::text FROM b), (SELECT count(*) FROM n)"
+)
+
+# The same for one result (the step of a sequence), with plain parameters: quicker.
+_FINISH_ONE = (
+    "WITH t AS (DELETE FROM ablauf.tasks WHERE task_id = %s AND lease_owner = %s "
+    "RETURNING task_id), "
+    "r AS (SELECT id, snapshot_seq FROM ablauf.runs WHERE run_id = %s "
+    "AND EXISTS (SELECT 1 FROM t) FOR NO KEY UPDATE SKIP LOCKED), "
+    "q AS (INSERT INTO ablauf.tasks (run_id, kind, result) SELECT %s, 'restart', %s "
+    "WHERE EXISTS (SELECT 1 FROM t) AND NOT EXISTS (SELECT 1 FROM r) RETURNING task_id), "
+    "n AS (SELECT pg_notify('" + TASKS_CHANNEL + "', '1') FROM q), "
+    "b AS (DELETE FROM ablauf.tasks WHERE task_id IN (SELECT task_id FROM ablauf.tasks "
+    "WHERE run_id = %s AND EXISTS (SELECT 1 FROM r) "
+    "AND kind = 'restart' AND error IS NULL FOR UPDATE SKIP LOCKED) "
+    "RETURNING task_id, result) "
+    "SELECT (SELECT array_agg(task_id) FROM t), (SELECT id FROM r), "
     "coalesce((SELECT max(d.seq) FROM ablauf.deltas d WHERE d.run = (SELECT id FROM r)), "
     "(SELECT snapshot_seq FROM r)), clock_timestamp(), "
     "(SELECT coalesce(json_agg(json_build_array(b.task_id, b.result) ORDER BY b.task_id), "
@@ -706,6 +852,7 @@ class Delivery:
     outcome: str
     run_id: str | None = None
     step: Step | None = None
+    lost: int = 0  # results dropped: their task's lease was lost
 
 
 def lock_run(conn: psycopg.Connection, run_id: str, *, wait: bool = True) -> int | None:
@@ -873,43 +1020,6 @@ def take_task(conn: psycopg.Connection) -> Task | None:
         "ORDER BY task_id LIMIT 1 FOR UPDATE SKIP LOCKED"
     ).fetchone()
     return None if row is None else Task(int(row[0]), row[1], row[2])
-
-
-def lease_action(conn: psycopg.Connection, task_id: int, owner: str, lease: float) -> Dispatch:
-    """Lease a locked action task to `owner`; return its dispatch."""
-    row = conn.execute(
-        "UPDATE ablauf.tasks SET lease_owner = %s, "
-        "lease_until = now() + %s * interval '1 second', tries = tries + 1 "
-        "WHERE task_id = %s RETURNING node, attempt, action, idempotent, payload, context",
-        (owner, lease, task_id),
-    ).fetchone()
-    if row is None:
-        raise InternalError(f"task {task_id} vanished while locked")
-    return Dispatch(
-        int(row[0]),
-        row[2],
-        serde.decode_value(json.loads(row[4])),
-        bool(row[3]),
-        int(row[1]),
-        serde.decode_value(json.loads(row[5])),
-    )
-
-
-def finish_action(
-    conn: psycopg.Connection, task_id: int, owner: str
-) -> tuple[str, int | None] | None:
-    """Remove a performed action task still leased to `owner`, and try to lock its run's
-    row without waiting: (run_id, key or None when another transaction holds the row).
-    None when the lease was lost (another worker recovered the task: drop the result)."""
-    row = conn.execute(
-        "WITH t AS (DELETE FROM ablauf.tasks WHERE task_id = %s AND lease_owner = %s "
-        "RETURNING run_id) SELECT t.run_id, r.id FROM t LEFT JOIN LATERAL (SELECT id FROM "
-        "ablauf.runs WHERE run_id = t.run_id FOR NO KEY UPDATE SKIP LOCKED) r ON true",
-        (task_id, owner),
-    ).fetchone()
-    if row is None:
-        return None
-    return str(row[0]), None if row[1] is None else int(row[1])
 
 
 def renew_leases(

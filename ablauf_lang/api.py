@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from ablauf_lang import job as _job
@@ -12,28 +11,8 @@ from ablauf_lang.errors import AblaufError, RunError
 from ablauf_lang.forms import Form
 from ablauf_lang.job import Job
 from ablauf_lang.nodes import Dispatch, Node, Result, Status
-from ablauf_lang.runners.local import Action, LocalRunner
+from ablauf_lang.runners.local import Action, LocalRunner, Run
 from ablauf_lang.stores.base import JobStore, open_store
-
-
-@dataclass(frozen=True, slots=True)
-class Run:
-    """The outcome of `eval`: status, final context and job, and the run's id."""
-
-    run_id: str
-    job: Job
-
-    @property
-    def status(self) -> Status:
-        return self.job.status
-
-    @property
-    def context(self) -> dict[str, Any]:
-        return self.job.context
-
-    def to_dict(self) -> dict[str, Any]:
-        """`{"run_id", "status", "context"}`, as `ablauf run --json` prints it."""
-        return {"run_id": self.run_id, "status": str(self.status), "context": self.context}
 
 
 def parse(source: str, filename: str | None = None) -> tuple[Form, ...]:

@@ -41,7 +41,18 @@ from ablauf_lang.expr import (
     is_workflow,
 )
 from ablauf_lang.forms import Form, Keyword, List, Map, Symbol, Vector, span_of
-from ablauf_lang.nodes import Augment, Doseq, If, Leaf, Node, Par, Pmap, Seq, Try, is_branch
+from ablauf_lang.nodes import (
+    Augment,
+    Doseq,
+    If,
+    Leaf,
+    Node,
+    Par,
+    Pmap,
+    Seq,
+    Try,
+    renumber,
+)
 from ablauf_lang.printer import print_form
 from ablauf_lang.reader import gc_paused, read
 from ablauf_lang.stdlib.builtins import BUILTINS
@@ -484,30 +495,10 @@ def embed(node: Node) -> Plan:
 def number(root: Node, first_id: int) -> tuple[Node, int]:
     """Copy a tree with pre-order ids from `first_id`; return it and the next free id.
 
-    Iterative; the template of a `doseq!!`/`pmap!!` keeps its own local ids.
+    The template of a `doseq!!`/`pmap!!` keeps its own local ids.
     """
-    next_id = first_id
-    out: list[Node] = []
-    # frame: node, next child, its id, len(out) at entry
-    stack: list[list[Any]] = [[root, 0, None, 0]]
-    while stack:
-        frame = stack[-1]
-        node = frame[0]
-        if frame[2] is None:
-            frame[2], frame[3] = next_id, len(out)
-            next_id += 1
-        if is_branch(node) and frame[1] < len(node.children):
-            frame[1] += 1
-            stack.append([node.children[frame[1] - 1], 0, None, 0])
-            continue
-        stack.pop()
-        if is_branch(node):
-            kids = out[frame[3] :]
-            del out[frame[3] :]
-            out.append(dataclasses.replace(node, id=frame[2], children=pvector(kids)))
-        else:
-            out.append(dataclasses.replace(node, id=frame[2]))
-    return out[0], next_id
+    node, paths = renumber(root, first_id)
+    return node, first_id + len(paths)
 
 
 def _flatten(items: list[Any]) -> Iterator[Any]:

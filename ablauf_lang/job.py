@@ -33,6 +33,7 @@ from ablauf_lang.nodes import (
     Status,
     assoc_in,
     is_branch,
+    renumber,
 )
 from ablauf_lang.semantics import ALL, NOTHING
 
@@ -207,32 +208,11 @@ def copy_numbered(root: Node, first_id: int, fn: Any) -> tuple[Node, list[tuple[
 
     Returns the copy and the path of each new node (in id order) relative to its root.
     """
-    next_id = first_id
-    out: list[Node] = []
-    paths: list[tuple[int, ...]] = []
-    # frame: node, next child, assigned id, len(out) at entry, path
-    stack: list[list[Any]] = [[root, 0, None, 0, ()]]
-    while stack:
-        frame = stack[-1]
-        node = frame[0]
-        if frame[2] is None:
-            frame[2], frame[3] = next_id, len(out)
-            next_id += 1
-            paths.append(frame[4])
-        if is_branch(node) and frame[1] < len(node.children):
-            i = frame[1]
-            frame[1] += 1
-            stack.append([node.children[i], 0, None, 0, (*frame[4], i)])
-            continue
-        stack.pop()
-        if is_branch(node):
-            kids = out[frame[3] :]
-            del out[frame[3] :]
-            new = semantics.summarize(fn(replace(node, id=frame[2], children=pvector(kids))))
-        else:
-            new = fn(replace(node, id=frame[2]))
-        out.append(new)
-    return out[0], paths
+
+    def each(node: Node) -> Node:
+        return semantics.summarize(fn(node)) if is_branch(node) else fn(node)
+
+    return renumber(root, first_id, each)
 
 
 def bind_node(node: Any, bindings: dict[str, Any]) -> Any:

@@ -8,7 +8,8 @@ children done and failed, the sequence cursor) so a restart never rescans the tr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, ClassVar
 
@@ -365,6 +366,43 @@ Node = Leaf | Seq | Par | Try | If | Doseq | Pmap
 def is_branch(node: Any) -> bool:
     """True for nodes with children (every kind but a leaf)."""
     return not isinstance(node, Leaf)
+
+
+def renumber(
+    root: Node, first_id: int, each: Callable[[Node], Node] | None = None
+) -> tuple[Node, list[tuple[int, ...]]]:
+    """Copy a tree with fresh pre-order ids from `first_id`, without recursion.
+
+    `each` (when given) rewrites every copied node, children first. Returns the copy and
+    the path of each new node relative to the root, in id order (so the next free id is
+    `first_id + len(paths)`).
+    """
+    next_id = first_id
+    out: list[Node] = []
+    paths: list[tuple[int, ...]] = []
+    # frame: node, next child, assigned id, len(out) at entry, path
+    stack: list[list[Any]] = [[root, 0, None, 0, ()]]
+    while stack:
+        frame = stack[-1]
+        node = frame[0]
+        if frame[2] is None:
+            frame[2], frame[3] = next_id, len(out)
+            next_id += 1
+            paths.append(frame[4])
+        if is_branch(node) and frame[1] < len(node.children):
+            i = frame[1]
+            frame[1] += 1
+            stack.append([node.children[i], 0, None, 0, (*frame[4], i)])
+            continue
+        stack.pop()
+        if is_branch(node):
+            kids = out[frame[3] :]
+            del out[frame[3] :]
+            new = replace(node, id=frame[2], children=pvector(kids))
+        else:
+            new = replace(node, id=frame[2])
+        out.append(new if each is None else each(new))
+    return out[0], paths
 
 
 @dataclass(frozen=True, slots=True)

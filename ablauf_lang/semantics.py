@@ -22,6 +22,8 @@ from dataclasses import replace
 from functools import singledispatch
 from typing import Any, NamedTuple
 
+from pyrsistent import PVector
+
 from ablauf_lang.nodes import Doseq, Expansion, If, Leaf, LeafState, Node, Par, Pmap, Seq, Try
 
 
@@ -95,16 +97,7 @@ def _(node: Try, index: int, child: Node) -> Try:
 @replace_child.register
 def _(node: If, index: int, child: Node) -> If:
     # (if!! test then else)
-    kids = node.children.set(index, child)
-    return If(
-        node.id,
-        node.test,
-        kids,
-        node.chosen,
-        node.error,
-        kids[0].inflight + kids[1].inflight,
-        node.span,
-    )
+    return _summarize_if(node, node.children.set(index, child))
 
 
 def _expansion(
@@ -194,7 +187,10 @@ def _(node: Try) -> Try:
 
 @summarize.register
 def _(node: If) -> If:
-    kids = node.children
+    return _summarize_if(node, node.children)
+
+
+def _summarize_if(node: If, kids: PVector) -> If:
     return If(
         node.id,
         node.test,

@@ -6,8 +6,8 @@ import os
 
 from hypothesis import HealthCheck, settings
 
-# A throwaway PostgreSQL server (fixtures `pg_server`, `pg_url`) for the store and worker tests.
-pytest_plugins = ["tests.pg"]
+# A throwaway PostgreSQL server (`pg_server`, `pg_url`) and a real terminal (`tmux`).
+pytest_plugins = ["tests.pg", "tests.terminal"]
 
 settings.register_profile(
     "ci",

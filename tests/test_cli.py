@@ -16,7 +16,6 @@ import sys
 import textwrap
 import time
 import types
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ import ablauf_lang
 from ablauf_lang import open_store
 from ablauf_lang.cli import LiveProgress, cli
 from ablauf_lang.job import make_job, restart_job
+from tests.terminal import Tmux
 
 ROOT = Path(__file__).parent.parent
 EXAMPLES = ROOT / "examples"
@@ -458,46 +458,6 @@ def test_installed_script_and_python_m(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- a real terminal
-
-
-class Tmux:
-    """A private tmux server (its own socket file), so nothing else's sessions are touched."""
-
-    def __init__(self, socket: str) -> None:
-        self.socket = socket
-
-    def __call__(self, *args: str) -> str:
-        return subprocess.run(
-            ["tmux", "-S", self.socket, *args],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-        ).stdout
-
-    def screen(self) -> str:
-        return self("capture-pane", "-p", "-t", "t")
-
-    def wait_for(self, needle: str, timeout: float = 20.0) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            screen = self.screen()
-            if needle in screen:
-                return screen
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{needle!r} never appeared on screen:\n{screen}")
-            time.sleep(0.1)
-
-
-@pytest.fixture
-def tmux(tmp_path: Path) -> Iterator[Tmux]:
-    if shutil.which("tmux") is None:
-        if os.environ.get("CI"):
-            pytest.fail("tmux is required in CI")
-        pytest.skip("tmux is not installed")
-    server = Tmux(str(tmp_path / "tmux.sock"))
-    yield server
-    subprocess.run(["tmux", "-S", server.socket, "kill-server"], capture_output=True, timeout=30)
 
 
 def test_run_shows_live_progress_on_a_terminal(tmp_path: Path, tmux: Tmux) -> None:

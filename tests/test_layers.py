@@ -24,6 +24,7 @@ def test_importing_the_package_loads_no_repl_cli_or_driver() -> None:
         "bad = [m for m in ('prompt_toolkit', 'psycopg', 'click', 'ablauf_lang.cli', "
         "'ablauf_lang.repl', 'sqlite3') if m in sys.modules]; print(bad)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert out == "[]"

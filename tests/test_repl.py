@@ -4,14 +4,11 @@ driven through prompt-toolkit's pipe input, and one in a real terminal (tmux).""
 from __future__ import annotations
 
 import io
-import os
 import re
 import shutil
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +29,7 @@ from ablauf_lang.repl.completer import AblaufCompleter
 from ablauf_lang.repl.stepper import ReplError, Stepper
 from ablauf_lang.repl.validator import AblaufValidator, is_incomplete
 from ablauf_lang.semantics import state_of
+from tests.terminal import Tmux
 
 # SPEC section 3: ids try 0, body 1, dopar 2, a1 3, a2 4, b1 5, rescue 6, r1 7, finally 8, f1 9.
 SPEC_TRY = (
@@ -437,49 +435,6 @@ def test_history_is_saved_across_sessions(tmp_path: Path, monkeypatch: pytest.Mo
 # ---------------------------------------------------------------- a real terminal
 
 
-class Tmux:
-    """A private tmux server (its own socket file), so nothing else's sessions are touched."""
-
-    def __init__(self, socket: str) -> None:
-        self.socket = socket
-
-    def __call__(self, *args: str) -> str:
-        return subprocess.run(
-            ["tmux", "-S", self.socket, *args],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-        ).stdout
-
-    def keys(self, *keys: str) -> None:
-        self("send-keys", "-t", "t", *keys)
-
-    def screen(self) -> str:
-        return self("capture-pane", "-p", "-t", "t")
-
-    def wait_for(self, needle: str, timeout: float = 20.0) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            screen = self.screen()
-            if needle in screen:
-                return screen
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{needle!r} never appeared on screen:\n{screen}")
-            time.sleep(0.1)
-
-
-@pytest.fixture
-def tmux(tmp_path: Path) -> Iterator[Tmux]:
-    if shutil.which("tmux") is None:
-        if os.environ.get("CI"):
-            pytest.fail("tmux is required in CI")
-        pytest.skip("tmux is not installed")
-    server = Tmux(str(tmp_path / "tmux.sock"))
-    yield server
-    subprocess.run(["tmux", "-S", server.socket, "kill-server"], capture_output=True, timeout=30)
-
-
 def test_repl_in_a_real_terminal(tmp_path: Path, tmux: Tmux) -> None:
     exe = shutil.which("ablauf")
     argv = exe if exe else f"{sys.executable} -m ablauf_lang"
@@ -587,7 +542,7 @@ def test_command_table_matches_the_shared_names() -> None:
 def test_completion_offers_names_the_session_defined() -> None:
     repl, _ = make_repl()
     repl.handle("(defn deploy-to [host] (action!! :deploy/host {:host host}))")
-    repl.handle("(def hosts [\"a\" \"b\"])")
+    repl.handle('(def hosts ["a" "b"])')
     completer = repl.session.completer
     found = [c.text for c in completer.get_completions(Document("(do!! (depl"), CompleteEvent())]
     assert found[0] == "deploy-to"

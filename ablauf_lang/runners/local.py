@@ -13,14 +13,36 @@ import asyncio
 import inspect
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from ablauf_lang import serde
 from ablauf_lang.errors import AblaufError, InternalError
 from ablauf_lang.job import Job, restart_job
-from ablauf_lang.nodes import Dispatch, Result, failure, success
+from ablauf_lang.nodes import Dispatch, Result, Status, failure, success
 from ablauf_lang.stdlib.actions import STDLIB_ACTIONS, ActionFailed
 from ablauf_lang.stores.base import JobStore
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """A run as `eval` or `wait` leaves it: status, final context and job, and the run's id."""
+
+    run_id: str
+    job: Job
+
+    @property
+    def status(self) -> Status:
+        return self.job.status
+
+    @property
+    def context(self) -> dict[str, Any]:
+        return self.job.context
+
+    def to_dict(self) -> dict[str, Any]:
+        """`{"run_id", "status", "context"}`, as `ablauf run --json` prints it."""
+        return {"run_id": self.run_id, "status": str(self.status), "context": self.context}
+
 
 Action = Callable[[Any, Any], Any]
 

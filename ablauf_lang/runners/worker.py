@@ -44,9 +44,8 @@ from types import FrameType
 from typing import Any
 
 from ablauf_lang.errors import AblaufError, StoreError
-from ablauf_lang.job import Job
 from ablauf_lang.nodes import Dispatch, Result, Status, failure
-from ablauf_lang.runners.local import Action, perform, perform_sync, registry
+from ablauf_lang.runners.local import Action, Run, perform, perform_sync, registry
 
 log = logging.getLogger("ablauf.worker")
 
@@ -81,26 +80,6 @@ def _open(store_url: str, **kw: Any) -> Any:
 # ---------------------------------------------------------------- submitting and waiting
 
 
-@dataclass(frozen=True, slots=True)
-class RunStatus:
-    """A run as `wait` finds it: like `ablauf_lang.Run` (status, context, job, run_id)."""
-
-    run_id: str
-    job: Job
-
-    @property
-    def status(self) -> Status:
-        return self.job.status
-
-    @property
-    def context(self) -> dict[str, Any]:
-        return self.job.context
-
-    def to_dict(self) -> dict[str, Any]:
-        """`{"run_id", "status", "context"}`, as `ablauf run --json` prints a run."""
-        return {"run_id": self.run_id, "status": str(self.status), "context": self.context}
-
-
 def submit(
     source: str,
     store_url: str,
@@ -124,7 +103,7 @@ def submit(
         store.close()
 
 
-def wait(run_id: str, store_url: str, timeout: float | None = None) -> RunStatus:
+def wait(run_id: str, store_url: str, timeout: float | None = None) -> Run:
     """Block until the run is done (woken by NOTIFY), or `timeout` seconds passed; return
     it as it is then (`status` is still "pending" after a timeout). RunError for an
     unknown run id."""
@@ -147,7 +126,7 @@ def wait(run_id: str, store_url: str, timeout: float | None = None) -> RunStatus
                 raise StoreError(
                     f"lost the connection to {store.url}: {pg.one_line(exc)}"
                 ) from None
-        return RunStatus(run_id, store.load(run_id).job)
+        return Run(run_id, store.load(run_id).job)
     finally:
         if listener is not None:
             listener.close()
@@ -662,4 +641,4 @@ def run_worker(
         worker.run()
 
 
-__all__ = ["RunStatus", "Worker", "requeue", "run_worker", "submit", "wait"]
+__all__ = ["Worker", "requeue", "run_worker", "submit", "wait"]

@@ -508,30 +508,36 @@ class PostgresStore(sqlbase.SqlStore):
             out.append(Claimed(task_id, run_id, kind, dispatch))
         return out
 
+    @contextlib.contextmanager
+    def _step_transaction(self) -> Iterator[None]:
+        """The transaction of a restart: whatever way it ends, the staged write and the
+        deferred notifications are dropped unless committed; an error abandons it."""
+        self._known.begin()
+        try:
+            yield
+        except BaseException:
+            self._known.rollback()
+            self._abandon()
+            raise
+        finally:
+            self._defer = None
+            if self._known.staged is not None:  # every path ends the transaction
+                self._known.rollback()
+
     def run_restart(self, run_id: str, *, worker: str, claim: int, lease: float) -> Step | None:
         """Restart a run for its queued results: wait for its row lock (a restart of the run
         elsewhere finishes first), then apply every result queued for it at once."""
-        with self._lock, _errors(self.url):
-            self._known.begin()
-            try:
-                row = self._begin(_LOCK_RUN, (run_id,))
-                if row is None:
-                    self._end("ROLLBACK")
-                    return None
-                self._defer = []
-                body = self._restart_body(run_id, int(row[0]), [], worker=worker, force=False)
-                if body is None:
-                    self._end("ROLLBACK")
-                    return None
-                return self._finish_step(run_id, body, claim=claim, owner=worker, lease=lease)
-            except BaseException:
-                self._known.rollback()
-                self._abandon()
-                raise
-            finally:
-                self._defer = None
-                if self._known.staged is not None:  # every path ends the transaction
-                    self._known.rollback()
+        with self._lock, _errors(self.url), self._step_transaction():
+            row = self._begin(_LOCK_RUN, (run_id,))
+            if row is None:
+                self._end("ROLLBACK")
+                return None
+            self._defer = []
+            body = self._restart_body(run_id, int(row[0]), [], worker=worker, force=False)
+            if body is None:
+                self._end("ROLLBACK")
+                return None
+            return self._finish_step(run_id, body, claim=claim, owner=worker, lease=lease)
 
     def deliver(
         self,
@@ -549,52 +555,42 @@ class PostgresStore(sqlbase.SqlStore):
         dropped (`Delivery.lost`)."""
         ids = [t for t, _ in items]
         by_id = dict(items)
-        with self._lock, _errors(self.url):
-            self._known.begin()
-            try:
-                if len(items) == 1:
-                    params: tuple[Any, ...] = (
-                        ids[0],
-                        worker,
-                        run_id,
-                        run_id,
-                        encode_result(items[0][1]),
-                        run_id,
-                    )
-                    row = self._begin(_FINISH_ONE, params)
-                else:
-                    results = [encode_result(r) for _, r in items]
-                    params = (ids, worker, run_id, run_id, ids, results, run_id)
-                    row = self._begin(_FINISH, params)
-                mine = [int(t) for t in (row[0] or [])]
-                lost = len(ids) - len(mine)
-                if not mine:
-                    self._end("ROLLBACK")
-                    return Delivery("lost", run_id, lost=lost)
-                key = row[1]
-                if key is None:
-                    self._end("COMMIT")
-                    return Delivery("queued", run_id, lost=lost)
-                self._defer = []
-                body = self._restart_body(
+        with self._lock, _errors(self.url), self._step_transaction():
+            if len(items) == 1:
+                params: tuple[Any, ...] = (
+                    ids[0],
+                    worker,
                     run_id,
-                    int(key),
-                    [by_id[t] for t in sorted(mine)],
-                    worker=worker,
-                    force=True,
-                    state=row[2:5],
+                    run_id,
+                    encode_result(items[0][1]),
+                    run_id,
                 )
-                assert body is not None
-                step = self._finish_step(run_id, body, claim=claim, owner=worker, lease=lease)
-                return Delivery("restarted", run_id, step, lost=lost)
-            except BaseException:
-                self._known.rollback()
-                self._abandon()
-                raise
-            finally:
-                self._defer = None
-                if self._known.staged is not None:  # every path ends the transaction
-                    self._known.rollback()
+                row = self._begin(_FINISH_ONE, params)
+            else:
+                results = [encode_result(r) for _, r in items]
+                params = (ids, worker, run_id, run_id, ids, results, run_id)
+                row = self._begin(_FINISH, params)
+            mine = [int(t) for t in (row[0] or [])]
+            lost = len(ids) - len(mine)
+            if not mine:
+                self._end("ROLLBACK")
+                return Delivery("lost", run_id, lost=lost)
+            key = row[1]
+            if key is None:
+                self._end("COMMIT")
+                return Delivery("queued", run_id, lost=lost)
+            self._defer = []
+            body = self._restart_body(
+                run_id,
+                int(key),
+                [by_id[t] for t in sorted(mine)],
+                worker=worker,
+                force=True,
+                state=row[2:5],
+            )
+            assert body is not None
+            step = self._finish_step(run_id, body, claim=claim, owner=worker, lease=lease)
+            return Delivery("restarted", run_id, step, lost=lost)
 
     def queue_result(self, task_id: int, result: Result, *, worker: str) -> str | None:
         """Remove an action task leased to `worker` and queue its result as a restart task,
@@ -774,6 +770,20 @@ _CLAIM = (
     "a.payload, a.context FROM t LEFT JOIN a ON a.task_id = t.task_id"
 )
 
+# What both deliveries below end with: take the results queued for the run (when its row
+# lock was had) and return the row described below.
+_FINISH_TAIL = (
+    "b AS (DELETE FROM ablauf.tasks WHERE task_id IN (SELECT task_id FROM ablauf.tasks "
+    "WHERE run_id = %s AND EXISTS (SELECT 1 FROM r) "
+    "AND kind = 'restart' AND error IS NULL FOR UPDATE SKIP LOCKED) "
+    "RETURNING task_id, result) "
+    "SELECT (SELECT array_agg(task_id) FROM t), (SELECT id FROM r), "
+    "coalesce((SELECT max(d.seq) FROM ablauf.deltas d WHERE d.run = (SELECT id FROM r)), "
+    "(SELECT snapshot_seq FROM r)), clock_timestamp(), "
+    "(SELECT coalesce(json_agg(json_build_array(b.task_id, b.result) ORDER BY b.task_id), "
+    "'[]')::text FROM b), (SELECT count(*) FROM n)"
+)
+
 # Deliver results of one run, in one statement: remove their action tasks (those still
 # leased to this worker), try the run's row lock without waiting; when another transaction
 # holds it, queue the results as restart tasks (and wake a worker); when this one got it,
@@ -791,16 +801,10 @@ _FINISH = (
     "FROM unnest(%s::bigint[], %s::text[]) AS u(task_id, result) "
     "WHERE u.task_id IN (SELECT task_id FROM t) AND NOT EXISTS (SELECT 1 FROM r) "
     "RETURNING task_id), "
-    "n AS (SELECT pg_notify('" + TASKS_CHANNEL + "', count(*)::text) FROM q HAVING count(*) > 0), "
-    "b AS (DELETE FROM ablauf.tasks WHERE task_id IN (SELECT task_id FROM ablauf.tasks "
-    "WHERE run_id = %s AND EXISTS (SELECT 1 FROM r) "
-    "AND kind = 'restart' AND error IS NULL FOR UPDATE SKIP LOCKED) "
-    "RETURNING task_id, result) "
-    "SELECT (SELECT array_agg(task_id) FROM t), (SELECT id FROM r), "
-    "coalesce((SELECT max(d.seq) FROM ablauf.deltas d WHERE d.run = (SELECT id FROM r)), "
-    "(SELECT snapshot_seq FROM r)), clock_timestamp(), "
-    "(SELECT coalesce(json_agg(json_build_array(b.task_id, b.result) ORDER BY b.task_id), "
-    "'[]')::text FROM b), (SELECT count(*) FROM n)"
+    "n AS (SELECT pg_notify('"
+    + TASKS_CHANNEL
+    + "', count(*)::text) FROM q HAVING count(*) > 0), "
+    + _FINISH_TAIL
 )
 
 # The same for one result (the step of a sequence), with plain parameters: quicker.
@@ -811,16 +815,7 @@ _FINISH_ONE = (
     "AND EXISTS (SELECT 1 FROM t) FOR NO KEY UPDATE SKIP LOCKED), "
     "q AS (INSERT INTO ablauf.tasks (run_id, kind, result) SELECT %s, 'restart', %s "
     "WHERE EXISTS (SELECT 1 FROM t) AND NOT EXISTS (SELECT 1 FROM r) RETURNING task_id), "
-    "n AS (SELECT pg_notify('" + TASKS_CHANNEL + "', '1') FROM q), "
-    "b AS (DELETE FROM ablauf.tasks WHERE task_id IN (SELECT task_id FROM ablauf.tasks "
-    "WHERE run_id = %s AND EXISTS (SELECT 1 FROM r) "
-    "AND kind = 'restart' AND error IS NULL FOR UPDATE SKIP LOCKED) "
-    "RETURNING task_id, result) "
-    "SELECT (SELECT array_agg(task_id) FROM t), (SELECT id FROM r), "
-    "coalesce((SELECT max(d.seq) FROM ablauf.deltas d WHERE d.run = (SELECT id FROM r)), "
-    "(SELECT snapshot_seq FROM r)), clock_timestamp(), "
-    "(SELECT coalesce(json_agg(json_build_array(b.task_id, b.result) ORDER BY b.task_id), "
-    "'[]')::text FROM b), (SELECT count(*) FROM n)"
+    "n AS (SELECT pg_notify('" + TASKS_CHANNEL + "', '1') FROM q), " + _FINISH_TAIL
 )
 
 # Remove an action task leased to this worker and queue its result (one statement).

@@ -3,7 +3,7 @@
 `PgServer` runs `initdb` and `pg_ctl` from the machine's PostgreSQL in a temporary
 directory, listening on a unix socket in that directory and on a free TCP port of
 127.0.0.1 only. initdb refuses to run as root, so as root (CI) the server runs as the
-unprivileged `postgres` system user. `scripts/ensure-postgres.sh` installs the binaries.
+unprivileged `postgres` system user. `scripts/ensure-test-tools.sh` installs the binaries.
 
 Fixtures (loaded with `pytest_plugins = ["tests.pg"]`):
 
@@ -47,7 +47,7 @@ def find_bindir() -> str:
     if found:
         return os.path.dirname(os.path.realpath(found))
     raise PgUnavailable(
-        "PostgreSQL server binaries (initdb, pg_ctl) not found: run scripts/ensure-postgres.sh"
+        "PostgreSQL server binaries (initdb, pg_ctl) not found: run scripts/ensure-test-tools.sh"
     )
 
 

@@ -52,8 +52,26 @@ def _close_if_ours(store: JobStore, given: Any) -> None:
         store.close()
 
 
+def _start(source: str | Node | Job, context: dict[str, Any] | None, filename: str | None) -> Job:
+    """The job `eval` runs: compiled from source, made from a tree, or a job as it is."""
+    if isinstance(source, Job):
+        if context is not None:
+            raise AblaufError("a job carries its own context: pass context= to make_job instead")
+        if source.inflight:
+            raise AblaufError(
+                f"this job has {source.inflight} action(s) in flight: feed their results "
+                "with restart_job, or run prepare_replay(job) to perform them again"
+            )
+        return source
+    if not isinstance(source, str | Node):
+        raise AblaufError(
+            f"eval runs source text, a compiled tree or a job, not {type(source).__name__}"
+        )
+    return make_job(source, context, filename)
+
+
 async def eval_async(
-    source: str,
+    source: str | Node | Job,
     actions: Mapping[str, Action] | None = None,
     context: dict[str, Any] | None = None,
     store: str | JobStore | None = None,
@@ -73,8 +91,9 @@ async def eval_async(
             return await _drive(
                 backend, run_id, _job.prepare_replay(stored.job), actions, on_restart
             )
-        job = make_job(source, context, filename)
-        run_id = backend.create_run(job, source=source, filename=filename, run_id=run_id)
+        job = _start(source, context, filename)
+        text = source if isinstance(source, str) else None
+        run_id = backend.create_run(job, source=text, filename=filename, run_id=run_id)
         return await _drive(backend, run_id, job, actions, on_restart)
     finally:
         _close_if_ours(backend, store)
@@ -100,7 +119,7 @@ def _sync(coro: Any) -> Any:
 
 
 def eval(
-    source: str,
+    source: str | Node | Job,
     actions: Mapping[str, Action] | None = None,
     context: dict[str, Any] | None = None,
     store: str | JobStore | None = None,
@@ -108,6 +127,9 @@ def eval(
     filename: str | None = None,
 ) -> Run:
     """Compile and run a program to completion; return its status, context and job.
+
+    `source`: program text, a compiled tree (`compile`), or a job (`make_job`, or one
+    stepped with `restart_job` that has no actions in flight).
 
     `store`: None (in memory), a URL such as "sqlite:///runs.db", or a store object; the
     job is recorded there after every restart. Passing the `run_id` of a run the store

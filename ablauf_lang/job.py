@@ -521,13 +521,14 @@ def prepare_replay(job: Job, *, retry_interrupted: bool = False) -> Job:
 
     Idempotent leaves that are pending or failed become unset (they will run again);
     pending non-idempotent leaves become failures (their outcome is unknown). With
-    `retry_interrupted`, such interrupted leaves run again too: a person asked for it.
+    `retry_interrupted`, pending and interrupted non-idempotent leaves run again too: a
+    person asked for it.
     """
 
     def reset(leaf: Leaf) -> Leaf:
         state = leaf.result
         rerun = (leaf.idempotent and (state is LeafState.PENDING or leaf.failed)) or (
-            retry_interrupted and is_interrupted(leaf)
+            retry_interrupted and (state is LeafState.PENDING or is_interrupted(leaf))
         )
         if rerun:
             return replace(leaf, result=None, output=None, error=None, finished_at=None)

@@ -120,6 +120,29 @@ def test_eval_runs_a_program() -> None:
     assert run.to_dict()["status"] == "success"
 
 
+def test_eval_runs_a_compiled_tree_or_a_job_stepped_by_hand() -> None:
+    tree = ablauf_lang.compile("(do!! (log!! 1) (action!! :x/inc 2))")
+    actions = {"x/inc": lambda p, c: p + 1}
+    assert ablauf_lang.eval(tree, actions=actions).job.node(2).output == 3
+
+    job = ablauf_lang.make_job(tree, context={"who": "me"})
+    job, dispatches = ablauf_lang.restart_job(job, [])
+    job, _ = ablauf_lang.restart_job(job, [ablauf_lang.success(dispatches[0], 10)])
+    # #2 was dispatched and is in flight: prepare_replay hands it back to be performed.
+    run = ablauf_lang.eval(ablauf_lang.prepare_replay(job, retry_interrupted=True), actions=actions)
+    assert run.status == "success"
+    assert run.context == {"who": "me"}
+    assert [run.job.node(1).output, run.job.node(2).output] == [10, 3]
+
+
+def test_eval_refuses_a_job_with_actions_in_flight_and_other_values() -> None:
+    job, _ = ablauf_lang.restart_job(ablauf_lang.make_job("(dopar!! (log!! 1) (log!! 2))"), [])
+    with pytest.raises(ablauf_lang.AblaufError, match="2 action\\(s\\) in flight"):
+        ablauf_lang.eval(job)
+    with pytest.raises(ablauf_lang.AblaufError, match="not int"):
+        ablauf_lang.eval(42)  # type: ignore[arg-type]
+
+
 def test_actions_may_be_named_with_a_colon() -> None:
     run = ablauf_lang.eval("(action!! :x/y 1)", actions={":x/y": lambda p, c: p + 1})
     assert run.job.node(0).output == 2

@@ -10,7 +10,10 @@ in the same run:
 - a 1,000-step sequence (`do!!`) and a 1,000-way `dopar!!` of no-op actions, submitted to
   1, 2 and 4 worker processes (4 slots each), from submit to the run being done;
 - the same two programs run by `ablauf_lang.eval` in this process, recording into
-  PostgreSQL and into the embedded SQLite store, for comparison.
+  PostgreSQL and into the embedded SQLite store, for comparison;
+- a `dopar!!` of 200 actions that each wait 20 ms (sleeping, not computing), on 1, 2 and
+  4 workers: work that is bound by how many actions run at once, so it shows the workers
+  adding up even where the no-op fan-out is bound by the cores.
 
 "commits" is the time of a step divided by the time of one commit: what a step costs in
 units of the floor; "cpu" is how busy the machine's cores were during a distributed run
@@ -40,15 +43,23 @@ from ablauf_lang.stores.postgres import PostgresStore  # noqa: E402
 from tests.pg import PgServer, wait_for  # noqa: E402
 
 WORKER = (
-    "import sys; from ablauf_lang.runners.worker import run_worker; "
-    "run_worker(sys.argv[1], {'bench/noop': lambda p, c: p}, 4, poll=30)"
+    "import sys, time; from ablauf_lang.runners.worker import run_worker; "
+    "run_worker(sys.argv[1], {'bench/noop': lambda p, c: p, "
+    "'bench/wait': lambda p, c: time.sleep(p)}, 4, poll=30)"
 )
+# An action that waits (for a service, a disk...) without using a core.
+WAIT = 0.02
 ACTIONS = {"bench/noop": lambda p, c: p}
 
 
 def programs(n: int) -> dict[str, str]:
     leaves = " ".join(f"(action!! :bench/noop {i})" for i in range(n))
     return {"sequence": f"(do!! {leaves})", "dopar!!": f"(dopar!! {leaves})"}
+
+
+def waiting_fanout(n: int) -> str:
+    """A `dopar!!` of `n` actions that each wait WAIT seconds: bound by slots, not cores."""
+    return "(dopar!! " + " ".join(f"(action!! :bench/wait {WAIT})" for _ in range(n)) + ")"
 
 
 def cpu_times() -> tuple[float, float]:
@@ -170,6 +181,11 @@ def main() -> None:
                     rows.append(
                         (f"{name}, workers", str(workers), elapsed / n, str(restarts), busy)
                     )
+                m = n // 5
+                results = [run_distributed(url, waiting_fanout(m)) for _ in range(args.repeat)]
+                elapsed, restarts, busy = min(results)
+                label = f"dopar!! of {WAIT * 1e3:.0f} ms waits (x{m})"
+                rows.append((label, str(workers), elapsed / m, str(restarts), busy))
             finally:
                 stop_workers(procs)
     finally:

@@ -532,16 +532,46 @@ def _finish(result: Run, as_json: bool) -> NoReturn:
     exit_for(result)
 
 
+queue_option = click.option(
+    "--queue",
+    is_flag=True,
+    help="Hand the run back to the workers of its PostgreSQL store instead of running it "
+    "here; prints the run id.",
+)
+
+
+def _run_again(
+    run_id: str, actions: str | None, store: str | None, as_json: bool, queue: bool, retry: bool
+) -> NoReturn:
+    url = store_url(store)
+    if queue:
+        if actions is not None:
+            raise UserError(
+                "ablauf: error: --actions is not used with --queue: the workers have their own"
+            )
+        _worker_module().requeue(run_id, url, retry=retry)
+        if as_json:
+            echo_json({"run_id": run_id, "status": "pending"})
+        else:
+            click.echo(run_id)
+        sys.exit(EXIT_OK)
+    from ablauf_lang import api
+
+    again = api.retry if retry else api.resume
+    _finish(again(run_id, store=url, actions=load_actions(actions)), as_json)
+
+
 @runs.command("resume")
 @click.argument("run_id", metavar="ID")
 @actions_option
 @store_option
 @json_option
-def runs_resume(run_id: str, actions: str | None, store: str | None, as_json: bool) -> None:
+@queue_option
+def runs_resume(
+    run_id: str, actions: str | None, store: str | None, as_json: bool, queue: bool
+) -> None:
     """Go on with an unfinished run (after a crash or an interrupt)."""
-    from ablauf_lang.api import resume
-
-    _finish(resume(run_id, store=store_url(store), actions=load_actions(actions)), as_json)
+    _run_again(run_id, actions, store, as_json, queue, retry=False)
 
 
 @runs.command("retry")
@@ -549,11 +579,12 @@ def runs_resume(run_id: str, actions: str | None, store: str | None, as_json: bo
 @actions_option
 @store_option
 @json_option
-def runs_retry(run_id: str, actions: str | None, store: str | None, as_json: bool) -> None:
+@queue_option
+def runs_retry(
+    run_id: str, actions: str | None, store: str | None, as_json: bool, queue: bool
+) -> None:
     """Run a failed run's failed steps again and go on."""
-    from ablauf_lang.api import retry
-
-    _finish(retry(run_id, store=store_url(store), actions=load_actions(actions)), as_json)
+    _run_again(run_id, actions, store, as_json, queue, retry=True)
 
 
 @runs.command("abort")

@@ -239,6 +239,35 @@ def test_requeue_hands_a_failed_run_back_to_the_workers(shared: tuple[str, Worke
         worker.requeue(run_id, url, retry=True)  # succeeded: nothing to retry
 
 
+def test_runs_retry_queue_hands_the_run_to_the_workers_from_the_cli(
+    shared: tuple[str, Workers], tmp_path: Path
+) -> None:
+    url, _ = shared
+    prog = tmp_path / "flaky.abl"
+    prog.write_text('(do!! (idempotent-action!! :test/fail-once {:name "cli-queue"}) (log!! 2))')
+
+    def ablauf(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "ablauf_lang", *args, "--store", url]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+    submitted = ablauf("submit", str(prog))
+    assert submitted.returncode == 0, submitted.stderr
+    run_id = submitted.stdout.strip()
+    assert worker.wait(run_id, url, timeout=60).status is Status.FAILURE
+
+    queued = ablauf("runs", "retry", run_id, "--queue", "--json")
+    assert queued.returncode == 0, queued.stderr
+    assert queued.stdout.strip() == f'{{"run_id": "{run_id}", "status": "pending"}}'
+    run = worker.wait(run_id, url, timeout=60)
+    assert run.status is Status.SUCCESS
+    assert run.job.node(1).output == 2  # the second call, made by a worker
+
+    again = ablauf("runs", "retry", run_id, "--queue")
+    assert again.returncode == 2
+    assert "nothing to retry" in again.stderr
+    assert "Traceback" not in again.stderr
+
+
 def test_submit_and_wait_errors(shared: tuple[str, Workers], tmp_path: Path) -> None:
     url, _ = shared
     with pytest.raises(AblaufError):

@@ -629,12 +629,33 @@ def _worker_module() -> Any:
     show_default=True,
     help="Actions performed at the same time by this worker.",
 )
-def worker(store: str | None, actions: str | None, concurrency: int) -> None:
+@click.option(
+    "--lease",
+    type=click.FloatRange(min=1.0),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long an action taken by this worker stays its own without a renewal; a dead "
+    "worker's actions are recovered by the others after this long.",
+)
+@click.option(
+    "--poll",
+    type=click.FloatRange(min=0.1),
+    default=5.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How often an idle worker looks at the queue besides being woken by NOTIFY.",
+)
+def worker(
+    store: str | None, actions: str | None, concurrency: int, lease: float, poll: float
+) -> None:
     """Serve runs from a shared store until stopped (SIGTERM or Ctrl-C)."""
     module = _worker_module()
     registry = load_actions(actions) or {}
     try:
-        module.run_worker(store_url(store), registry, concurrency=concurrency)
+        module.run_worker(
+            store_url(store), registry, concurrency=concurrency, lease=lease, poll=poll
+        )
     except KeyboardInterrupt:
         click.echo("ablauf: worker stopped", err=True)
 

@@ -8,6 +8,7 @@ what really ran.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -367,3 +368,30 @@ def test_sigterm_finishes_the_action_in_hand(pg_server: PgServer) -> None:
         run = worker.wait(run_id, url, timeout=30)
     assert run.status is Status.SUCCESS
     assert query(url, "SELECT count(*) FROM calls") == [(1,)]  # never run twice
+
+
+def test_the_ablauf_worker_command_runs_the_deploy_example(pg_server: PgServer) -> None:
+    url = database(pg_server)
+    argv = [sys.executable, "-m", "ablauf_lang"]
+    cmd = [*argv, "worker", "--store", url, "--actions", "examples/actions.py"]
+    cmd += ["--concurrency", "2", "--lease", "5", "--poll", "30"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        submitted = subprocess.run(
+            [*argv, "submit", "examples/deploy.abl", "--store", url, "--json"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert submitted.returncode == 0, submitted.stderr
+        run_id = json.loads(submitted.stdout)["run_id"]
+        run = worker.wait(run_id, url, timeout=60)
+        assert run.status is Status.SUCCESS
+        assert run.context["sentry/dsn"].startswith("https://")
+        assert run.job.node(5).result is LeafState.SUCCESS  # the chat message, last
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()
+    assert b"Traceback" not in err

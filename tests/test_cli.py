@@ -15,7 +15,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -367,44 +366,6 @@ def test_worker_and_submit_report_store_and_program_errors(tmp_path: Path) -> No
     result = ablauf("submit", bad, "--store", "memory:")
     assert result.exit_code == 2
     assert result.stderr.startswith(f"{bad}:1:8: error: unknown form lgo!!")
-
-
-def test_worker_and_submit_call_the_worker_module(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The worker module belongs to another part of the project: here only the wiring
-    # (arguments, output) is checked, against a stand-in with the agreed signatures.
-    calls: list[tuple[str, tuple[object, ...], dict[str, object]]] = []
-    fake = types.ModuleType("ablauf_lang.runners.worker")
-
-    def submit(source: str, store_url: str, **kw: object) -> str:
-        calls.append(("submit", (source, store_url), kw))
-        return "run-123"
-
-    def run_worker(store_url: str, actions: object, concurrency: int = 4) -> None:
-        calls.append(("run_worker", (store_url, sorted(actions)), {"concurrency": concurrency}))
-
-    fake.submit = submit  # type: ignore[attr-defined]
-    fake.run_worker = run_worker  # type: ignore[attr-defined]
-    import ablauf_lang.runners
-
-    monkeypatch.setattr(ablauf_lang.runners, "worker", fake, raising=False)
-    monkeypatch.setitem(sys.modules, "ablauf_lang.runners.worker", fake)
-    prog = write(tmp_path / "p.abl", "(log!! 1)")
-    write(tmp_path / "acts.py", "ACTIONS = {'a/b': print}\n")
-
-    out = ablauf("submit", prog, "--store", "memory:", "--context", '{"k": 1}', "--json")
-    assert out.exit_code == 0
-    assert json.loads(out.stdout) == {"run_id": "run-123", "status": "pending"}
-    assert ablauf("submit", prog, "--store", "memory:").stdout == "run-123\n"
-    assert (
-        ablauf(
-            "worker", "--store", "memory:", "--actions", "acts.py", "--concurrency", "7"
-        ).exit_code
-        == 0
-    )
-    assert calls[0] == ("submit", ("(log!! 1)", "memory:"), {"context": {"k": 1}, "filename": prog})
-    assert calls[-1] == ("run_worker", ("memory:", ["a/b"]), {"concurrency": 7})
 
 
 # ---------------------------------------------------------------- progress

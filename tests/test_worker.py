@@ -376,9 +376,10 @@ def test_the_ablauf_worker_command_runs_the_deploy_example(pg_server: PgServer) 
     cmd = [*argv, "worker", "--store", url, "--actions", "examples/actions.py"]
     cmd += ["--concurrency", "2", "--lease", "5", "--poll", "30"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    context = ["--context", '{"env": "prod"}']
     try:
         submitted = subprocess.run(
-            [*argv, "submit", "examples/deploy.abl", "--store", url, "--json"],
+            [*argv, "submit", "examples/deploy.abl", "--store", url, "--json", *context],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -389,6 +390,8 @@ def test_the_ablauf_worker_command_runs_the_deploy_example(pg_server: PgServer) 
         run = worker.wait(run_id, url, timeout=60)
         assert run.status is Status.SUCCESS
         assert run.context["sentry/dsn"].startswith("https://")
+        assert run.context["env"] == "prod"
+        assert json.loads(submitted.stdout) == {"run_id": run_id, "status": "pending"}
         assert run.job.node(5).result is LeafState.SUCCESS  # the chat message, last
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -60,7 +60,8 @@ def _start(source: str | Node | Job, context: dict[str, Any] | None, filename: s
         if source.inflight:
             raise AblaufError(
                 f"this job has {source.inflight} action(s) in flight: feed their results "
-                "with restart_job, or run prepare_replay(job) to perform them again"
+                "with restart_job, or pass prepare_replay(job, retry_interrupted=True) "
+                "to perform them again"
             )
         return source
     if not isinstance(source, str | Node):

@@ -341,8 +341,7 @@ class PostgresStore(sqlbase.SqlStore):
             except BaseException:
                 self._known.rollback()
                 raise
-            self._known.commit()
-            self.commits += 1
+            self._committed()
 
     @contextmanager
     def _read(self) -> Iterator[psycopg.Cursor[Any]]:
@@ -483,7 +482,7 @@ class PostgresStore(sqlbase.SqlStore):
     #
     # Each is one transaction whose BEGIN travels with its first statement and whose COMMIT
     # travels with its last (psycopg pipeline mode): a sequential step is one commit and
-    # four round trips.
+    # two round trips.
 
     def claim(self, owner: str, lease: float, limit: int = 1) -> list[Claimed]:
         """Take the oldest ready tasks, at most `limit` (`FOR UPDATE SKIP LOCKED`), in one
@@ -610,10 +609,14 @@ class PostgresStore(sqlbase.SqlStore):
     def _end(self, command: str) -> None:
         self.conn.execute(command)
         if command == "COMMIT":
-            self.commits += 1
-            self._known.commit()
+            self._committed()
         else:
             self._known.rollback()
+
+    def _committed(self) -> None:
+        """After a COMMIT: count it, and share what the transaction learned."""
+        self.commits += 1
+        self._known.commit()
 
     def _abandon(self) -> None:
         """Roll back a transaction that failed (when the connection still works)."""
@@ -644,8 +647,7 @@ class PostgresStore(sqlbase.SqlStore):
             if unclaimed:
                 self.conn.execute("SELECT pg_notify(%s, %s)", (TASKS_CHANNEL, str(unclaimed)))
             self.conn.execute("COMMIT")
-        self.commits += 1
-        self._known.commit()
+        self._committed()
         claimed = _claimed(cur.fetchall(), dispatches)
         return Step(new, seq, log[2], queued, claimed)
 

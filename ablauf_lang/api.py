@@ -168,20 +168,15 @@ def resume(
 async def retry_async(
     run_id: str, store: str | JobStore | None = None, actions: Mapping[str, Action] | None = None
 ) -> Run:
-    """Run a finished, failed run's failed steps again and continue."""
+    """Run a failed (or abandoned) run's failed and interrupted steps again, and continue."""
     backend = open_store(store)
     try:
         stored = backend.load(run_id)
         job = stored.job
-        if not job.done:
-            raise RunError(f"run {run_id} is still running; resume it, or abort it first")
         if job.status is Status.SUCCESS:
             raise RunError(f"run {run_id} succeeded: nothing to retry")
-        if not _job.can_replay(job, retry_interrupted=True):
-            raise RunError(
-                f"run {run_id} has nothing to retry: its failed steps are not "
-                "idempotent (mark them {:idempotent? true} to allow retries)"
-            )
+        if not _job.can_retry(job):
+            raise RunError(f"run {run_id} has nothing to retry")
         job = _job.prepare_replay(job, retry_interrupted=True)
         backend.record(run_id, job)
         return await _drive(backend, run_id, job, actions)
@@ -192,7 +187,7 @@ async def retry_async(
 def retry(
     run_id: str, store: str | JobStore | None = None, actions: Mapping[str, Action] | None = None
 ) -> Run:
-    """Run a failed run's idempotent (and interrupted) failed steps again, and continue."""
+    """Run again what made a run fail (see `prepare_replay`), and continue."""
     return _sync(retry_async(run_id, store, actions))  # type: ignore[no-any-return]
 
 

@@ -94,6 +94,14 @@ class JobError(AblaufError):
     """A job was driven wrongly: a result for an unknown node, a bad snapshot."""
 
 
+class InvariantError(JobError):
+    """A restart would leave a job that is not done with nothing in flight (an engine bug).
+
+    Raised instead of returning such a job, so nothing is persisted and the run stays as it
+    was; it reaches a user as one line (exit 2), never a traceback.
+    """
+
+
 class StoreError(AblaufError):
     """A store could not be opened or used: bad URL, newer schema, damaged file."""
 

@@ -20,7 +20,7 @@ from typing import Any
 from pyrsistent import PVector, pvector
 
 from ablauf_lang import semantics, zipper
-from ablauf_lang.errors import AblaufError, JobError
+from ablauf_lang.errors import AblaufError, InvariantError, JobError
 from ablauf_lang.nodes import (
     Deferred,
     Dispatch,
@@ -31,6 +31,7 @@ from ablauf_lang.nodes import (
     Node,
     Result,
     Status,
+    Try,
     assoc_in,
     is_branch,
     renumber,
@@ -40,6 +41,7 @@ from ablauf_lang.semantics import ALL, NOTHING
 LAST_ERROR = "exec/last-error"
 INTERRUPTED = "interrupted: "  # error prefix of a non-idempotent action whose outcome is unknown
 ROOT = -1  # the root's virtual parent, in `todo`
+REDO = -2  # in `todo`: ids of leaves in flight that the next restart dispatches again
 
 OPS = zipper.Ops(is_branch, lambda n: n.children, semantics.replace_child)
 
@@ -60,7 +62,12 @@ class Job:
 
     @property
     def done(self) -> bool:
-        """True when the run can no longer change: the root is done, or it was aborted."""
+        """True when the run can no longer change: the root is done, or it was aborted.
+
+        A leaf that a resume handed back to be dispatched again keeps the run going.
+        """
+        if REDO in self.todo:
+            return False
         if self.aborted is not None:
             return self.root.inflight == 0
         return self.root.done
@@ -141,9 +148,14 @@ class Job:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Job):
             return NotImplemented
-        from ablauf_lang import serde
-
-        return serde.to_data(self) == serde.to_data(other)
+        return (
+            self.restarts == other.restarts
+            and self.aborted == other.aborted
+            and len(self.paths) == len(other.paths)
+            and _same_todo(self.todo, other.todo)
+            and _same_value(self.context, other.context)
+            and _same_tree(self.root, other.root)
+        )
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -258,6 +270,7 @@ class _Restart:
         self.now = now
         self.blocked = job.aborted is not None
         self.dirty: dict[int, Any] = {k: (v if v is ALL else set(v)) for k, v in job.todo.items()}
+        self.redo: set[int] = self.dirty.pop(REDO, set())
         self.dispatches: list[Dispatch] = []
         self.touched: set[int] = set()
 
@@ -265,17 +278,9 @@ class _Restart:
 
     def apply(self, result: Result) -> None:
         """Record one result on its leaf; ignore it unless that leaf waits for it."""
-        if not isinstance(result, Result):
-            raise JobError(f"not a result: {result!r}")
+        check_result(result, len(self.paths))
         node_id = result.id
-        if not (isinstance(node_id, int) and 0 <= node_id < len(self.paths)):
-            raise JobError(f"result for unknown node id {node_id!r}")
-        path = self.paths[node_id]
-        loc = zipper.zipper(self.root, OPS)
-        ids = []
-        for i in path:
-            ids.append(loc.node.id)
-            loc = zipper.down(loc, i)  # type: ignore[assignment]
+        loc, ids, path = self.locate(node_id)
         leaf = loc.node
         if not isinstance(leaf, Leaf):
             raise JobError(f"result for node {node_id}, which is a {leaf.kind}, not an action")
@@ -305,6 +310,20 @@ class _Restart:
             self.context = assoc_in(self.context, (LAST_ERROR,), result.error)
         self.root = zipper.root(zipper.replace(loc, new))
         self.touched.add(node_id)
+        self.mark_dirty(ids, path)
+
+    def locate(self, node_id: int) -> tuple[zipper.Loc, list[int], tuple[int, ...]]:
+        """The zipper at node `node_id`, the ids of its ancestors and its path."""
+        path = self.paths[node_id]
+        loc = zipper.zipper(self.root, OPS)
+        ids = []
+        for i in path:
+            ids.append(loc.node.id)
+            loc = zipper.down(loc, i)  # type: ignore[assignment]
+        return loc, ids, path
+
+    def mark_dirty(self, ids: list[int], path: tuple[int, ...]) -> None:
+        """Make the next walk visit the path down to a changed node."""
         dirty = self.dirty
         for parent_id, i in zip(ids, path, strict=True):
             entry = dirty.get(parent_id)
@@ -313,7 +332,22 @@ class _Restart:
             elif entry is not ALL:
                 entry.add(i)
 
-    # -------------------------------------------------- starting what became startable
+    def redispatch(self) -> None:
+        """Dispatch again, as a new attempt, the leaves in flight that a replay handed back."""
+        for node_id in sorted(self.redo):
+            loc, ids, path = self.locate(node_id)
+            leaf = loc.node
+            if not isinstance(leaf, Leaf) or leaf.result is not None:
+                continue  # it ran in the meantime (its result arrived, or an abort failed it)
+            self.root = zipper.root(zipper.replace(loc, self.start_leaf(leaf)))
+            self.mark_dirty(ids, path)
+
+    def hand_back(self, leaf: Leaf) -> None:
+        """Make a leaf in flight unset again, for the next restart to dispatch it anew."""
+        loc, _, _ = self.locate(leaf.id)
+        self.root = zipper.root(zipper.replace(loc, _reset(leaf)))
+        self.touched.add(leaf.id)
+        self.redo.add(leaf.id)
 
     def evaluate(self, value: Any) -> tuple[bool, Any]:
         """Evaluate a run-time expression against the context: (True, value) or (False, error)."""
@@ -436,6 +470,8 @@ class _Restart:
 
     def advance(self) -> None:
         """Walk down the changed branches, starting every node that became startable."""
+        if self.redo:
+            self.redispatch()
         if self.blocked:
             return
         loc, todo = self.enter(zipper.zipper(self.root, OPS), self.dirty.get(ROOT) is ALL)
@@ -476,7 +512,32 @@ def restart_job(
     new = Job(
         rs.root, rs.context, rs.paths, {}, job.restarts + 1, frozenset(rs.touched), job.aborted
     )
+    if not new.done and new.inflight == 0:
+        raise InvariantError(
+            "internal error: this restart would leave the run stuck (not done, nothing in "
+            "flight); the run was left as it was - please report this with the run's JSON"
+        )
     return new, rs.dispatches
+
+
+_RESULT_STATES = frozenset({LeafState.SUCCESS, LeafState.FAILURE, LeafState.TIMEOUT})
+
+
+def check_result(result: Any, n_nodes: int) -> None:
+    """Refuse what is not a result a runner can send: a bad state, id or attempt."""
+    if not isinstance(result, Result):
+        raise JobError(f"not a result: {result!r:.80}")
+    node_id = result.id
+    if type(node_id) is not int or not 0 <= node_id < n_nodes:
+        raise JobError(f"result for unknown node id {node_id!r:.40}")
+    if result.state not in _RESULT_STATES:
+        raise JobError(
+            f"result for node {node_id} has state {result.state!r:.40}: "
+            "a result is success, failure or timeout"
+        )
+    attempt = result.attempt
+    if attempt is not None and (type(attempt) is not int or attempt < 1):
+        raise JobError(f"result for node {node_id} has a bad attempt {attempt!r:.40}")
 
 
 # ---------------------------------------------------------------- rewrites
@@ -516,50 +577,174 @@ def is_interrupted(leaf: Leaf) -> bool:
     )
 
 
-def prepare_replay(job: Job, *, retry_interrupted: bool = False) -> Job:
-    """Make a job ready to go on after a crash or to be retried.
+def inflight_leaves(root: Node) -> list[Leaf]:
+    """The leaves in flight, in pre-order; descends only where something is in flight."""
+    out: list[Leaf] = []
+    stack: list[Node] = [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Leaf):
+            if node.result is LeafState.PENDING:
+                out.append(node)
+        elif node.inflight:
+            stack.extend(reversed(node.children))
+    return out
 
-    Idempotent leaves that are pending or failed become unset (they will run again);
-    pending non-idempotent leaves become failures (their outcome is unknown). With
-    `retry_interrupted`, pending and interrupted non-idempotent leaves run again too: a
-    person asked for it.
+
+def failure_causes(root: Node) -> list[Node]:
+    """The nodes whose failure made the run fail: what a retry runs again.
+
+    Descends from the root through failed nodes only. A failure a rescue handled (the
+    body of a try whose rescue ran) is not a cause, and neither is an attempt that a
+    later one superseded (it sits in a handled body); when a rescue itself failed, its
+    failure is the cause, not the body's. Returns failed leaves, and `if!!`/`doseq!!`/
+    `pmap!!` nodes whose test or collection could not be evaluated.
+
+    | node     | causes                                                     |
+    |----------|------------------------------------------------------------|
+    | leaf     | itself                                                     |
+    | do!!     | its failed child's causes                                  |
+    | dopar!!  | the causes of every failed child                           |
+    | try!!    | finally's if it failed; the rescue's if it failed; the     |
+    |          | body's if it failed with an empty rescue                   |
+    | if!!     | itself if its test failed, else its branch's               |
+    | doseq!!  | itself if its collection failed, else its failed children's |
     """
+    out: list[Node] = []
+    stack: list[Node] = [root] if _has_failed(root) else []
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Leaf):
+            out.append(node)
+            continue
+        if isinstance(node, If | Expansion) and node.error is not None:
+            out.append(node)
+            continue
+        if isinstance(node, Try):
+            body, rescue, final = node.children
+            kids = [final] if final.failed else []
+            if body.failed:
+                kids.append(rescue if len(rescue.children) else body)
+        else:
+            kids = list(node.children)
+        stack.extend(reversed([k for k in kids if _has_failed(k)]))
+    return out
 
-    def reset(leaf: Leaf) -> Leaf:
-        state = leaf.result
-        rerun = (leaf.idempotent and (state is LeafState.PENDING or leaf.failed)) or (
-            retry_interrupted and (state is LeafState.PENDING or is_interrupted(leaf))
-        )
-        if rerun:
-            return replace(leaf, result=None, output=None, error=None, finished_at=None)
-        if state is LeafState.PENDING:
-            return replace(
-                leaf,
-                result=LeafState.FAILURE,
-                error=INTERRUPTED + f"{leaf.action} was in flight and is not idempotent",
-            )
-        return leaf
 
-    root, touched = _rewrite(job, reset)
-    todo: dict[int, Any] = {k: (v if v is ALL else set(v)) for k, v in job.todo.items()}
-    for leaf_id in touched:
-        node: Node = root
-        for i in job.paths[leaf_id]:
-            entry = todo.setdefault(node.id, set())
-            if entry is not ALL:
-                entry.add(i)
-            node = node.children[i]
-    frozen = {k: (v if v is ALL else frozenset(v)) for k, v in todo.items()}
-    return replace(job, root=root, todo=frozen, touched=frozenset(touched), aborted=None)
+def _has_failed(node: Node) -> bool:
+    # A try reports failure once done; inside a run that is still going, a failed body
+    # whose rescue has not run yet is not (yet) a cause.
+    return node.failed
+
+
+def can_resume(job: Job) -> bool:
+    """True when the run is unfinished: resuming it performs or starts something."""
+    return not job.done
+
+
+def can_retry(job: Job) -> bool:
+    """True when a retry would run something again: failures, an abort, work in flight."""
+    if job.status is Status.SUCCESS:
+        return False
+    return job.aborted is not None or job.inflight > 0 or bool(failure_causes(job.root))
 
 
 def can_replay(job: Job, *, retry_interrupted: bool = False) -> bool:
-    """True when `prepare_replay` would change something (there is work to redo)."""
-    for leaf in job.leaves():
-        if leaf.idempotent and (leaf.result is LeafState.PENDING or leaf.failed):
-            return True
-        if leaf.result is LeafState.PENDING:
-            return True
-        if retry_interrupted and is_interrupted(leaf):
-            return True
-    return False
+    """`can_retry` with `retry_interrupted`, else `can_resume` (the older name)."""
+    return can_retry(job) if retry_interrupted else can_resume(job)
+
+
+def _frozen_todo(todo: dict[int, Any]) -> dict[int, Collection[int]]:
+    return {k: (v if v is ALL else frozenset(v)) for k, v in todo.items() if v}
+
+
+def prepare_replay(job: Job, *, retry_interrupted: bool = False) -> Job:
+    """Make a job ready to go on after a crash (resume) or to be retried (a person asked).
+
+    Resume touches only the leaves in flight: an idempotent one is dispatched again by
+    the next restart (a new attempt); a non-idempotent one fails `interrupted: ...` (its
+    outcome is unknown) and the run goes on by the normal semantics, so a rescue may
+    handle it. Recorded successes, failures and skips never change.
+
+    Retry (`retry_interrupted=True`) dispatches every leaf in flight again, whatever its
+    idempotency, runs again what made the run fail (`failure_causes`: unhandled failures,
+    interrupted leaves, leaves whose action was unknown), lets the branches they stopped
+    go on, clears an abort and drops the stale `exec/last-error`.
+    """
+    rs = _Restart(job, None)
+    inflight = inflight_leaves(job.root)
+    if retry_interrupted:
+        for leaf in inflight:
+            rs.hand_back(leaf)
+        for node in failure_causes(job.root):
+            loc, ids, path = rs.locate(node.id)
+            rs.root = zipper.root(zipper.replace(loc, _reset(node)))
+            rs.touched.add(node.id)
+            rs.mark_dirty(ids, path)
+        rs.dirty[ROOT] = ALL  # walk the whole tree once: stopped branches go on
+        context = {k: v for k, v in rs.context.items() if k != LAST_ERROR}
+        aborted = None
+    else:
+        for leaf in inflight:
+            if leaf.idempotent:
+                rs.hand_back(leaf)
+            else:
+                error = INTERRUPTED + f"{leaf.action} was in flight and is not idempotent"
+                rs.apply(Result(leaf.id, leaf.attempt, LeafState.FAILURE, error=error))
+        context = rs.context
+        aborted = job.aborted
+    todo = dict(rs.dirty)
+    if rs.redo:
+        todo[REDO] = rs.redo
+    return Job(
+        rs.root, context, rs.paths, _frozen_todo(todo), job.restarts, frozenset(rs.touched), aborted
+    )
+
+
+def _reset(node: Node) -> Node:
+    """A failed node as it was before it ran: a leaf unset, a test or collection unevaluated."""
+    if isinstance(node, Leaf):
+        return replace(node, result=None, output=None, error=None, finished_at=None)
+    if isinstance(node, If):
+        return semantics.summarize(replace(node, error=None, chosen=None))  # type: ignore[no-any-return]
+    if isinstance(node, Expansion):
+        return semantics.summarize(replace(node, error=None))  # type: ignore[no-any-return]
+    raise JobError(f"cannot reset a {node.kind} node")
+
+
+# ---------------------------------------------------------------- equality
+
+
+def _same_todo(a: dict[int, Collection[int]], b: dict[int, Collection[int]]) -> bool:
+    if a.keys() != b.keys():
+        return False
+    return all(
+        (x is ALL) == (y is ALL) and (x is ALL or set(x) == set(y))
+        for x, y in ((a[k], b[k]) for k in a)
+    )
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Plain-data equality that never raises (a value that is not JSON compares by ==)."""
+    try:
+        return bool(a == b)
+    except RecursionError:
+        return False
+
+
+def _same_tree(a: Node, b: Node) -> bool:
+    """Compare two trees node by node, without recursion (deep trees, any values)."""
+    stack = [(a, b)]
+    while stack:
+        x, y = stack.pop()
+        if x is y:
+            continue
+        if type(x) is not type(y) or len(x.children) != len(y.children):
+            return False
+        for name in x.__dataclass_fields__:
+            if name in ("children", "span"):
+                continue
+            if not _same_value(getattr(x, name), getattr(y, name)):
+                return False
+        stack.extend(zip(x.children, y.children, strict=True))
+    return True

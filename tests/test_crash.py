@@ -21,7 +21,7 @@ import pytest
 import ablauf_lang
 from ablauf_lang.errors import RunError
 from ablauf_lang.job import Job
-from ablauf_lang.nodes import Status
+from ablauf_lang.nodes import LeafState, Status
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -180,3 +180,82 @@ def test_non_idempotent_action_in_flight_is_failed_and_retried_on_request(
     run = ablauf_lang.retry("r1", store=url, actions=actions(effects))
     assert outcome(run.job)[0] == Status.SUCCESS
     assert Counter(effects.read_text().split()) == {"a": 2, "b": 1, "c": 1, "d": 1, "e": 1}
+
+
+# ---------------------------------------------------------------- the CLI, killed mid-dopar!!
+
+SLOW_ACTIONS = textwrap.dedent(
+    """
+    import os, time
+
+    def _act(payload, context):
+        with open(os.environ["EFFECTS"], "a") as f:
+            f.write(payload + "\\n")
+        time.sleep(float(os.environ.get("SLOW", "0")))
+        return payload
+
+    ACTIONS = {"t/again": _act, "t/once": _act}
+    """
+)
+
+
+def test_cli_run_killed_in_a_dopar_resumes_then_retries(tmp_path: Path) -> None:
+    # Issue 10's reproduction: an idempotent and a non-idempotent action in flight together
+    # when `ablauf run` is killed. Resume re-runs the idempotent one and records the other
+    # as interrupted; retry then runs the interrupted one; nothing is left unset or stuck.
+    program = tmp_path / "stuck.abl"
+    program.write_text('(dopar!! (idempotent-action!! :t/again "A") (action!! :t/once "B"))\n')
+    (tmp_path / "slow.py").write_text(SLOW_ACTIONS)
+    effects = tmp_path / "effects"
+    url = f"sqlite:///{tmp_path / 'stuck.db'}"
+    env = {**os.environ, "EFFECTS": str(effects), "SLOW": "30", "PYTHONPATH": str(tmp_path)}
+    cmd = [sys.executable, "-m", "ablauf_lang", "run", str(program), "--actions", "slow"]
+    child = subprocess.Popen([*cmd, "--store", url], env=env, cwd=tmp_path)
+    try:
+        for _ in range(400):
+            if effects.exists() and len(effects.read_text().split()) == 2:
+                break
+            child.poll()
+            assert child.returncode is None, "ablauf run ended before it was killed"
+            import time
+
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the actions never started")
+    finally:
+        child.kill()
+        child.wait()
+    [info] = ablauf_lang.open_store(url).list_runs()
+    assert info.status is Status.PENDING
+
+    def ablauf(*args: str) -> subprocess.CompletedProcess[str]:
+        fast = {**env, "SLOW": "0"}
+        return subprocess.run(
+            [sys.executable, "-m", "ablauf_lang", *args, "--store", url],
+            env=fast,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    resumed = ablauf("runs", "resume", info.run_id, "--actions", "slow")  # its driver is dead
+    assert "Traceback" not in resumed.stderr, resumed.stderr
+    assert resumed.returncode == 1, resumed.stdout + resumed.stderr  # B interrupted: failure
+    job = ablauf_lang.open_store(url).load(info.run_id).job
+    a, b = job.node(1), job.node(2)
+    assert (a.result, a.attempt) == (LeafState.SUCCESS, 2)  # A ran again, a new attempt
+    assert b.result is LeafState.FAILURE
+    assert b.error.startswith("interrupted: ")
+    assert Counter(effects.read_text().split()) == {"A": 2, "B": 1}
+
+    again = ablauf("runs", "resume", info.run_id, "--actions", "slow")
+    assert again.returncode == 2
+    assert "Traceback" not in again.stderr
+
+    retried = ablauf("runs", "retry", info.run_id, "--actions", "slow")
+    assert "Traceback" not in retried.stderr, retried.stderr
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    assert Counter(effects.read_text().split()) == {"A": 2, "B": 2}  # a person asked for B
+    assert ablauf_lang.open_store(url).load(info.run_id).job.status is Status.SUCCESS

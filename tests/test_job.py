@@ -328,6 +328,7 @@ def test_prepare_replay_reruns_idempotent_pending_leaves() -> None:
     job, _ = restart_job(job, [success(dd, 1)])
     job = prepare_replay(job)
     assert job.node(ds.id).result is None
+    assert not job.done  # handed back: the next restart dispatches it
     assert job.node(dd.id).output == 1  # finished work is kept
     job, more = restart_job(job)
     assert ran(more) == ["safe"]
@@ -337,19 +338,30 @@ def test_prepare_replay_reruns_idempotent_pending_leaves() -> None:
 
 
 def test_prepare_replay_fails_pending_non_idempotent_leaves() -> None:
-    # The interrupted leaf fails, so its dopar!! fails: the idempotent sibling is not re-run.
-    job, [_ds, du] = restart_job(job_of(Par_(L("safe", idempotent=True), L("unsafe"))))
+    # The interrupted leaf fails, so its dopar!! fails; the idempotent sibling was in flight
+    # too: it runs again and ends in a recorded state (a leaf in flight is never left unset).
+    job, [ds, du] = restart_job(job_of(Par_(L("safe", idempotent=True), L("unsafe"))))
     job = prepare_replay(job)
     unsafe = job.node(du.id)
     assert unsafe.result is LeafState.FAILURE
     assert unsafe.error.startswith(INTERRUPTED)
-    assert job.context == {}  # the context keeps what was recorded
+    assert job.context == {LAST_ERROR: unsafe.error}  # a rescue would see why
     job, more = restart_job(job)
+    assert ran(more) == ["safe"]
+    job, more = restart_job(job, [success(more[0], "ok")])
     assert more == []
+    assert job.node(ds.id).output == "ok"
     assert job.status is Status.FAILURE
 
 
-def test_retry_reruns_failed_idempotent_leaves_of_a_finished_run() -> None:
+def test_resume_lets_a_rescue_handle_an_interrupted_leaf() -> None:
+    job, [_d] = restart_job(job_of(Try_([L("unsafe")], [L("r")])))
+    job, seen = drive(prepare_replay(job), by_name({}))
+    assert ran(seen) == ["r"]
+    assert job.status is Status.SUCCESS
+
+
+def test_resume_keeps_recorded_failures() -> None:
     calls = {"n": 0}
 
     def flaky(d):  # fails the first time only
@@ -358,23 +370,62 @@ def test_retry_reruns_failed_idempotent_leaves_of_a_finished_run() -> None:
 
     job, _ = drive(job_of(Do(L("a", idempotent=True), L("b"))), flaky)
     assert job.status is Status.FAILURE
-    job, seen = drive(prepare_replay(job), flaky)
+    again = prepare_replay(job)
+    assert again.done
+    assert again.status is Status.FAILURE
+    assert restart_job(again)[1] == []
+
+
+def test_retry_reruns_failed_leaves_of_a_finished_run() -> None:
+    calls = {"n": 0}
+
+    def flaky(d):  # fails the first time only
+        calls["n"] += 1
+        return failure(d, "flaky") if calls["n"] == 1 else success(d, "ok")
+
+    job, _ = drive(job_of(Do(L("a"), L("b"))), flaky)
+    assert job.status is Status.FAILURE
+    assert LAST_ERROR in job.context
+    job, seen = drive(prepare_replay(job, retry_interrupted=True), flaky)
     assert ran(seen) == ["a", "b"]
     assert job.status is Status.SUCCESS
+    assert LAST_ERROR not in job.context
 
 
-def test_prepare_replay_of_rescued_failure_runs_body_again() -> None:
+def test_retry_of_unhandled_body_failure_runs_body_again() -> None:
     tree = Try_([L("b", idempotent=True)], [], [L("f")])
     job, _ = drive(job_of(tree), by_name({"b": BOOM}))
     assert job.status is Status.FAILURE
-    job, seen = drive(prepare_replay(job), by_name({}))
+    job, seen = drive(prepare_replay(job, retry_interrupted=True), by_name({}))
     assert ran(seen) == ["b"]  # finally already ran: it is not run twice
     assert job.status is Status.SUCCESS
 
 
-def test_replay_after_abort_clears_the_abort() -> None:
+def test_retry_never_reruns_a_handled_failure() -> None:
+    tree = Do(Try_([L("b")], [L("r")]), L("c"))
+    job, _ = drive(job_of(tree), by_name({"b": BOOM, "c": BOOM}))
+    assert job.status is Status.FAILURE
+    job, seen = drive(prepare_replay(job, retry_interrupted=True), by_name({}))
+    assert ran(seen) == ["c"]
+    assert job.status is Status.SUCCESS
+
+
+def test_retry_lets_the_siblings_of_a_failed_dopar_start() -> None:
+    tree = Par_(L("a"), Do(L("b"), L("c")))
+    job, [da, db] = restart_job(job_of(tree))
+    job, more = restart_job(job, [failure(da, "x"), success(db, 1)])
+    assert more == []
+    assert job.status is Status.FAILURE
+    job, seen = drive(prepare_replay(job, retry_interrupted=True), by_name({}))
+    assert sorted(ran(seen)) == ["a", "c"]
+    assert job.status is Status.SUCCESS
+
+
+def test_resume_keeps_an_abort_and_retry_clears_it() -> None:
     job, _ = restart_job(job_of(Do(L("a", idempotent=True), L("b"))))
-    job = prepare_replay(abort(job))
+    aborted = abort(job)
+    assert prepare_replay(aborted).aborted is not None
+    job = prepare_replay(aborted, retry_interrupted=True)
     assert job.aborted is None
     job, _seen = drive(job, by_name({}))
     assert job.status is Status.SUCCESS

@@ -107,19 +107,26 @@ def test_retry_reruns_failed_idempotent_steps(url: str) -> None:
     run = ablauf_lang.retry(run.run_id, store=url, actions={"t/flaky": flaky, "t/once": once})
     assert run.status is Status.SUCCESS
     assert (flaky.calls, once.calls) == (["x", "x"], ["y"])
-    assert run.context == {"first": "x!", "exec/last-error": "RuntimeError: flake 1"}
+    assert run.context == {"first": "x!"}  # the stale exec/last-error is gone
     with pytest.raises(RunError, match="succeeded: nothing to retry"):
         ablauf_lang.retry(run.run_id, store=url)
 
 
-def test_retry_with_nothing_to_retry_says_so(url: str) -> None:
+def test_retry_reruns_an_unhandled_failure_whatever_its_idempotency(url: str) -> None:
     run = ablauf_lang.eval('(do!! (log!! 1) (fail!! "no"))', store=url)
     assert run.status is Status.FAILURE
-    with pytest.raises(RunError, match="nothing to retry: its failed steps are not idempotent"):
-        ablauf_lang.retry(run.run_id, store=url)
+    run = ablauf_lang.retry(run.run_id, store=url)  # a person asked: fail!! runs (and fails) again
+    assert run.status is Status.FAILURE
+    leaf = run.job.node(2)
+    assert (leaf.attempt, leaf.error) == (2, "no")
+
+
+def test_retry_of_an_abandoned_run_performs_its_step_again(url: str) -> None:
     pending = started(url)
-    with pytest.raises(RunError, match="still running"):
-        ablauf_lang.retry(pending, store=url)
+    flaky, once = Flaky(), Flaky()
+    run = ablauf_lang.retry(pending, store=url, actions={"t/flaky": flaky, "t/once": once})
+    assert run.status is Status.SUCCESS
+    assert (flaky.calls, once.calls) == (["x"], ["y"])
 
 
 def test_abort_fails_pending_steps_and_stops_the_run(url: str) -> None:

@@ -530,7 +530,7 @@ def check_result(result: Any, n_nodes: int) -> None:
     node_id = result.id
     if type(node_id) is not int or not 0 <= node_id < n_nodes:
         raise JobError(f"result for unknown node id {node_id!r:.40}")
-    if result.state not in _RESULT_STATES:
+    if not isinstance(result.state, LeafState) or result.state not in _RESULT_STATES:
         raise JobError(
             f"result for node {node_id} has state {result.state!r:.40}: "
             "a result is success, failure or timeout"

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 import pytest
 
-from ablauf_lang.errors import JobError
-from ablauf_lang.job import INTERRUPTED, LAST_ERROR, Job, abort, prepare_replay, restart_job
-from ablauf_lang.nodes import LeafState, Status, failure, success, timeout
+from ablauf_lang.errors import AblaufError, InvariantError, JobError
+from ablauf_lang.job import (
+    INTERRUPTED,
+    LAST_ERROR,
+    Job,
+    abort,
+    make_job,
+    prepare_replay,
+    rebuild,
+    restart_job,
+)
+from ablauf_lang.nodes import LeafState, Result, Status, failure, renumber, success, timeout
 from tests.builders import Do, L, Par_, Try_, by_name, drive, job_of, ran
 
 BOOM = RuntimeError("boom")
@@ -494,3 +506,59 @@ def test_deep_nesting_never_hits_the_recursion_limit() -> None:
     assert job.status is Status.SUCCESS
     assert Job.from_json(job.to_json()) == job
     assert sum(1 for _ in job.nodes()) > 1_400
+
+
+# ---------------------------------------------------------------- the reducer's boundary
+
+
+@pytest.mark.parametrize(
+    ("result", "message"),
+    [
+        (Result(1, 1, LeafState.SKIPPED), "a result is success, failure or timeout"),
+        (Result(1, 1, LeafState.PENDING), "a result is success, failure or timeout"),
+        (Result(1, 1, "success"), "a result is success, failure or timeout"),  # type: ignore[arg-type]
+        (Result(True, 1, LeafState.SUCCESS), "unknown node id True"),  # type: ignore[arg-type]
+        (Result(1.0, 1, LeafState.SUCCESS), "unknown node id 1.0"),  # type: ignore[arg-type]
+        (Result(-1, 1, LeafState.SUCCESS), "unknown node id -1"),
+        (Result(1, 0, LeafState.SUCCESS), "bad attempt 0"),
+        (Result(1, True, LeafState.SUCCESS), "bad attempt True"),  # type: ignore[arg-type]
+        ("success", "not a result"),
+    ],
+)
+def test_restart_refuses_what_is_not_a_result(result: Any, message: str) -> None:
+    job, _ = restart_job(job_of(Do(L("a"), L("b"))))
+    before = job.to_json()
+    with pytest.raises(JobError, match=message):
+        restart_job(job, [result])
+    assert job.to_json() == before
+
+
+def test_a_stuck_restart_is_refused_with_one_clear_error() -> None:
+    # A job whose only pending leaf was made unset by hand, with nothing to look at: the
+    # engine would strand it, so restart_job refuses instead of returning it.
+    job, [_d] = restart_job(job_of(Do(L("a"))))
+    broken = replace(job, root=replace(job.root, children=job.root.children.set(0, L("a"))))
+    broken = Job(rebuild(broken.root, lambda leaf: replace(leaf, id=1)), {}, job.paths)
+    with pytest.raises(InvariantError, match="stuck"):
+        restart_job(broken)
+    assert isinstance(InvariantError("x"), AblaufError)
+
+
+def test_jobs_compare_without_serialising_their_values() -> None:
+    class Opaque:  # not JSON: equality must still answer
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, Opaque)
+
+        __hash__ = None  # type: ignore[assignment]
+
+    job, [d] = restart_job(job_of(Do(L("a"), L("b"))))
+    a, _ = restart_job(job, [success(d, Opaque())])
+    b, _ = restart_job(job, [success(d, Opaque())])
+    c, _ = restart_job(job, [success(d, 1)])
+    assert a == b
+    assert a != c
+    deep = L("x")
+    for _ in range(5000):
+        deep = Do(deep)
+    numbered, _ = renumber(deep, 0)  # iterative: tests.builders.number recurses
+    assert make_job(numbered) == make_job(numbered)

@@ -7,7 +7,6 @@ run.status  # Status.SUCCESS
 
 from ablauf_lang.actions_registry import action
 from ablauf_lang.api import (
-    Run,
     abort_run,
     compile,
     eval,
@@ -30,6 +29,7 @@ from ablauf_lang.errors import (
 )
 from ablauf_lang.job import Job, abort, prepare_replay
 from ablauf_lang.nodes import Dispatch, LeafState, Result, Status, failure, success, timeout
+from ablauf_lang.runners.local import Run
 from ablauf_lang.stdlib.actions import ActionFailed
 from ablauf_lang.stores.base import JobStore, open_store
 

@@ -52,7 +52,7 @@ class Job:
 
     root: Node
     context: dict[str, Any]
-    paths: PVector  # node id -> tuple of child indices from the root
+    paths: PVector[tuple[int, ...]]  # node id -> tuple of child indices from the root
     todo: dict[int, Collection[int]] = field(default_factory=dict)  # dirty for next restart
     restarts: int = 0
     touched: frozenset[int] = frozenset()  # ids the last operation changed (for stores)
@@ -119,7 +119,7 @@ class Job:
     def path(self, node_id: int) -> tuple[int, ...]:
         """The child indices from the root to node `node_id`."""
         self.node(node_id)
-        return self.paths[node_id]  # type: ignore[no-any-return]
+        return self.paths[node_id]
 
     def parent_ids(self, node_id: int) -> list[int]:
         """The ids of the ancestors of `node_id`, root first."""
@@ -163,7 +163,7 @@ class Job:
 # ---------------------------------------------------------------- building
 
 
-def index_paths(root: Node) -> PVector:
+def index_paths(root: Node) -> PVector[tuple[int, ...]]:
     """Return the id -> path table, checking ids are unique and dense (0..N-1)."""
     found: dict[int, tuple[int, ...]] = {}
     stack: list[tuple[Node, tuple[int, ...]]] = [(root, ())]
@@ -222,7 +222,8 @@ def copy_numbered(root: Node, first_id: int, fn: Any) -> tuple[Node, list[tuple[
     """
 
     def each(node: Node) -> Node:
-        return semantics.summarize(fn(node)) if is_branch(node) else fn(node)
+        new: Node = fn(node)
+        return semantics.summarize(new) if is_branch(new) else new
 
     return renumber(root, first_id, each)
 
@@ -379,7 +380,7 @@ class _Restart:
 
         return rebuild(node, mark)
 
-    def instantiate(self, node: Any, elements: list[Any]) -> PVector:
+    def instantiate(self, node: Any, elements: list[Any]) -> PVector[Any]:
         """One copy of `node.template` per element, `node.var` bound, with fresh ids."""
         base = self.paths[node.id]
         kids = []
@@ -456,7 +457,8 @@ class _Restart:
 
     def leave(self, loc: zipper.Loc, stack: list[list[Any]]) -> zipper.Loc:
         """Go up to the parent and let it react to the child just visited."""
-        index = loc.path.index  # type: ignore[union-attr]
+        assert loc.path is not None
+        index = loc.path.pos
         loc = zipper.up(loc)  # type: ignore[assignment]
         node, nexts = semantics.follow(loc.node, index)
         if node is not loc.node:
@@ -465,7 +467,7 @@ class _Restart:
         if nexts:
             queue = stack[-1]
             for nxt in reversed(nexts):
-                queue.append((nxt.index, True, nxt.skip))
+                queue.append((nxt.child, True, nxt.skip))
         return loc
 
     def advance(self) -> None:

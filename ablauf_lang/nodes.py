@@ -138,11 +138,11 @@ class Leaf:
         return 1 if self.result is LeafState.PENDING else 0
 
     @property
-    def children(self) -> PVector:
+    def children(self) -> PVector[Any]:
         return _NO_CHILDREN
 
 
-_NO_CHILDREN: PVector = pvector()
+_NO_CHILDREN: PVector[Any] = pvector()
 
 
 class BranchView:
@@ -175,7 +175,7 @@ class Seq(BranchView):
 
     kind: ClassVar[str] = "seq"
     id: int
-    children: PVector
+    children: PVector[Any]
     n_done: int = 0
     n_failed: int = 0
     inflight: int = 0
@@ -200,7 +200,7 @@ class Par(BranchView):
 
     kind: ClassVar[str] = "par"
     id: int
-    children: PVector
+    children: PVector[Any]
     n_done: int = 0
     n_failed: int = 0
     inflight: int = 0
@@ -233,7 +233,7 @@ class Try(BranchView):
 
     kind: ClassVar[str] = "try"
     id: int
-    children: PVector  # [body, rescue, finally], each a Seq
+    children: PVector[Any]  # [body, rescue, finally], each a Seq
     inflight: int = 0
     span: Span | None = field(default=None, compare=False, repr=False)
 
@@ -291,7 +291,7 @@ class If(BranchView):
     kind: ClassVar[str] = "if"
     id: int
     test: Any  # a value, or a Deferred evaluated when reached
-    children: PVector  # [then, else], each a Seq
+    children: PVector[Any]  # [then, else], each a Seq
     chosen: int | None = None  # 0 then, 1 else; None until reached
     error: Any = None
     inflight: int = 0
@@ -324,7 +324,7 @@ class Expansion(BranchView):
     var: str
     coll: Any  # a value, or a Deferred evaluated when reached
     template: Any  # the body: a node tree (ids local to the template)
-    children: PVector = field(default_factory=lambda: _NO_CHILDREN)
+    children: PVector[Any] = field(default_factory=lambda: _NO_CHILDREN)
     expanded: bool = False
     error: Any = None
     n_done: int = 0

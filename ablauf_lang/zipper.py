@@ -24,10 +24,10 @@ class Ops(NamedTuple):
 
 
 class Frame(NamedTuple):
-    """One level of the path: the parent, our index in it, and the parent's changed flag."""
+    """One level of the path: the parent, our position in it, and the parent's changed flag."""
 
     parent: Any
-    index: int
+    pos: int  # the child index (a NamedTuple field may not be called `index`)
     parent_changed: bool
     up: Frame | None
 
@@ -64,7 +64,7 @@ def up(loc: Loc) -> Loc | None:
     if frame is None:
         return None
     if loc.changed:
-        parent = loc.ops.replace_child(frame.parent, frame.index, loc.node)
+        parent = loc.ops.replace_child(frame.parent, frame.pos, loc.node)
         return Loc(parent, frame.up, True, loc.ops)
     return Loc(frame.parent, frame.up, frame.parent_changed, loc.ops)
 
@@ -73,13 +73,13 @@ def _sibling(loc: Loc, offset: int) -> Loc | None:
     frame = loc.path
     if frame is None:
         return None
-    index = frame.index + offset
+    index = frame.pos + offset
     parent, parent_changed = frame.parent, frame.parent_changed
     if not 0 <= index < len(loc.ops.children(parent)):
         return None
     if loc.changed:
         # Put the edited node back into the parent before leaving it.
-        parent = loc.ops.replace_child(parent, frame.index, loc.node)
+        parent = loc.ops.replace_child(parent, frame.pos, loc.node)
         parent_changed = True
     sibling = loc.ops.children(parent)[index]
     return Loc(sibling, Frame(parent, index, parent_changed, frame.up), False, loc.ops)
@@ -152,6 +152,6 @@ def path_indices(loc: Loc) -> tuple[int, ...]:
     out: list[int] = []
     frame = loc.path
     while frame is not None:
-        out.append(frame.index)
+        out.append(frame.pos)
         frame = frame.up
     return tuple(reversed(out))

@@ -48,9 +48,9 @@ NOTHING: frozenset[int] = frozenset()
 
 
 class Next(NamedTuple):
-    """A follow-up instruction: visit child `index` fresh, or mark its subtree skipped."""
+    """A follow-up instruction: visit child `child` fresh, or mark its subtree skipped."""
 
-    index: int
+    child: int
     skip: bool = False
 
 
@@ -190,7 +190,7 @@ def _(node: If) -> If:
     return _summarize_if(node, node.children)
 
 
-def _summarize_if(node: If, kids: PVector) -> If:
+def _summarize_if(node: If, kids: PVector[Any]) -> If:
     return If(
         node.id,
         node.test,
@@ -387,6 +387,48 @@ def state_of(node: Node) -> str:
     if node.inflight:
         return "pending"
     return "unset"
+
+
+def states(root: Node) -> dict[int, str]:
+    """`state_of` for every node, with branches that never ran shown `skipped`.
+
+    A branch is skipped when it is done without having run anything: all its leaves were
+    skipped, or it is the branch not taken (a try's rescue after its body succeeded, an
+    if's other branch), empty ones included. One pass, without recursion.
+    """
+    out: dict[int, str] = {}
+    ran: dict[int, bool] = {}  # something below ran (a leaf neither unset nor skipped)
+    skipped: dict[int, bool] = {}  # every leaf below was skipped (and there is one)
+    stack: list[tuple[Node, bool, bool]] = [(root, False, False)]
+    while stack:
+        node, not_taken, expanded = stack.pop()
+        if isinstance(node, Leaf):
+            out[node.id] = state_of(node)
+            ran[node.id] = node.result not in (None, LeafState.SKIPPED)
+            skipped[node.id] = node.result is LeafState.SKIPPED
+            continue
+        kids = node.children
+        if not expanded:
+            stack.append((node, not_taken, True))
+            taken = _taken(node)
+            stack.extend((kid, i not in taken, False) for i, kid in enumerate(kids))
+            continue
+        ran[node.id] = any(ran[k.id] for k in kids)
+        skipped[node.id] = bool(kids) and all(skipped[k.id] for k in kids)
+        state = state_of(node)
+        if state == "success" and not ran[node.id] and (not_taken or skipped[node.id]):
+            state = "skipped"
+        out[node.id] = state
+    return out
+
+
+def _taken(node: Node) -> Collection[int]:
+    """The children of a branch that were (or will be) taken: all but a branch not taken."""
+    if isinstance(node, Try) and node.children[0].done and not node.children[0].failed:
+        return (0, 2)
+    if isinstance(node, If) and node.chosen is not None:
+        return (node.chosen,)
+    return ALL
 
 
 def skip_leaf(leaf: Leaf) -> Leaf:

@@ -224,3 +224,24 @@ def test_expansion_keeps_ids_unique_and_paths_right(sizes: list[int], parallel: 
     for node in job.nodes():
         assert job.node(node.id) is node
     assert Job.from_json(job.to_json()) == job
+
+
+def test_branches_that_never_ran_are_shown_skipped() -> None:
+    import ablauf_lang
+    from ablauf_lang.semantics import states
+
+    run = ablauf_lang.eval(
+        "(do!! (try!! (log!! 1) (rescue!! (log!! 2))) (if!! false (log!! 3))"
+        " (try!! (log!! 4)) (try!! (fail!! 5) (rescue!! (log!! 6))))"
+    )
+    shown = states(run.job.root)
+    kinds = {n.id: (n.kind, n.action) for n in run.job.nodes()}
+    by_state = {i: s for i, s in shown.items()}
+    assert len(shown) == len(kinds)
+    # the rescue not taken, and the then-branch of a false test, with their leaves
+    assert [by_state[i] for i in (4, 5, 8, 9)] == ["skipped"] * 4
+    assert by_state[14] == "skipped"  # an empty rescue after a body that succeeded
+    assert by_state[3] == "success"
+    assert by_state[0] == "success"
+    rescued = [i for i, (k, a) in kinds.items() if a == "action/log" and i > 16]
+    assert all(by_state[i] == "success" for i in rescued)

@@ -52,7 +52,7 @@ class Job:
 
     root: Node
     context: dict[str, Any]
-    paths: PVector[tuple[int, ...]]  # node id -> tuple of child indices from the root
+    paths: PathTable  # node id -> tuple of child indices from the root
     todo: dict[int, Collection[int]] = field(default_factory=dict)  # dirty for next restart
     restarts: int = 0
     touched: frozenset[int] = frozenset()  # ids the last operation changed (for stores)
@@ -163,22 +163,58 @@ class Job:
 # ---------------------------------------------------------------- building
 
 
-def index_paths(root: Node) -> PVector[tuple[int, ...]]:
+class PathTable:
+    """node id -> the child indices from the root, kept as (parent id, child index) links.
+
+    O(N) memory however deep the tree (a table of whole paths is O(N x depth): 50 million
+    entries for a 10,000-deep `do!!`); a look-up walks the links up, O(depth), as the
+    zipper's walk down does anyway. Persistent: `extend` returns a new table.
+    """
+
+    __slots__ = ("parent", "pos")
+
+    def __init__(self, parent: PVector[int], pos: PVector[int]) -> None:
+        self.parent = parent
+        self.pos = pos
+
+    def __len__(self) -> int:
+        return len(self.parent)
+
+    def __getitem__(self, node_id: int) -> tuple[int, ...]:
+        parent, pos = self.parent, self.pos
+        out: list[int] = []
+        while node_id != ROOT:
+            out.append(pos[node_id])
+            node_id = parent[node_id]
+        out.pop()  # the root's own entry
+        out.reverse()
+        return tuple(out)
+
+    def extend(self, links: Iterable[tuple[int, int]]) -> PathTable:
+        """The table with nodes len(self).. appended, each given as (parent id, index)."""
+        pairs = list(links)
+        return PathTable(
+            self.parent.extend(p for p, _ in pairs), self.pos.extend(i for _, i in pairs)
+        )
+
+
+def index_paths(root: Node) -> PathTable:
     """Return the id -> path table, checking ids are unique and dense (0..N-1)."""
-    found: dict[int, tuple[int, ...]] = {}
-    stack: list[tuple[Node, tuple[int, ...]]] = [(root, ())]
+    found: dict[int, tuple[int, int]] = {}
+    stack: list[tuple[Node, int, int]] = [(root, ROOT, 0)]
     while stack:
-        node, path = stack.pop()
+        node, parent, pos = stack.pop()
         if node.id in found:
             raise JobError(f"node id {node.id} appears twice in the tree")
-        found[node.id] = path
+        found[node.id] = (parent, pos)
         if is_branch(node):
             kids = node.children
             for i in range(len(kids) - 1, -1, -1):
-                stack.append((kids[i], (*path, i)))
-    if sorted(found) != list(range(len(found))):
+                stack.append((kids[i], node.id, i))
+    n = len(found)
+    if any(i not in found for i in range(n)):
         raise JobError("node ids must be 0..N-1 (number the tree in pre-order)")
-    return pvector(found[i] for i in range(len(found)))
+    return PathTable(pvector(found[i][0] for i in range(n)), pvector(found[i][1] for i in range(n)))
 
 
 def rebuild(root: Node, leaf_fn: Any, branch_fn: Any = None) -> Node:
@@ -382,20 +418,19 @@ class _Restart:
 
     def instantiate(self, node: Any, elements: list[Any]) -> PVector[Any]:
         """One copy of `node.template` per element, `node.var` bound, with fresh ids."""
-        base = self.paths[node.id]
         kids = []
-        new_paths: list[tuple[int, ...]] = []
+        links: list[tuple[int, int]] = []
         for i, element in enumerate(elements):
             bindings = {node.var: element}
+            first = len(self.paths) + len(links)
             copy, sub_paths = copy_numbered(
-                node.template,
-                len(self.paths) + len(new_paths),
-                lambda n, b=bindings: bind_node(n, b),
+                node.template, first, lambda n, b=bindings: bind_node(n, b)
             )
             kids.append(copy)
-            new_paths.extend((*base, i, *sub) for sub in sub_paths)
+            ids = {sub: first + k for k, sub in enumerate(sub_paths)}  # a template is small
+            links.extend((ids[sub[:-1]], sub[-1]) if sub else (node.id, i) for sub in sub_paths)
             self.touched.update(range(copy.id, copy.id + len(sub_paths)))
-        self.paths = self.paths.extend(new_paths)
+        self.paths = self.paths.extend(links)
         return pvector(kids)
 
     def start_leaf(self, leaf: Leaf) -> Leaf:
@@ -734,6 +769,10 @@ def _same_value(a: Any, b: Any) -> bool:
         return False
 
 
+# Compared through the children (or not at all): counters cached from the children.
+_DERIVED = frozenset({"children", "span", "n_done", "n_failed", "inflight"})
+
+
 def _same_tree(a: Node, b: Node) -> bool:
     """Compare two trees node by node, without recursion (deep trees, any values)."""
     stack = [(a, b)]
@@ -744,9 +783,12 @@ def _same_tree(a: Node, b: Node) -> bool:
         if type(x) is not type(y) or len(x.children) != len(y.children):
             return False
         for name in x.__dataclass_fields__:
-            if name in ("children", "span"):
+            if name in _DERIVED:
                 continue
-            if not _same_value(getattr(x, name), getattr(y, name)):
+            a, b = getattr(x, name), getattr(y, name)
+            if name == "template":  # a doseq!!/pmap!! body: a tree of its own
+                stack.append((a, b))
+            elif not _same_value(a, b):
                 return False
         stack.extend(zip(x.children, y.children, strict=True))
     return True

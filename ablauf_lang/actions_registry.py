@@ -25,7 +25,14 @@ from typing import Any, TypeVar
 
 from ablauf_lang.errors import AblaufError
 
-__all__ = ["ACTION_ATTR", "action", "actions_of", "load_actions"]
+__all__ = [
+    "ACTION_ATTR",
+    "action",
+    "actions_of",
+    "load_actions",
+    "unknown_action_errors",
+    "used_actions",
+]
 
 ACTION_ATTR = "__ablauf_action__"
 
@@ -82,6 +89,11 @@ def load_actions(spec: str) -> dict[str, Callable[..., Any]]:
 
 
 def _import(spec: str) -> ModuleType:
+    is_package = os.path.isfile(os.path.join(spec, "__init__.py")) and os.sep not in spec
+    if os.path.isdir(spec) and not is_package:
+        raise AblaufError(
+            f"--actions {spec}: is a directory; name a .py file or a module (dotted name)"
+        )
     is_path = spec.endswith(".py") or os.sep in spec or (os.altsep or os.sep) in spec
     try:
         if is_path:
@@ -92,10 +104,19 @@ def _import(spec: str) -> ModuleType:
         return importlib.import_module(spec)
     except AblaufError:
         raise
-    except Exception as exc:  # the user's module may raise anything while importing
-        detail = str(exc).splitlines()[0] if str(exc) else ""
+    except BaseException as exc:  # the user's module may raise anything,
+        # SystemExit and KeyboardInterrupt included: it did not import, which is one line.
+        detail = _first_line(exc)
         what = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
         raise AblaufError(f"--actions {spec}: cannot import the module ({what})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    try:
+        text = str(exc)
+    except Exception:  # a broken __str__ must not hide the import error
+        return ""
+    return text.splitlines()[0][:200] if text.strip() else ""
 
 
 def _import_path(path: str) -> ModuleType:
@@ -118,3 +139,62 @@ def _import_path(path: str) -> ModuleType:
         sys.modules.pop(name, None)
         raise
     return module
+
+
+# ---------------------------------------------------------------- actions a program needs
+
+
+def used_actions(root: Any) -> dict[str, Any]:
+    """The actions a compiled tree names, each with the node that names it first (in
+    pre-order): leaves, and the bodies `doseq!!`/`pmap!!` copy at run time."""
+    found: dict[str, Any] = {}
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if getattr(node, "kind", None) == "leaf":
+            found.setdefault(str(node.action), node)
+            continue
+        kids = list(getattr(node, "children", ()))
+        template = getattr(node, "template", None)
+        if template is not None:
+            kids.append(template)
+        stack.extend(reversed(kids))
+    return found
+
+
+def unknown_action_errors(
+    root: Any,
+    known: Mapping[str, Any],
+    spec: str | None,
+    *,
+    filename: str | None = None,
+    source: str | None = None,
+) -> list[AblaufError]:
+    """One located error per action the tree names that `known` lacks (first use each),
+    with the close names as a hint; `spec` is the `--actions` module (None: not given)."""
+    from ablauf_lang.expr import did_you_mean
+
+    errors: list[AblaufError] = []
+    for name, node in used_actions(root).items():
+        if name in known:
+            continue
+        if spec is None:
+            why = "the standard library has no such action and no --actions module was given"
+        else:
+            why = f"neither {spec} nor the standard library defines it"
+        message = f"unknown action {name}: {why}{did_you_mean(name, known)}"
+        span = getattr(node, "span", None)
+        if span is None:
+            errors.append(AblaufError(message, filename=filename))
+            continue
+        where = span.filename or filename
+        errors.append(
+            AblaufError(
+                message,
+                filename=where,
+                line=span.line,
+                column=span.column,
+                source=source if where == filename else None,
+            )
+        )
+    return errors

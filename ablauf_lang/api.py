@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from ablauf_lang import job as _job
@@ -11,8 +12,8 @@ from ablauf_lang.errors import AblaufError, RunError
 from ablauf_lang.forms import Form
 from ablauf_lang.job import Job
 from ablauf_lang.nodes import Dispatch, Node, Result, Status
-from ablauf_lang.runners.local import Action, LocalRunner, Run
-from ablauf_lang.stores.base import JobStore, open_store
+from ablauf_lang.runners.local import Action, LocalRunner, Run, critical
+from ablauf_lang.stores.base import DriverLease, JobStore, RunInfo, open_store
 
 
 def parse(source: str, filename: str | None = None) -> tuple[Form, ...]:
@@ -80,30 +81,104 @@ async def eval_async(
     filename: str | None = None,
     *,
     on_restart: Callable[[Job, list[Dispatch], list[Result]], None] | None = None,
+    concurrency: int | None = None,
+    on_start: Callable[[Dispatch, float], None] | None = None,
 ) -> Run:
-    """Run a program to completion on the running event loop (see `eval`)."""
+    """Run a program to completion on the running event loop (see `eval`).
+
+    `on_restart(job, dispatches, results)` after every restart and `on_start(dispatch,
+    time)` when an action really begins (see `LocalRunner`)."""
+    drive: dict[str, Any] = {
+        "on_restart": on_restart,
+        "concurrency": concurrency,
+        "on_start": on_start,
+    }
     backend = open_store("memory:" if store is None else store)
     try:
         if run_id is not None and backend.exists(run_id):
             # The same run id again: finish that run instead of starting a second one.
-            stored = backend.load(run_id)
-            if stored.job.done:
-                return Run(run_id, stored.job)
-            return await _drive(
-                backend, run_id, _job.prepare_replay(stored.job), actions, on_restart
-            )
+            with _leased(backend, run_id) as lease:
+                stored = backend.load(run_id)
+                if stored.job.done:
+                    lease.finished = True
+                    return Run(run_id, stored.job)
+                job = _job.prepare_replay(stored.job)
+                return lease.ended(await _drive(backend, run_id, job, actions, lease, **drive))
         job = _start(source, context, filename)
         text = source if isinstance(source, str) else None
         run_id = backend.create_run(job, source=text, filename=filename, run_id=run_id)
-        return await _drive(backend, run_id, job, actions, on_restart)
+        with _leased(backend, run_id) as lease:
+            return lease.ended(await _drive(backend, run_id, job, actions, lease, **drive))
     finally:
         _close_if_ours(backend, store)
 
 
+class _Lease:
+    """The driver's lease of a run while this process drives it (a durable store only)."""
+
+    def __init__(self, lease: DriverLease | None) -> None:
+        self.lease = lease
+        self.finished = False
+
+    def ended(self, run: Run) -> Run:
+        """The run came back from the runner: finished (or stopped) as it says."""
+        self.finished = run.job.done
+        return run
+
+    def beat(self) -> None:
+        if self.lease is not None:
+            self.lease.beat()
+
+
+@contextmanager
+def _leased(store: JobStore, run_id: str, *, force: bool = False) -> Iterator[_Lease]:
+    """Hold the run's lease while the block drives it: RunError at once when another live
+    process holds it (unless `force`); released at the end (see `stores.base.DriverLease`)."""
+    if not store.durable or not hasattr(store, "acquire_lease"):
+        yield _Lease(None)
+        return
+    lease = DriverLease(store, run_id)
+    held = _Lease(lease)
+    acquired = False
+    try:
+        # An interrupt (Ctrl-C, SIGTERM under `interruptible`) waits for the lease writes:
+        # a lease taken is always released, even by an interrupted driver.
+        with critical():
+            lease.acquire(force=force)
+            acquired = True
+        yield held
+    finally:
+        if acquired:
+            with critical():
+                lease.release(finished=held.finished)
+
+
 async def _drive(
-    store: JobStore, run_id: str, job: Job, actions: Any, on_restart: Any = None
+    store: JobStore,
+    run_id: str,
+    job: Job,
+    actions: Any,
+    lease: _Lease | None = None,
+    on_restart: Any = None,
+    concurrency: int | None = None,
+    on_start: Any = None,
 ) -> Run:
-    runner = LocalRunner(actions, store=store, run_id=run_id, on_restart=on_restart)
+    if lease is not None and lease.lease is not None:
+        hook, beat = on_restart, lease.beat
+
+        def on_restart(job: Job, dispatches: list[Dispatch], results: list[Result]) -> None:
+            beat()  # renew the lease when due (a heartbeat thread renews it too)
+            if hook is not None:
+                hook(job, dispatches, results)
+
+    runner = LocalRunner(
+        actions,
+        store=store,
+        run_id=run_id,
+        on_restart=on_restart,
+        concurrency=concurrency,
+        on_start=on_start,
+    )
     return Run(run_id, await runner.run(job))
 
 
@@ -126,6 +201,8 @@ def eval(
     store: str | JobStore | None = None,
     run_id: str | None = None,
     filename: str | None = None,
+    *,
+    concurrency: int | None = None,
 ) -> Run:
     """Compile and run a program to completion; return its status, context and job.
 
@@ -135,60 +212,89 @@ def eval(
     `store`: None (in memory), a URL such as "sqlite:///runs.db", or a store object; the
     job is recorded there after every restart. Passing the `run_id` of a run the store
     already has finishes that run (resuming it if needed) instead of starting another.
+
+    `concurrency`: at most this many actions at once, sync and async alike (default 32).
     """
-    return _sync(eval_async(source, actions, context, store, run_id, filename))  # type: ignore[no-any-return]
+    return _sync(  # type: ignore[no-any-return]
+        eval_async(source, actions, context, store, run_id, filename, concurrency=concurrency)
+    )
 
 
 async def resume_async(
-    run_id: str, store: str | JobStore | None = None, actions: Mapping[str, Action] | None = None
+    run_id: str,
+    store: str | JobStore | None = None,
+    actions: Mapping[str, Action] | None = None,
+    *,
+    force: bool = False,
 ) -> Run:
-    """Go on with an unfinished run after a crash (idempotent in-flight work runs again)."""
+    """Go on with an unfinished run after a crash (idempotent in-flight work runs again).
+
+    RunError when another live process drives the run, unless `force` (take it over)."""
     backend = open_store(store)
     try:
-        stored = backend.load(run_id)
-        if stored.job.done:
-            raise RunError(
-                f"run {run_id} already finished ({stored.job.status}); "
-                "use retry to run its failed steps again"
-            )
-        job = _job.prepare_replay(stored.job)
-        backend.record(run_id, job)
-        return await _drive(backend, run_id, job, actions)
+        with _leased(backend, run_id, force=force) as lease:
+            stored = backend.load(run_id)
+            if stored.job.done:
+                lease.finished = True
+                raise RunError(
+                    f"run {run_id} already finished ({stored.job.status}); "
+                    "use retry to run its failed steps again"
+                )
+            job = _job.prepare_replay(stored.job)
+            backend.record(run_id, job)
+            return lease.ended(await _drive(backend, run_id, job, actions, lease))
     finally:
         _close_if_ours(backend, store)
 
 
 def resume(
-    run_id: str, store: str | JobStore | None = None, actions: Mapping[str, Action] | None = None
+    run_id: str,
+    store: str | JobStore | None = None,
+    actions: Mapping[str, Action] | None = None,
+    *,
+    force: bool = False,
 ) -> Run:
     """Go on with an unfinished run after a crash (see `prepare_replay`)."""
-    return _sync(resume_async(run_id, store, actions))  # type: ignore[no-any-return]
+    return _sync(resume_async(run_id, store, actions, force=force))  # type: ignore[no-any-return]
 
 
 async def retry_async(
-    run_id: str, store: str | JobStore | None = None, actions: Mapping[str, Action] | None = None
+    run_id: str,
+    store: str | JobStore | None = None,
+    actions: Mapping[str, Action] | None = None,
+    *,
+    force: bool = False,
 ) -> Run:
-    """Run a failed (or abandoned) run's failed and interrupted steps again, and continue."""
+    """Run a failed (or abandoned) run's failed and interrupted steps again, and continue.
+
+    RunError when another live process drives the run, unless `force` (take it over)."""
     backend = open_store(store)
     try:
-        stored = backend.load(run_id)
-        job = stored.job
-        if job.status is Status.SUCCESS:
-            raise RunError(f"run {run_id} succeeded: nothing to retry")
-        if not _job.can_retry(job):
-            raise RunError(f"run {run_id} has nothing to retry")
-        job = _job.prepare_replay(job, retry_interrupted=True)
-        backend.record(run_id, job)
-        return await _drive(backend, run_id, job, actions)
+        with _leased(backend, run_id, force=force) as lease:
+            stored = backend.load(run_id)
+            job = stored.job
+            lease.finished = job.done
+            if job.status is Status.SUCCESS:
+                raise RunError(f"run {run_id} succeeded: nothing to retry")
+            if not _job.can_retry(job):
+                raise RunError(f"run {run_id} has nothing to retry")
+            job = _job.prepare_replay(job, retry_interrupted=True)
+            lease.finished = False
+            backend.record(run_id, job)
+            return lease.ended(await _drive(backend, run_id, job, actions, lease))
     finally:
         _close_if_ours(backend, store)
 
 
 def retry(
-    run_id: str, store: str | JobStore | None = None, actions: Mapping[str, Action] | None = None
+    run_id: str,
+    store: str | JobStore | None = None,
+    actions: Mapping[str, Action] | None = None,
+    *,
+    force: bool = False,
 ) -> Run:
     """Run again what made a run fail (see `prepare_replay`), and continue."""
-    return _sync(retry_async(run_id, store, actions))  # type: ignore[no-any-return]
+    return _sync(retry_async(run_id, store, actions, force=force))  # type: ignore[no-any-return]
 
 
 def abort_run(run_id: str, store: str | JobStore | None = None, reason: str = "aborted") -> Run:
@@ -201,5 +307,64 @@ def abort_run(run_id: str, store: str | JobStore | None = None, reason: str = "a
         job = _job.abort(stored.job, reason)
         backend.record(run_id, job)
         return Run(run_id, job)
+    finally:
+        _close_if_ours(backend, store)
+
+
+# ---------------------------------------------------------------- operating many runs
+
+
+def list_runs(
+    store: str | JobStore | None = None,
+    *,
+    status: str | None = None,
+    filename: str | None = None,
+    since: float | None = None,
+    limit: int | None = None,
+    offset: int = 0,
+) -> list[RunInfo]:
+    """Runs newest first, filtered (see `JobStore.list_runs`); `info.state` says pending,
+    running, abandoned, success, failure, aborted or damaged."""
+    backend = open_store(store)
+    try:
+        return backend.list_runs(
+            limit=limit, status=status, offset=offset, filename=filename, since=since
+        )
+    finally:
+        _close_if_ours(backend, store)
+
+
+def resolve_run_id(prefix: str, store: str | JobStore | None = None) -> str:
+    """The full id of the one run whose id starts with `prefix` (RunError otherwise)."""
+    backend = open_store(store)
+    try:
+        return backend.resolve_run_id(prefix)
+    finally:
+        _close_if_ours(backend, store)
+
+
+def delete_run(run_id: str, store: str | JobStore | None = None) -> None:
+    """Delete a run and everything recorded of it (RunError while it is running)."""
+    backend = open_store(store)
+    try:
+        backend.delete_run(run_id)
+    finally:
+        _close_if_ours(backend, store)
+
+
+def prune_runs(
+    older_than: float,
+    store: str | JobStore | None = None,
+    *,
+    status: str | None = None,
+    dry_run: bool = False,
+) -> tuple[list[str], list[str]]:
+    """Delete the runs not updated for `older_than` seconds (only those with `status` when
+    given); running runs are kept. Returns (ids deleted, ids kept because running)."""
+    import time
+
+    backend = open_store(store)
+    try:
+        return backend.prune_runs(before=time.time() - older_than, status=status, dry_run=dry_run)
     finally:
         _close_if_ours(backend, store)

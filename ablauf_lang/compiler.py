@@ -54,7 +54,7 @@ from ablauf_lang.nodes import (
     renumber,
 )
 from ablauf_lang.printer import print_form
-from ablauf_lang.reader import gc_paused, read
+from ablauf_lang.reader import decode_source, gc_paused, read, strip_bom
 from ablauf_lang.stdlib.builtins import BUILTINS
 
 __all__ = [
@@ -150,14 +150,29 @@ def top_level_rule(*names: str) -> Callable[[TopLevelRule], TopLevelRule]:
 
 STD_PREFIX = "std/"
 
+# Whether `(import "file.abl")` may read files, when a compile does not say
+# (`compile_source(..., file_imports=False)`): embedders may turn it off here for all.
+# `std/` modules are always available.
+FILE_IMPORTS = True
+
+# The largest module file an import reads.
+MAX_MODULE_BYTES = 16 * 1024 * 1024
+
 
 @dataclass
 class Loader:
-    """What one compile shares across the files it reads: sources, modules, the import chain."""
+    """What one compile shares across the files it reads: sources, modules, the import chain.
+
+    `root`: the directory tree file imports may read (the program's own directory, or the
+    current directory for a program without a file), set by the first compiler.
+    `file_imports`: False allows `std/` imports only.
+    """
 
     sources: dict[str, str] = field(default_factory=dict)  # filename -> text (for carets)
     modules: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> its definitions
     loading: list[tuple[str, str]] = field(default_factory=list)  # (key, shown name) chain
+    root: str | None = None
+    file_imports: bool | None = None  # None: FILE_IMPORTS
 
 
 def stdlib_modules() -> list[str]:
@@ -201,6 +216,9 @@ class Compiler:
             # The program's own file heads the import chain, so importing it back is a cycle.
             assert self.filename is not None
             self.loader.loading.append((os.path.realpath(self.filename), self.filename))
+        if self.loader.root is None:
+            here = self.filename if _is_real_file(self.filename) else None
+            self.loader.root = os.path.realpath(os.path.dirname(here) if here else os.curdir)
 
     # -- errors --
 
@@ -240,6 +258,10 @@ class Compiler:
     def workflow_form(self, name: str) -> bool:
         """True when `name` heads a workflow form."""
         return name in RULES
+
+    def form_names(self) -> list[str]:
+        """The names of the workflow forms (for "did you mean")."""
+        return list(RULES)
 
     def top_level_form(self, name: str) -> bool:
         """True when `name` heads a top-level declaration."""
@@ -452,25 +474,58 @@ class Compiler:
                     span,
                 )
             return "std:" + name, f"{STD_PREFIX}{name}.abl", lambda: entry.read_text("utf-8")
+        allowed = self.loader.file_imports
+        if not (FILE_IMPORTS if allowed is None else allowed):
+            raise self.error(
+                f'cannot import "{path}": importing files is turned off here '
+                f"(only the standard library can be imported: {', '.join(stdlib_modules())})",
+                span,
+            )
         here = self.filename if _is_real_file(self.filename) else None
         base = os.path.dirname(here) if here else ""
         shown = os.path.normpath(os.path.join(base, path))
         if not os.path.splitext(shown)[1] and not os.path.isfile(shown):
             shown += ".abl"
         full = os.path.realpath(shown)
+        root = self.loader.root or os.path.realpath(os.curdir)
+        where = f"relative to {base}" if base else "in the current directory"
+
+        def refuse(why: str) -> AblaufCompileError:
+            return self.error(f'cannot import "{path}": {why}', span)
+
+        # Only .abl files inside the program's directory tree (links followed) are read:
+        # a program cannot make the compiler read, or show, any other file.
+        if not shown.endswith(".abl") or not full.endswith(".abl"):
+            raise refuse("only .abl files can be imported")
+        if os.path.commonpath([root, full]) != root:
+            raise refuse(
+                f"it is outside {_display_dir(root)}, the directory tree a program may "
+                "import from (its own directory, or the current one)"
+            )
 
         def read_text() -> str:
             try:
-                with open(full, encoding="utf-8") as f:
-                    return f.read()
-            except FileNotFoundError:
-                where = f"relative to {base}" if base else "in the current directory"
-                raise self.error(f'cannot import "{path}": no such file {where}', span) from None
-            except (OSError, UnicodeDecodeError) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-                raise self.error(f'cannot import "{path}": {reason}', span) from None
+                if not os.path.exists(full):
+                    raise refuse(f"no such file {where}")
+                if not os.path.isfile(full):
+                    raise refuse("not a regular file")
+                if os.path.getsize(full) > MAX_MODULE_BYTES:
+                    raise refuse(f"the file is larger than {MAX_MODULE_BYTES // 2**20} MB")
+                with open(full, "rb") as f:
+                    data = f.read(MAX_MODULE_BYTES + 1)
+            except OSError as exc:
+                raise refuse(exc.strerror or type(exc).__name__) from None
+            return decode_source(data, shown)
 
         return full, shown, read_text
+
+
+def _display_dir(path: str) -> str:
+    """`path` as a person would write it: relative to the current directory when inside."""
+    here = os.path.realpath(os.curdir)
+    if path == here:
+        return "the current directory"
+    return path
 
 
 @dataclass(slots=True)
@@ -911,12 +966,21 @@ def _import(c: Compiler, form: List, env: Env) -> None:
 
 
 def compile_forms(
-    forms: Sequence[Form], *, source: str | None = None, filename: str | None = None
+    forms: Sequence[Form],
+    *,
+    source: str | None = None,
+    filename: str | None = None,
+    file_imports: bool | None = None,
 ) -> Node:
-    """Compile a program's top-level forms to the lowered tree of its (last) workflow."""
+    """Compile a program's top-level forms to the lowered tree of its (last) workflow.
+
+    `file_imports`: False lets `import` read the standard library only; None follows
+    the module default `FILE_IMPORTS`.
+    """
     with gc_paused():
         try:
-            return Compiler(source, filename).program(forms)
+            loader = Loader(file_imports=file_imports)
+            return Compiler(source, filename, loader=loader).program(forms)
         except RecursionError:
             # A backstop: nesting is bounded by MAX_DEPTH, but Python's stack may be smaller.
             raise AblaufCompileError(
@@ -924,6 +988,14 @@ def compile_forms(
             ) from None
 
 
-def compile_source(source: str, filename: str | None = None) -> Node:
-    """Read and compile `source`; raise AblaufSyntaxError or AblaufCompileError."""
-    return compile_forms(read(source, filename), source=source, filename=filename)
+def compile_source(
+    source: str, filename: str | None = None, *, file_imports: bool | None = None
+) -> Node:
+    """Read and compile `source`; raise AblaufSyntaxError or AblaufCompileError.
+
+    `file_imports`: False lets `import` read the standard library only (see compile_forms).
+    """
+    source = strip_bom(source)
+    return compile_forms(
+        read(source, filename), source=source, filename=filename, file_imports=file_imports
+    )

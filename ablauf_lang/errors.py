@@ -19,11 +19,39 @@ class Span:
     filename: str | None = None
 
 
+# Lines are counted at "\n" only, as the reader (Lark) counts them: U+2028, form feeds
+# and lone "\r"s are characters of a line, not line breaks (str.splitlines disagrees).
+# Characters that would not show as one column (controls, line separators, surrogates)
+# are shown as U+FFFD so the caret stays under the column it names.
+_INVISIBLE = frozenset(
+    [*map(chr, range(0x00, 0x20)), "\x7f", *map(chr, range(0x80, 0xA0)), "\u2028", "\u2029"]
+)
+# A line longer than this is shown as a window around the column.
+_MAX_SHOWN = 120
+
+
+def _shown(ch: str) -> str:
+    if ch == "\t":
+        return ch
+    if ch in _INVISIBLE or "\ud800" <= ch <= "\udfff" or ch == "\ufeff":
+        return "\ufffd"
+    return ch
+
+
+def source_lines(source: str) -> list[str]:
+    """The lines of `source` as the reader numbers them (a trailing "\r" dropped)."""
+    if source.startswith("\ufeff"):
+        source = source[1:]  # the reader skips a byte order mark
+    return [line[:-1] if line.endswith("\r") else line for line in source.split("\n")]
+
+
 def caret_text(source: str | None, line: int | None, column: int | None) -> str:
     """Return the source line at `line` followed by a caret under `column`."""
     if source is None or line is None or line < 1:
         return ""
-    lines = source.splitlines()
+    lines = source_lines(source)
+    if lines and lines[-1] == "" and len(lines) > 1:
+        lines.pop()  # the text after a final newline is no line of its own
     if line > len(lines):
         # An error at the end of input (an unclosed bracket) points after the last line.
         text = lines[-1] if lines else ""
@@ -31,9 +59,20 @@ def caret_text(source: str | None, line: int | None, column: int | None) -> str:
     else:
         text = lines[line - 1]
     col = max(1, column or 1)
+    col = min(col, len(text) + 1)
+    if len(text) > _MAX_SHOWN:
+        # Show a window around the column, marked with "..." where text is left out.
+        start = max(0, col - 1 - _MAX_SHOWN // 2)
+        end = min(len(text), start + _MAX_SHOWN)
+        start = max(0, end - _MAX_SHOWN)
+        head = "..." if start > 0 else ""
+        tail = "..." if end < len(text) else ""
+        text = head + text[start:end] + tail
+        col = col - start + len(head)
+    shown = "".join(map(_shown, text))
     # Keep tabs so the caret lines up under tab-indented source.
-    pad = "".join("\t" if ch == "\t" else " " for ch in text[: col - 1])
-    return f"{text}\n{pad}^"
+    pad = "".join("\t" if ch == "\t" else " " for ch in shown[: col - 1])
+    return f"{shown}\n{pad}^"
 
 
 class AblaufError(Exception):

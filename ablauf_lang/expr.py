@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+from ablauf_lang import values
 from ablauf_lang.errors import AblaufCompileError, AblaufError, JobError, Span
 from ablauf_lang.forms import (
     Form,
@@ -38,7 +39,6 @@ from ablauf_lang.forms import (
     NotData,
     Symbol,
     Vector,
-    freeze,
     span_of,
     to_data,
 )
@@ -51,9 +51,11 @@ from ablauf_lang.stdlib.builtins import (
     show_value,
     type_name,
 )
+from ablauf_lang.values import Meter, TooLarge, freeze
 
 __all__ = [
     "MAX_CODE_DEPTH",
+    "MAX_CODE_SIZE",
     "MAX_DEPTH",
     "MAX_STEPS",
     "SPECIAL_FORMS",
@@ -83,6 +85,9 @@ __all__ = [
 MAX_DEPTH = 100
 # Nested run-time expressions (what is left for run time after folding).
 MAX_CODE_DEPTH = 100
+# Parts of one run-time expression, counted as if nothing were shared: `(let [b (str a a)
+# c (str b b) ...])` on a run-time `a` doubles at each step.
+MAX_CODE_SIZE = 10_000
 # Evaluation steps per compile: a runaway recursive function stops with an error.
 MAX_STEPS = 1_000_000
 
@@ -181,13 +186,36 @@ def describe(value: Any, limit: int = 40) -> str:
         return f"the run-time expression {show_code(value)}"
     if value is None:
         return "nil"
-    text = show_value(value)
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return f"{type_name(value)} {text}"
+    return f"{type_name(value)} {show_value(value, limit)}"
 
 
 _NOT_DATA: Any = object()
+
+
+def _inspect(value: Any) -> tuple[Any, str | None]:
+    """`Evaluator.inspect` without the memory: one walk, no recursion."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if v is None or isinstance(v, bool | float | str):
+            continue
+        if isinstance(v, int):
+            if values.int_too_large(v):
+                return _NOT_DATA, f"holds an integer of more than {values.MAX_INT_DIGITS:,} digits"
+        elif isinstance(v, list | tuple | dict):
+            if depth >= values.MAX_DEPTH:
+                return _NOT_DATA, (
+                    f"is nested too deeply (more than {values.MAX_DEPTH} levels of vectors "
+                    "and maps)"
+                )
+            if isinstance(v, dict):
+                stack.extend((k, depth + 1) for k in v)
+                stack.extend((x, depth + 1) for x in v.values())
+            else:
+                stack.extend((x, depth + 1) for x in v)
+        else:
+            return v, None
+    return _NOT_DATA, None
 
 
 def first_non_data(value: Any) -> Any:
@@ -213,10 +241,12 @@ def first_non_data(value: Any) -> Any:
 
 
 class Code:
-    """A run-time expression (residual code); `depth` is its nesting."""
+    """A run-time expression (residual code); `depth` is its nesting, `size` its parts
+    (counted as if nothing were shared)."""
 
     __slots__ = ()
     depth: int
+    size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +256,7 @@ class Var(Code):
     name: str
     span: Span | None = field(default=None, compare=False)
     depth: int = field(default=1, compare=False)
+    size: int = field(default=1, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +267,7 @@ class Call(Code):
     args: tuple[Any, ...]
     span: Span | None = field(default=None, compare=False)
     depth: int = field(default=1, compare=False)
+    size: int = field(default=1, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +276,7 @@ class Vec(Code):
 
     items: tuple[Any, ...]
     depth: int = field(default=1, compare=False)
+    size: int = field(default=1, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +285,7 @@ class MapCode(Code):
 
     pairs: tuple[tuple[Any, Any], ...]
     depth: int = field(default=1, compare=False)
+    size: int = field(default=1, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +297,7 @@ class IfCode(Code):
     other: Any
     span: Span | None = field(default=None, compare=False)
     depth: int = field(default=1, compare=False)
+    size: int = field(default=1, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +306,7 @@ class AndCode(Code):
 
     items: tuple[Any, ...]
     depth: int = field(default=1, compare=False)
+    size: int = field(default=1, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +315,7 @@ class OrCode(Code):
 
     items: tuple[Any, ...]
     depth: int = field(default=1, compare=False)
+    size: int = field(default=1, compare=False)
 
 
 def _parts(code: Code) -> Iterator[Any]:
@@ -343,13 +380,28 @@ def _runtime_error(message: str, span: Span | None, filename: str | None) -> Abl
 
 
 def run(
-    code: Any, context: dict[str, Any], bindings: dict[str, Any], filename: str | None = None
+    code: Any,
+    context: dict[str, Any],
+    bindings: dict[str, Any],
+    filename: str | None = None,
+    meter: Meter | None = None,
 ) -> Any:
-    """Evaluate code against the context; raise AblaufError naming its source position."""
+    """Evaluate code against the context; raise AblaufError naming its source position.
+
+    What the builtins build is measured against the same budget as at compile time.
+    """
     if not isinstance(code, Code):
         return code
-    if code.depth > MAX_CODE_DEPTH:
-        raise _runtime_error("run-time expression nested too deeply", None, filename)
+    if code.depth > MAX_CODE_DEPTH or code.size > MAX_CODE_SIZE:
+        raise _runtime_error("run-time expression nested too deeply or too large", None, filename)
+    return _run(code, context, bindings, filename, Meter() if meter is None else meter)
+
+
+def _run(
+    code: Any, context: dict[str, Any], bindings: dict[str, Any], filename: str | None, meter: Meter
+) -> Any:
+    if not isinstance(code, Code):
+        return code
     if isinstance(code, Var):
         if code.name not in bindings:
             raise _runtime_error(
@@ -359,40 +411,55 @@ def run(
             )
         return bindings[code.name]
     if isinstance(code, Call):
-        args = [run(a, context, bindings, filename) for a in code.args]
+        args = [_run(a, context, bindings, filename, meter) for a in code.args]
         fn = BUILTINS.get(code.fn)
         if fn is None:
             raise _runtime_error(f"unknown builtin function {code.fn}", code.span, filename)
         try:
-            return fn.fn(context, *args) if fn.needs_context else fn.fn(*args)
+            result = fn.fn(context, *args) if fn.needs_context else fn.fn(*args)
+            meter.built(result)
         except BuiltinError as exc:
             raise _runtime_error(exc.message, code.span, filename) from None
+        except TooLarge as exc:
+            raise _runtime_error(f"this expression {exc.message}", code.span, filename) from None
         except (TypeError, ValueError, ArithmeticError, LookupError) as exc:
             raise _runtime_error(f"{code.fn}: {exc}", code.span, filename) from None
+        return result
     if isinstance(code, Vec):
-        return [run(a, context, bindings, filename) for a in code.items]
+        return _built(
+            [_run(a, context, bindings, filename, meter) for a in code.items], meter, filename
+        )
     if isinstance(code, MapCode):
         out = {}
         for k, v in code.pairs:
-            key = run(k, context, bindings, filename)
+            key = _run(k, context, bindings, filename, meter)
             try:
                 key = freeze(key)
             except TypeError:
                 raise _runtime_error(
-                    f"a map cannot be a map key: {show_value(key)}", None, filename
+                    f"a map cannot be a map key: {show_value(key, 60)}", None, filename
                 ) from None
-            out[key] = run(v, context, bindings, filename)
-        return out
+            out[key] = _run(v, context, bindings, filename, meter)
+        return _built(out, meter, filename)
     if isinstance(code, IfCode):
-        test = run(code.test, context, bindings, filename)
-        return run(code.then if is_truthy(test) else code.other, context, bindings, filename)
+        test = _run(code.test, context, bindings, filename, meter)
+        chosen = code.then if is_truthy(test) else code.other
+        return _run(chosen, context, bindings, filename, meter)
     # and / or: stop at the first value that decides
     is_and = isinstance(code, AndCode)
     value: Any = True if is_and else None
     for item in _parts(code):
-        value = run(item, context, bindings, filename)
+        value = _run(item, context, bindings, filename, meter)
         if is_truthy(value) != is_and:
             return value
+    return value
+
+
+def _built(value: Any, meter: Meter, filename: str | None) -> Any:
+    try:
+        meter.built(value)
+    except TooLarge as exc:
+        raise _runtime_error(f"a run-time expression {exc.message}", None, filename) from None
     return value
 
 
@@ -402,72 +469,12 @@ def run(
 
 def encode_data(value: Any) -> Any:
     """Return plain data as JSON-able data (maps with odd keys and tuples tagged), iteratively."""
-    out: list[Any] = [None]
-    stack: list[tuple[Any, Any, Any]] = [(value, out, 0)]
-    while stack:
-        v, target, slot = stack.pop()
-        if v is None or isinstance(v, bool | int | float):
-            target[slot] = v
-        elif isinstance(v, str):
-            target[slot] = str(v)
-        elif isinstance(v, list):
-            items: list[Any] = [None] * len(v)
-            target[slot] = items
-            stack.extend((x, items, i) for i, x in enumerate(v))
-        elif isinstance(v, tuple):
-            items = [None] * len(v)
-            target[slot] = {"$tuple": items}
-            stack.extend((x, items, i) for i, x in enumerate(v))
-        elif isinstance(v, dict):
-            if all(isinstance(k, str) and not k.startswith("$") for k in v):
-                enc: dict[str, Any] = {}
-                target[slot] = enc
-                for k, x in v.items():
-                    enc[str(k)] = None
-                    stack.append((x, enc, str(k)))
-            else:
-                pairs = [[None, None] for _ in v]
-                target[slot] = {"$map": pairs}
-                for pair, (k, x) in zip(pairs, v.items(), strict=True):
-                    stack.append((k, pair, 0))
-                    stack.append((x, pair, 1))
-        else:
-            raise JobError(f"cannot store {describe(v)} in a run-time expression")
-    return out[0]
+    return values.encode(value, "a value in a run-time expression")
 
 
 def decode_data(data: Any) -> Any:
     """Invert `encode_data`, iteratively."""
-    out: list[Any] = [None]
-    stack: list[tuple[Any, Any, Any]] = [(data, out, 0)]
-    # Tagged maps and tuples are built once their parts are: innermost first.
-    fixups: list[tuple[Any, Any, str, list[Any]]] = []
-    while stack:
-        d, target, slot = stack.pop()
-        if isinstance(d, list):
-            items: list[Any] = [None] * len(d)
-            target[slot] = items
-            stack.extend((x, items, i) for i, x in enumerate(d))
-        elif isinstance(d, dict):
-            if len(d) == 1 and ("$map" in d or "$tuple" in d):
-                ((tag, inner),) = d.items()
-                parts: list[Any] = [None] * len(inner)
-                fixups.append((target, slot, tag, parts))
-                stack.extend((x, parts, i) for i, x in enumerate(inner))
-            else:
-                dec: dict[str, Any] = {}
-                target[slot] = dec
-                for k, x in d.items():
-                    dec[k] = None
-                    stack.append((x, dec, k))
-        else:
-            target[slot] = d
-    for target, slot, tag, parts in reversed(fixups):
-        if tag == "$tuple":
-            target[slot] = tuple(parts)
-        else:
-            target[slot] = {freeze(k): v for k, v in parts}
-    return out[0]
+    return values.decode(data)
 
 
 def _span_data(span: Span | None, filename: str | None) -> list[Any] | None:
@@ -518,6 +525,10 @@ def _depth(parts: Iterable[Any]) -> int:
     return 1 + max((p.depth for p in parts if isinstance(p, Code)), default=0)
 
 
+def _size(parts: Iterable[Any]) -> int:
+    return 1 + sum(p.size if isinstance(p, Code) else 1 for p in parts)
+
+
 def code_from_data(data: Any, filename: str | None, depth: int = 0) -> Any:
     """Invert `code_to_data`."""
     if not isinstance(data, list):
@@ -535,23 +546,29 @@ def code_from_data(data: Any, filename: str | None, depth: int = 0) -> Any:
             return Var(data[1], _span_from(data[2], filename))
         if op == "call":
             args = tuple(code_from_data(a, filename, d) for a in data[2])
-            return Call(data[1], args, _span_from(data[3], filename), _depth(args))
+            return Call(data[1], args, _span_from(data[3], filename), _depth(args), _size(args))
         if op == "vec":
             items = tuple(code_from_data(a, filename, d) for a in data[1])
-            return Vec(items, _depth(items))
+            return Vec(items, _depth(items), _size(items))
         if op == "map":
             pairs = tuple(
                 (code_from_data(k, filename, d), code_from_data(v, filename, d)) for k, v in data[1]
             )
-            return MapCode(pairs, _depth(p for kv in pairs for p in kv))
+            flat = [p for kv in pairs for p in kv]
+            return MapCode(pairs, _depth(flat), _size(flat))
         if op == "if":
             test, then, other = (code_from_data(p, filename, d) for p in data[1:4])
             return IfCode(
-                test, then, other, _span_from(data[4], filename), _depth((test, then, other))
+                test,
+                then,
+                other,
+                _span_from(data[4], filename),
+                _depth((test, then, other)),
+                _size((test, then, other)),
             )
         if op in ("and", "or"):
             items = tuple(code_from_data(a, filename, d) for a in data[1])
-            return (AndCode if op == "and" else OrCode)(items, _depth(items))
+            return (AndCode if op == "and" else OrCode)(items, _depth(items), _size(items))
     except (IndexError, TypeError, ValueError):
         pass
     raise JobError(f"stored run-time expression is damaged: {str(data)[:80]}")
@@ -647,6 +664,10 @@ class Host(Protocol):
         """True when `name` heads a workflow form (`do!!`, `log!!`...)."""
         ...
 
+    def form_names(self) -> Iterable[str]:
+        """The names of the workflow forms (for "did you mean")."""
+        ...
+
     def workflow(self, form: List, env: Env) -> Any:
         """Build the workflow value of a workflow form."""
         ...
@@ -694,6 +715,10 @@ class Evaluator:
         self.host = host
         self.depth = 0
         self.steps = 0
+        # What evaluation builds is measured against a budget (values.Meter).
+        self.meter = Meter()
+        # Containers `inspect` found to be plain data: id -> the container.
+        self.inspected: dict[int, Any] = {}
 
     # -------------------------------------------------- helpers
 
@@ -764,11 +789,19 @@ class Evaluator:
             if isinstance(form, Vector):
                 items = [self.ev(x, env, form.span_of(i)) for i, x in enumerate(form.items)]
                 if any(isinstance(v, Code) for v in items):
-                    return self.residual(lambda d: Vec(tuple(items), d), items, form.span)
-                return items
+                    return self.residual(lambda d, n: Vec(tuple(items), d, n), items, form.span)
+                return self.built(items, form.span)
             return self.ev_map(form, env)
         finally:
             self.depth -= 1
+
+    def built(self, value: Any, span: Span | None) -> Any:
+        """Measure a value evaluation just built against the budget; return it."""
+        try:
+            self.meter.built(value)
+        except TooLarge as exc:
+            raise self.error(f"this expression {exc.message}", span) from None
+        return value
 
     def ev_body(self, form: List, start: int, env: Env) -> Any:
         """Evaluate the forms of `form` from `start` on; the value is the last one's."""
@@ -784,14 +817,14 @@ class Evaluator:
         ]
         if any(isinstance(p, Code) for kv in pairs for p in kv):
             flat = [p for kv in pairs for p in kv]
-            return self.residual(lambda d: MapCode(tuple(pairs), d), flat, form.span)
+            return self.residual(lambda d, n: MapCode(tuple(pairs), d, n), flat, form.span)
         out: dict[Any, Any] = {}
         for i, (k, v) in enumerate(pairs):
             try:
                 out[freeze(k)] = v
             except TypeError:
                 raise self.error("a map cannot be a map key", form.span_of(2 * i)) from None
-        return out
+        return self.built(out, form.span)
 
     def lookup(self, symbol: Symbol, env: Env) -> Any:
         """The value a symbol names: a local or definition, else a builtin."""
@@ -827,7 +860,12 @@ class Evaluator:
             elif name in BUILTINS:
                 fn = BUILTINS[name]
             else:
-                hint = did_you_mean(name, [*env.names(), *BUILTINS, *_SPECIALS])
+                forms: Iterable[str] = getattr(self.host, "form_names", tuple)()
+                if name.endswith("!!"):
+                    # Workflow forms end in !!: look among them (and the user's names) first.
+                    hint = did_you_mean(name, [*forms, *env.names()])
+                    raise self.error(f"unknown form {name}{hint}", head.span)
+                hint = did_you_mean(name, [*env.names(), *BUILTINS, *_SPECIALS, *forms])
                 raise self.error(f"unknown function {name}{hint}", head.span)
         else:
             fn = self.ev(head, env, form.span_of(0))
@@ -866,14 +904,15 @@ class Evaluator:
             )
         if fn.needs_context or any(isinstance(a, Code) for a in args):
             return self.residual(
-                lambda d: Call(fn.name, tuple(args), form.span, d), args, form.span
+                lambda d, n: Call(fn.name, tuple(args), form.span, d, n), args, form.span
             )
         try:
-            return fn.fn(*args)
+            result = fn.fn(*args)
         except BuiltinError as exc:
             raise self.error(exc.message, form.span) from None
         except (TypeError, ValueError, ArithmeticError, LookupError) as exc:
             raise self.error(f"{fn.name}: {exc}", form.span) from None
+        return self.built(result, form.span)
 
     def call_closure(self, fn: Closure, args: list[Any], form: List) -> Any:
         n, want = len(args), len(fn.params)
@@ -884,9 +923,9 @@ class Evaluator:
         if fn.rest is not None:
             more = args[want:]
             if any(isinstance(a, Code) for a in more):
-                scope[fn.rest] = self.residual(lambda d: Vec(tuple(more), d), more, form.span)
+                scope[fn.rest] = self.residual(lambda d, n: Vec(tuple(more), d, n), more, form.span)
             else:
-                scope[fn.rest] = more
+                scope[fn.rest] = self.built(more, form.span)
         # The call's own form counted as a level of nesting: so does each recursive call.
         value = None
         for body_form, body_span in fn.body:
@@ -896,43 +935,69 @@ class Evaluator:
     # -------------------------------------------------- residual code
 
     def residual(
-        self, make: Callable[[int], Code], parts: Iterable[Any], span: Span | None
+        self, make: Callable[[int, int], Code], parts: Iterable[Any], span: Span | None
     ) -> Code:
-        """Build run-time code from operands, checking constants are data and the depth."""
-        depth = 1
+        """Build run-time code from operands, checking constants are data, depth and size."""
+        depth = size = 1
         for p in parts:
             if isinstance(p, Code):
                 depth = max(depth, p.depth + 1)
-            else:
-                bad = first_non_data(p)
-                if bad is not _NOT_DATA:
-                    raise self.error(
-                        f"{describe(bad)} cannot be part of a run-time expression "
-                        f"(this expression is only known at run time: {RUNTIME_HINT})",
-                        span,
-                    )
+                size += p.size
+                continue
+            size += 1
+            bad, problem = self.inspect(p)
+            if bad is not _NOT_DATA:
+                raise self.error(
+                    f"{describe(bad)} cannot be part of a run-time expression "
+                    f"(this expression is only known at run time: {RUNTIME_HINT})",
+                    span,
+                )
+            if problem is not None:
+                raise self.error(f"a value in this run-time expression {problem}", span)
         if depth > MAX_CODE_DEPTH:
             raise self.error(
                 f"run-time expression nested too deeply (more than {MAX_CODE_DEPTH} levels)", span
             )
-        return make(depth)
+        if size > MAX_CODE_SIZE:
+            raise self.error(
+                f"run-time expression too large (more than {MAX_CODE_SIZE:,} parts once its "
+                "names are replaced by what they stand for)",
+                span,
+            )
+        return make(depth, size)
+
+    def inspect(self, value: Any) -> tuple[Any, str | None]:
+        """(the first part of `value` that is not data, or `_NOT_DATA`; what else is wrong
+        with it as a value a node keeps, or None). Containers found fine are remembered."""
+        if not isinstance(value, list | tuple | dict):
+            return first_non_data(value), None
+        if id(value) in self.inspected:
+            return _NOT_DATA, None
+        bad, problem = _inspect(value)
+        if bad is _NOT_DATA and problem is None:
+            self.inspected[id(value)] = value  # kept alive, so the id stays its own
+        return bad, problem
 
     def data(self, form: Form, env: Env, span: Span | None, what: str) -> Any:
         """Evaluate a form a node keeps (payload, test, collection): data or an `Expr`."""
         if not isinstance(form, Symbol | List):
             try:
-                return to_data(form, strict=True)  # literal data: nothing to check
+                value = to_data(form, strict=True)  # literal data: no need to evaluate it
             except (NotData, TypeError):
                 pass  # evaluated below, which reports a bad map key where it is
+            else:
+                return self.runtime_value(value, span, what)
         return self.runtime_value(self.evaluate(form, env, span), span, what)
 
     def runtime_value(self, value: Any, span: Span | None, what: str) -> Any:
         """Check a value a node keeps (payload, test, collection): data or an `Expr`."""
         if isinstance(value, Code):
             return Expr(value, self.host.filename)
-        bad = first_non_data(value)
+        bad, problem = self.inspect(value)
         if bad is not _NOT_DATA:
             raise self.error(f"{what} must be data, got {describe(bad)}", span)
+        if problem is not None:
+            raise self.error(f"{what} {problem}", span)
         return value
 
     # -------------------------------------------------- functions
@@ -1033,7 +1098,7 @@ def _if(ev: Evaluator, form: List, env: Env) -> Any:
         if len(form.items) > 3:
             other = _branch_value(ev, ev.ev(form.items[3], env, form.span_of(3)), form, "if")
         return ev.residual(
-            lambda d: IfCode(test, then, other, form.span, d), (test, then, other), form.span
+            lambda d, n: IfCode(test, then, other, form.span, d, n), (test, then, other), form.span
         )
     if is_truthy(test):
         return ev.ev(form.items[2], env, form.span_of(2))
@@ -1048,7 +1113,7 @@ def _when(ev: Evaluator, form: List, env: Env) -> Any:
     if isinstance(test, Code):
         then = _branch_value(ev, ev.ev_body(form, 2, env), form, "when")
         return ev.residual(
-            lambda d: IfCode(test, then, None, form.span, d), (test, then), form.span
+            lambda d, n: IfCode(test, then, None, form.span, d, n), (test, then), form.span
         )
     return ev.ev_body(form, 2, env) if is_truthy(test) else None
 
@@ -1098,7 +1163,7 @@ def _logic(ev: Evaluator, form: List, env: Env, is_and: bool) -> Any:
     if not kept:
         return value
     cls = AndCode if is_and else OrCode
-    return ev.residual(lambda d: cls(tuple(kept), d), kept, form.span)
+    return ev.residual(lambda d, n: cls(tuple(kept), d, n), kept, form.span)
 
 
 # (and x ...)
@@ -1168,8 +1233,8 @@ def _for(ev: Evaluator, form: List, env: Env) -> Any:
                 inner[n] = ev.ev(value_form.items[j + 1], inner, value_form.span_of(j + 1))
             stack.append((index + 1, inner))
     if any(isinstance(r, Code) for r in results):
-        return ev.residual(lambda d: Vec(tuple(results), d), results, form.span)
-    return results
+        return ev.residual(lambda d, n: Vec(tuple(results), d, n), results, form.span)
+    return ev.built(results, form.span)
 
 
 def _for_items(ev: Evaluator, coll: Any, span: Span | None) -> list[Any]:

@@ -11,6 +11,20 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 from ablauf_lang.errors import Span
+from ablauf_lang.values import freeze
+
+__all__ = [
+    "Form",
+    "Keyword",
+    "List",
+    "Map",
+    "NotData",
+    "Symbol",
+    "Vector",
+    "freeze",
+    "span_of",
+    "to_data",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,32 +152,4 @@ def to_data(form: Form, *, strict: bool = False) -> Any:
             target[slot] = item
     for target, slot, pairs in reversed(fixups):
         target[slot] = {freeze(k): v for k, v in pairs}
-    return out[0]
-
-
-def freeze(value: Any) -> Any:
-    """Return `value` usable as a map key: vectors (at any depth) become tuples.
-
-    Raises TypeError for a map, which cannot be a key.
-    """
-    if not isinstance(value, list | tuple):
-        if isinstance(value, dict):
-            raise TypeError("a map cannot be a map key")
-        return value
-    out: list[Any] = [None]
-    # Post-order without recursion: fill lists, then turn them into tuples innermost first.
-    stack: list[tuple[Any, Any, int]] = [(value, out, 0)]
-    built: list[tuple[Any, int, list[Any]]] = []
-    while stack:
-        item, target, slot = stack.pop()
-        if isinstance(item, list | tuple):
-            items: list[Any] = [None] * len(item)
-            built.append((target, slot, items))
-            stack.extend((x, items, i) for i, x in enumerate(item))
-        elif isinstance(item, dict):
-            raise TypeError("a map cannot be a map key")
-        else:
-            target[slot] = item
-    for target, slot, items in reversed(built):
-        target[slot] = tuple(items)
     return out[0]

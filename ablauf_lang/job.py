@@ -339,6 +339,8 @@ class _Restart:
             leaf.dispatched_at,
             result.finished_at if result.finished_at is not None else self.now,
             leaf.span,
+            result.started_at,
+            leaf.sent,
         )
         if ok:
             if leaf.augment is not None:
@@ -453,6 +455,8 @@ class _Restart:
                 self.now,
                 leaf.span,
             )
+        # A payload computed at run time is kept as the value sent, beside its expression.
+        sent = payload if isinstance(leaf.payload, Deferred) else None
         self.dispatches.append(
             Dispatch(leaf.id, leaf.action, payload, leaf.idempotent, attempt, self.context)
         )
@@ -470,6 +474,8 @@ class _Restart:
             self.now,
             None,
             leaf.span,
+            None,
+            sent,
         )
 
     def enter(self, loc: zipper.Loc, fresh: bool) -> tuple[zipper.Loc, list[Any] | None]:
@@ -741,7 +747,9 @@ def prepare_replay(job: Job, *, retry_interrupted: bool = False) -> Job:
 def _reset(node: Node) -> Node:
     """A failed node as it was before it ran: a leaf unset, a test or collection unevaluated."""
     if isinstance(node, Leaf):
-        return replace(node, result=None, output=None, error=None, finished_at=None)
+        return replace(
+            node, result=None, output=None, error=None, finished_at=None, started_at=None
+        )
     if isinstance(node, If):
         return semantics.summarize(replace(node, error=None, chosen=None))  # type: ignore[no-any-return]
     if isinstance(node, Expansion):

@@ -93,6 +93,7 @@ REPL_COMMANDS: tuple[str, ...] = (
     ":ctx",
     ":ok",
     ":fail",
+    ":retry",
     ":manual",
     ":auto",
     ":back",

@@ -118,9 +118,11 @@ class Leaf:
     output: Any = None
     error: Any = None
     attempt: int = 0
-    dispatched_at: float | None = None
+    dispatched_at: float | None = None  # when the engine dispatched it
     finished_at: float | None = None
     span: Span | None = field(default=None, compare=False, repr=False)
+    started_at: float | None = None  # when the runner began it (time queued excluded)
+    sent: Any = None  # the payload sent, when `payload` is an expression evaluated at run time
 
     @property
     def done(self) -> bool:
@@ -156,6 +158,8 @@ class BranchView:
     idempotent = False
     augment = None
     attempt = 0
+    sent = None
+    started_at = None
 
     @property
     def result(self) -> LeafState | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import math
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -21,7 +22,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedTok
 from ablauf_lang.errors import AblaufSyntaxError, Span
 from ablauf_lang.forms import Form, Keyword, List, Map, Symbol, Vector
 
-__all__ = ["Forms", "gc_paused", "parser", "read", "read_one"]
+__all__ = ["MAX_INT_DIGITS", "Forms", "decode_source", "gc_paused", "parser", "read", "read_one"]
 
 # ---------------------------------------------------------------------------------------
 # Types
@@ -110,9 +111,9 @@ def _to_forms(tree: Tree[Token], source: str, filename: str | None) -> Forms:
             elif kind == "KEYWORD":
                 forms.append(Keyword(node[1:], span))
             elif kind == "INT":
-                forms.append(int(node))
+                forms.append(_int(node, source, filename))
             elif kind == "FLOAT":
-                forms.append(float(node))
+                forms.append(_float(node, source, filename))
             else:  # STRING
                 forms.append(_unescape(node, source, filename))
             spans.append(span)
@@ -175,6 +176,42 @@ def _map(
     return Map(tuple(zip(items[::2], items[1::2], strict=True)), span, item_spans)
 
 
+# The most digits an integer literal may have: what Python converts to and from text.
+MAX_INT_DIGITS = 4300
+
+
+def _int(tok: Token, source: str, filename: str | None) -> int:
+    """The integer an INT token denotes; a located error past MAX_INT_DIGITS digits."""
+    digits = len(tok) - (tok[0] in "+-")
+    if digits <= MAX_INT_DIGITS:
+        try:
+            return int(tok)
+        except ValueError:  # the interpreter's own limit may be lower
+            pass
+    raise AblaufSyntaxError(
+        f"integer literal too large: {digits:,} digits (the limit is {MAX_INT_DIGITS:,})",
+        filename=filename,
+        line=tok.line,
+        column=tok.column,
+        source=source,
+    )
+
+
+def _float(tok: Token, source: str, filename: str | None) -> float:
+    """The float a FLOAT token denotes; a located error when it is out of range."""
+    value = float(tok)
+    if math.isinf(value):
+        shown = tok if len(tok) <= 40 else tok[:37] + "..."
+        raise AblaufSyntaxError(
+            f"float literal {shown} is out of range (the largest is about 1.8e308)",
+            filename=filename,
+            line=tok.line,
+            column=tok.column,
+            source=source,
+        )
+    return value
+
+
 def _unescape(tok: Token, source: str, filename: str | None) -> str:
     """Return the string a STRING token denotes; raise at the first bad escape."""
     text = tok[1:-1]
@@ -234,13 +271,47 @@ def gc_paused() -> Iterator[None]:
 
 
 def read(source: str, filename: str | None = None) -> Forms:
-    """Read every top-level form of `source`; raise `AblaufSyntaxError` on bad input."""
+    """Read every top-level form of `source`; raise `AblaufSyntaxError` on bad input.
+
+    A leading byte order mark (U+FEFF) is skipped; positions count from after it.
+    """
+    source = strip_bom(source)
     with gc_paused():
         try:
             tree = parser().parse(source)
         except UnexpectedInput as exc:
             raise _syntax_error(exc, source, filename) from None
         return _to_forms(tree, source, filename)
+
+
+def strip_bom(source: str) -> str:
+    """`source` without a leading byte order mark (U+FEFF), which editors may write."""
+    return source[1:] if source.startswith("\ufeff") else source
+
+
+def decode_source(data: bytes, filename: str | None = None) -> str:
+    """Decode a program file's bytes (UTF-8, a byte order mark allowed).
+
+    Invalid UTF-8 is an `AblaufSyntaxError` naming the file, the line and column, and the
+    byte offset of the first bad byte.
+    """
+    try:
+        return strip_bom(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        start = exc.start
+        line = data.count(b"\n", 0, start) + 1
+        line_start = data.rfind(b"\n", 0, start) + 1
+        column = len(data[line_start:start].decode("utf-8", errors="replace")) + 1
+        text = strip_bom(data.decode("utf-8", errors="replace"))
+        if line == 1 and data.startswith(b"\xef\xbb\xbf"):
+            column -= 1
+        raise AblaufSyntaxError(
+            f"not UTF-8 text: invalid byte 0x{data[start]:02x} at byte offset {start}",
+            filename=filename,
+            line=line,
+            column=column,
+            source=text,
+        ) from None
 
 
 def read_one(source: str, filename: str | None = None) -> Form:
@@ -334,24 +405,56 @@ def _syntax_error(exc: UnexpectedInput, source: str, filename: str | None) -> Ab
     return error(f"unexpected {str(token)!r}", token.line, token.column)
 
 
-def _scan(source: str, stop: int) -> tuple[list[Token], list[Token]]:
-    """Lex `source` up to offset `stop`: the brackets open there, and the `#_`s still
+class _Tok(str):
+    """A bracket or `#_` found by `_scan`: its text, terminal name and 1-based position."""
+
+    type: str
+    line: int
+    column: int
+
+    def __new__(cls, text: str, kind: str, line: int, column: int) -> _Tok:
+        self = super().__new__(cls, text)
+        self.type, self.line, self.column = kind, line, column
+        return self
+
+
+# What `_scan` tells apart (the grammar's terminals, lumped): strings and comments are
+# skipped whole so their brackets do not count; any other run of non-delimiters is a form.
+_SCAN = re.compile(
+    r'(?P<skip>[\s,]+|;[^\n]*|"[^"\\]*(?:\\[\s\S][^"\\]*)*")'
+    r"|(?P<discard>#_)|(?P<open>[(\[{])|(?P<close>[)\]}])"
+    r'|(?P<form>[^\s,()\[\]{}";]+|.)',
+    re.S,
+)
+_KINDS = {"(": "LPAR", "[": "LSQB", "{": "LBRACE", ")": "RPAR", "]": "RSQB", "}": "RBRACE"}
+
+
+def _scan(source: str, stop: int) -> tuple[list[_Tok], list[_Tok]]:
+    """Scan `source` up to offset `stop`: the brackets open there, and the `#_`s still
     waiting for a form at the innermost level."""
-    openers: list[Token] = []
+    openers: list[_Tok] = []
     # One list of waiting `#_` tokens per nesting level; a finished form satisfies the
     # latest one, so `#_ #_ a b` drops a and b.
-    waiting: list[list[Token]] = [[]]
-    for tok in parser().lex(source[:stop], dont_ignore=True):
-        kind = tok.type
-        if kind in ("WHITESPACE", "COMMENT"):
+    waiting: list[list[_Tok]] = [[]]
+    line, line_start = 1, 0
+    for match in _SCAN.finditer(source, 0, stop):
+        kind = match.lastgroup
+        start = match.start()
+        if kind == "skip":
             continue
-        if kind == "_DISCARD":
-            waiting[-1].append(tok)
-        elif kind in _OPENERS:
-            openers.append(tok)
+        newlines = source.count("\n", line_start, start)
+        if newlines:
+            line += newlines
+            line_start = source.rfind("\n", 0, start) + 1
+        column = start - line_start + 1
+        text = match.group()
+        if kind == "discard":
+            waiting[-1].append(_Tok(text, "_DISCARD", line, column))
+        elif kind == "open":
+            openers.append(_Tok(text, _KINDS[text], line, column))
             waiting.append([])
         else:
-            if kind in _CLOSERS and openers:
+            if kind == "close" and openers:
                 openers.pop()
                 waiting.pop()
             if waiting[-1]:

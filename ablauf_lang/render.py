@@ -20,8 +20,11 @@ from ablauf_lang.forms import Keyword
 from ablauf_lang.job import Job
 from ablauf_lang.nodes import Leaf, LeafState
 from ablauf_lang.semantics import state_of
+from ablauf_lang.semantics import states as states_of
 
 __all__ = [
+    "BY_HAND",
+    "FULL_WIDTH",
     "STATE_STYLES",
     "LeafCounts",
     "changed_ids",
@@ -31,8 +34,10 @@ __all__ = [
     "kind_name",
     "leaf_counts",
     "node_text",
+    "program_tree",
     "state_text",
     "status_text",
+    "value_width",
 ]
 
 # Colours of node states and run statuses.
@@ -65,6 +70,16 @@ _ROLES: dict[str, tuple[str | None, ...]] = {
 
 # Marks a node whose state changed in the last step.
 CHANGED_MARK = "●"
+
+# The console width used for output that is not a terminal (piped, a file): whole lines,
+# never wrapped or cut.
+FULL_WIDTH = 1_000_000
+
+
+def value_width(width: int, share: int = 3) -> int:
+    """How many columns a value may take on a line of `width` (0: all it needs, for
+    output that is not a terminal)."""
+    return 0 if width >= FULL_WIDTH else max(16, width // share)
 
 
 # ---------------------------------------------------------------- values
@@ -127,17 +142,38 @@ def status_text(status: str) -> Text:
     return Text(str(status), style=STATE_STYLES.get(str(status), "bold"))
 
 
+# `timing` value of an action whose result was given by hand (the REPL's :ok / :fail).
+BY_HAND = None
+
+
 def node_text(
-    node: Any, role: str | None = None, *, changed: bool = False, width: int = 40
+    node: Any,
+    role: str | None = None,
+    *,
+    changed: bool = False,
+    width: int = 40,
+    timing: Mapping[int, float | None] | None = None,
+    states: bool = True,
+    show_id: bool = True,
+    state: str | None = None,
 ) -> Text:
     """One line for a node: id, what it is, its state, and its output or error.
 
-    The line never wraps: what does not fit the terminal ends in an ellipsis.
+    The line never wraps: what does not fit the terminal ends in an ellipsis. `width`
+    cuts each value shown (0: values in full, for output that is not a terminal).
+    `timing` maps an action's id to when it really began (its duration is counted from
+    there, not from its dispatch: time spent queued or waiting for a person is left out),
+    or to `BY_HAND` for a result given by hand (no duration). `states=False` leaves out
+    states and results (a compiled tree, `ablauf check --tree`). `state`: the node's state
+    word when the caller knows it in its tree (`semantics.states`: a branch that never
+    ran is `skipped`), else `semantics.state_of(node)`.
     """
     text = Text(no_wrap=True, overflow="ellipsis")
     text.append(CHANGED_MARK + " " if changed else "  ", style="bold yellow")
-    text.append(f"#{node.id} ", style="bold" if changed else "dim")
-    state = state_of(node)
+    if show_id:
+        text.append(f"#{node.id} ", style="bold" if changed else "dim")
+    if state is None:
+        state = state_of(node)
     if isinstance(node, Leaf):
         text.append(node.action, style="bold")
         if node.payload is not None:
@@ -150,6 +186,8 @@ def node_text(
             text.append(" " + format_value(node.test, width))
         if hasattr(node, "var") and hasattr(node, "coll"):  # (doseq!! [x coll] ...)
             text.append(f" [{node.var} {format_value(node.coll, width)}]")
+    if not states:
+        return text
     text.append("  ")
     text.append_text(state_text(state))
     if not isinstance(node, Leaf):
@@ -159,13 +197,29 @@ def node_text(
         # Attempts and duration first: a long output may be cut at the terminal's edge.
         if node.attempt > 1:
             text.append(f" attempt {node.attempt}", style="dim")
-        if node.dispatched_at is not None and node.finished_at is not None:
-            text.append(" " + duration_text(node.finished_at - node.dispatched_at), style="dim")
+        began = _began(node, timing)
+        if began is _HAND:
+            if node.done:
+                text.append(" by hand", style="dim")
+        elif isinstance(began, float | int) and node.finished_at is not None:
+            text.append(" " + duration_text(max(0.0, node.finished_at - began)), style="dim")
         if node.result is LeafState.SUCCESS and node.output is not None:
             text.append(" → " + format_value(node.output, width), style="green")
         elif node.result in (LeafState.FAILURE, LeafState.TIMEOUT):
             text.append(" → " + format_value(node.error, width), style="red")
     return text
+
+
+_HAND = object()
+
+
+def _began(node: Any, timing: Mapping[int, float | None] | None) -> Any:
+    """When an action really began: `timing`, else its recorded start, else its dispatch."""
+    if timing is not None and node.id in timing:
+        began = timing[node.id]
+        return _HAND if began is BY_HAND else began
+    started = getattr(node, "started_at", None)  # recorded by engines that keep it
+    return started if started is not None else node.dispatched_at
 
 
 def duration_text(seconds: float) -> str:
@@ -197,30 +251,79 @@ def job_tree(
     max_nodes: int | None = None,
     label: Text | str | None = None,
     width: int = 40,
+    timing: Mapping[int, float | None] | None = None,
 ) -> Tree:
     """The job as a tree, each node with its id and state; `changed` ids are marked.
 
     With `max_nodes`, nodes after that many (in pre-order) are summed up in one line.
+    `width` and `timing`: see `node_text`.
     """
-    marked = set(changed)
-    top = Tree(label if label is not None else _job_label(job), guide_style="dim")
+    return _tree(
+        job.root,
+        label if label is not None else _job_label(job),
+        total=len(job.paths),
+        changed=set(changed),
+        max_nodes=max_nodes,
+        width=width,
+        timing=timing,
+    )
+
+
+def program_tree(root: Any, *, label: Text | str, width: int = 40) -> Tree:
+    """A compiled tree as `ablauf check --tree` shows it: ids and what each node does, kept
+    run-time expressions as source, and the body a `doseq!!`/`pmap!!` copies per element
+    (its nodes get their ids when it is expanded)."""
+    return _tree(root, label, total=None, width=width, states=False, templates=True)
+
+
+def _tree(
+    root: Any,
+    label: Text | str,
+    *,
+    total: int | None,
+    changed: set[int] | frozenset[int] = frozenset(),
+    max_nodes: int | None = None,
+    width: int = 40,
+    timing: Mapping[int, float | None] | None = None,
+    states: bool = True,
+    templates: bool = False,
+) -> Tree:
+    top = Tree(label, guide_style="dim")
+    # One pass for every node's state: a rescue or else branch that never ran is skipped.
+    state_words = states_of(root) if states else {}
     # Pre-order walk with an explicit stack: deep trees never hit the recursion limit.
-    stack: list[tuple[Any, Tree, str | None]] = [(job.root, top, None)]
+    # An entry: node, parent, role, and whether it belongs to a template (no id yet).
+    stack: list[tuple[Any, Tree, str | None, bool]] = [(root, top, None, False)]
     shown = 0
-    total = len(job.paths)
     while stack:
-        node, parent, role = stack.pop()
+        node, parent, role, in_template = stack.pop()
         if max_nodes is not None and shown >= max_nodes:
-            parent.add(Text(f"… {total - shown} more nodes", style="dim"))
+            more = f"… {total - shown} more nodes" if total is not None else "… more nodes"
+            parent.add(Text(more, style="dim"))
             break
         shown += 1
-        branch = parent.add(node_text(node, role, changed=node.id in marked, width=width))
+        line = node_text(
+            node,
+            role,
+            changed=node.id in changed,
+            width=width,
+            timing=timing,
+            states=states,
+            show_id=not in_template,
+            state=None if in_template else state_words.get(node.id),
+        )
+        branch = parent.add(line)
         kids = list(getattr(node, "children", ()))
-        roles = _ROLES.get(node.kind, ())
+        roles: tuple[str | None, ...] = _ROLES.get(node.kind, ())
         if len(roles) != len(kids):
             roles = (None,) * len(kids)
-        for kid, kid_role in reversed(list(zip(kids, roles, strict=True))):
-            stack.append((kid, branch, kid_role))
+        entries = [
+            (kid, branch, kid_role, in_template) for kid, kid_role in zip(kids, roles, strict=True)
+        ]
+        template = getattr(node, "template", None)
+        if templates and template is not None and not kids:
+            entries.append((template, branch, "each", True))
+        stack.extend(reversed(entries))
     return top
 
 
@@ -237,8 +340,9 @@ def changed_ids(before: Job | None, after: Job) -> set[int]:
     """Ids of the nodes whose state word differs between two versions of a job."""
     if before is None:
         return set()
-    old = {n.id: state_of(n) for n in before.nodes()}
-    return {n.id for n in after.nodes() if old.get(n.id) != state_of(n)}
+    old = states_of(before.root)
+    new = states_of(after.root)
+    return {i for i, state in new.items() if old.get(i) != state}
 
 
 # ---------------------------------------------------------------- counts

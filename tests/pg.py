@@ -119,29 +119,32 @@ class PgServer:
         )
         for attempt in range(5):
             self.port = _free_port()
-            opts = (
-                f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 "
-                "-c max_connections=200 -c shared_buffers=64MB"
-            )
             try:
                 self._run(
-                    "pg_ctl",
-                    "-D",
-                    self.data,
-                    "-l",
-                    self.logfile,
-                    "-w",
-                    "-t",
-                    "60",
-                    "-o",
-                    opts,
-                    "start",
-                )
+                    "pg_ctl", "-D", self.data, "-l", self.logfile, "-w", "-t", "60",
+                    "-o", self._options(), "start",
+                )  # fmt: skip
                 return self
             except RuntimeError:
                 if attempt == 4:
                     raise
         return self
+
+    def _options(self) -> str:
+        return (
+            f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 "
+            "-c max_connections=200 -c shared_buffers=64MB"
+        )
+
+    def restart(self, down: float = 0.0) -> None:
+        """Stop the server at once (every connection is cut), stay down `down` seconds,
+        and start it again on the same port."""
+        self._run("pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")
+        time.sleep(down)
+        self._run(
+            "pg_ctl", "-D", self.data, "-l", self.logfile, "-w", "-t", "60",
+            "-o", self._options(), "start",
+        )  # fmt: skip
 
     def stop(self) -> None:
         """Stop the server at once and remove its directory."""
@@ -161,6 +164,74 @@ class PgServer:
         with psycopg.connect(self.url(), autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
+
+
+class CutAfterCommit:
+    """A TCP proxy in front of a server that can cut a connection just after the server
+    answered a COMMIT, before the answer reaches the client: the transaction committed,
+    and the client cannot know it (what a network cut or a crash at that moment does).
+
+        proxy = CutAfterCommit(server.port); url = proxy.url("dbname")
+        proxy.arm()   # the next COMMIT that goes through is cut after its answer
+    """
+
+    def __init__(self, port: int) -> None:
+        import threading
+
+        self.target = port
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = int(self.listener.getsockname()[1])
+        self.armed = threading.Event()
+        self.cuts = 0
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, dbname: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}?sslmode=disable"
+
+    def arm(self) -> None:
+        self.armed.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target))
+            state = {"cut": False}
+            threading.Thread(target=self._up, args=(client, server, state), daemon=True).start()
+            threading.Thread(target=self._down, args=(server, client, state), daemon=True).start()
+
+    def _up(self, client: socket.socket, server: socket.socket, state: dict[str, bool]) -> None:
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                if b"COMMIT" in data and self.armed.is_set():
+                    self.armed.clear()
+                    state["cut"] = True
+                server.sendall(data)
+        with contextlib.suppress(OSError):
+            server.close()
+
+    def _down(self, server: socket.socket, client: socket.socket, state: dict[str, bool]) -> None:
+        with contextlib.suppress(OSError):
+            while data := server.recv(65536):
+                if state["cut"]:  # the answer to the COMMIT: never delivered
+                    self.cuts += 1
+                    break
+                client.sendall(data)
+        for sock in (client, server):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
 
 
 def wait_for(predicate: Any, timeout: float, interval: float = 0.05, what: str = "") -> Any:

@@ -34,8 +34,16 @@ def _conn() -> psycopg.Connection:
     return conn
 
 
+def _calls(conn: psycopg.Connection, name: str) -> int:
+    row = conn.execute("SELECT count(*) FROM calls WHERE name = %s", (name,)).fetchone()
+    return int(row[0]) if row else 0
+
+
 def insert(payload: Any, context: Any) -> Any:
-    """Insert one row into `hits` (the 500-way fan-out counts them)."""
+    """Insert one row into `hits` (the fan-outs count them), after sleeping `sleep` seconds
+    if given (then the row is written at the end: a worker killed meanwhile writes none)."""
+    if payload.get("sleep"):
+        time.sleep(float(payload["sleep"]))
     _conn().execute("INSERT INTO hits (n, pid) VALUES (%s, %s)", (payload["n"], os.getpid()))
     return payload["n"]
 
@@ -50,7 +58,7 @@ def hang_first(payload: Any, context: Any) -> Any:
     name = payload["name"]
     conn = _conn()
     conn.execute("INSERT INTO calls (name, pid) VALUES (%s, %s)", (name, os.getpid()))
-    count = conn.execute("SELECT count(*) FROM calls WHERE name = %s", (name,)).fetchone()[0]
+    count = _calls(conn, name)
     if count == 1:
         time.sleep(float(payload.get("hang", 120)))
     return {"name": name, "call": count}
@@ -61,7 +69,7 @@ def fail_once(payload: Any, context: Any) -> Any:
     name = payload["name"]
     conn = _conn()
     conn.execute("INSERT INTO calls (name, pid) VALUES (%s, %s)", (name, os.getpid()))
-    count = conn.execute("SELECT count(*) FROM calls WHERE name = %s", (name,)).fetchone()[0]
+    count = _calls(conn, name)
     if count == 1:
         raise RuntimeError(f"{name}: transient failure")
     return count

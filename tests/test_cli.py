@@ -17,6 +17,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner, Result
 from rich.console import Console
@@ -193,8 +194,16 @@ def test_actions_module_by_mapping_and_by_decorator(tmp_path: Path) -> None:
     """,
     )
     by_map = ablauf("run", prog, "--actions", "acts_map", "--json")  # dotted name, from cwd
-    assert by_map.exit_code == 1  # math/inc is not in that module
-    assert json.loads(by_map.stdout)["context"]["n"] == 42
+    # math/inc is not in that module: refused before anything starts, where it is used.
+    assert by_map.exit_code == 2
+    assert by_map.stdout == ""
+    head, line, caret = by_map.stderr.splitlines()
+    assert head == (
+        f"{prog}:3:35: error: unknown action math/inc: neither acts_map nor the standard "
+        "library defines it"
+    )
+    assert line[caret.index("^") :].startswith("(action!! :math/inc 1)")
+    assert json.loads(ablauf("runs", "list", "--json").stdout) == []  # nothing recorded
     by_deco = ablauf("run", prog, "--actions", str(tmp_path / "acts_deco.py"), "--json")
     assert by_deco.exit_code == 0
     assert json.loads(by_deco.stdout)["context"] == {"n": 42, "m": 43}
@@ -363,7 +372,8 @@ def test_worker_and_submit_report_store_and_program_errors(tmp_path: Path) -> No
     bad = write(tmp_path / "bad.abl", "(do!! (lgo!! 1))")
     one_line_error(ablauf("submit", prog, "--store", "memory:"), "PostgreSQL", "memory:")
     one_line_error(ablauf("worker", "--store", "memory:"), "PostgreSQL")
-    result = ablauf("submit", bad, "--store", "memory:")
+    # A bad program is a compile error before any connection is tried.
+    result = ablauf("submit", bad, "--store", "postgresql://nobody@127.0.0.1:1/none")
     assert result.exit_code == 2
     assert result.stderr.startswith(f"{bad}:1:8: error: unknown form lgo!!")
 
@@ -378,13 +388,21 @@ def test_live_progress_renders_the_tree_and_elapsed_time() -> None:
     progress = LiveProgress("demo.abl", console, max_nodes=50)
     job, dispatches = restart_job(job, [], 1.0)
     progress.on_restart(job, dispatches, [])
-    job, _ = restart_job(job, [ablauf_lang.success(dispatches[0], "a")], 2.0)
-    progress.on_restart(job, [], [ablauf_lang.success(dispatches[0], "a")])
+    console.print(progress)
+    assert "running 0  queued 2  finished 0" in buf.getvalue()  # dispatched, none started
+    progress.on_start(dispatches[0], 1.5)
+    progress.on_start(dispatches[1], 1.6)
+    done = ablauf_lang.success(dispatches[0], "a", started_at=1.5, finished_at=1.75)
+    job, _ = restart_job(job, [done], 2.0)
+    progress.on_restart(job, [], [done])
+    buf.seek(0)
+    buf.truncate(0)
     console.print(progress)
     out = buf.getvalue()
     assert out.splitlines()[0].startswith("demo.abl  pending  0.")
-    assert "running 1  finished 1" in out
-    assert re.search(r'#1 action/log "a"  success \S+ → "a"', out)  # \S+: its duration
+    assert "running 1  queued 0  finished 1" in out
+    # Its duration counts from its start (1.5), not from its dispatch (1.0): 250ms.
+    assert '#1 action/log "a"  success 250ms → "a"' in out
     assert "#2 x/slow 1  pending" in out
     small = LiveProgress("demo.abl", console, max_nodes=2)
     small.on_restart(job, [], [])
@@ -433,9 +451,267 @@ def test_run_shows_live_progress_on_a_terminal(tmp_path: Path, tmux: Tmux) -> No
     env = f"ABLAUF_STORE=sqlite:///{tmp_path / 'tty.db'}"
     command = f"env {env} {' '.join(_ablauf_exe())} run {prog}; echo EXIT=$?; sleep 60"
     tmux("new-session", "-d", "-s", "t", "-x", "120", "-y", "30", command)
-    during = tmux.wait_for("#3 action/sleep 1.5  pending")
+    during = tmux.wait_for('#4 action/log "beside"  success')
     assert "p.abl  pending" in during
-    assert '#4 action/log "beside"  success' in during
+    assert "#3 action/sleep 1.5  pending" in during  # still sleeping beside it
+    assert "running 1  queued 0" in during
     after = tmux.wait_for("EXIT=0")
     assert '#5 action/log "end"  success' in after
     assert "success  run " in after
+
+
+# ---------------------------------------------------------------- output a script can trust
+
+
+def test_json_stdout_holds_the_document_only_what_actions_print_goes_to_stderr(
+    tmp_path: Path,
+) -> None:
+    acts = write(
+        tmp_path / "noisy.py",
+        """
+        import os, subprocess, sys
+        def noisy(payload, context):
+            print("printed by the action")
+            sys.stdout.write("written by the action\\n")
+            subprocess.run([sys.executable, "-c", "print('from a child process')"], check=True)
+            os.write(1, b"straight to fd 1\\n")
+            return payload
+        ACTIONS = {"t/noisy": noisy}
+    """,
+    )
+    prog = write(tmp_path / "p.abl", "(dopar!! (action!! :t/noisy 1) (action!! :t/noisy 2))")
+    done = subprocess.run(
+        [*_ablauf_exe(), "run", prog, "--actions", acts, "--json", "--store", "memory:"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["status"] == "success"  # the whole of stdout is JSON
+    for line in ("printed by the action", "from a child process", "straight to fd 1"):
+        assert done.stderr.count(line) == 2
+    # Text output: what actions print stays on stdout, as a user would expect.
+    plain = subprocess.run(
+        [*_ablauf_exe(), "run", prog, "--actions", acts, "--store", "memory:"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert plain.stdout.count("printed by the action") == 2
+
+
+@pytest.mark.parametrize(
+    "text", ['{"a": NaN}', '{"a": Infinity}', '{"a": [1, -Infinity]}'], ids=str
+)
+def test_context_refuses_what_json_cannot_say(tmp_path: Path, text: str) -> None:
+    write(tmp_path / "p.abl", "(log!! 1)")
+    one_line_error(ablauf("run", "p.abl", "--context", text), "--context", "not a JSON number")
+
+
+def test_context_from_a_directory_says_so(tmp_path: Path) -> None:
+    write(tmp_path / "p.abl", "(log!! 1)")
+    (tmp_path / "ctx").mkdir()
+    one_line_error(ablauf("run", "p.abl", "--context", "@ctx"), "ctx: is a directory, not a JSON")
+    one_line_error(ablauf("run", "p.abl", "--actions", "ctx"), "ctx: is a directory")
+    one_line_error(ablauf("run", "p.abl", "--actions", "ctx/"), "is a directory")
+    one_line_error(ablauf("run", "p.abl", "--store", ""), "--store is empty")
+
+
+def test_run_json_lists_the_failed_steps(tmp_path: Path) -> None:
+    prog = write(
+        tmp_path / "p.abl",
+        '(dopar!! (try!! (fail!! "handled") (rescue!! (log!! "r"))) (fail!! {:code 7}))',
+    )
+    result = ablauf("run", prog, "--json")
+    assert result.exit_code == 1
+    data = json.loads(result.stdout)
+    assert data["status"] == "failure"
+    assert data["failed"] == [
+        {"id": 3, "action": "action/fail", "state": "failure", "error": "handled"},
+        {"id": 7, "action": "action/fail", "state": "failure", "error": {"code": 7}},
+    ]
+    text = ablauf("run", prog).stdout  # the text output lists the same two
+    assert '#3 action/fail failure: "handled"' in text
+    assert "#7 action/fail failure: {:code 7}" in text
+
+
+def test_json_output_of_map_keys_that_are_not_strings(tmp_path: Path) -> None:
+    prog = write(tmp_path / "p.abl", "(with-augment [identity :x] (log!! {[1 2] 3}))")
+    data = json.loads(ablauf("run", prog, "--json").stdout)
+    assert data["context"] == {"x": {"$map": [[[1, 2], 3]]}}
+    shown = ablauf("runs", "show", data["run_id"], "--json")
+    assert shown.exit_code == 0
+
+
+def test_piped_text_output_is_never_cut_or_wrapped(tmp_path: Path) -> None:
+    long = "x" * 700
+    prog = write(
+        tmp_path / "p.abl",
+        f'(do!! (with-augment [identity :long] (log!! "{long}")) (fail!! "{long}!"))',
+    )
+    result = ablauf("run", prog)
+    assert result.exit_code == 1
+    assert "…" not in result.stdout
+    assert f'#2 action/fail failure: "{long}!"' in result.stdout
+    assert f':long "{long}"' in result.stdout
+    run_id = result.stdout.split()[2]
+    shown = ablauf("runs", "show", run_id).stdout
+    assert "…" not in shown
+    assert f'#1 action/log "{long}"  success' in shown
+    assert max(len(line) for line in shown.splitlines()) > 1400  # one line per node
+
+
+def test_exit_codes_are_only_0_1_2_130(tmp_path: Path) -> None:
+    write(tmp_path / "ok.abl", "(log!! 1)")
+    write(tmp_path / "no.abl", "(fail!! 1)")
+    write(tmp_path / "bad.abl", "(log!! 1")
+    write(tmp_path / "exits.py", "import sys\nsys.exit(5)\n")
+    write(tmp_path / "ctrl_c.py", "raise KeyboardInterrupt\n")
+    calls = [
+        (["run", "ok.abl"], 0),
+        (["run", "no.abl"], 1),
+        (["run", "bad.abl"], 2),
+        (["run", "ok.abl", "--actions", "exits.py"], 2),
+        (["run", "ok.abl", "--actions", "ctrl_c.py"], 2),
+        (["run", "ok.abl", "--concurrency", "0"], 2),
+        (["check", "ok.abl", "--actions", "exits.py"], 2),
+        (["runs", "show", "nope"], 2),
+        (["no-such-command"], 2),
+        ([], 2),  # a usage error: the help on stderr
+    ]
+    for args, code in calls:
+        done = subprocess.run(
+            [*_ablauf_exe(), *args], capture_output=True, text=True, timeout=60, cwd=tmp_path
+        )
+        assert done.returncode == code, (args, done.stdout, done.stderr)
+        assert "Traceback" not in done.stderr
+        if args and args[-1] in ("exits.py", "ctrl_c.py"):
+            assert done.stderr.strip().count("\n") == 0, done.stderr  # one line
+            assert "cannot import the module" in done.stderr
+
+
+def test_an_unexpected_exception_is_one_line_and_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ablauf_lang.cli import main
+    from ablauf_lang.errors import InvariantError
+
+    @cli.command("explode-for-test", hidden=True)
+    @click.argument("what")
+    def explode(what: str) -> None:
+        if what == "bug":
+            raise ZeroDivisionError("division by zero")
+        raise InvariantError("job stuck: not done, nothing in flight")
+
+    try:
+        for what, needle in (
+            ("bug", "ablauf: internal error: ZeroDivisionError: division by zero"),
+            ("invariant", "ablauf: error: job stuck: not done, nothing in flight"),
+        ):
+            with pytest.raises(SystemExit) as exit_info:
+                main(["explode-for-test", what])
+            assert exit_info.value.code == 2
+            err = capsys.readouterr().err
+            assert err.splitlines() == [err.splitlines()[0]]
+            assert err.startswith(needle)
+        monkeypatch.setenv("ABLAUF_DEBUG", "1")  # developers get the traceback
+        with pytest.raises(ZeroDivisionError):
+            main(["explode-for-test", "bug"])
+    finally:
+        cli.commands.pop("explode-for-test")
+
+
+# ---------------------------------------------------------------- actions that are missing
+
+
+def test_run_reports_unknown_actions_before_anything_starts(tmp_path: Path) -> None:
+    db = tmp_path / "never.db"
+    result = ablauf(
+        "run", str(EXAMPLES / "deploy.abl"), "--store", f"sqlite:///{db}"
+    )  # no --actions
+    assert result.exit_code == 2
+    assert not db.exists()  # nothing started, nothing recorded
+    heads = [line for line in result.stderr.splitlines() if ": error: " in line]
+    names = [h.split("unknown action ")[1].split(":")[0] for h in heads]
+    assert names == ["git/create-repo", "ci/create-job", "sentry/create-project", "chat/post"]
+    assert all("no --actions module was given" in h for h in heads)
+    assert heads[0].startswith(f"{EXAMPLES / 'deploy.abl'}:")
+    # A typo gets a "did you mean", also inside a pmap!!'s body (expanded at run time).
+    prog = write(
+        tmp_path / "typo.abl",
+        "(do!! (action!! :git/create-repo {}) (pmap!! [h (ctx :hosts)] (action!! :chat/pots h)))",
+    )
+    acts = str(EXAMPLES / "actions.py")
+    typo = ablauf("run", prog, "--actions", acts)
+    assert typo.exit_code == 2
+    assert "unknown action chat/pots" in typo.stderr
+    assert "did you mean chat/post?" in typo.stderr
+    assert len([line for line in typo.stderr.splitlines() if ": error: " in line]) == 1
+
+
+def test_check_with_actions_tree_and_json(tmp_path: Path) -> None:
+    acts = str(EXAMPLES / "actions.py")
+    deploy = str(EXAMPLES / "deploy.abl")
+    assert ablauf("check", deploy).exit_code == 0  # without --actions: actions not checked
+    assert ablauf("check", deploy, "--actions", acts).exit_code == 0
+    bad = ablauf("check", str(EXAMPLES / "hello.abl"), deploy, "--actions", "examples/nope.py")
+    one_line_error(bad, "nope.py", "no such file")
+    prog = write(
+        tmp_path / "p.abl",
+        """
+        (def region "eu")
+        (do!! (log!! {:target (str region "-" (ctx :cluster)) :replicas (* 2 3)})
+              (pmap!! [h (ctx :hosts)] (action!! :git/create-rep {:host h})))
+    """,
+    )
+    tree = ablauf("check", prog, "--tree")
+    assert tree.exit_code == 0
+    lines = tree.stdout.splitlines()
+    assert lines[0] == f"{prog}: ok (3 nodes)"
+    # The run-time part is kept as source, the rest folded: (* 2 3) is 6.
+    assert re.search(
+        r"#1 action/log \{:target \(str .*\(ctx :cluster\)\),? :replicas 6\}", tree.stdout
+    )
+    assert "#2 pmap!! [h (ctx :hosts)]" in tree.stdout
+    assert "git/create-rep {:host h}" in tree.stdout  # its body, ids given when expanded
+    assert "unset" not in tree.stdout  # a program, not a run: no states
+    unknown = ablauf("check", prog, "--actions", acts, "--json")
+    assert unknown.exit_code == 2
+    assert unknown.stderr == ""
+    data = json.loads(unknown.stdout)
+    assert data["ok"] is False
+    (report,) = data["files"]
+    assert report["actions"] == ["action/log", "git/create-rep"]
+    assert report["errors"][0]["line"] == 4
+    assert "; did you mean git/create-repo or " in report["errors"][0]["message"]
+    good = json.loads(ablauf("check", prog, "--tree", "--json").stdout)
+    assert good["ok"] is True
+    nodes = good["files"][0]["tree"]
+    assert [n["id"] for n in nodes] == [0, 1, 2]
+    assert "(ctx :cluster)" in json.dumps(nodes[1]["payload"])
+    assert "$expr" in json.dumps(nodes[1]["payload"])
+    assert nodes[2]["template"][0]["action"] == "git/create-rep"
+    broken = json.loads(ablauf("check", str(EXAMPLES / "broken.abl"), "--json").stdout)
+    assert broken["files"][0]["errors"][0]["line"] == 7
+
+
+def test_a_program_from_stdin(tmp_path: Path) -> None:
+    runner = CliRunner()
+    run = runner.invoke(cli, ["run", "-", "--json"], input='(log!! "piped")')
+    assert run.exit_code == 0, run.output
+    run_id = json.loads(run.stdout)["run_id"]
+    listed = json.loads(ablauf("runs", "list", "--json").stdout)
+    assert [(r["run_id"], r["filename"]) for r in listed] == [(run_id, "<stdin>")]
+    checked = runner.invoke(cli, ["check", "-"], input="(do!! (log!! 1)\n (lgo!! 2))")
+    assert checked.exit_code == 2
+    assert checked.stderr.startswith("<stdin>:2:3: error: unknown form lgo!!")
+    ok = runner.invoke(cli, ["check", "-", "--tree"], input="(log!! 1)")
+    assert ok.stdout.startswith("<stdin>: ok (1 nodes)\n")
+
+
+def test_a_branch_that_never_ran_is_shown_skipped(tmp_path: Path) -> None:
+    run = ablauf("run", str(EXAMPLES / "hello.abl"), "--json")
+    shown = ablauf("runs", "show", json.loads(run.stdout)["run_id"]).stdout
+    assert "#8 rescue!!  skipped" in shown  # the body succeeded: the rescue never ran
+    assert '#9 action/log "e"  skipped' in shown
+    assert "#10 finally!!  success" in shown

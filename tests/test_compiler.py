@@ -432,3 +432,11 @@ def test_env_chains_scopes() -> None:
     assert inner.find("a") is outer
     assert inner.find("b") is inner
     assert inner.find("c") is None
+
+
+def test_a_byte_order_mark_is_skipped_and_carets_stay_in_place() -> None:
+    assert compile_source("\ufeff(log!! 1)") == Leaf(0, "action/log", 1)
+    with pytest.raises(AblaufCompileError) as info:
+        compile_source("\ufeff(log!! x)", "bom.abl")
+    assert (info.value.line, info.value.column) == (1, 8)
+    assert str(info.value).splitlines()[1:] == ["(log!! x)", "       ^"]

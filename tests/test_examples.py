@@ -55,12 +55,33 @@ def leaf(job: Job, action: str) -> Any:
     return found
 
 
+BROKEN = EXAMPLES / "broken.abl"  # the one example with a mistake, shown in the docs
+
+
 def test_every_example_checks() -> None:
-    files = sorted(str(p) for p in EXAMPLES.glob("*.abl"))
+    files = sorted(str(p) for p in EXAMPLES.glob("*.abl") if p != BROKEN)
     assert len(files) >= 5
     result = CliRunner().invoke(cli, ["check", *files], catch_exceptions=False)
     assert result.exit_code == 0, result.stderr
     assert result.stdout.count(": ok (") == len(files)
+    # And every action an example names is defined by one of the examples' modules.
+    modules = [ACTIONS, str(EXAMPLES / "language_actions.py")]
+    for path in files:
+        codes = [
+            CliRunner().invoke(cli, ["check", path, "--actions", m]).exit_code for m in modules
+        ]
+        assert 0 in codes, path
+
+
+def test_the_broken_example_is_what_the_docs_show() -> None:
+    result = CliRunner().invoke(cli, ["check", str(BROKEN)], catch_exceptions=False)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"{BROKEN}:7:4: error: unknown form lgo!!; did you mean log!! or do!!?\n"
+        '  (lgo!! "b"))\n'
+        "   ^\n"
+    )
 
 
 def test_hello(store: str) -> None:

@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import ablauf_lang
 from ablauf_lang import expr
 from ablauf_lang.compiler import compile_source
-from ablauf_lang.errors import AblaufCompileError, AblaufError
+from ablauf_lang.errors import AblaufCompileError, AblaufError, JobError
 from ablauf_lang.expr import (
     AndCode,
     Call,
@@ -28,9 +29,10 @@ from ablauf_lang.expr import (
 from ablauf_lang.forms import Keyword, to_data
 from ablauf_lang.names import BUILTINS as BUILTIN_NAMES
 from ablauf_lang.names import SPECIAL_FORMS
-from ablauf_lang.nodes import Leaf
+from ablauf_lang.nodes import Leaf, Status
 from ablauf_lang.reader import read_one
 from ablauf_lang.stdlib.builtins import BUILTINS, equal, show_value
+from ablauf_lang.values import Meter, TooLarge
 
 
 def value(source: str) -> Any:
@@ -425,14 +427,24 @@ def test_encode_decode_round_trip(data: Any) -> None:
     assert decode_data(json.loads(json.dumps(encode_data(data)))) == data
 
 
-def test_encode_handles_deep_data_without_recursion() -> None:
+def test_encode_refuses_deep_data_clearly_and_decode_needs_no_recursion() -> None:
     deep: Any = {"k": 1}
     for _ in range(5000):
         deep = [{3: deep}]
-    got = decode_data(encode_data(deep))
+    with pytest.raises(JobError, match="nested too deeply"):
+        encode_data(deep)
+    # Stored data that is deep anyway (an older job) still decodes, without recursion.
+    data: Any = {"k": 1}
+    for _ in range(5000):
+        data = [{"$map": [[3, data]]}]
+    got = decode_data(data)
     for _ in range(5000):
         got = got[0][3]
     assert got == {"k": 1}
+    shallow: Any = {"k": 1}
+    for _ in range(49):
+        shallow = [{3: shallow}]  # 98 levels: stored as it is
+    assert decode_data(json.loads(json.dumps(encode_data(shallow)))) == shallow
 
 
 # ---------------------------------------------------------------------------------------
@@ -445,12 +457,15 @@ def test_deeply_nested_expression_is_a_clear_error() -> None:
         value("(+ 1 " * n + "1" + ")" * n)
 
 
-def test_deep_literal_data_needs_no_recursion() -> None:
-    got = value("[" * 3000 + "]" * 3000)
+def test_deep_literal_data_is_read_without_recursion_and_refused_clearly() -> None:
+    got = value("[" * 99 + "]" * 99)
     depth = 0
     while got:
         got, depth = got[0], depth + 1
-    assert depth == 2999
+    assert depth == 98
+    for source in ("[" * 3000 + "]" * 3000, "{:a " * 3000 + "1" + "}" * 3000):
+        with pytest.raises(AblaufCompileError, match=r"e.abl:1:8: .*nested too deeply"):
+            compile_source(f"(log!! {source})", "e.abl")
 
 
 def test_runaway_recursion_is_a_clear_error() -> None:
@@ -502,3 +517,125 @@ def test_forms_to_data_is_iterative_and_freezes_vector_keys() -> None:
 
 def test_show_value_prints_language_notation() -> None:
     assert show_value([1, "a", Keyword("k"), None, {"x y": 1.5}]) == '[1 "a" :k nil {"x y" 1.5}]'
+
+
+# ---------------------------------------------------------------------------------------
+# Budgets: what evaluation builds is bounded in memory as it is in steps
+
+
+def doublings(n: int, start: str, step: str) -> str:
+    return f"(def s0 {start}) " + " ".join(
+        f"(def s{i + 1} {step.format(f's{i}')})" for i in range(n)
+    )
+
+
+@pytest.mark.parametrize(
+    ("start", "step", "fragment"),
+    [
+        ('"ab"', "(str {0} {0})", "builds a string of 16,777,216 characters"),
+        ("[1 2]", "(concat {0} {0})", "builds a value of"),
+        ("[1]", "[{0} {0}]", "builds a value of"),
+        ("{:a 1}", "{{:l {0} :r {0}}}", "builds a value of"),
+        ('"ab"', "(join [{0} {0}])", "builds a value of"),
+    ],
+)
+def test_doubling_at_compile_time_is_a_located_error(start: str, step: str, fragment: str) -> None:
+    source = doublings(40, start, step) + " (log!! (count s40))"
+    with pytest.raises(AblaufCompileError) as info:
+        compile_source(source, "grow.abl")
+    err = info.value
+    assert fragment in err.message
+    assert "the limit is 10,000,000" in err.message
+    assert (err.filename, err.line) == ("grow.abl", 1)
+
+
+def test_many_values_together_are_bounded_too() -> None:
+    # Each string is within the limit; building two thousand of them is not.
+    source = "(def s (str (range 1000))) (def big (str s s s s s s s s s s)) " + (
+        "(log!! (count (for [i (range 2000)] (count (str big i)))))"
+    )
+    with pytest.raises(AblaufCompileError, match="builds too much"):
+        compile_source(source)
+
+
+def test_a_value_shared_many_times_costs_once() -> None:
+    meter = Meter(budget=100_000)
+    big = list(range(20_000))
+    assert meter.built(big) == 20_000
+    for i in range(400):
+        assert meter.built([big, i]) == 20_002  # its size counts big, the work does not
+    fresh = Meter(budget=100_000)
+    copies = [[*big, i] for i in range(400)]
+    with pytest.raises(TooLarge, match="builds too much"):
+        list(map(fresh.built, copies))
+    assert (
+        value_of_program("(def big (range 20000)) (log!! (count (for [i (range 400)] [big i])))")
+        == 400
+    )
+
+
+def value_of_program(source: str) -> Any:
+    node = compile_source(source)
+    assert isinstance(node, Leaf)
+    return node.payload
+
+
+def test_a_run_time_expression_that_doubles_is_refused() -> None:
+    binds = " ".join(f"a{i + 1} (str a{i} a{i})" for i in range(40))
+    with pytest.raises(AblaufCompileError, match="run-time expression too large"):
+        compile_source(f"(let [a0 (ctx :s) {binds}] (log!! a40))")
+    small = " ".join(f"a{i + 1} (str a{i} a{i})" for i in range(5))
+    payload = value_of_program(f"(let [a0 (ctx :s) {small}] (log!! a5))")
+    assert isinstance(payload, Expr)
+    assert payload.evaluate({"s": "x"}) == "x" * 32
+
+
+@pytest.mark.parametrize(
+    ("source", "fragment"),
+    [
+        ("(* " + " ".join(["100000000000000000000"] * 300) + ")", "more than 4,300 digits"),
+        ("(* 1e308 10)", "too large for a float"),
+        ("(+ 1e308 1e308)", "too large for a float"),
+        ("(- -1e308 1e308)", "too large for a float"),
+        ("(/ 1e308 1e-10)", "too large for a float"),
+        ("(/ (* " + " ".join(["10000000000"] * 40) + ") 3)", "too large for a float"),
+        ("(inc 1.7976931348623157e308)", None),
+    ],
+)
+def test_arithmetic_overflow_is_an_error(source: str, fragment: str | None) -> None:
+    if fragment is None:
+        assert value(source) == 1.7976931348623157e308  # inc of the largest float rounds back
+        return
+    with pytest.raises(AblaufCompileError, match=fragment):
+        value(source)
+
+
+def test_run_time_values_are_measured_too() -> None:
+    steps = " ".join(
+        "(with-augment [identity :s] (log!! (str (ctx :s) (ctx :s))))" for _ in range(30)
+    )
+    run = ablauf_lang.eval(f'(do!! (with-augment [identity :s] (log!! "ab")) {steps})')
+    assert run.status is Status.FAILURE
+    error = run.context["exec/last-error"]
+    assert "builds a string of 16,777,216 characters (the limit is 10,000,000)" in error
+    assert len(run.context["s"]) == 2**23
+
+
+def test_deep_keys_for_ctx_are_refused_at_compile_time() -> None:
+    deep = "[" * 500 + "]" * 500
+    with pytest.raises(AblaufCompileError, match="nested too deeply") as info:
+        compile_source(f"(log!! (ctx {deep}))", "ctx.abl")
+    assert (info.value.line, info.value.column) == (1, 8)
+    assert value(f"(get {{}} {deep})") is None  # a deep key is looked up without recursion
+
+
+def test_a_misspelled_form_inside_a_function_gets_a_hint() -> None:
+    with pytest.raises(AblaufCompileError) as info:
+        compile_source("(defn f [] (lgo!! 1))\n(f)", "typo.abl")
+    err = info.value
+    assert err.message == "unknown form lgo!!; did you mean log!! or do!!?"
+    assert (err.line, err.column) == (1, 13)
+    with pytest.raises(AblaufCompileError, match="unknown function cout; did you mean count"):
+        compile_source("(defn f [] (cout [1])) (log!! (f))")
+    with pytest.raises(AblaufCompileError, match="did you mean deploy!"):
+        compile_source("(defn deploy! [] (log!! 1)) (defn f [] (deploy!! 1)) (f)")

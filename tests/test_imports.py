@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,8 @@ import pytest
 from pyrsistent import pvector
 
 import ablauf_lang
-from ablauf_lang.compiler import Compiler, compile_source, stdlib_modules
+from ablauf_lang import compiler as compiler_module
+from ablauf_lang.compiler import Compiler, compile_forms, compile_source, stdlib_modules
 from ablauf_lang.errors import AblaufCompileError, AblaufSyntaxError
 from ablauf_lang.expr import Closure
 from ablauf_lang.nodes import Leaf, LeafState, Node, Seq, Status, Try
@@ -231,3 +233,111 @@ def test_functions_from_a_module_report_run_time_errors_at_their_own_position(
     assert run.context["exec/last-error"] == (
         f"{tmp_path / 'lib.abl'}:2:3: the context has no :region (and no default was given)"
     )
+
+
+# ---------------------------------------------------------------------------------------
+# What an import may read: .abl files in the program's directory tree, and std/
+
+
+SECRET = "TOP-SECRET-CONTENT"
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """tmp/outside.abl and tmp/notes.txt hold a secret; the program lives in tmp/proj."""
+    (tmp_path / "outside.abl").write_text(f"(def x 1) {SECRET}\n")
+    (tmp_path / "notes.txt").write_text(f"{SECRET}\n")
+    proj = tmp_path / "proj"
+    (proj / "lib").mkdir(parents=True)
+    (proj / "notes.txt").write_text(f"{SECRET}\n")
+    (proj / "lib" / "a.abl").write_text('(import "../b.abl") (def a (str "a" b))\n')
+    (proj / "b.abl").write_text('(def b "b")\n')
+    return proj
+
+
+def refused(source: str, filename: str | None, fragment: str) -> AblaufCompileError:
+    with pytest.raises(AblaufCompileError) as info:
+        compile_source(source, filename)
+    err = info.value
+    assert fragment in err.message
+    assert SECRET not in str(err)
+    assert (err.line, err.column) == (1, 9)
+    return err
+
+
+@pytest.mark.parametrize(
+    ("path", "fragment"),
+    [
+        ("/etc/passwd", "only .abl files can be imported"),
+        ("/proc/self/environ", "only .abl files can be imported"),
+        ("notes.txt", "only .abl files can be imported"),
+        ("../notes.txt", "only .abl files can be imported"),
+        ("../outside.abl", "it is outside"),
+        ("../outside", "it is outside"),
+        ("lib/../../outside.abl", "it is outside"),
+    ],
+)
+def test_an_import_reads_only_abl_files_in_the_programs_tree(
+    project: Path, path: str, fragment: str
+) -> None:
+    refused(f'(import "{path}") (log!! 1)', str(project / "main.abl"), fragment)
+
+
+def test_modules_may_import_anywhere_in_the_programs_tree(project: Path) -> None:
+    root = compile_source('(import "lib/a.abl") (log!! a)', str(project / "main.abl"))
+    assert root == log(0, "ab")
+
+
+def test_without_a_file_the_tree_is_the_current_directory(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(project)
+    assert compile_source('(import "lib/a") (log!! a)') == log(0, "ab")
+    refused('(import "../outside.abl") (log!! 1)', None, "outside the current directory")
+    monkeypatch.chdir(project / "lib")
+    refused('(import "../b.abl") (log!! 1)', "<repl>", "outside")
+
+
+def test_links_are_followed_before_the_check(project: Path) -> None:
+    (project / "link.abl").symlink_to(project.parent / "outside.abl")
+    (project / "passwd.abl").symlink_to("/etc/passwd")
+    (project / "inside.abl").symlink_to(project / "b.abl")
+    main = str(project / "main.abl")
+    refused('(import "link.abl") (log!! 1)', main, "it is outside")
+    refused('(import "passwd.abl") (log!! 1)', main, "only .abl files")
+    assert compile_source('(import "inside.abl") (log!! b)', main) == log(0, "b")
+
+
+def test_a_file_that_is_not_regular_is_refused_without_reading_it(project: Path) -> None:
+    os.mkfifo(project / "pipe.abl")  # reading it would block
+    (project / "dir.abl").mkdir()
+    main = str(project / "main.abl")
+    refused('(import "pipe.abl") (log!! 1)', main, "not a regular file")
+    refused('(import "dir.abl") (log!! 1)', main, "not a regular file")
+
+
+def test_a_module_that_is_not_utf8_is_a_located_error(project: Path) -> None:
+    (project / "latin.abl").write_bytes(b'(def x "caf\xe9")\n')
+    with pytest.raises(AblaufSyntaxError) as info:
+        compile_source('(import "latin.abl") (log!! x)', str(project / "main.abl"))
+    err = info.value
+    assert (err.filename, err.line, err.column) == (str(project / "latin.abl"), 1, 12)
+    assert "not UTF-8 text: invalid byte 0xe9 at byte offset 11" in err.message
+
+
+def test_embedders_can_turn_file_imports_off(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    main = str(project / "main.abl")
+    with pytest.raises(AblaufCompileError, match="importing files is turned off") as info:
+        compile_source('(import "b.abl") (log!! b)', main, file_imports=False)
+    assert (info.value.line, info.value.column) == (1, 9)
+    # the standard library stays available
+    assert compile_source('(import "std/retry") (log!! 1)', main, file_imports=False)
+    monkeypatch.setattr(compiler_module, "FILE_IMPORTS", False)
+    with pytest.raises(AblaufCompileError, match="turned off"):
+        compile_source('(import "b.abl") (log!! b)', main)
+    with pytest.raises(AblaufCompileError, match="turned off"):
+        compile_forms(read('(import "b.abl") (log!! b)'), filename=main)
+    # an explicit True wins over the module default
+    assert compile_source('(import "b.abl") (log!! b)', main, file_imports=True) == log(0, "b")

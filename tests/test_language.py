@@ -663,3 +663,33 @@ def test_definitions_persist_in_an_env_and_names_lists_them() -> None:
     text = '(greet "you")'
     root = Compiler(text, "<repl>", env=env).program(read(text, "<repl>"))
     assert root == log(0, "hi you")
+
+
+# ---------------------------------------------------------------------------------------
+# action/sleep: durations are numbers from 0 to a day
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        ("1e300", "must be from 0 to 86400 seconds (24 hours), got 1e+300"),
+        ("-1", "must be from 0 to 86400 seconds (24 hours), got -1"),
+        ("86401", "got 86401"),
+        ("{:seconds 1e200}", "got 1e+200"),
+        ('"5"', "must be a number of seconds, got '5'"),
+        ("true", "must be a number of seconds, got True"),
+        ("[1]", "must be a number of seconds, got [1]"),
+    ],
+)
+def test_sleep_refuses_a_bad_duration_at_once(payload: str, error: str) -> None:
+    run = ablauf_lang.eval(f"(action!! :action/sleep {payload})")
+    assert run.status is Status.FAILURE
+    leaf = run.job.node(0)
+    assert leaf.error.startswith("action/sleep: the duration ")
+    assert leaf.error.endswith(error)
+
+
+@pytest.mark.parametrize("payload", ["0", "0.01", "nil", "{:seconds 0.01}", "{}"])
+def test_sleep_waits_for_a_good_duration(payload: str) -> None:
+    run = ablauf_lang.eval(f"(action!! :action/sleep {payload})")
+    assert run.status is Status.SUCCESS

@@ -7,6 +7,9 @@ operations the workers build on (SKIP LOCKED, batching, leases, at-most-once res
 
 from __future__ import annotations
 
+import threading
+import time
+
 import psycopg
 import pytest
 
@@ -16,7 +19,9 @@ from ablauf_lang.errors import RunError, StoreError
 from ablauf_lang.job import INTERRUPTED, restart_job
 from ablauf_lang.nodes import LeafState, Status, success
 from ablauf_lang.stores import postgres as pg
+from ablauf_lang.stores import sqlbase
 from ablauf_lang.stores.base import open_store
+from tests.pg import CutAfterCommit, PgServer
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]
 
@@ -51,8 +56,10 @@ def test_the_store_creates_a_readable_schema_once(pg_url: str) -> None:
     pg.PostgresStore.from_url(pg_url).close()
     pg.PostgresStore.from_url(pg_url).close()  # a second open migrates nothing
     with psycopg.connect(pg_url) as conn:
-        versions = conn.execute("SELECT version FROM ablauf.schema_version").fetchall()
-        assert versions == [(len(pg.migrations()),)]
+        versions = conn.execute(
+            "SELECT version FROM ablauf.schema_version ORDER BY version"
+        ).fetchall()
+        assert versions == [(v,) for v, _, _ in pg.migrations()]
         tables = {
             r[0]
             for r in conn.execute(
@@ -66,6 +73,7 @@ def test_the_store_creates_a_readable_schema_once(pg_url: str) -> None:
         "context",
         "tasks",
         "restarts",
+        "workers",
         "run_list",
         "queue",
     } <= tables
@@ -103,17 +111,52 @@ def test_a_password_never_shows_in_messages() -> None:
     assert "s3cret" not in str(err.value)
 
 
-def test_a_server_that_went_away_is_a_one_line_store_error(pg_url: str) -> None:
-    store = pg.PostgresStore.from_url(pg_url)
-    with psycopg.connect(pg_url, autocommit=True) as admin:
+def _terminate(url: str, application: str = "ablauf-store") -> None:
+    with psycopg.connect(url, autocommit=True) as admin:
         admin.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE application_name = 'ablauf-store'"
+            "WHERE application_name = %s AND datname = current_database()",
+            (application,),
         )
-    with pytest.raises(pg.ConnectionLost) as err:
-        store.list_runs()
-    assert "\n" not in err.value.message
-    store.close()
+
+
+def test_a_client_store_reconnects_and_a_worker_store_says_so_in_one_line(pg_url: str) -> None:
+    client = pg.PostgresStore.from_url(pg_url)
+    slot = pg.PostgresStore.from_url(pg_url, reconnect=False)  # the worker's slots
+    try:
+        run = ablauf_lang.eval("(log!! 1)", store=pg_url)
+        _terminate(pg_url)
+        assert client.info(run.run_id).status is Status.SUCCESS  # reconnected, asked again
+        assert client.reconnects == 1
+        with pytest.raises(pg.ConnectionLost) as err:
+            slot.list_runs()
+        assert "\n" not in err.value.message
+    finally:
+        client.close()
+        slot.close()
+
+
+def test_a_server_that_stays_away_is_a_one_line_store_error(pg_url: str) -> None:
+    store = pg.PostgresStore.from_url(pg_url)
+    store.reconnect_for = 0.5
+    name = pg_url.rsplit("/", 1)[1]
+    admin_url = pg_url.rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+        )
+    try:
+        start = time.monotonic()
+        with pytest.raises(pg.ConnectionLost) as err:
+            store.list_runs()
+        assert time.monotonic() - start < 10
+        assert "could not reconnect within 0.5s" in err.value.message
+        assert "\n" not in err.value.message
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        store.close()
 
 
 # ---------------------------------------------------------------- the JobStore protocol
@@ -338,7 +381,7 @@ def test_a_rolled_back_write_is_never_shared_with_other_threads(pg_url: str) -> 
         with pytest.raises(RuntimeError):
             write_then_fail()
         assert seen == [before]
-        assert run_id not in shared  # the write never happened: nothing of it is kept
+        assert shared[run_id].seq == before  # the write never happened: nothing of it kept
         b.record(run_id, restart_job(b.load(run_id).job, [])[0])
         assert shared[run_id].seq == before + 1
     finally:
@@ -378,3 +421,303 @@ def test_claimed_actions_are_delivered_together(store: pg.PostgresStore) -> None
     assert got.step.job.status is Status.SUCCESS
     assert store.queue_counts() == {"ready": 0, "leased": 0, "broken": 0}
     assert store.info(run_id).status is Status.SUCCESS
+
+
+# ---------------------------------------------------------------- migrations under concurrency
+
+
+def test_many_connections_migrate_a_fresh_database_at_once(pg_server: PgServer) -> None:
+    # The cause of `relation "schema_version" already exists`: a backend that looked for
+    # the table, then waited for the migration lock in the same transaction, kept seeing
+    # no table (its catalog cache), and created it again. Eight at once, three rounds.
+    def open_one(url: str, barrier: threading.Barrier, errors: list[BaseException]) -> None:
+        conn = pg.connect(url)
+        try:
+            barrier.wait(timeout=30)
+            pg.prepare(conn, url)
+        except BaseException as exc:  # collected, asserted below
+            errors.append(exc)
+        finally:
+            conn.close()
+
+    for _ in range(3):
+        url = pg_server.create_database()
+        barrier = threading.Barrier(8)
+        errors: list[BaseException] = []
+        threads = [threading.Thread(target=open_one, args=(url, barrier, errors)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert errors == []
+        with psycopg.connect(url) as conn:
+            rows = conn.execute("SELECT version FROM ablauf.schema_version ORDER BY 1").fetchall()
+        assert rows == [(v,) for v, _, _ in pg.migrations()]
+
+
+def test_a_database_missing_a_later_migration_gets_it(pg_url: str) -> None:
+    conn = pg.connect(pg_url)
+    try:
+        first = pg.migrations()[0][2]
+        conn.execute(first.encode())
+        conn.execute("INSERT INTO ablauf.schema_version (version) VALUES (1)")
+        assert pg.applied_versions(conn) == {1}
+        assert pg.migrate(conn, pg_url) == pg.migrations()[-1][0]
+        assert pg.applied_versions(conn) == {v for v, _, _ in pg.migrations()}
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------- the lost fan-out
+
+
+def _fanout(store: pg.PostgresStore, n: int, action: str = "t/x") -> str:
+    source = "(dopar!! " + " ".join(f"(action!! :{action} {i})" for i in range(n)) + ")"
+    run_id = _queued_run(store, source)
+    store.claim("w/0", 30, 1)
+    store.run_restart(run_id, worker="w/0", claim=0, lease=30)
+    return run_id
+
+
+def test_a_step_built_on_a_stale_snapshot_is_refused_never_written(pg_url: str) -> None:
+    """The stuck 10,000-way fan-out, step by step: slot B's delivery reads the run's newest
+    write in the statement that takes the run's lock; its snapshot is older than slot A's
+    COMMIT, the lock is taken just after it; the process's cache still has the write
+    before A's (A has not shared its own yet), so B builds on it; A shares its write
+    before B records. Before the fix, B's record diffed against A's write, wrote A's
+    results back to pending under a free write number, and they were lost for good."""
+    setup = pg.PostgresStore.from_url(pg_url)
+    run_id = _fanout(setup, 3)
+    shared = pg.SharedKnown()
+    a = pg.PostgresStore.from_url(pg_url, known=shared)
+    b = pg.PostgresStore.from_url(pg_url, known=shared)
+    blocker = psycopg.connect(pg_url)
+    try:
+        (ca,) = a.claim("w/a", 30, 1)
+        (cb,) = b.claim("w/b", 30, 1)
+        a.load(run_id)
+        before = shared[run_id].seq
+        blocker.execute("SELECT 1 FROM ablauf.tasks WHERE task_id = %s FOR UPDATE", (cb.task_id,))
+        may_share = threading.Event()
+
+        def hook(point: str, store: pg.PostgresStore, _run: str) -> None:
+            if store is a and point == "committed":
+                may_share.wait(10)  # A is preempted between its COMMIT and sharing it
+            if store is b and point == "based":
+                may_share.set()  # B chose its base: now A shares its write
+                pg_wait(lambda: shared[run_id].seq > before)
+
+        a.hook = b.hook = hook
+        out: dict[str, object] = {}
+
+        def deliver(name: str, store: pg.PostgresStore, c: pg.Claimed) -> None:
+            try:
+                out[name] = store.deliver(
+                    run_id, [(c.task_id, success(c.dispatch, name))], worker=f"w/{name}",
+                    claim=0, lease=30,
+                )  # fmt: skip
+            except pg.WriteConflict as exc:
+                out[name] = exc
+
+        tb = threading.Thread(target=deliver, args=("b", b, cb))
+        tb.start()
+        time.sleep(0.3)  # B's statement waits for the task row: its snapshot is taken
+        ta = threading.Thread(target=deliver, args=("a", a, ca))
+        ta.start()
+        pg_wait(lambda: setup.info(run_id).restarts == 2)  # A committed (not shared)
+        blocker.rollback()  # B's statement goes on and takes the run's lock
+        ta.join(10)
+        tb.join(10)
+        assert isinstance(out["a"], pg.Delivery)
+        assert out["a"].outcome == "restarted"
+        assert isinstance(out["b"], pg.WriteConflict)  # refused: nothing was written
+        # The worker then queues B's result (its task is still leased to it).
+        assert b.queue_result(cb.task_id, success(cb.dispatch, "b"), worker="w/b") == run_id
+        setup.claim("w/0", 30, 1)
+        setup.run_restart(run_id, worker="w/0", claim=0, lease=30)
+        job = setup.load(run_id).job
+        assert job.node(ca.dispatch.id).output == "a"
+        assert job.node(cb.dispatch.id).output == "b"
+        with psycopg.connect(pg_url) as conn:
+            logged = conn.execute(
+                "SELECT count(*), sum(results) FROM ablauf.restarts WHERE run_id = %s", (run_id,)
+            ).fetchone()
+        assert logged == (3, 2)  # every step a restart: the stored count says the same
+        assert job.restarts == 3
+    finally:
+        blocker.close()
+        for s in (a, b, setup):
+            s.close()
+
+
+def pg_wait(predicate: object, timeout: float = 10) -> None:
+    from tests.pg import wait_for
+
+    wait_for(predicate, timeout)
+
+
+def test_what_a_thread_shares_never_replaces_a_newer_write() -> None:
+    shared = pg.SharedKnown()
+    job = ablauf_lang.make_job("(log!! 1)")
+    old = sqlbase.Known(1, 4, 0, 2, "pending", job)
+    new = sqlbase.Known(1, 5, 0, 2, "pending", job)
+    shared.publish("r", new)
+    shared.publish("r", old)  # a thread preempted between its COMMIT and sharing it
+    assert shared["r"] is new
+    view = pg.KnownView(shared)
+    view.begin()
+    view.pin("r", old)
+    shared.publish("r", sqlbase.Known(1, 6, 0, 2, "pending", job))
+    assert view["r"] is old  # the transaction keeps the base it pinned
+
+
+def test_pipeline_aborted_is_not_a_lost_connection() -> None:
+    assert not pg.is_connection_error(psycopg.errors.PipelineAborted("pipeline aborted"))
+    assert pg.is_connection_error(psycopg.OperationalError("server closed the connection"))
+
+
+# ---------------------------------------------------------------- routing and notes
+
+
+def test_workers_claim_only_the_actions_they_have(store: pg.PostgresStore) -> None:
+    source = "(dopar!! (action!! :a/x 1) (action!! :b/y 2) (action!! :a/x 3))"
+    run_id = _queued_run(store, source)
+    (first,) = store.claim("w/0", 30, 5, actions={"b/y"})
+    assert first.dispatch is None  # a restart task: any worker runs it
+    step = store.run_restart(run_id, worker="w/0", claim=1, lease=30, serves={"b/y"})
+    assert step is not None
+    assert [d.action for _, d in step.claimed] == ["b/y"]  # leased to itself: one it has
+    assert store.claim("w/1", 30, 5, actions={"c/z"}) == []
+    taken = store.claim("w/1", 30, 5, actions={"a/x"})
+    assert [c.dispatch.payload for c in taken] == [1, 3]
+
+
+def test_notes_say_which_action_no_live_worker_serves(store: pg.PostgresStore) -> None:
+    run_id = _queued_run(store, "(dopar!! (action!! :a/x 1) (action!! :b/y 2))")
+    store.claim("w/0", 30, 1)
+    store.run_restart(run_id, worker="w/0", claim=0, lease=30)
+    with store.transaction() as conn:
+        pg.register_worker(conn, "host:1:abc", ["a/x", "action/log"], 4, 30)
+        pg.register_worker(conn, "host:2:gone", ["b/y"], 4, -1)  # expired
+    notes = store.notes(run_id, after=0)
+    assert len(notes) == 1
+    assert "b/y" in notes[0]
+    assert "no live worker" in notes[0]
+    with store.transaction() as conn:
+        assert pg.live_workers(conn) == [("host:1:abc", ["a/x", "action/log"])]
+
+
+# ---------------------------------------------------------------- handing runs back
+
+
+def test_requeue_refuses_a_live_run_and_touches_only_expired_leases(
+    store: pg.PostgresStore,
+) -> None:
+    source = "(dopar!! (action!! :t/a 1) (idempotent-action!! :t/b 2) (action!! :t/c 3))"
+    run_id = _fanout_of(store, source)
+    with pytest.raises(RunError) as err:
+        store.requeue(run_id, retry=False)
+    assert "being served by the workers (3 action(s) queued)" in err.value.message
+    taken = store.claim("dead:1/0", 30, 2)  # t/a and t/b: leased, running
+    with pytest.raises(RunError) as err:
+        store.requeue(run_id, retry=True)
+    assert "2 action(s) running on dead:1" in err.value.message
+    with store.transaction() as conn:
+        conn.execute("UPDATE ablauf.tasks SET lease_until = now() - interval '1 second'")
+    job = store.requeue(run_id, retry=False)  # only the two whose lease expired
+    assert job.node(3).result is LeafState.PENDING
+    with store.transaction() as conn:
+        rows = conn.execute(
+            "SELECT kind, node, lease_owner FROM ablauf.tasks ORDER BY task_id"
+        ).fetchall()
+    assert rows == [("action", 2, None), ("action", 3, None), ("restart", None, None)]
+    assert len(taken) == 2
+
+
+def _fanout_of(store: pg.PostgresStore, source: str) -> str:
+    run_id = _queued_run(store, source)
+    store.claim("w/0", 30, 1)
+    store.run_restart(run_id, worker="w/0", claim=0, lease=30)
+    return run_id
+
+
+def test_an_api_write_on_a_served_run_is_refused_or_takes_it_off_the_queue(
+    pg_url: str, store: pg.PostgresStore
+) -> None:
+    run_id = _fanout_of(store, "(dopar!! (action!! :t/a 1) (action!! :t/b 2))")
+    with pytest.raises(RunError) as err:
+        ablauf_lang.resume(run_id, store=pg_url)  # the workers are at it
+    assert "being served by the workers" in err.value.message
+    store.claim("w/1", 30, 1)  # one leased, one queued
+    aborted = ablauf_lang.abort_run(run_id, store=pg_url, reason="stop")
+    assert aborted.status is Status.FAILURE
+    with store.transaction() as conn:
+        left = conn.execute("SELECT count(*) FROM ablauf.tasks WHERE run_id = %s", (run_id,))
+        assert left.fetchone() == (0,)  # no action of an aborted run is performed any more
+        served = conn.execute("SELECT on_queue FROM ablauf.runs WHERE run_id = %s", (run_id,))
+        assert served.fetchone() == (False,)
+
+
+def test_the_janitor_hands_back_a_run_left_without_tasks(store: pg.PostgresStore) -> None:
+    source = "(dopar!! (idempotent-action!! :t/a 1) (action!! :t/b 2) (log!! 3))"
+    run_id = _fanout_of(store, source)
+    assert store.repair_stranded(worker="j", grace=0) == []  # its tasks are there
+    with store.transaction() as conn:
+        conn.execute("DELETE FROM ablauf.tasks WHERE run_id = %s", (run_id,))  # lost
+    assert store.notes(run_id, store.load(run_id).job)[-1].startswith("3 step(s) in flight")
+    (line,) = store.repair_stranded(worker="j", grace=0)
+    assert line == (
+        f"run {run_id}: 3 step(s) were in flight with no task to finish them (ids 1, 2, 3); "
+        "handed back to the workers: 1 idempotent to run again, 2 failed as interrupted"
+    )
+    assert store.repair_stranded(worker="j", grace=0) == []  # a restart is queued now
+    store.claim("w/0", 30, 1)
+    step = store.run_restart(run_id, worker="w/0", claim=0, lease=30)
+    assert step is not None
+    assert step.job.node(1).result is LeafState.PENDING
+    assert step.job.node(1).attempt == 2  # dispatched again
+    assert step.job.node(2).error.startswith(INTERRUPTED)
+    with store.transaction() as conn:
+        who = conn.execute(
+            "SELECT worker FROM ablauf.restarts WHERE run_id = %s ORDER BY seq", (run_id,)
+        ).fetchall()
+    assert [w for (w,) in who] == ["w/0", "janitor j", "w/0"]
+
+
+# ---------------------------------------------------------------- writes whose COMMIT was cut
+
+
+def test_a_client_write_whose_commit_answer_was_lost_is_done_once(pg_server: PgServer) -> None:
+    url = pg_server.create_database()
+    pg.PostgresStore.from_url(url).close()
+    proxy = CutAfterCommit(pg_server.port)
+    store = pg.PostgresStore.from_url(proxy.url(url.rsplit("/", 1)[1]))
+    try:
+        job = ablauf_lang.make_job("(do!! (log!! 1) (log!! 2))")
+        proxy.arm()
+        run_id = store.create_run(job, source="x", enqueue=True)  # committed, then cut
+        assert proxy.cuts == 1
+        assert store.queue_counts() == {"ready": 1, "leased": 0, "broken": 0}
+        assert [i.run_id for i in store.list_runs()] == [run_id]
+
+        job, dispatches = restart_job(job, [])
+        with store.transaction() as conn:
+            conn.execute("DELETE FROM ablauf.tasks")
+            conn.execute("UPDATE ablauf.runs SET on_queue = false")
+        proxy.arm()
+        store.record(run_id, job)  # committed, then cut: found written, not written twice
+        assert proxy.cuts == 2
+        job2, _ = restart_job(job, [success(d, 1) for d in dispatches])
+        store.record(run_id, job2)
+        assert same(store.load(run_id).job, job2)
+
+        with store.transaction() as conn:
+            conn.execute("UPDATE ablauf.runs SET on_queue = true")
+        proxy.arm()
+        store.requeue(run_id, retry=False)  # committed, then cut: not refused as "live"
+        assert proxy.cuts == 3
+        assert store.queue_counts()["ready"] == 1
+        assert store.reconnects == 3
+    finally:
+        store.close()
+        proxy.close()

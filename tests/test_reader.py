@@ -11,7 +11,7 @@ from lark import Lark
 
 from ablauf_lang.errors import AblaufSyntaxError, Span
 from ablauf_lang.forms import Keyword, List, Map, Symbol, Vector
-from ablauf_lang.reader import Forms, parser, read, read_one
+from ablauf_lang.reader import MAX_INT_DIGITS, Forms, decode_source, parser, read, read_one
 from tests.strategies import same_form
 
 K = Keyword
@@ -358,3 +358,88 @@ def test_many_forms() -> None:
     forms = read("\n".join(f"(log!! {i})" for i in range(5000)))
     assert len(forms) == 5000
     assert forms.spans[-1].line == 5000
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs at the edges: huge numbers, byte order marks, line separators, NUL, bad UTF-8
+
+
+def test_an_integer_literal_up_to_the_limit_reads() -> None:
+    assert read_one("9" * MAX_INT_DIGITS) == int("9" * MAX_INT_DIGITS)
+    assert read_one("-" + "9" * MAX_INT_DIGITS) == -int("9" * MAX_INT_DIGITS)
+
+
+@pytest.mark.parametrize("digits", [MAX_INT_DIGITS + 1, 5000, 100_000])
+def test_an_integer_literal_too_large_is_a_located_error(digits: int) -> None:
+    with pytest.raises(AblaufSyntaxError) as info:
+        read(f'(log!! "x")\n  (log!! {"7" * digits})', "big.abl")
+    err = info.value
+    assert (err.filename, err.line, err.column) == ("big.abl", 2, 10)
+    assert f"integer literal too large: {digits:,} digits (the limit is 4,300)" in err.message
+    assert len(str(err).splitlines()[1]) < 200  # the line is shown as a window
+
+
+@pytest.mark.parametrize("text", ["1e999", "-1e400", "1.5e309"])
+def test_a_float_literal_out_of_range_is_a_located_error(text: str) -> None:
+    with pytest.raises(AblaufSyntaxError, match="out of range") as info:
+        read(f"(sleep {text})")
+    assert (info.value.line, info.value.column) == (1, 8)
+
+
+def test_a_float_literal_that_underflows_is_zero() -> None:
+    assert read_one("1e-999") == 0.0
+
+
+def test_a_byte_order_mark_is_skipped() -> None:
+    assert read("\ufeff(a 1)") == read("(a 1)")
+    with pytest.raises(AblaufSyntaxError) as info:
+        read("\ufeff(a ]")
+    assert (info.value.line, info.value.column) == (1, 4)
+    # The caret sits under the bracket: the mark is not shown.
+    assert str(info.value).splitlines()[1:] == ["(a ]", "   ^"]
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x0c", "\x0b", "\x85", "\x1c", "\r"])
+def test_line_numbers_and_carets_agree_whatever_the_separators(separator: str) -> None:
+    # Only "\n" ends a line, for the reader and for the caret alike.
+    source = f'(a "x{separator}y")\n(b {separator} ]'
+    with pytest.raises(AblaufSyntaxError) as info:
+        read(source)
+    err = info.value
+    assert err.line == 2
+    shown, caret = str(err).splitlines()[1:]
+    assert shown.startswith("(b ")
+    assert caret.index("^") == shown.index("]") == err.column - 1
+
+
+def test_crlf_line_ends_keep_carets_in_place() -> None:
+    with pytest.raises(AblaufSyntaxError) as info:
+        read("(a)\r\n(b ]\r\n")
+    assert str(info.value).splitlines()[1:] == ["(b ]", "   ^"]
+
+
+def test_invisible_characters_are_shown_as_one_column() -> None:
+    with pytest.raises(AblaufSyntaxError, match=r"unexpected character '\\x00'") as info:
+        read('(a "\x00\u2028" \x00)')
+    shown, caret = str(info.value).splitlines()[1:]
+    assert shown == '(a "\ufffd\ufffd" \ufffd)'
+    assert caret == " " * 8 + "^"
+
+
+def test_invalid_utf8_names_the_file_line_column_and_byte() -> None:
+    data = '(log!! "é")\n(log!! "'.encode() + b"\xff\xfe" + b'")\n'
+    with pytest.raises(AblaufSyntaxError) as info:
+        decode_source(data, "bad.abl")
+    err = info.value
+    assert (err.filename, err.line, err.column) == ("bad.abl", 2, 9)
+    assert err.message == "not UTF-8 text: invalid byte 0xff at byte offset 21"
+    assert decode_source(b"\xef\xbb\xbf(a)") == "(a)"
+
+
+def test_lone_surrogates_read_and_print_back() -> None:
+    form = read_one('"\\ud800 and \udfff"')
+    assert form == "\ud800 and \udfff"
+    from ablauf_lang.printer import print_form
+
+    assert read_one(print_form(form)) == form
+    assert print_form(form).isascii()

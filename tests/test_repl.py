@@ -9,6 +9,7 @@ import shutil
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +126,7 @@ def test_feed_refuses_leaves_that_do_not_wait() -> None:
     stepper.step()
     with pytest.raises(ReplError, match=r"#2 is not waiting for a result \(it is unset\)"):
         stepper.feed(2, True, None)
-    with pytest.raises(ReplError, match=r"#0 is a seq node"):
+    with pytest.raises(ReplError, match=r"#0 is a do!! node, not an action"):
         stepper.feed(0, True, None)
     with pytest.raises(AblaufError, match="unknown node id 9"):
         stepper.feed(9, True, None)
@@ -473,8 +474,9 @@ def test_repl_in_a_real_terminal(tmp_path: Path, tmux: Tmux) -> None:
     tmux.keys(":fail 2 boom", "Enter")
     tmux.keys(":step", "Enter")
     screen = tmux.wait_for("job finished: failure")
-    assert re.search(r"● #1 action/log 1  success( \S+)? → 42", screen)  # fed by hand: no duration
-    assert re.search(r'● #2 action/fail 2  failure( \S+)? → "boom"', screen)
+    # Fed by hand: no duration (the person's thinking time is not the action's).
+    assert "● #1 action/log 1  success by hand → 42" in screen
+    assert '● #2 action/fail 2  failure by hand → "boom"' in screen
     assert "job failure  restarts 2" in screen  # the toolbar followed
 
     tmux.keys(":back", "Enter")
@@ -503,7 +505,7 @@ def test_run_time_kinds_render_with_their_roles() -> None:
     repl.handle(":tree")
     text = out.getvalue().split("job finished")[1]
     assert "#1 if!! false  success" in text
-    assert "#2 then  success" in text  # a branch whose leaves were all skipped
+    assert "#2 then  skipped" in text  # the branch not taken: it never ran
     assert '#3 yes/act "yes/act"  skipped' in text
     assert "#4 else  success" in text
     assert "#6 doseq!! [x [1 2]]  success" in text
@@ -548,3 +550,150 @@ def test_completion_offers_names_the_session_defined() -> None:
     assert found[0] == "deploy-to"
     found = [c.text for c in completer.get_completions(Document("(doseq!! [h ho"), CompleteEvent())]
     assert "hosts" in found
+
+
+# ---------------------------------------------------------------- Ctrl-C, held actions
+
+
+def test_ctrl_c_during_a_step_keeps_results_and_holds_what_was_in_flight() -> None:
+    import os
+    import signal
+
+    assert threading.current_thread() is threading.main_thread()
+    release = threading.Event()
+    calls: list[Any] = []
+
+    def block(payload: Any, context: Any) -> Any:
+        calls.append(payload)
+        release.wait(20)  # until the test lets it go: Ctrl-C must not wait for it
+        return "late"
+
+    repl, out = make_repl({"t/block": block})
+    repl.handle("(do!! (dopar!! (log!! 1) (action!! :t/block 2)) (log!! 3))")
+    repl.handle(":step")  # dispatches #2 and #3
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    started = time.monotonic()
+    repl.handle(":run")
+    timer.join()
+    assert time.monotonic() - started < 5  # stopped at once, though #3 still blocks
+    text = out.getvalue()
+    assert "interrupted: the results of #2 are kept (:step applies them); #3 t/block" in text
+    assert repl.stepper.held() == [3]
+    repl.handle(":step")  # applies #2's result; never performs #3 again
+    assert calls == [2]
+    assert states(repl.stepper.job)[2] == "success"
+    assert states(repl.stepper.job)[3] == "pending"
+    repl.handle(":step")
+    assert "nothing to do: #3 was interrupted" in out.getvalue()
+    repl.handle(":run")
+    assert "#3 was interrupted (outcome unknown)" in out.getvalue()
+    assert calls == [2]
+    release.set()  # the abandoned call ends; its result is never applied
+    repl.handle(":retry 4")
+    assert "#4 is not an interrupted action; held: #3" in out.getvalue()
+    repl.handle(":retry")
+    repl.handle(":run")
+    job = repl.stepper.job
+    assert job is not None
+    assert job.status == "success"
+    assert calls == [2, 2]  # performed again only because the person asked
+
+
+def test_feeding_a_held_action_releases_it() -> None:
+    stepper = Stepper()
+    from ablauf_lang import make_job
+
+    stepper.start(make_job("(do!! (action!! :x/y 1) (log!! 2))"))
+    stepper.step()
+    stepper.current = replace(stepper.current, held=frozenset({1}))
+    with pytest.raises(ReplError, match="nothing to do: #1 was interrupted"):
+        stepper.step()
+    stepper.feed(1, True, "by hand")
+    assert stepper.held() == []
+    stepper.run()
+    assert stepper.job is not None
+    assert stepper.job.status == "success"
+
+
+# ---------------------------------------------------------------- expressions, timing, output
+
+
+@pytest.mark.parametrize(
+    ("inputs", "printed"),
+    [
+        (["(+ 1 2)"], "3"),
+        (["(ctx :who)"], '"ann"'),
+        (['(str "hi " (ctx :who))'], '"hi ann"'),
+        (["(def x 4)", "[x (* x x)]"], "[4 16]"),
+        (["(def y 2) (* y 5)"], "10"),
+        (["{:a [1 2] :b nil}"], "{:a [1 2], :b nil}"),
+        (['"text"'], '"text"'),
+        (["(ctx :nope :default)"], ":default"),
+        (["(defn f [a] a)", "f"], "the function f"),
+    ],
+)
+def test_a_plain_expression_prints_its_value(inputs: list[str], printed: str) -> None:
+    repl, out = make_repl(context={"who": "ann"})
+    for text in inputs:
+        repl.handle(text)
+    assert out.getvalue().splitlines()[-1] == printed
+    assert repl.stepper.job is None  # no job was made
+
+
+def test_an_expression_reads_the_current_job_s_context() -> None:
+    repl, out = make_repl(context={"n": 1})
+    repl.handle("(with-augment [identity :n] (log!! 41))")
+    repl.handle(":run")
+    repl.handle("(+ (ctx :n) 1)")
+    assert out.getvalue().splitlines()[-1] == "42"
+    repl.handle("(log!! 1) (+ 1 2)")  # a workflow before: the program's rules apply
+    assert "the program's last form must be a workflow" in out.getvalue()
+
+
+def test_durations_leave_out_the_person_s_time() -> None:
+    repl, out = make_repl()
+    repl.handle("(dopar!! (log!! 1) (log!! 2))")
+    repl.handle(":step")  # dispatched now ...
+    time.sleep(0.4)  # ... the person thinks ...
+    repl.handle(":manual")
+    repl.handle(":ok 1 10")
+    repl.handle(":auto")
+    repl.handle(":step")  # ... then #2 is performed (quickly) and #1 applied
+    repl.handle(":tree")
+    tree = out.getvalue().split("ablauf")[-1] if "ablauf" in out.getvalue() else out.getvalue()
+    assert "#1 action/log 1  success by hand → 10" in tree
+    found = re.search(r"#2 action/log 2  success (\d+)(us|ms) → 2", tree)
+    assert found, tree
+    assert found.group(2) == "us" or int(found.group(1)) < 300  # not the 400 ms waited
+
+
+def test_a_note_names_actions_no_one_registered() -> None:
+    repl, out = make_repl()
+    repl.handle(
+        "(do!! (action!! :record 1) (action!! :git/nope 2) (pmap!! [x [1]] (action!! :y/z x)))"
+    )
+    assert "note: no action registered for git/nope, y/z" in out.getvalue()
+
+
+def test_a_piped_session_prints_whole_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from ablauf_lang.cli import cli
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("COLUMNS", raising=False)
+    long = "y" * 300
+    many = " ".join(str(i) for i in range(40))
+    script = f'(dopar!! (log!! "{long}") (fail!! "{long}!"))\n:run\n(lgo!! {many})\n'
+    result = CliRunner().invoke(cli, ["repl"], input=script, catch_exceptions=False)
+    assert result.exit_code == 0
+    out = result.stdout
+    assert "…" not in out
+    assert f'#1 action/log "{long}"  success' in out
+    assert f'failure  #2 action/fail → "{long}!"' in out
+    error = [line for line in out.splitlines() if "unknown form lgo!!" in line]
+    assert len(error) == 1
+    assert error[0].endswith("do!!?")  # one line, not wrapped at 80 columns

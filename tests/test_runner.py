@@ -164,3 +164,147 @@ def test_restart_shares_the_untouched_tree() -> None:
     assert new.root is not job.root
     same = sum(a is b for a, b in zip(new.root.children, job.root.children, strict=True))
     assert same == 10_000 - 2  # only the finished leaf and the next one are new
+
+
+# ---------------------------------------------------------------- concurrency, threads
+
+
+class Gauge:
+    """Counts how many calls run at the same time, and the most there ever were."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.now = 0
+        self.most = 0
+
+    def __enter__(self) -> None:
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+
+    def __exit__(self, *exc: object) -> None:
+        with self.lock:
+            self.now -= 1
+
+
+@pytest.mark.parametrize("limit", [1, 3, 12])
+def test_concurrency_bounds_sync_and_async_actions_together(limit: int) -> None:
+    gauge = Gauge()
+
+    def blocking(payload: Any, context: Any) -> Any:
+        with gauge:
+            time.sleep(0.05)
+        return payload
+
+    async def waiting(payload: Any, context: Any) -> Any:
+        with gauge:
+            await asyncio.sleep(0.05)
+        return payload
+
+    tree = Par_(*[L("b" if i % 2 else "w", i) for i in range(12)])
+    runner = LocalRunner({"b": blocking, "w": waiting}, concurrency=limit)
+    job = asyncio.run(runner.run(make_job(number(tree))))
+    assert job.status is Status.SUCCESS
+    assert gauge.most == limit  # never more, and the slots were used
+
+
+def test_the_default_is_not_the_machine_s_thread_pool_size() -> None:
+    # asyncio's default executor has min(32, cpus + 4) threads: six on two cores.
+    barrier = threading.Barrier(20, timeout=10)
+
+    def meet(payload: Any, context: Any) -> Any:
+        barrier.wait()  # deadlocks unless all twenty run at the same time
+        return payload
+
+    job = run_tree(Par_(*[L("m", i) for i in range(20)]), {"m": meet})
+    assert job.status is Status.SUCCESS
+
+
+def test_queued_time_is_not_an_action_s_duration() -> None:
+    def nap(payload: Any, context: Any) -> Any:
+        time.sleep(0.1)
+        return payload
+
+    runner = LocalRunner({"n": nap}, concurrency=1)
+    results: list[Any] = []
+    runner.on_restart = lambda job, dispatches, got: results.extend(got)
+    job = asyncio.run(runner.run(make_job(number(Par_(*[L("n", i) for i in range(4)])))))
+    assert job.status is Status.SUCCESS
+    # All four were dispatched together; each waited for the one before it, yet each
+    # result says it took about 0.1 s from its own start.
+    for r in results:
+        assert 0.09 <= r.finished_at - r.started_at < 0.25
+    starts = sorted(r.started_at for r in results)
+    assert starts[-1] - starts[0] >= 0.25  # they really ran one after the other
+
+
+def test_action_threads_are_daemons_and_end_when_closed() -> None:
+    from ablauf_lang.runners.local import ActionThreads
+
+    threads = ActionThreads(2)
+    futures = [threads.submit(lambda: threading.current_thread()) for _ in range(4)]
+    seen = {f.result(timeout=5) for f in futures}
+    assert 1 <= len(seen) <= 2
+    assert all(t.daemon for t in seen)
+    threads.close()
+    for t in seen:
+        t.join(timeout=5)
+        assert not t.is_alive()
+
+
+@pytest.mark.parametrize(
+    "raise_it",
+    [
+        lambda: (_ for _ in ()).throw(SystemExit(3)),
+        lambda: (_ for _ in ()).throw(SystemExit("bye")),
+        lambda: (_ for _ in ()).throw(KeyboardInterrupt()),
+    ],
+    ids=["SystemExit(3)", "SystemExit(str)", "KeyboardInterrupt-in-a-thread"],
+)
+def test_an_action_that_exits_fails_its_leaf(raise_it: Any) -> None:
+    def leave(payload: Any, context: Any) -> Any:
+        raise_it()
+
+    async def leave_async(payload: Any, context: Any) -> Any:
+        raise SystemExit(4)
+
+    # In a dopar!!, sync actions run in threads; the async one on the loop.
+    job = run_tree(Par_(L("x"), L("y"), L("action/log", 1)), {"x": leave, "y": leave_async})
+    assert job.status is Status.FAILURE
+    assert job.node(1).result is LeafState.FAILURE
+    assert job.node(2).error == "SystemExit: 4"
+    assert job.node(3).result is LeafState.SUCCESS
+
+
+def test_an_inline_action_that_calls_sys_exit_fails_its_leaf() -> None:
+    def leave(payload: Any, context: Any) -> Any:
+        raise SystemExit(3)
+
+    run = ablauf_lang.eval("(do!! (action!! :x/exit 1) (log!! 2))", {"x/exit": leave})
+    assert run.status is Status.FAILURE
+    assert run.job.node(1).error == "SystemExit: 3"
+
+
+def test_eval_takes_a_concurrency() -> None:
+    gauge = Gauge()
+
+    def blocking(payload: Any, context: Any) -> Any:
+        with gauge:
+            time.sleep(0.03)
+        return payload
+
+    source = "(dopar!! " + " ".join(f"(action!! :b {i})" for i in range(6)) + ")"
+    run = ablauf_lang.eval(source, {"b": blocking}, concurrency=2)
+    assert run.status is Status.SUCCESS
+    assert gauge.most == 2
+    with pytest.raises(ablauf_lang.AblaufError, match="at least 1"):
+        ablauf_lang.eval(source, {"b": blocking}, concurrency=0)
+
+
+def test_run_to_dict_lists_failed_steps() -> None:
+    run = ablauf_lang.eval('(try!! (fail!! "disk") (rescue!! (log!! "r")))')
+    assert run.status is Status.SUCCESS
+    assert run.to_dict()["failed"] == [
+        {"id": 2, "action": "action/fail", "state": "failure", "error": "disk"}
+    ]
+    assert "failed" not in ablauf_lang.eval("(log!! 1)").to_dict()

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pyrsistent import pvector
 
@@ -82,9 +85,40 @@ def test_relative_path_is_relative_to_the_working_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "deep" / "er").mkdir(parents=True)
     with open_store("sqlite:///deep/er/runs.db") as store:  # type: ignore[attr-defined]
         store.create_run(make_job(number(L("a"))))
     assert (tmp_path / "deep" / "er" / "runs.db").is_file()
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("missing/dir/x.db", r"its directory .*missing/dir does not exist"),
+        ("afile/x.db", r"afile is not a directory"),
+        ("adir", r"it is a directory"),
+        ("empty.db", r"is an empty file, not an ablauf store: remove it"),
+    ],
+)
+def test_a_store_is_never_made_where_the_user_did_not_mean(
+    tmp_path: Path, where: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "empty.db").write_bytes(b"")
+    with pytest.raises(StoreError, match=message) as info:
+        open_store(f"sqlite:///{where}")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "missing").exists()
+    assert (tmp_path / "empty.db").stat().st_size == 0  # never turned into a store
+
+
+def test_an_empty_url_is_an_error_not_the_default_store() -> None:
+    with pytest.raises(StoreError, match="the store URL is empty"):
+        open_store("")
+    with pytest.raises(StoreError, match="the store URL is empty"):
+        open_store("  ")
 
 
 def test_default_store_is_a_sqlite_file_in_the_user_data_dir(
@@ -102,14 +136,71 @@ def test_default_store_is_a_sqlite_file_in_the_user_data_dir(
     assert open_store().url == "memory:"
 
 
-@pytest.mark.parametrize(("option", "level"), [("", 1), ("?synchronous=full", 2)])
-def test_wal_mode_and_synchronous_setting(tmp_path: Path, option: str, level: int) -> None:
+@pytest.mark.parametrize(
+    ("option", "env", "level"),
+    [
+        ("", None, 1),
+        ("?synchronous=full", None, 2),
+        ("", "full", 2),
+        ("", "FULL", 2),
+        ("?synchronous=normal", "full", 1),  # the URL says more than the environment
+        ("", "extra", 3),
+    ],
+)
+def test_wal_mode_and_synchronous_setting(
+    tmp_path: Path, option: str, env: str | None, level: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if env is None:
+        monkeypatch.delenv("ABLAUF_SQLITE_SYNC", raising=False)
+    else:
+        monkeypatch.setenv("ABLAUF_SQLITE_SYNC", env)
     store = SqliteStore.from_url(f"sqlite:///{tmp_path}/r.db{option}")
     conn = store._conn
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == level
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 10_000
     store.close()
+
+
+def test_a_bad_synchronous_environment_value_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ABLAUF_SQLITE_SYNC", "sometimes")
+    with pytest.raises(StoreError, match=r"\$ABLAUF_SQLITE_SYNC must be one of"):
+        SqliteStore.from_url(f"sqlite:///{tmp_path}/r.db")
+
+
+def test_synchronous_full_from_the_environment_reaches_a_cli_run(tmp_path: Path) -> None:
+    """A real `ablauf run` with ABLAUF_SQLITE_SYNC=full: its connection syncs at FULL."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        textwrap.dedent(
+            """
+            from ablauf_lang.actions_registry import action
+
+            @action("probe/sync")
+            def sync(payload, context):
+                import gc, sqlite3
+                levels = [
+                    c.execute("PRAGMA synchronous").fetchone()[0]
+                    for c in gc.get_objects() if isinstance(c, sqlite3.Connection)
+                ]
+                return levels
+            """
+        )
+    )
+    prog = tmp_path / "p.abl"
+    prog.write_text("(with-augment [identity :levels] (action!! :probe/sync {}))")
+    env = {**os.environ, "ABLAUF_SQLITE_SYNC": "full"}
+    out = subprocess.run(
+        [sys.executable, "-m", "ablauf_lang", "run", str(prog), "--actions", str(probe),
+         "--store", f"sqlite:///{tmp_path}/r.db", "--json"],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    levels = json.loads(out.stdout)["context"]["levels"]
+    assert levels
+    assert set(levels) == {2}
 
 
 # ---------------------------------------------------------------- damaged and foreign files
@@ -404,3 +495,77 @@ def test_two_processes_write_one_file_at_once(tmp_path: Path) -> None:
         assert {r.status for r in runs} == {Status.SUCCESS}
         assert store.load("q-5").job.restarts == 41
         assert store._conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+# ---------------------------------------------------------------- any Python str, deep values
+
+ANY_TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(texts=st.lists(ANY_TEXT, min_size=4, max_size=4))
+@example(texts=["\ud800", "\udfff x", "\ud83d", "é\ud800☃"])
+def test_any_python_str_is_stored_and_read_back(texts: list[str]) -> None:
+    """Lone surrogates (which UTF-8 cannot hold) and every other character, in a payload,
+    an output, a context key and value, an error and an abort reason, load back exactly."""
+    payload, output, key, reason = texts
+    where = tempfile.mkdtemp()
+    store = SqliteStore(os.path.join(where, "any.db"))
+    try:
+        job = make_job(number(Do(L("a", payload), L("b"))), {key: [payload, {key: output}]})
+        run_id = store.create_run(job, source=payload, filename=key)
+        job, ds = restart_job(job)
+        job, ds = restart_job(job, [success(ds[0], output)])
+        store.record(run_id, job)
+        job, ds = restart_job(job, [failure(ds[0], reason)])
+        store.record(run_id, job)
+        job2 = abort(prepare_replay(job, retry_interrupted=True), reason)
+        store.record(run_id, job2)
+        for reader in (store, SqliteStore(os.path.join(where, "any.db"))):
+            loaded = reader.load(run_id)
+            assert same(loaded.job, job2)
+            assert loaded.job.aborted == job2.aborted
+        info = store.info(run_id)  # the listing's text columns may escape what UTF-8 cannot say
+        assert info.status is job2.status
+    finally:
+        store.close()
+        shutil.rmtree(where)
+
+
+def test_a_lone_surrogate_through_ablauf_run(tmp_path: Path) -> None:
+    prog = tmp_path / "s.abl"
+    prog.write_text('(with-augment [identity :s] (log!! "\\uD800 é"))')
+    url = f"sqlite:///{tmp_path}/r.db"
+    out = subprocess.run(
+        [sys.executable, "-m", "ablauf_lang", "run", str(prog), "--store", url, "--json"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    run_id = json.loads(out.stdout)["run_id"]
+    assert open_store(url).load(run_id).job.context == {"s": "\ud800 é"}
+
+
+def test_a_value_too_deep_to_store_is_refused_in_one_line(tmp_path: Path) -> None:
+    import ablauf_lang
+
+    deep: list[Any] = []
+    inner = deep
+    for _ in range(600):
+        inner.append([])
+        inner = inner[0]
+    url = f"sqlite:///{tmp_path}/r.db"
+    with pytest.raises(ablauf_lang.AblaufError, match="nested too deeply") as info:
+        ablauf_lang.eval("(log!! 1)", context={"d": deep}, store=url)
+    assert "\n" not in str(info.value)
+    store = SqliteStore(str(tmp_path / "r.db"))
+    assert store.list_runs() == []  # nothing half-written
+    with pytest.raises(ablauf_lang.AblaufError, match="nested too deeply"):
+        sqlbase._dumps(_nest(5000))  # the JSON encoder's own limit, said in one line
+    store.close()
+
+
+def _nest(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value

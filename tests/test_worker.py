@@ -10,10 +10,12 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +29,7 @@ from ablauf_lang.errors import AblaufError, RunError, StoreError
 from ablauf_lang.job import INTERRUPTED
 from ablauf_lang.nodes import LeafState, Status
 from ablauf_lang.runners import worker
+from ablauf_lang.stores import postgres as pg
 from ablauf_lang.stores.postgres import PostgresStore
 from tests import pg_actions
 from tests.pg import PgServer, wait_for
@@ -40,14 +43,18 @@ POLL = 30.0  # the safety poll of the test workers: any step waiting for it show
 class Workers:
     """Worker processes on one database; their logs go to files shown on failure."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, env: dict[str, str] | None = None) -> None:
         self.url = url
+        self.env = env or {}
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: list[Path] = []
         self.dir = tempfile.mkdtemp(prefix="ablauf-workers-")
 
-    def start(self, n: int = 1, *, concurrency: int = 4, lease: float = 30.0) -> list[int]:
-        """Start `n` workers and wait until each live one listens; return their indexes."""
+    def start(
+        self, n: int = 1, *, concurrency: int = 4, lease: float = 30.0, only: str | None = None
+    ) -> list[int]:
+        """Start `n` workers and wait until each live one listens; return their indexes.
+        `only`: the (comma-separated) actions they have, else all of `tests.pg_actions`."""
         started = []
         for _ in range(n):
             log = Path(self.dir) / f"worker-{len(self.procs)}.log"
@@ -62,8 +69,9 @@ class Workers:
                 str(lease),
                 "--poll",
                 str(POLL),
+                *(["--only", only] if only is not None else []),
             ]
-            env = {**os.environ, pg_actions.DSN_VAR: self.url}
+            env = {**os.environ, pg_actions.DSN_VAR: self.url, **self.env}
             with open(log, "wb") as out:
                 self.procs.append(
                     subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -398,3 +406,275 @@ def test_the_ablauf_worker_command_runs_the_deploy_example(pg_server: PgServer) 
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err.decode()
     assert b"Traceback" not in err
+
+
+# ---------------------------------------------------------------- starting, routing, logging
+
+
+def test_workers_started_together_on_a_fresh_database_all_run(pg_server: PgServer) -> None:
+    url = pg_server.create_database()  # no ablauf schema yet: every worker migrates
+    pg_actions.setup(url)
+    group = Workers(url)
+    try:
+        group.start(6, concurrency=1)
+        assert [p.poll() for p in group.procs] == [None] * 6, group.output()
+        assert "already exists" not in group.output()
+        run_id = worker.submit("(dopar!! (log!! 1) (log!! 2) (log!! 3))", url)
+        assert worker.wait(run_id, url, timeout=30).status is Status.SUCCESS
+        versions = query(url, "SELECT count(*) FROM ablauf.schema_version")[0][0]
+        assert versions == len(pg.migrations())
+    finally:
+        group.stop()
+
+
+def test_runs_wait_for_a_worker_that_has_their_action(pg_server: PgServer) -> None:
+    url = database(pg_server)
+    group = Workers(url)
+    try:
+        group.start(1, concurrency=2, only="test/noop")
+        run_id = worker.submit(
+            "(do!! (action!! :test/noop 1) (action!! :test/insert {:n 7}) (log!! 3))", url
+        )
+        store = PostgresStore.from_url(url)
+        try:
+            notes = wait_for(
+                lambda: store.notes(run_id, after=0.3), 30, what="a note on the unserved action"
+            )
+            assert "waiting for a worker that serves test/insert" in notes[0]
+            assert store.info(run_id).status is Status.PENDING
+            assert query(url, "SELECT count(*) FROM hits") == [(0,)]
+            group.start(1, concurrency=1, only="test/insert")
+            run = worker.wait(run_id, url, timeout=30)
+            assert run.status is Status.SUCCESS
+            assert store.notes(run_id, after=0) == []
+        finally:
+            store.close()
+        assert query(url, "SELECT pid FROM hits") == [(group.procs[1].pid,)]
+    except BaseException:
+        print(group.output())
+        raise
+    finally:
+        group.stop()
+
+
+def _ablauf_worker(url: str, *extra: str) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "ablauf_lang", "worker", "--store", url]
+    cmd += ["--actions", "tests/pg_actions.py", "--concurrency", "1", "--poll", "30", *extra]
+    env = {**os.environ, pg_actions.DSN_VAR: url}
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _stop(proc: subprocess.Popen[str]) -> str:
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    return err
+
+
+def test_the_worker_command_logs_what_it_does(pg_server: PgServer) -> None:
+    url = database(pg_server)
+    proc = _ablauf_worker(url)
+    try:
+        run_id = worker.submit(
+            '(do!! (log!! "hello from a run") (action!! :test/noop 1) (fail!! "boom"))', url
+        )
+        assert worker.wait(run_id, url, timeout=30).status is Status.FAILURE
+    finally:
+        err = _stop(proc)
+    lines = err.splitlines()
+    stamp = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} "
+    assert all(re.match(stamp, line) for line in lines), err
+    banner = lines[0]
+    assert " INFO ablauf.worker: worker " in banner
+    assert "started: store postgresql://" in banner
+    assert "concurrency 1" in banner
+    assert "test/insert, test/noop" in banner  # the module's actions
+    assert f"run {run_id} started" in err
+    assert f"run {run_id}: log!! hello from a run" in err
+    assert f"run {run_id}: step 3 (action/fail) failed: boom" in err
+    assert f"run {run_id} finished: failure: boom" in err
+    assert "DEBUG" not in err
+    assert "Traceback" not in err
+
+    proc = _ablauf_worker(url, "-v")
+    try:
+        run_id = worker.submit("(action!! :test/noop 1)", url)
+        assert worker.wait(run_id, url, timeout=30).status is Status.SUCCESS
+    finally:
+        err = _stop(proc)
+    assert f"run {run_id}: step 0 (test/noop) done in" in err
+    assert f"run {run_id} finished: success" in err
+
+
+def test_the_worker_command_needs_a_postgres_store_first(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "ablauf_lang"]
+    env = {k: v for k, v in os.environ.items() if k != "ABLAUF_STORE"}
+    for args, words in [
+        (["worker"], "ablauf worker needs a PostgreSQL store"),
+        (["worker", "--store", f"sqlite:///{tmp_path}/x.db"], "need a PostgreSQL store"),
+        (["submit", "examples/hello.abl", "--store", "memory:"], "need a PostgreSQL store"),
+    ]:
+        done = subprocess.run([*argv, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert done.returncode == 2, done.stderr
+        assert words in done.stderr
+        assert done.stderr.count("\n") == 1
+    for command in ("worker", "submit"):
+        helped = subprocess.run(
+            [*argv, command, "--help"], cwd=ROOT, capture_output=True, text=True
+        )
+        assert "postgresql://" in helped.stdout
+        assert "sqlite" not in helped.stdout
+        assert "memory:" not in helped.stdout
+
+
+# ---------------------------------------------------------------- handing runs back
+
+
+def test_requeueing_a_live_run_is_refused_and_each_effect_happens_once(
+    pg_server: PgServer, dsn: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = database(pg_server)
+    monkeypatch.setenv(pg_actions.DSN_VAR, url)
+    n = 300
+    source = (
+        "(dopar!! "
+        + " ".join(f"(action!! :test/insert {{:n {i} :sleep 0.02}})" for i in range(n))
+        + ")"
+    )
+
+    def ablauf(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "ablauf_lang", *args, "--store", url]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+    def hits() -> int:
+        return int(query(url, "SELECT count(*) FROM hits")[0][0])
+
+    with running(url, 1, concurrency=2, lease=1.5) as group:
+        run_id = worker.submit(source, url)
+        wait_for(lambda: hits() >= 20, 30, what="the fan-out to be under way")
+        with pytest.raises(RunError) as err:
+            worker.requeue(run_id, url)
+        assert "being served by the workers" in err.value.message
+        for command in ("resume", "retry"):
+            refused = ablauf("runs", command, run_id, "--queue")
+            assert refused.returncode == 2
+            assert "being served by the workers" in refused.stderr
+            assert "Traceback" not in refused.stderr
+        victim = group.procs[0]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=10)
+        time.sleep(2.0)  # the dead worker's leases expire
+        worker.requeue(run_id, url)  # touches only the tasks whose lease expired
+        queued = query(
+            url, "SELECT count(*) FROM ablauf.tasks WHERE kind = 'action' AND lease_owner IS NULL"
+        )[0][0]
+        assert queued > 100  # the never-started ones are left to the workers, untouched
+        with pytest.raises(RunError):
+            worker.requeue(run_id, url)  # queued: the run goes on when a worker comes
+        group.start(1, concurrency=4, lease=1.5)
+        run = worker.wait(run_id, url, timeout=120)
+        interrupted = [leaf.id for leaf in run.job.leaves() if leaf.result is LeafState.FAILURE]
+        assert len(interrupted) <= 2  # at most what was in flight on the killed worker
+        assert all(run.job.node(i).error.startswith(INTERRUPTED) for i in interrupted)
+        if interrupted:
+            assert run.status is Status.FAILURE
+            again = ablauf("runs", "retry", run_id, "--queue")
+            assert again.returncode == 0, again.stderr
+            run = worker.wait(run_id, url, timeout=60)
+        assert run.status is Status.SUCCESS
+    counts = dict(query(url, "SELECT n, count(*) FROM hits GROUP BY n"))
+    assert sorted(counts) == list(range(n))
+    ran_twice = [i for i, c in counts.items() if c > 1]
+    assert all(c <= 2 for c in counts.values())
+    assert len(ran_twice) <= len(interrupted)  # only an interrupted step can run twice
+    assert sum(counts.values()) <= n + len(interrupted)
+
+
+def test_the_janitor_hands_back_a_run_whose_tasks_vanished(pg_server: PgServer) -> None:
+    url = database(pg_server)
+    source = (
+        "(dopar!! (idempotent-action!! :test/noop 1) (action!! :test/noop 2) "
+        "(action!! :test/noop 3))"
+    )
+    run_id = worker.submit(source, url)
+    store = PostgresStore.from_url(url)
+    try:
+        store.claim("test/0", 30, 1)
+        store.run_restart(run_id, worker="test/0", claim=0, lease=30)
+        query(url, "DELETE FROM ablauf.tasks RETURNING task_id")  # lost, as in the fan-out
+    finally:
+        store.close()
+    with running(url, 1, concurrency=2, lease=2) as group:
+        run = worker.wait(run_id, url, timeout=60)
+        log = group.output()
+    assert run.status is Status.FAILURE
+    assert run.job.node(1).result is LeafState.SUCCESS
+    assert run.job.node(1).attempt == 2
+    assert run.job.node(2).error.startswith(INTERRUPTED)
+    assert f"run {run_id}: 3 step(s) were in flight with no task to finish them" in log
+
+
+# ---------------------------------------------------------------- a server that restarts
+
+
+@pytest.fixture
+def own_server() -> Iterator[PgServer]:
+    """A server of this test's own, to restart."""
+    server = PgServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_wait_and_every_client_path_reconnect_after_a_server_restart(
+    own_server: PgServer,
+) -> None:
+    url = database(own_server)
+    steps = 30
+    source = (
+        "(do!! "
+        + " ".join(
+            f"(idempotent-action!! :test/slow {{:seconds 0.1 :i {i}}})" for i in range(steps)
+        )
+        + ")"
+    )
+    with running(url, 1, concurrency=2, lease=10) as group:
+        client = PostgresStore.from_url(url)  # like `runs show` and `runs list`
+        try:
+            run_id = worker.submit(source, url)
+            waited: list[object] = []
+            waiter = threading.Thread(
+                target=lambda: waited.append(_caught(worker.wait, run_id, url, timeout=120))
+            )
+            waiter.start()
+            time.sleep(1.0)
+            own_server.restart(down=1.0)
+            waiter.join(timeout=150)
+            run = waited[0]
+            assert not isinstance(run, BaseException), run
+            assert run.status is Status.SUCCESS, group.output()
+            assert [leaf.output["i"] for leaf in run.job.leaves()] == list(range(steps))
+            own_server.restart()
+            assert client.info(run_id).status is Status.SUCCESS  # reconnected
+            assert client.load(run_id).job.restarts == run.job.restarts
+            own_server.restart()
+            with pytest.raises(RunError) as err:
+                client.requeue(run_id, retry=True)
+            assert "nothing to retry" in err.value.message
+            own_server.restart()
+            again = worker.submit("(log!! 1)", url)
+            assert worker.wait(again, url, timeout=30).status is Status.SUCCESS
+            assert client.reconnects >= 2
+        finally:
+            client.close()
+        assert group.procs[0].poll() is None  # the worker reconnected too
+
+
+def _caught(fn: object, *args: object, **kw: object) -> object:
+    try:
+        return fn(*args, **kw)  # type: ignore[operator]
+    except BaseException as exc:  # handed to the test's thread
+        return exc

@@ -6,7 +6,9 @@
 Input is highlighted by the project's Pygments lexer; Tab completes forms, commands and
 action names; Enter submits once the brackets balance; history persists across sessions.
 The loop never dies: an error while reading or running is printed and the loop goes on.
-Ctrl-C clears the line, Ctrl-D (or `:quit`) leaves, F5 is `:step`.
+Ctrl-C clears the line (and stops a `:step` or `:run` under way), Ctrl-D (or `:quit`)
+leaves, F5 is `:step`. A form that is not a workflow, such as `(+ 1 2)` or `(ctx :k)`,
+is evaluated (against the current job's context) and its value printed.
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ from rich.text import Text
 from ablauf_lang.errors import AblaufError
 from ablauf_lang.highlight import AblaufLexer
 from ablauf_lang.job import Job
-from ablauf_lang.render import LeafCounts, job_tree, leaf_counts
+from ablauf_lang.render import FULL_WIDTH, LeafCounts, format_value, job_tree, leaf_counts
 from ablauf_lang.repl.commands import COMMANDS, QuitRepl, find_command
 from ablauf_lang.repl.completer import AblaufCompleter
-from ablauf_lang.repl.stepper import Stepper
+from ablauf_lang.repl.stepper import ReplInterrupted, Stepper
 from ablauf_lang.repl.validator import AblaufValidator, is_command, is_incomplete
 
 __all__ = ["PROMPT", "Repl", "history_path"]
@@ -92,6 +94,8 @@ class Repl:
         self.stepper = Stepper(actions)
         self.context = dict(context or {})
         self.console = console or Console(highlight=False)
+        # Not a terminal (a transcript): values and lines in full, never cut.
+        self.full = self.console.width >= FULL_WIDTH
         self.env: Any = None  # compile-time definitions kept across inputs
         self._counts: tuple[Job | None, LeafCounts] = (None, LeafCounts())
         self._io = (input, output, history)
@@ -188,9 +192,12 @@ class Repl:
                 job = self.compile(text, REPL_NAME)
                 if job is not None:
                     self.stepper.start(job, REPL_NAME)
-                    self.console.print(job_tree(job))
+                    self.console.print(self.tree(job))
+                    self.warn_unknown_actions(job)
         except QuitRepl:
             raise
+        except ReplInterrupted as exc:
+            self.console.print(Text(exc.message, style="yellow"))
         except AblaufError as exc:
             located = exc.filename is not None or exc.line is not None
             self.console.print(Text(str(exc) if located else f"error: {exc.message}", style="red"))
@@ -205,8 +212,10 @@ class Repl:
             )
 
     def compile(self, text: str, name: str) -> Job | None:
-        """Compile input into a new job; None when it only held definitions."""
-        from ablauf_lang.compiler import TOP_LEVEL_RULES, Compiler, Env, head_name
+        """Compile input into a new job; None when it only held definitions, or was an
+        expression (its value is printed)."""
+        from ablauf_lang.compiler import RULES, TOP_LEVEL_RULES, Compiler, Env, head_name
+        from ablauf_lang.expr import Code, Expr, describe, is_workflow
         from ablauf_lang.job import make_job
         from ablauf_lang.reader import read
 
@@ -219,7 +228,49 @@ class Repl:
                 TOP_LEVEL_RULES[str(head_name(form))](compiler, form, self.env)
             self.console.print(Text("ok", style="dim"))
             return None
-        return make_job(compiler.program(forms), self.context)
+        last = forms[-1] if forms else None
+        early_ok = all(head_name(f) in TOP_LEVEL_RULES for f in forms[:-1])
+        if last is None or head_name(last) in RULES or head_name(last) in TOP_LEVEL_RULES:
+            return make_job(compiler.program(forms), self.context)
+        if not early_ok:
+            return make_job(compiler.program(forms), self.context)
+        for form in forms[:-1]:
+            TOP_LEVEL_RULES[str(head_name(form))](compiler, form, self.env)
+        spans = getattr(forms, "spans", ())
+        span = spans[-1] if spans else None
+        value = compiler.evaluate(last, span, self.env)
+        if is_workflow(value) or (isinstance(value, list) and _holds_workflow(value)):
+            return make_job(compiler.program(forms[-1:]), self.context)
+        if isinstance(value, Code):
+            job = self.stepper.job
+            context = job.context if job is not None else self.context
+            value = Expr(value, name).evaluate(context)
+        elif not _is_data(value):
+            self.console.print(Text(describe(value), style="dim"))
+            return None
+        self.console.print(Text(format_value(value, 0 if self.full else 2000)))
+        return None
+
+    def tree(self, job: Job, changed: Iterable[int] = ()) -> Any:
+        """The job's tree as the REPL shows it: durations from when each action began."""
+        return job_tree(
+            job, changed=changed, width=0 if self.full else 40, timing=self.stepper.timing
+        )
+
+    def warn_unknown_actions(self, job: Job) -> None:
+        """A note for each action the job names that no one registered (it would fail)."""
+        from ablauf_lang.actions_registry import used_actions
+
+        missing = [a for a in used_actions(job.root) if a not in self.stepper.actions]
+        if missing:
+            names = ", ".join(missing)
+            self.console.print(
+                Text(
+                    f"note: no action registered for {names}: :step fails it; "
+                    ":manual, then :ok / :fail, gives its result by hand",
+                    style="dim",
+                )
+            )
 
     # ------------------------------------------------------------ toolbar
 
@@ -281,3 +332,31 @@ class Repl:
 
     def _waiting(self) -> list[tuple[int, str]]:
         return [(leaf.id, leaf.action) for leaf in self.stepper.waiting()]
+
+
+def _holds_workflow(items: list[Any]) -> bool:
+    from ablauf_lang.expr import is_workflow
+
+    stack = list(items)
+    while stack:
+        item = stack.pop()
+        if is_workflow(item):
+            return True
+        if isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def _is_data(value: Any) -> bool:
+    """Plain data (what a payload may hold), not a function or a workflow."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+            stack.extend(item.keys())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif not (item is None or isinstance(item, bool | int | float | str)):
+            return False
+    return True

@@ -20,10 +20,9 @@ from ablauf_lang.render import (
     changed_ids,
     dispatch_text,
     format_value,
-    job_tree,
     status_text,
 )
-from ablauf_lang.repl.stepper import ReplError, StepReport
+from ablauf_lang.repl.stepper import ReplError, ReplInterrupted, StepReport
 
 if TYPE_CHECKING:
     from ablauf_lang.repl.app import Repl
@@ -73,7 +72,7 @@ def find_command(name: str) -> Command:
 # ---------------------------------------------------------------- printing
 
 
-def _result_line(result: Any, action: str | None, how: str) -> Text:
+def _result_line(result: Any, action: str | None, how: str, limit: int = 70) -> Text:
     ok = result.ok
     text = Text("  ")
     text.append(f"{result.state:<9}", style="green" if ok else "bold red")
@@ -81,7 +80,7 @@ def _result_line(result: Any, action: str | None, how: str) -> Text:
     if action:
         text.append(action, style="bold")
     value = result.output if ok else result.error
-    text.append(" → " + format_value(value, 70), style="green" if ok else "red")
+    text.append(" → " + format_value(value, limit), style="green" if ok else "red")
     if how:
         text.append(f"  ({how})", style="dim")
     return text
@@ -93,19 +92,20 @@ def print_report(
     """Print what a step performed, its results, what it dispatched, and the tree."""
     out = repl.console
     before = report.before
+    limit = 0 if repl.full else 70
     for result in report.fed:
-        out.print(_result_line(result, _action_of(before, result.id), "by hand"))
+        out.print(_result_line(result, _action_of(before, result.id), "by hand", limit))
     for dispatch, result in report.performed:
-        out.print(_result_line(result, dispatch.action, ""))
+        out.print(_result_line(result, dispatch.action, "", limit))
     for dispatch in report.dispatched:
         line = Text("  ")
         line.append(f"{'dispatch':<9}", style="yellow")
-        line.append_text(dispatch_text(dispatch, 70))
+        line.append_text(dispatch_text(dispatch, limit))
         out.print(line)
     if not (report.fed or report.performed or report.dispatched):
         out.print(Text("  nothing changed", style="dim"))
     if tree:
-        out.print(job_tree(report.after, changed=changed_ids(before, report.after)))
+        out.print(repl.tree(report.after, changed_ids(before, report.after)))
     if finished:
         _print_finished(repl, report)
 
@@ -171,9 +171,26 @@ def _step(repl: Repl, arg: str) -> None:
 @command(":run", "", "restart until the job is done (in manual mode: until it waits for you)")
 def _run(repl: Repl, arg: str) -> None:
     start = repl.stepper.require_job()
-    reports = repl.stepper.run(lambda r: print_report(repl, r, tree=False, finished=False))
+    try:
+        reports = repl.stepper.run(lambda r: print_report(repl, r, tree=False, finished=False))
+    except ReplInterrupted:
+        after = repl.stepper.require_job()
+        repl.console.print(repl.tree(after, changed_ids(start, after)))
+        raise
     after = repl.stepper.require_job()
-    repl.console.print(job_tree(after, changed=changed_ids(start, after)))
+    repl.console.print(repl.tree(after, changed_ids(start, after)))
+    held = repl.stepper.held()
+    if held and not after.done:
+        ids = " ".join(f"#{i}" for i in held)
+        repl.console.print(
+            Text(
+                f"stopped after {len(reports)} steps: {ids} "
+                f"{'was' if len(held) == 1 else 'were'} interrupted (outcome "
+                "unknown): :ok / :fail them, or :retry to perform them again",
+                style="yellow",
+            )
+        )
+        return
     if after.done:
         repl.console.print(
             Text(f"job finished after {len(reports)} steps: ") + status_text(after.status)
@@ -191,11 +208,17 @@ def _run(repl: Repl, arg: str) -> None:
 
 @command(":tree", "", "the job tree with ids and each node's status")
 def _tree(repl: Repl, arg: str) -> None:
-    repl.console.print(job_tree(repl.stepper.require_job()))
+    repl.console.print(repl.tree(repl.stepper.require_job()))
     waiting = repl.stepper.waiting()
     if waiting:
         ids = " ".join(f"#{leaf.id}" for leaf in waiting)
         repl.console.print(Text(f"waiting for results of {ids}", style="dim"))
+    held = repl.stepper.held()
+    if held:
+        ids = " ".join(f"#{i}" for i in held)
+        repl.console.print(
+            Text(f"interrupted (held until :retry, :ok or :fail): {ids}", style="yellow")
+        )
 
 
 @command(":ctx", "", "the context")
@@ -233,6 +256,14 @@ def _fail(repl: Repl, arg: str) -> None:
     )
 
 
+@command(":retry", "[ID]", "perform an action a Ctrl-C interrupted again (all when no ID)")
+def _retry(repl: Repl, arg: str) -> None:
+    node_id = _node_id(arg, ":retry [ID]")[0] if arg.strip() else None
+    ids = repl.stepper.retry(node_id)
+    shown = " ".join(f"#{i}" for i in ids)
+    repl.console.print(Text(f"{shown}: the next :step performs it again", style="yellow"))
+
+
 @command(":manual", "", "manual mode: :step only dispatches; results come from :ok / :fail")
 def _manual(repl: Repl, arg: str) -> None:
     repl.stepper.manual = True
@@ -255,7 +286,7 @@ def _back(repl: Repl, arg: str) -> None:
     if snap.queued:
         note = "; queued again: " + " ".join(f"#{r.id} {r.state}" for r in snap.queued)
     repl.console.print(Text(f"back to restart {snap.job.restarts}{note}", style="dim"))
-    repl.console.print(job_tree(snap.job))
+    repl.console.print(repl.tree(snap.job))
 
 
 @command(":load", "FILE", "load a program (.abl) or a job snapshot (saved by :save)")
@@ -285,7 +316,8 @@ def _load(repl: Repl, arg: str) -> None:
         job = compiled
         repl.stepper.start(job, path)
         repl.console.print(Text(f"loaded {path}", style="dim"))
-    repl.console.print(job_tree(job))
+    repl.console.print(repl.tree(job))
+    repl.warn_unknown_actions(job)
 
 
 def _as_snapshot(text: str) -> dict[str, Any] | None:
@@ -337,7 +369,8 @@ def _help(repl: Repl, arg: str) -> None:
         repl.console.print(line)
     repl.console.print(
         Text(
-            "Keys: F5 = :step, Tab completes, Ctrl-C clears the line, Ctrl-D or :quit leaves.",
+            "Keys: F5 = :step, Tab completes, Ctrl-C clears the line (or stops a :step or "
+            ":run), Ctrl-D or :quit leaves.",
             style="dim",
         )
     )

@@ -38,7 +38,7 @@ class AblaufCompleter(Completer):
     """Complete what the cursor is on, by where it is.
 
     - a `:word` at the start of the line: REPL commands;
-    - after `:load ` / `:save `: file paths;  after `:ok ` / `:fail `: waiting node ids;
+    - after `:load ` / `:save `: file paths;  after `:ok ` / `:fail ` / `:retry `: waiting ids;
     - a `:word` inside a form: registered action names (and leaf options);
     - any other word: names the session defined, forms, builtins and constants.
     """
@@ -95,7 +95,7 @@ class AblaufCompleter(Completer):
             yield from self.paths.get_completions(
                 Document(rest.lstrip(), len(rest.lstrip())), event
             )
-        elif name in (":ok", ":fail") and " " not in rest.lstrip():
+        elif name in (":ok", ":fail", ":retry") and " " not in rest.lstrip():
             typed = rest.lstrip()
             for node_id, action in self.waiting():
                 text = str(node_id)

@@ -25,6 +25,16 @@ transactions roll back, its leases expire, and any worker recovers the tasks (an
 idempotent action runs again; a non-idempotent one becomes a failure whose error starts
 with `interrupted: `, which `ablauf_lang.retry` or `requeue(..., retry=True)` runs again).
 A slot that loses its connection reconnects with backoff and delivers what it holds.
+
+A worker takes only the action tasks whose action it has (restart tasks: any), and says
+which actions it serves in `ablauf.workers` (renewed by its janitor's heartbeat), so a run
+needing another action waits for a worker that has it and `runs show` can say so. The
+janitor also hands back to the workers a run left with steps in flight and no task for
+them (`PostgresStore.repair_stranded`).
+
+Logging (logger `ablauf.worker`): a banner at start, one line per run started and
+finished, every failed action with its error and what `log!!` logs, at INFO; every action
+and step at DEBUG; recoveries, repairs and lost connections at WARNING.
 """
 
 from __future__ import annotations
@@ -44,8 +54,10 @@ from types import FrameType
 from typing import Any
 
 from ablauf_lang.errors import AblaufError, StoreError
-from ablauf_lang.nodes import Dispatch, Result, Status, failure
+from ablauf_lang.nodes import FAILED_STATES, Dispatch, Result, Status, failure
 from ablauf_lang.runners.local import Action, Run, perform, perform_sync, registry
+from ablauf_lang.stdlib.actions import STDLIB_ACTIONS
+from ablauf_lang.stores.base import run_error
 
 log = logging.getLogger("ablauf.worker")
 
@@ -57,24 +69,36 @@ POLL = 5.0  # safety poll of an idle slot (NOTIFY wakes it at once)
 MAX_BACKOFF = 5.0  # longest wait between two reconnection attempts
 
 
+INSTALL = (
+    "pip install 'ablauf_lang[postgres]' (from a checkout of ablauf_lang: "
+    "pip install -e '.[postgres]')"
+)
+
+
+def check_url(store_url: str) -> None:
+    """StoreError unless `store_url` names a PostgreSQL database (said before anything
+    else: the workers and the queue exist only there)."""
+    scheme = store_url.split(":", 1)[0].lower() if ":" in store_url else ""
+    if scheme not in ("postgresql", "postgres"):
+        raise StoreError(
+            "workers and their queue need a PostgreSQL store (--store postgresql://... or "
+            f"$ABLAUF_STORE), not {store_url!r}"
+        )
+
+
 def _pg() -> Any:
     """The PostgreSQL store module (psycopg is imported only when workers are used)."""
     try:
         from ablauf_lang.stores import postgres
     except ImportError as exc:
-        raise StoreError(
-            f"workers need psycopg: pip install 'ablauf_lang[postgres]' ({exc})"
-        ) from None
+        raise StoreError(f"workers need psycopg: {INSTALL} ({exc})") from None
     return postgres
 
 
 def _open(store_url: str, **kw: Any) -> Any:
     """A PostgresStore for `store_url`; StoreError for any other kind of store."""
-    pg = _pg()
-    scheme = store_url.split(":", 1)[0].lower() if ":" in store_url else ""
-    if scheme not in ("postgresql", "postgres"):
-        raise StoreError(f"workers share a PostgreSQL store (postgresql://...), not {store_url!r}")
-    return pg.PostgresStore.from_url(store_url, **kw)
+    check_url(store_url)
+    return _pg().PostgresStore.from_url(store_url, **kw)
 
 
 # ---------------------------------------------------------------- submitting and waiting
@@ -106,37 +130,55 @@ def submit(
 def wait(run_id: str, store_url: str, timeout: float | None = None) -> Run:
     """Block until the run is done (woken by NOTIFY), or `timeout` seconds passed; return
     it as it is then (`status` is still "pending" after a timeout). RunError for an
-    unknown run id."""
+    unknown run id. A server that restarts meanwhile is reconnected to, as workers do
+    (StoreError when it stays away longer than the store's `reconnect_for`)."""
     pg = _pg()
     store = _open(store_url)
     deadline = None if timeout is None else time.monotonic() + timeout
     listener = None
     try:
-        listener = pg.connect(store_url, purpose="wait")
-        listener.execute(f"LISTEN {pg.RUNS_CHANNEL}")
-        while store.info(run_id).status is Status.PENDING:
+        while store.info(run_id).status is Status.PENDING:  # reconnects by itself
             left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
             if left <= 0:
                 break
+            if listener is None:
+                try:
+                    listener = pg.connect(store_url, purpose="wait")
+                    listener.execute(f"LISTEN {pg.RUNS_CHANNEL}")
+                except (StoreError, pg.psycopg.Error):
+                    _closed(listener)
+                    listener = None
+                    time.sleep(min(left, 0.2))
+                    continue
             try:
                 for note in listener.notifies(timeout=left):
                     if note.payload == run_id:
                         break
             except pg.psycopg.Error as exc:
-                raise StoreError(
-                    f"lost the connection to {store.url}: {pg.one_line(exc)}"
-                ) from None
+                log.warning("wait: lost the connection to %s (%s); reconnecting", store.url, exc)
+                _closed(listener)
+                listener = None
         return Run(run_id, store.load(run_id).job)
     finally:
-        if listener is not None:
-            listener.close()
+        _closed(listener)
         store.close()
+
+
+def _closed(conn: Any) -> None:
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            conn.close()
 
 
 def requeue(run_id: str, store_url: str, *, retry: bool = False) -> str:
     """Hand a run back to the workers: resume an unfinished run (idempotent steps in flight
-    run again), or with `retry` a failed one (its idempotent and interrupted failed steps
-    run again). Returns the run id; RunError when there is nothing to do."""
+    run again, the others fail as interrupted), or with `retry` a failed one (what made it
+    fail runs again). Returns the run id.
+
+    RunError when there is nothing to do, and while the workers are at work on the run
+    (actions queued or running, results waiting): requeueing it then would have its steps
+    performed twice. A run whose only tasks are actions of a dead worker (lease expired)
+    has just those recovered, by the janitor's rules. See `PostgresStore.requeue`."""
     store = _open(store_url)
     try:
         store.requeue(run_id, retry=retry)
@@ -225,9 +267,13 @@ class Worker:
             raise AblaufError(f"concurrency must be at least 1, not {concurrency}")
         if lease <= 0 or poll <= 0:
             raise AblaufError("lease and poll must be positive numbers of seconds")
+        check_url(store_url)
         self.pg = _pg()
         self.url = store_url
         self.actions: dict[str, Action] = registry(actions)
+        if self.actions.get("action/log") is STDLIB_ACTIONS["action/log"]:
+            self.actions["action/log"] = _log_action  # logged by the worker, with its run
+        self.serves = frozenset(self.actions)
         self.concurrency = concurrency
         self.stop = stop or threading.Event()
         self.lease = lease
@@ -240,13 +286,27 @@ class Worker:
         self.held_lock = threading.Lock()
         self.finished = threading.Event()  # every slot has stopped
         self.stats = {"actions": 0, "restarts": 0, "fast": 0, "queued_results": 0, "lost": 0}
+        self.stats.update(conflicts=0, repaired=0)
+        self.reported: set[str] = set()  # runs the janitor could not repair (said once)
 
     # ------------------------------------------------------------ lifecycle
 
     def run(self) -> None:
         """Run until `stop` is set; slots finish the task in hand first."""
-        _open(self.url).close()  # a wrong URL or a newer schema: fail now, in one line
-        log.info("worker %s: %d slots on %s", self.name, self.concurrency, self.url)
+        store = _open(self.url, reconnect=False)  # a wrong URL or a newer schema: fail now
+        where = store.url
+        store.close()
+        own = sorted(n for n in self.actions if n not in STDLIB_ACTIONS)
+        log.info(
+            "worker %s started: store %s, concurrency %d, lease %gs; actions: %s "
+            "(and the standard library's: %s)",
+            self.name,
+            where,
+            self.concurrency,
+            self.lease,
+            ", ".join(own) or "none",
+            ", ".join(sorted(STDLIB_ACTIONS)),
+        )
         threads = [
             threading.Thread(target=self._slot_main, args=(i,), name=f"ablauf-slot-{i}")
             for i in range(self.concurrency)
@@ -331,7 +391,7 @@ class Worker:
 
     def _reconnect(self, slot: _Slot) -> bool:
         try:
-            store = self.pg.PostgresStore.from_url(self.url, known=self.known)
+            store = self.pg.PostgresStore.from_url(self.url, known=self.known, reconnect=False)
         except StoreError as exc:
             log.warning("slot %d: %s; retrying", slot.index, exc.message)
             return False
@@ -352,7 +412,8 @@ class Worker:
         with contextlib.suppress(Exception):
             slot.store.close()
         slot.store = None
-        self.known.clear()  # a transaction's outcome is unknown: read runs afresh
+        # What the process knows of runs stays: only committed writes were shared, and a
+        # step uses an entry only if it is the run's newest write under the lock.
         self._unhold([task_id for task_id, _, _ in slot.todo])  # released on reconnection
         slot.todo.clear()
 
@@ -381,7 +442,7 @@ class Worker:
                 del slot.todo[1:]
                 slot.slow = True
             task_id, dispatch, run_id = slot.todo.pop(0)
-            result = self._perform(slot, dispatch)
+            result = self._perform(slot, dispatch, run_id)
             if not slot.done:
                 slot.done_run, slot.done_since = run_id, time.monotonic()
             slot.done.append((task_id, result))
@@ -409,7 +470,7 @@ class Worker:
         """Take one task: lease an action (performed next), or run a restart; False if the
         queue has nothing ready."""
         store = slot.store
-        taken = store.claim(slot.owner, self.lease, slot.batch)
+        taken = store.claim(slot.owner, self.lease, slot.batch, self.serves)
         if not taken:
             return False
         actions = [(c.task_id, c.dispatch, c.run_id) for c in taken if c.dispatch is not None]
@@ -422,48 +483,97 @@ class Worker:
             return True
         claimed = restarts[0]  # the others stay queued (the first one's restart may take them)
         try:
-            step = store.run_restart(claimed.run_id, worker=slot.owner, claim=1, lease=self.lease)
+            step = store.run_restart(
+                claimed.run_id, worker=slot.owner, claim=1, lease=self.lease, serves=self.serves
+            )
         except Exception as exc:
             store.forget(claimed.run_id)
             if self._lost(exc):
                 raise
-            if not isinstance(exc, self.pg.WriteConflict):  # a conflict: the task is back
+            if isinstance(exc, self.pg.WriteConflict):  # the task is back in the queue
+                self.stats["conflicts"] += 1
+                log.debug("run %s: %s; its restart task stays queued", claimed.run_id, exc)
+            else:
                 self._set_aside(slot, claimed.run_id, exc)
             return True
         if step is not None:
             self.stats["restarts"] += 1
+            self._stepped(claimed.run_id, step)
             self._hold([t for t, _ in step.claimed])
             slot.todo.extend((t, d, claimed.run_id) for t, d in step.claimed)
         return True
 
-    def _perform(self, slot: _Slot, dispatch: Dispatch) -> Result:
+    def _stepped(self, run_id: str, step: Any) -> None:
+        """Log what a step of a run did: it started, it finished, or (DEBUG) anything."""
+        job = step.job
+        log.debug(
+            "run %s: step %d applied %d result(s), started %d action(s)",
+            run_id,
+            step.seq,
+            step.results,
+            job.inflight,
+        )
+        if job.restarts == 1:
+            log.info("run %s started: %d action(s) in flight", run_id, job.inflight)
+        if job.done:
+            if job.status is Status.SUCCESS:
+                log.info("run %s finished: success after %d restart(s)", run_id, job.restarts)
+            else:
+                log.warning("run %s finished: failure: %s", run_id, run_error(job))
+
+    def _perform(self, slot: _Slot, dispatch: Dispatch, run_id: str = "") -> Result:
         """Perform an action here, outside any transaction; never raises for its errors."""
         fn = self.actions.get(dispatch.action)
         self.stats["actions"] += 1
+        started = time.monotonic()
         try:
             if fn is not None and inspect.iscoroutinefunction(fn):
                 if slot.loop is None:
                     slot.loop = asyncio.new_event_loop()
-                return slot.loop.run_until_complete(perform(dispatch, fn, True))
-            return perform_sync(dispatch, fn, True)
+                result = slot.loop.run_until_complete(perform(dispatch, fn, True))
+            else:
+                result = perform_sync(dispatch, fn, True)
         except Exception as exc:  # perform* turn the action's errors into failures already
-            return failure(dispatch, f"{type(exc).__name__}: {exc}")
+            result = failure(dispatch, f"{type(exc).__name__}: {exc}")
+        if fn is _log_action:
+            log.info("run %s: log!! %s", run_id, _short(dispatch.payload))
+        if result.state in FAILED_STATES:
+            log.warning(
+                "run %s: step %d (%s) failed: %s",
+                run_id,
+                dispatch.id,
+                dispatch.action,
+                _short(result.error),
+            )
+        else:
+            log.debug(
+                "run %s: step %d (%s) done in %.3fs",
+                run_id,
+                dispatch.id,
+                dispatch.action,
+                time.monotonic() - started,
+            )
+        return result
 
     def _deliver(self, slot: _Slot, run_id: str, items: list[tuple[int, Result]]) -> None:
         """Hand results of one run over (see the module docstring, step 3)."""
         store = slot.store
         claim = 0 if self.stop.is_set() else 1
         try:
-            got = store.deliver(run_id, items, worker=slot.owner, claim=claim, lease=self.lease)
+            got = store.deliver(
+                run_id, items, worker=slot.owner, claim=claim, lease=self.lease, serves=self.serves
+            )
         except Exception as exc:
             if self._lost(exc):
                 raise
-            # The restart failed, not the connection (the transaction was rolled back):
-            # queue the results as they are. A write conflict (the run was written
+            # The restart failed, not the connection (the transaction was rolled back, the
+            # tasks are still leased to this slot): queue the results as they are; the next
+            # restart of the run reads it as stored. A write conflict (the run was written
             # elsewhere meanwhile) is routine; anything else is logged, and the restart
             # task is set aside with the reason if it fails again.
             if isinstance(exc, self.pg.WriteConflict):
-                log.info("run %s: %s; queueing %d results", run_id, _message(exc), len(items))
+                self.stats["conflicts"] += 1
+                log.debug("run %s: %s; queueing %d results", run_id, _message(exc), len(items))
             else:
                 log.error(
                     "run %s: restart failed (%s); queueing %d results",
@@ -488,6 +598,7 @@ class Worker:
                 self.stats["queued_results"] += len(items) - got.lost
             elif got.outcome == "restarted":
                 self.stats["fast"] += 1
+                self._stepped(run_id, got.step)
                 self._hold([t for t, _ in got.step.claimed])
                 slot.todo.extend((t, d, run_id) for t, d in got.step.claimed)
         self._unhold([t for t, _ in items])
@@ -550,10 +661,12 @@ class Worker:
             conn.close()
 
     def _janitor(self) -> None:
-        """Renew this worker's leases; recover the tasks of workers whose lease expired."""
+        """Renew this worker's leases and its entry in `ablauf.workers`; recover the tasks
+        of workers whose lease expired; hand back runs left with no task to finish them."""
         pg = self.pg
         backoff = _Backoff()
         conn = None
+        store = None
         renew_every = self.lease / 4
         next_recovery = 0.0
         while not self.finished.is_set():
@@ -561,10 +674,13 @@ class Worker:
                 if conn is None:
                     conn = pg.connect(self.url, purpose="janitor")
                     conn.execute("SET search_path TO ablauf, public")
+                    store = pg.PostgresStore(conn, self.url, reconnect=False)
                     backoff.reset()
                 with self.held_lock:
                     held = sorted(self.held)
                 pg.renew_leases(conn, self.owners, held, self.lease)
+                if not self.stop.is_set():
+                    pg.register_worker(conn, self.name, self.serves, self.concurrency, self.lease)
                 if time.monotonic() >= next_recovery and not self.stop.is_set():
                     with conn.transaction():
                         again, lost = pg.recover_leases(conn)
@@ -575,18 +691,42 @@ class Worker:
                             again,
                             lost,
                         )
+                    self._repair(store)
                     next_recovery = time.monotonic() + self.lease / 2 * random.uniform(0.5, 1)
             except Exception as exc:
                 log.warning("janitor lost its connection (%s); reconnecting", _message(exc))
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        conn.close()
-                conn = None
+                _closed(conn)
+                conn = store = None
                 backoff.sleep(self.finished)
                 continue
             self.finished.wait(renew_every)
         if conn is not None:
+            with contextlib.suppress(Exception):
+                pg.unregister_worker(conn, self.name)
             conn.close()
+
+    def _repair(self, store: Any) -> None:
+        """The janitor's check for runs with steps in flight and no task for them."""
+        for line in store.repair_stranded(worker=self.name):
+            run_id = line.split(":", 1)[0]
+            if "cannot be handed back" in line:
+                if run_id not in self.reported:
+                    self.reported.add(run_id)
+                    log.error("%s", line)
+                continue
+            self.stats["repaired"] += 1
+            log.warning("%s", line)
+
+
+def _log_action(payload: Any, context: Any) -> Any:
+    """`(log!! x)` on a worker: its output is the payload; the worker logs it (`_perform`)."""
+    return payload
+
+
+def _short(value: Any, width: int = 500) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _message(exc: BaseException) -> str:
@@ -641,4 +781,4 @@ def run_worker(
         worker.run()
 
 
-__all__ = ["Worker", "requeue", "run_worker", "submit", "wait"]
+__all__ = ["INSTALL", "Worker", "check_url", "requeue", "run_worker", "submit", "wait"]

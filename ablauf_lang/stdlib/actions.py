@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -29,10 +30,39 @@ def action_fail(payload: Any, context: Any) -> Any:
     raise ActionFailed("fail!!" if payload is None else payload)
 
 
+# The longest in-process wait `action/sleep` performs. It holds a runner in memory: for
+# longer waits a durable timer (which survives restarts) is the tool.
+MAX_SLEEP_SECONDS = 24 * 60 * 60
+
+
+def sleep_seconds(payload: Any) -> float:
+    """The seconds `action/sleep` waits for `payload` (a number, or `{:seconds n}`).
+
+    Raises ActionFailed naming the problem for anything but a finite number from 0 to
+    MAX_SLEEP_SECONDS (nil and a missing :seconds mean 0).
+    """
+    seconds = payload.get("seconds", 0) if isinstance(payload, dict) else payload
+    if seconds is None:
+        return 0.0
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        raise ActionFailed(
+            f"action/sleep: the duration must be a number of seconds, got {seconds!r:.60}"
+        )
+    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_SLEEP_SECONDS:
+        if isinstance(seconds, float):
+            shown = f"{seconds:g}"
+        else:
+            shown = f"{seconds}" if seconds.bit_length() < 64 else "a huge integer"
+        raise ActionFailed(
+            f"action/sleep: the duration must be from 0 to {MAX_SLEEP_SECONDS} seconds "
+            f"(24 hours), got {shown}"
+        )
+    return float(seconds)
+
+
 async def action_sleep(payload: Any, context: Any) -> Any:
     """`(action!! :action/sleep seconds)`: wait, then succeed with the payload."""
-    seconds = payload.get("seconds", 0) if isinstance(payload, dict) else payload
-    await asyncio.sleep(float(seconds or 0))
+    await asyncio.sleep(sleep_seconds(payload))
     return payload
 
 

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from ablauf_lang.forms import Keyword
 from ablauf_lang.nodes import BranchView, Leaf
+from ablauf_lang.values import freeze, int_too_large
 
 __all__ = [
     "BUILTINS",
@@ -121,7 +122,7 @@ def type_name(value: Any) -> str:
 
 def _need(value: Any, ok: bool, what: str, fn: str) -> None:
     if not ok:
-        raise BuiltinError(f"{fn} expects {what}, got {type_name(value)} {show_value(value)}")
+        raise BuiltinError(f"{fn} expects {what}, got {type_name(value)} {show_value(value, 60)}")
 
 
 def _numbers(fn: str, values: tuple[Any, ...]) -> None:
@@ -129,13 +130,21 @@ def _numbers(fn: str, values: tuple[Any, ...]) -> None:
         _need(v, is_number(v), "numbers", fn)
 
 
+def _result(fn: str, value: Any) -> Any:
+    """An arithmetic result, refused when it overflows: an infinite float or a huge integer."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BuiltinError(f"{fn}: the result is too large for a float (it overflows)")
+    if isinstance(value, int) and int_too_large(value):
+        raise BuiltinError(f"{fn}: the result is an integer of more than 4,300 digits")
+    return value
+
+
 def _hashable(key: Any) -> Any:
-    """A value usable as a map key: a vector key becomes a tuple."""
-    if isinstance(key, list):
-        return tuple(_hashable(k) for k in key)
-    if isinstance(key, dict):
-        raise BuiltinError(f"a map cannot be a map key: {show_value(key)}")
-    return key
+    """A value usable as a map key: a vector key becomes a tuple (iteratively)."""
+    try:
+        return freeze(key)
+    except TypeError:
+        raise BuiltinError(f"a map cannot be a map key: {show_value(key, 60)}") from None
 
 
 def _is_keyword_name(text: str) -> bool:
@@ -170,19 +179,27 @@ def _show_atom(value: Any, quoted: bool) -> str:
     return getattr(value, "show", None) or repr(value)
 
 
-def show_value(value: Any) -> str:
-    """Print a value in the language's notation (`[1 "a" {:k nil}]`), without recursion."""
+def show_value(value: Any, limit: int | None = None) -> str:
+    """Print a value in the language's notation (`[1 "a" {:k nil}]`), without recursion.
+
+    `limit`: stop after about that many characters and end with "..." (for messages), so
+    a huge value costs no more than its start.
+    """
     if not isinstance(value, list | tuple | dict):
-        return _show_atom(value, quoted=True)
+        text = _show_atom(value, quoted=True)
+        return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
     out: list[str] = []
+    size = 0
     # Work stack of values to print and literal text (closers, spaces) as `_Lit`.
     todo: list[Any] = [value]
     while todo:
+        if limit is not None and size > limit:
+            return "".join(out)[: limit - 3] + "..."
         item = todo.pop()
         if isinstance(item, _Lit):
-            out.append(item.text)
+            piece = item.text
         elif isinstance(item, dict):
-            out.append("{")
+            piece = "{"
             todo.append(_Lit("}"))
             parts: list[Any] = []
             for k, v in item.items():
@@ -192,7 +209,7 @@ def show_value(value: Any) -> str:
                 parts.extend([key, _Lit(" "), v])
             todo.extend(reversed(parts))
         elif isinstance(item, list | tuple):
-            out.append("[")
+            piece = "["
             todo.append(_Lit("]"))
             parts = []
             for v in item:
@@ -201,8 +218,11 @@ def show_value(value: Any) -> str:
                 parts.append(v)
             todo.extend(reversed(parts))
         else:
-            out.append(_show_atom(item, quoted=True))
-    return "".join(out)
+            piece = _show_atom(item, quoted=True)
+        out.append(piece)
+        size += len(piece)
+    text = "".join(out)
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _Lit:
@@ -288,8 +308,8 @@ def ctx(context: dict[str, Any], key: Any = None, *default: Any) -> Any:
         if not found:
             if default:
                 return default[0]
-            where = f" under {show_value(path[:i])}" if i else ""
-            name = show_value(Keyword(step) if isinstance(step, str) else step)
+            where = f" under {show_value(path[:i], 60)}" if i else ""
+            name = show_value(Keyword(step) if isinstance(step, str) else step, 60)
             raise MissingKey(f"the context has no {name}{where} (and no default was given)")
     # A copy: an action that changes its payload must not change the run's context.
     return copy_data(value)
@@ -373,7 +393,7 @@ def join(a: Any, b: Any = None) -> str:
 def add(*values: Any) -> Any:
     """(+ x ...): the sum (0 for none)."""
     _numbers("+", values)
-    return sum(values, 0)
+    return _result("+", sum(values, 0))
 
 
 @builtin("-", 1)
@@ -384,7 +404,7 @@ def sub(first: Any, *rest: Any) -> Any:
         return -first
     for v in rest:
         first -= v
-    return first
+    return _result("-", first)
 
 
 @builtin("*")
@@ -393,7 +413,7 @@ def mul(*values: Any) -> Any:
     _numbers("*", values)
     out: Any = 1
     for v in values:
-        out *= v
+        out = _result("*", out * v)  # each step: a long product stops at the first overflow
     return out
 
 
@@ -409,8 +429,11 @@ def div(first: Any, *rest: Any) -> Any:
         if isinstance(first, int) and isinstance(v, int) and first % v == 0:
             first //= v
         else:
-            first /= v
-    return first
+            try:
+                first /= v
+            except OverflowError:  # a huge integer over a small one
+                raise BuiltinError("/: the result is too large for a float") from None
+    return _result("/", first)
 
 
 @builtin("mod", 2, 2)
@@ -426,14 +449,14 @@ def mod(a: Any, b: Any) -> Any:
 def inc(x: Any) -> Any:
     """(inc x) is x + 1."""
     _numbers("inc", (x,))
-    return x + 1
+    return _result("inc", x + 1)
 
 
 @builtin("dec", 1, 1)
 def dec(x: Any) -> Any:
     """(dec x) is x - 1."""
     _numbers("dec", (x,))
-    return x - 1
+    return _result("dec", x - 1)
 
 
 @builtin("max", 1)

@@ -15,17 +15,150 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import threading
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from ablauf_lang.errors import StoreError
+from ablauf_lang.errors import AblaufError, RunError, StoreError
 from ablauf_lang.job import LAST_ERROR, Job
 from ablauf_lang.nodes import Status
 from ablauf_lang.serde import encode_value
 
 ENV_VAR = "ABLAUF_STORE"
+LEASE_ENV = "ABLAUF_LEASE_SECONDS"  # how long a driver's lease lasts without a heartbeat
+LEASE_SECONDS = 30.0
+STATES = ("pending", "running", "abandoned", "success", "failure", "aborted", "damaged")
+
+
+# ---------------------------------------------------------------- who is driving a run
+
+
+def process_started(pid: int) -> float | None:
+    """When process `pid` of this host started (seconds since the epoch), where the system
+    says (Linux /proc); None elsewhere. Tells a live process from a reused pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        with open("/proc/stat", "rb") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith(b"btime "))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    try:
+        ticks = int(stat[stat.rindex(b")") + 2 :].split()[19])  # field 22: starttime
+    except (ValueError, IndexError):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def pid_alive(pid: int, started: float | None = None) -> bool:
+    """True when process `pid` of this host exists (and, when `started` is known and the
+    system tells, is the process that started then, not a later one given the same pid)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, owned by someone else
+    except OSError:
+        return False
+    if started is not None:
+        now = process_started(pid)
+        if now is not None and abs(now - started) > 2.0:
+            return False  # the pid was given to another process since
+    return True
+
+
+HOST = socket.gethostname()
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """A process that drives runs: where it runs, and a fresh token per lease it takes."""
+
+    host: str
+    pid: int
+    started: float | None
+    token: str
+
+    @classmethod
+    def this_process(cls) -> Owner:
+        """This process, with a new token."""
+        pid = os.getpid()
+        return cls(HOST, pid, process_started(pid), uuid.uuid4().hex)
+
+
+@dataclass(frozen=True, slots=True)
+class Driver:
+    """The lease a process holds on a run it drives (`ablauf run`, eval, resume, retry).
+
+    Live while it is not expired and, on this host, its process still exists; a lease
+    released before the run ended has `expires == 0`.
+    """
+
+    host: str
+    pid: int
+    heartbeat: float
+    expires: float
+    started: float | None = None
+    token: str = field(default="", compare=False, repr=False)
+
+    def is_live(self, now: float | None = None) -> bool:
+        """True while the process that took the lease may still be driving the run."""
+        if self.expires <= (time.time() if now is None else now):
+            return False
+        if self.host == HOST:
+            return pid_alive(self.pid, self.started)
+        return True  # another host: only its heartbeat tells
+
+    def describe(self) -> str:
+        """`host, pid 123`."""
+        return f"{self.host}, pid {self.pid}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The lease as plain data (for `--json`)."""
+        return {
+            "host": self.host,
+            "pid": self.pid,
+            "heartbeat": self.heartbeat,
+            "expires": self.expires,
+            "live": self.is_live(),
+        }
+
+
+def lease_seconds() -> float:
+    """How long a lease lasts without a heartbeat: `$ABLAUF_LEASE_SECONDS`, else 30."""
+    text = os.environ.get(LEASE_ENV)
+    if not text:
+        return LEASE_SECONDS
+    try:
+        value = float(text)
+    except ValueError:
+        raise StoreError(f"${LEASE_ENV} must be a number of seconds, not {text!r}") from None
+    if not 0.1 <= value <= 86400:
+        raise StoreError(f"${LEASE_ENV} must be between 0.1 and 86400 seconds, not {text}")
+    return value
+
+
+def refuse_live(run_id: str, driver: Driver, doing: str) -> RunError:
+    """The error for an operation refused because another process drives the run:
+    `doing` is "driving" (resume, retry: --force takes it over) or "deleting"."""
+    ago = max(0.0, time.time() - driver.heartbeat)
+    head = f"run {run_id} is running ({driver.describe()}, heartbeat {ago:.0f}s ago)"
+    if doing == "driving":
+        return RunError(
+            f"{head}: another process drives it; wait for it to end, stop that process, "
+            "or take it over with --force (force=True)"
+        )
+    return RunError(f"{head}: not {doing} it; wait for it to end or stop that process first")
+
+
+# ---------------------------------------------------------------- runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,17 +172,51 @@ class RunInfo:
     restarts: int = 0
     filename: str | None = None
     error: str | None = None  # a failed run's error (abort reason or last error), one line
+    aborted: str | None = None  # the abort reason, once aborted
+    driver: Driver | None = None  # the lease of the process driving it, if one was taken
+    damage: str | None = None  # why the store cannot give this run back as it was recorded
+
+    @property
+    def state(self) -> str:
+        """One word for people: pending, running, abandoned, success, failure, aborted or
+        damaged (`running`: a live driver holds its lease; `abandoned`: unfinished, and
+        the process that drove it is gone or stopped)."""
+        if self.damage is not None:
+            return "damaged"
+        if self.status is Status.SUCCESS:
+            return "success"
+        if self.status is Status.FAILURE:
+            return "failure" if self.aborted is None else "aborted"
+        if self.driver is None:
+            return "pending"
+        return "running" if self.driver.is_live() else "abandoned"
+
+    @property
+    def live(self) -> bool:
+        """True while another process may be driving the run (its lease is live)."""
+        return self.status is Status.PENDING and self.driver is not None and self.driver.is_live()
+
+    def label(self) -> str:
+        """The state with its driver: `running (host, pid 123)`."""
+        state = self.state
+        if state == "running" and self.driver is not None:
+            return f"running ({self.driver.describe()})"
+        return state
 
     def to_dict(self) -> dict[str, Any]:
         """The run as plain data (for `--json`)."""
         return {
             "run_id": self.run_id,
             "status": str(self.status),
+            "state": self.state,
             "created": self.created,
             "updated": self.updated,
             "restarts": self.restarts,
             "filename": self.filename,
             "error": self.error,
+            "aborted": self.aborted,
+            "driver": None if self.driver is None else self.driver.to_dict(),
+            "damage": self.damage,
         }
 
 
@@ -112,8 +279,62 @@ class JobStore(Protocol):
         """True when the store has this run."""
         ...
 
-    def list_runs(self, *, limit: int | None = None, status: str | None = None) -> list[RunInfo]:
-        """Runs, newest first; only those with `status` when given."""
+    def list_runs(
+        self,
+        *,
+        limit: int | None = None,
+        status: str | None = None,
+        offset: int = 0,
+        filename: str | None = None,
+        since: float | None = None,
+    ) -> list[RunInfo]:
+        """Runs, newest first: only those with `status` (pending, success, failure), whose
+        file is `filename` (the name as recorded, or its last part), created at `since` or
+        later; `limit` of them after skipping `offset`. A damaged run is listed with its
+        `damage` said, never raised."""
+        ...
+
+    def count_runs(
+        self,
+        *,
+        status: str | None = None,
+        filename: str | None = None,
+        since: float | None = None,
+    ) -> int:
+        """How many runs `list_runs` would give without a limit."""
+        ...
+
+    def resolve_run_id(self, prefix: str) -> str:
+        """The id of the one run whose id starts with `prefix` (a whole id is its own
+        prefix); RunError naming the candidates when several do, or when none does."""
+        ...
+
+    def delete_run(self, run_id: str) -> None:
+        """Delete a run and everything recorded of it; RunError when it is running
+        (its driver's lease is live)."""
+        ...
+
+    def prune_runs(
+        self, *, before: float, status: str | None = None, dry_run: bool = False
+    ) -> tuple[list[str], list[str]]:
+        """Delete runs last updated before `before` (with `status` when given): returns
+        (ids deleted, or that would be with `dry_run`; ids kept because they are running)."""
+        ...
+
+    def acquire_lease(
+        self, run_id: str, owner: Owner, ttl: float, *, force: bool = False
+    ) -> Driver:
+        """Take the lease of a run for `owner` (a process about to drive it). RunError
+        when another process holds a live lease, unless `force` (take it over)."""
+        ...
+
+    def renew_lease(self, run_id: str, token: str, ttl: float) -> bool:
+        """Renew our lease (the heartbeat); False when it is no longer ours."""
+        ...
+
+    def release_lease(self, run_id: str, token: str, *, finished: bool) -> None:
+        """Give the lease back: removed when the run `finished`, else marked released
+        (the run shows as abandoned: resume it)."""
         ...
 
     def close(self) -> None:
@@ -136,15 +357,19 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+def default_path() -> str:
+    """The default store's file: `runs.db` in the user's data directory (XDG)."""
+    from platformdirs import user_data_dir
+
+    return os.path.join(user_data_dir("ablauf", appauthor=False), "runs.db")
+
+
 def default_url() -> str:
     """`$ABLAUF_STORE`, else a SQLite file in the user's data directory (XDG)."""
     url = os.environ.get(ENV_VAR)
-    if url:
+    if url and url.strip():
         return url
-    from platformdirs import user_data_dir
-
-    path = os.path.join(user_data_dir("ablauf", appauthor=False), "runs.db")
-    return f"sqlite:///{path}"
+    return f"sqlite:///{default_path()}"
 
 
 def open_store(url: str | JobStore | None = None) -> JobStore:
@@ -153,6 +378,11 @@ def open_store(url: str | JobStore | None = None) -> JobStore:
         return url
     if url is None:
         url = default_url()
+    if not url.strip():
+        raise StoreError(
+            "the store URL is empty: name one (memory:, sqlite:///path, postgresql://...) "
+            "or leave the option out for the default store"
+        )
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "memory":
         from ablauf_lang.stores.memory import MemoryStore
@@ -178,3 +408,141 @@ def open_store(url: str | JobStore | None = None) -> JobStore:
 def statuses(infos: Iterable[RunInfo]) -> dict[str, str]:
     """Map run ids to their status (handy in tests and listings)."""
     return {i.run_id: str(i.status) for i in infos}
+
+
+# ---------------------------------------------------------------- ages and times
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
+
+
+def parse_age(text: str, what: str = "age") -> float:
+    """`90s`, `15m`, `2h`, `3d` or `1w` as seconds."""
+    raw = text.strip().lower()
+    unit = _UNITS.get(raw[-1:])
+    try:
+        value = float(raw[:-1]) if unit is not None else None
+    except ValueError:
+        value = None
+    if value is None or unit is None:
+        raise RunError(f"{what} {text!r} is not a duration such as 90s, 15m, 2h, 3d or 1w")
+    if not 0 <= value * unit < 1e11:
+        raise RunError(f"{what} {text!r} must be a positive duration")
+    return value * unit
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """`--since`: a duration back from now (`2h`, `3d`) or an ISO date or time
+    (`2026-11-30`, `2026-11-30T08:00`, local time unless it names a zone)."""
+    from datetime import datetime
+
+    raw = text.strip()
+    try:
+        return (time.time() if now is None else now) - parse_age(raw, "--since")
+    except RunError:
+        pass
+    try:
+        when = datetime.fromisoformat(raw)
+    except ValueError:
+        raise RunError(
+            f"--since {text!r} is neither a duration (2h, 3d) nor an ISO date "
+            "(2026-11-30 or 2026-11-30T08:00)"
+        ) from None
+    return when.timestamp()
+
+
+def resolve_prefix(prefix: str, candidates: Iterable[str], where: str) -> str:
+    """The one candidate id starting with `prefix`; RunError listing them when several
+    do, or naming the prefix when none does."""
+    found = sorted(set(candidates))
+    if prefix in found:
+        return prefix
+    matches = [c for c in found if c.startswith(prefix)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise RunError(f"no run {prefix!r} in {where}")
+    shown = ", ".join(matches[:10]) + (
+        f" and {len(matches) - 10} more" if len(matches) > 10 else ""
+    )
+    raise RunError(f"run id {prefix!r} is ambiguous in {where}: it matches {shown}")
+
+
+# ---------------------------------------------------------------- the driver's lease
+
+
+class DriverLease:
+    """The lease a process holds while it drives a run, renewed by a heartbeat thread.
+
+        lease = DriverLease(store, run_id)   # RunError when another process drives it
+        lease.acquire(force=False)
+        ... drive the run; lease.beat() now and then (cheap: renews when due) ...
+        lease.release(finished=job.done)
+
+    The heartbeat thread renews it every third of its time to live; a store error while
+    renewing is retried at the next beat (the lease lasts a while). A lease taken over by
+    another process (`force`) is not renewed any more (`lost` is set); that process's
+    writes make this one's next write fail as written by another process.
+    """
+
+    def __init__(self, store: JobStore, run_id: str, ttl: float | None = None) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.ttl = lease_seconds() if ttl is None else ttl
+        self.owner = Owner.this_process()
+        self.lost = False
+        self.errors = 0  # heartbeats that failed (store busy or unreachable)
+        self._next = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def acquire(self, *, force: bool = False) -> Driver:
+        """Take the lease (see `JobStore.acquire_lease`) and start the heartbeat."""
+        driver = self.store.acquire_lease(self.run_id, self.owner, self.ttl, force=force)
+        self._next = time.monotonic() + self.ttl / 3
+        self._thread = threading.Thread(
+            target=self._heartbeat, name=f"ablauf-lease-{self.run_id}", daemon=True
+        )
+        self._thread.start()
+        return driver
+
+    def beat(self) -> None:
+        """Renew the lease if a third of its time has passed since the last renewal."""
+        if self.lost or time.monotonic() < self._next:
+            return
+        self._renew()
+
+    def _renew(self) -> None:
+        with self._lock:
+            if self.lost:
+                return
+            try:
+                ok = self.store.renew_lease(self.run_id, self.owner.token, self.ttl)
+            except AblaufError:
+                self.errors += 1  # busy or unreachable: the next beat tries again
+                return
+            self._next = time.monotonic() + self.ttl / 3
+            if not ok:
+                self.lost = True
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            self._renew()
+            if self.lost:
+                return
+
+    def release(self, *, finished: bool) -> None:
+        """Stop the heartbeat and give the lease back (errors are not raised: the lease
+        then simply expires)."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=self.ttl)
+        with self._lock:
+            if self.lost:
+                return
+            self.lost = True
+            try:
+                self.store.release_lease(self.run_id, self.owner.token, finished=finished)
+            except AblaufError:
+                self.errors += 1

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 from ablauf_lang.errors import RunError
 from ablauf_lang.job import Job
 from ablauf_lang.nodes import Status
-from ablauf_lang.stores.base import RunInfo, StoredRun, new_run_id, run_error
+from ablauf_lang.stores.base import (
+    Driver,
+    Owner,
+    RunInfo,
+    StoredRun,
+    new_run_id,
+    refuse_live,
+    resolve_prefix,
+    run_error,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +31,12 @@ class _Run:
     created: float
     updated: float
     order: int  # creation order: ties of `created` still list newest first
+    driver: Driver | None = None
+
+
+def matches_file(recorded: str | None, wanted: str) -> bool:
+    """`--file`: the name as recorded, or its last part (`deploy.abl` for `ops/deploy.abl`)."""
+    return recorded is not None and (recorded == wanted or recorded.endswith("/" + wanted))
 
 
 class MemoryStore:
@@ -31,6 +47,7 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._runs: dict[str, _Run] = {}
+        self._made = 0
         self.commits = 0  # records taken (what a durable store would commit)
 
     def __repr__(self) -> str:
@@ -49,9 +66,8 @@ class MemoryStore:
         if run_id in self._runs:
             raise RunError(f"run {run_id!r} already exists in memory:")
         now = time.time()
-        self._runs[run_id] = _Run(
-            job, source, filename, dict(job.context), now, now, len(self._runs)
-        )
+        self._made += 1
+        self._runs[run_id] = _Run(job, source, filename, dict(job.context), now, now, self._made)
         return run_id
 
     def record(self, run_id: str, job: Job) -> None:
@@ -68,7 +84,15 @@ class MemoryStore:
     def _info(self, run_id: str, run: _Run) -> RunInfo:
         job = run.job
         return RunInfo(
-            run_id, job.status, run.created, run.updated, job.restarts, run.filename, run_error(job)
+            run_id,
+            job.status,
+            run.created,
+            run.updated,
+            job.restarts,
+            run.filename,
+            run_error(job),
+            None if job.aborted is None else str(job.aborted),
+            run.driver,
         )
 
     def load(self, run_id: str) -> StoredRun:
@@ -84,13 +108,100 @@ class MemoryStore:
         """True when this store has the run."""
         return run_id in self._runs
 
-    def list_runs(self, *, limit: int | None = None, status: str | None = None) -> list[RunInfo]:
-        """Runs, newest first; only those with `status` when given."""
+    def _select(
+        self, status: str | None, filename: str | None, since: float | None
+    ) -> Iterator[RunInfo]:
+        wanted = None if status is None else Status(status)
         runs = sorted(self._runs.items(), key=lambda kv: (kv[1].created, kv[1].order), reverse=True)
-        infos = [self._info(k, v) for k, v in runs]
-        if status is not None:
-            infos = [i for i in infos if i.status is Status(status)]
+        for run_id, run in runs:
+            if since is not None and run.created < since:
+                continue
+            if filename is not None and not matches_file(run.filename, filename):
+                continue
+            if wanted is not None and run.job.status is not wanted:
+                continue
+            yield self._info(run_id, run)
+
+    def list_runs(
+        self,
+        *,
+        limit: int | None = None,
+        status: str | None = None,
+        offset: int = 0,
+        filename: str | None = None,
+        since: float | None = None,
+    ) -> list[RunInfo]:
+        """Runs, newest first (see `JobStore.list_runs`)."""
+        infos = list(self._select(status, filename, since))[max(0, offset) :]
         return infos[:limit] if limit is not None else infos
+
+    def count_runs(
+        self,
+        *,
+        status: str | None = None,
+        filename: str | None = None,
+        since: float | None = None,
+    ) -> int:
+        """How many runs `list_runs` would give without a limit."""
+        return sum(1 for _ in self._select(status, filename, since))
+
+    def resolve_run_id(self, prefix: str) -> str:
+        """The one run whose id starts with `prefix`."""
+        return resolve_prefix(prefix, self._runs, "memory:")
+
+    def delete_run(self, run_id: str) -> None:
+        """Forget a run; RunError when it is running."""
+        info = self.info(run_id)
+        if info.live and info.driver is not None:
+            raise refuse_live(run_id, info.driver, "deleting")
+        del self._runs[run_id]
+
+    def prune_runs(
+        self, *, before: float, status: str | None = None, dry_run: bool = False
+    ) -> tuple[list[str], list[str]]:
+        """Forget runs last updated before `before` (running ones are kept)."""
+        gone: list[str] = []
+        kept: list[str] = []
+        for info in self._select(status, None, None):
+            if info.updated >= before:
+                continue
+            (kept if info.live else gone).append(info.run_id)
+        if not dry_run:
+            for run_id in gone:
+                del self._runs[run_id]
+        return gone, kept
+
+    def acquire_lease(
+        self, run_id: str, owner: Owner, ttl: float, *, force: bool = False
+    ) -> Driver:
+        """Take the lease of a run (see `JobStore.acquire_lease`)."""
+        run = self._get(run_id)
+        held = run.driver
+        if held is not None and held.token != owner.token and not force and held.is_live():
+            raise refuse_live(run_id, held, "driving")
+        now = time.time()
+        driver = Driver(owner.host, owner.pid, now, now + ttl, owner.started, owner.token)
+        self._runs[run_id] = replace(run, driver=driver)
+        return driver
+
+    def renew_lease(self, run_id: str, token: str, ttl: float) -> bool:
+        """Renew our lease; False when it is not ours any more."""
+        run = self._runs.get(run_id)
+        if run is None or run.driver is None or run.driver.token != token:
+            return False
+        now = time.time()
+        self._runs[run_id] = replace(
+            run, driver=replace(run.driver, heartbeat=now, expires=now + ttl)
+        )
+        return True
+
+    def release_lease(self, run_id: str, token: str, *, finished: bool) -> None:
+        """Give the lease back (removed once the run finished, else marked released)."""
+        run = self._runs.get(run_id)
+        if run is None or run.driver is None or run.driver.token != token:
+            return
+        driver = None if finished else replace(run.driver, expires=0.0)
+        self._runs[run_id] = replace(run, driver=driver)
 
     def close(self) -> None:
         """Nothing to release."""

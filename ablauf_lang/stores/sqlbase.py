@@ -13,10 +13,14 @@ Tables (column types are the dialect's; JSON columns are text written by `json.d
             created, updated, restarts        as of the snapshot (see `deltas`)
             aborted, todo, touched, n_nodes   the job's own fields, as of the snapshot
             snapshot_seq  the write the `nodes`/`context` rows are current with
+            head_seq      the newest write (kept by a trigger on `deltas`): the run's
+                          deltas are exactly snapshot_seq + 1 .. head_seq
             source, filename, initial_context, format (serde.VERSION), error
     nodes   (run, node) key; spec, state, children        the snapshot of the tree
     context (run, key) key; pos, value                    the snapshot of the context
     deltas  (run, seq) key; updated, restarts, data       writes since the snapshot
+    leases  run key; token, host, pid, started, heartbeat, expires
+                          the process driving the run (see `base.DriverLease`)
 
 A node's record (`serde.encode_node`) is kept in three JSON texts: `spec`, what the node
 is (id, kind, action, payload, span, a doseq's template ...), written once; `state`, what
@@ -48,6 +52,13 @@ Several processes: each write names the sequence number it follows (`deltas.seq`
 `runs.snapshot_seq`); if another process wrote the run in between, the write is refused
 with a StoreError (two drivers of one run) instead of applying a delta to the wrong base.
 
+Damage: every read checks what it reads (`Damage`, reported as `run ID is damaged: ...`
+for that run only): the run row's fields, the step log (no write missing between the
+snapshot and `head_seq`), one node row per node, each node's record (JSON, its id, the
+state fields every kind has), each delta's shape. Text that is not UTF-8 (SQLite does not
+check) is read as `BadText` and reported. `list_runs` checks the cheap part (the run row,
+the step log and the node count) and lists a damaged run with its `damage` said.
+
 Delta JSON (`data`): {"r": [restarts, aborted, todo, touched, n_nodes, status],
 "s": [[id, state], ...], "n": [[id, spec, state, children], ...], "c": [[key, pos,
 value], ...], "cd": [key, ...] (context keys dropped first), "d": n (drop nodes >= n)}.
@@ -67,12 +78,22 @@ from functools import cache
 from typing import Any
 
 from ablauf_lang import serde
-from ablauf_lang.errors import AblaufError, RunError, StoreError
-from ablauf_lang.job import ALL, Job
+from ablauf_lang.errors import AblaufError, JobError, RunError, StoreError
+from ablauf_lang.job import Job
 from ablauf_lang.nodes import Leaf, LeafState, Node, Status
-from ablauf_lang.stores.base import RunInfo, StoredRun, new_run_id, run_error
+from ablauf_lang.semantics import ALL
+from ablauf_lang.stores.base import (
+    Driver,
+    Owner,
+    RunInfo,
+    StoredRun,
+    new_run_id,
+    refuse_live,
+    resolve_prefix,
+    run_error,
+)
 
-SCHEMA_VERSION = 1  # of the tables above; stores refuse a database with a larger one
+SCHEMA_VERSION = 2  # of the tables above; stores refuse a database with a larger one
 COMPACT_EVERY = 64  # deltas between two snapshots of the node rows
 COMPACT_BYTES = 256 * 1024  # or this many bytes of deltas
 
@@ -92,14 +113,47 @@ def _not_json(value: Any) -> Any:
 def _make_dumps() -> Any:
     """Compact `json.dumps`; on CPython one C encoder built once (json builds one a call)."""
     make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:
+    basestring = getattr(json.encoder, "c_encode_basestring", None)
+    if make is None or basestring is None:
         return json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-    encode = make(None, _not_json, json.encoder.c_encode_basestring, None, ":", ",", False,
-                  False, True)  # fmt: skip
+    # Non-ASCII text is written as it is (lone surrogates too: `_dumps` checks for them).
+    encode = make(None, _not_json, basestring, None, ":", ",", False, False, True)
     return lambda value: "".join(encode(value, 0))
 
 
-_dumps = _make_dumps()
+_dumps_fast = _make_dumps()
+_dumps_ascii = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+
+
+def _dumps(value: Any) -> str:
+    """Compact JSON text that any database takes: non-ASCII characters are kept as they
+    are, unless the text holds a lone surrogate (a Python str may, UTF-8 may not): then
+    every non-ASCII character is escaped (`\\ud800`), which `json.loads` reads back."""
+    try:
+        text: str = _dumps_fast(value)
+    except RecursionError:
+        raise JobError("a value is nested too deeply to be stored") from None
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = _dumps_ascii(value)
+    return text
+
+
+def _text(value: Any) -> str | None:
+    """A text column's value that UTF-8 can hold: lone surrogates become `\\udXXX`."""
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else str(value)
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
 
 # ---------------------------------------------------------------- node records
 
@@ -187,12 +241,14 @@ def spec_changed(old: Node, new: Node) -> bool:
     """True when `new` is not the same node as `old` (kind, id or spec differ)."""
     if type(old) is not type(new) or old.id != new.id:
         return True
-    return _differ(old, new, _own_fields(type(new))[0])
+    cls: type = type(new)
+    return _differ(old, new, _own_fields(cls)[0])
 
 
 def state_changed(old: Node, new: Node) -> bool:
     """True when the state of a node (same spec) differs, compared without encoding it."""
-    return _differ(old, new, _own_fields(type(new))[1])
+    cls: type = type(new)
+    return _differ(old, new, _own_fields(cls)[1])
 
 
 # ---------------------------------------------------------------- what changed
@@ -247,18 +303,28 @@ def diff(old: Job, new: Job) -> Change:
 
 
 def _restart_nodes(old: Job, new: Job) -> tuple[dict[int, dict[str, Any]], dict[int, Node]]:
+    # Walk from the root down to every touched or new node, visiting each node on those
+    # paths once: the cost is the number of such nodes (not touched x depth: a 10,000-deep
+    # `do!!` touches 10,000 nodes on one path).
     n_old = len(old.paths)
     touched = new.touched
     starts = set(touched)
     starts.update(range(n_old, len(new.paths)))  # created by run-time expansion
-    pairs: dict[int, tuple[Node | None, Node]] = {}
+    pairs: dict[int, tuple[Node | None, Node]] = {new.root.id: (old.root, new.root)}
     reshaped: set[int] = set()
-    for node_id in starts:
-        o: Node | None = old.root
-        n: Node = new.root
-        for i in new.paths[node_id]:
-            if n.id not in pairs:
-                pairs[n.id] = (o, n)
+    links = _links(new)
+    for node_id in sorted(starts):
+        if node_id in pairs:
+            continue
+        # Up through the parent links to the nearest node already walked to...
+        chain = []
+        up = node_id
+        while up not in pairs:
+            chain.append(links[1][up])
+            up = links[0][up]
+        o, n = pairs[up]
+        # ... then down the child indices, pairing each node with its old self.
+        for i in reversed(chain):
             kids = n.children
             if o is not None:
                 okids = o.children
@@ -268,7 +334,7 @@ def _restart_nodes(old: Job, new: Job) -> tuple[dict[int, dict[str, Any]], dict[
                 else:
                     o = okids[i]
             n = kids[i]
-        pairs[n.id] = (o, n)
+            pairs[n.id] = (o, n)
     states: dict[int, dict[str, Any]] = {}
     wholes: dict[int, Node] = {}
     for node_id, (o, n) in pairs.items():
@@ -280,6 +346,27 @@ def _restart_nodes(old: Job, new: Job) -> tuple[dict[int, dict[str, Any]], dict[
             # A restart never changes what an existing node is (its spec): only its state.
             states[node_id] = node_state(n)
     return states, wholes
+
+
+def _links(job: Job) -> tuple[Sequence[int], Sequence[int]]:
+    """(parent id, child index) of every node by id: the job's path table keeps them
+    (`job.PathTable`); from a table of whole paths they are computed once, O(nodes)."""
+    table: Any = job.paths
+    parent = getattr(table, "parent", None)
+    pos = getattr(table, "pos", None)
+    if parent is not None and pos is not None:
+        return parent, pos
+    parents = [-1] * len(table)
+    places = [0] * len(table)
+    stack: list[Node] = [job.root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Leaf):
+            continue
+        for i, child in enumerate(node.children):
+            parents[child.id], places[child.id] = node.id, i
+            stack.append(child)
+    return parents, places
 
 
 def _walk_nodes(old: Job, new: Job) -> tuple[dict[int, dict[str, Any]], dict[int, Node]]:
@@ -360,6 +447,117 @@ def context_delta(
 # ---------------------------------------------------------------- reading back
 
 
+class Damage(Exception):
+    """What is wrong with a run's rows: reported as `run ID is damaged: <this>`."""
+
+
+class BadText(str):
+    """A text column that did not hold UTF-8 (read with the bad bytes replaced)."""
+
+
+def decode_text(data: bytes) -> str:
+    """The SQLite store's text factory: UTF-8, or `BadText` (never a decoding error)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return BadText(data.decode("utf-8", "replace"))
+
+
+def _json(text: Any, what: str) -> Any:
+    """JSON text read back; Damage naming `what` when it is not."""
+    if isinstance(text, BadText):
+        raise Damage(f"{what} is not UTF-8 text")
+    if not isinstance(text, str):
+        raise Damage(f"{what} is not text but {type(text).__name__}")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise Damage(f"{what} is nested too deeply to be read") from None
+    except ValueError as exc:
+        raise Damage(f"{what} is not valid JSON ({exc})") from None
+
+
+# State fields every version of the codec wrote, by node kind: a state without them (`{}`)
+# is damage, not a node that never ran. (Other fields have defaults; serde checks types.)
+REQUIRED_STATE: dict[str, tuple[str, ...]] = {
+    "leaf": ("result", "attempt"),
+    "seq": ("cursor",),
+    "if": ("chosen",),
+    "doseq": ("expanded", "cursor"),
+    "pmap": ("expanded", "cursor"),
+}
+_LEAF_RESULTS = frozenset(str(s) for s in LeafState)
+
+
+def check_node(node_id: int, spec: Any, state: Any, children: Any) -> None:
+    """Damage unless (spec, state, children) can be the record of node `node_id`."""
+    if not isinstance(spec, dict):
+        raise Damage(f"node {node_id}'s record is not an object")
+    if spec.get("id") != node_id or type(spec.get("id")) is not int:
+        raise Damage(f"node {node_id}'s record names node {str(spec.get('id'))[:40]}")
+    kind = spec.get("kind")
+    if not isinstance(kind, str):
+        raise Damage(f"node {node_id}'s record has no kind")
+    if not isinstance(state, dict):
+        raise Damage(f"node {node_id}'s state is not an object")
+    missing = [k for k in REQUIRED_STATE.get(kind, ()) if k not in state]
+    if missing:
+        raise Damage(f"node {node_id} ({kind}) has no {', '.join(missing)} in its state")
+    if kind == "leaf":
+        result = state["result"]
+        if result is not None and result not in _LEAF_RESULTS:
+            raise Damage(f"node {node_id} has result {str(result)[:40]!r}, not a leaf state")
+        if children is not None:
+            raise Damage(f"node {node_id} is a leaf with children")
+    elif not isinstance(children, list) or not all(type(c) is int for c in children):
+        raise Damage(f"node {node_id} ({kind}) has no list of child ids")
+
+
+def check_fields(fields: Any, what: str) -> None:
+    """Damage unless `fields` are a job's own fields as `run_fields` writes them."""
+    if not isinstance(fields, list) or len(fields) != 6:
+        raise Damage(f"{what} does not hold the run's fields")
+    restarts, _aborted, todo, touched, n_nodes, status = fields
+    if type(restarts) is not int or restarts < 0:
+        raise Damage(f"{what} has {str(restarts)[:40]} restarts")
+    if not isinstance(todo, dict) or not isinstance(touched, list):
+        raise Damage(f"{what} has no list of what to do next")
+    if type(n_nodes) is not int or n_nodes < 1:
+        raise Damage(f"{what} says the run has {str(n_nodes)[:40]} nodes")
+    if status not in STATUSES:
+        raise Damage(f"{what} has status {str(status)[:40]!r}, not pending, success or failure")
+
+
+STATUSES = frozenset(str(s) for s in Status)
+
+
+def check_log(snapshot_seq: Any, head_seq: Any, seqs: Sequence[int]) -> None:
+    """Damage unless the deltas `seqs` are exactly the writes after the snapshot."""
+    if type(snapshot_seq) is not int or type(head_seq) is not int or snapshot_seq < 0:
+        raise Damage("its write numbers are not numbers")
+    if head_seq < snapshot_seq:
+        raise Damage(f"its newest write ({head_seq}) is older than its snapshot ({snapshot_seq})")
+    want = head_seq - snapshot_seq
+    if len(seqs) == want and (not seqs or (seqs[0] == snapshot_seq + 1 and seqs[-1] == head_seq)):
+        return  # seqs are unique and sorted: the right count between the ends is all of them
+    if want > len(seqs) + 1000:
+        raise Damage(f"its step log holds {len(seqs)} writes, {want} expected")
+    expected = range(snapshot_seq + 1, head_seq + 1)
+    missing = sorted(set(expected).difference(seqs))
+    extra = sorted(set(seqs).difference(expected))
+    if missing:
+        raise Damage(
+            f"its step log lacks {_numbers(missing)} of writes "
+            f"{snapshot_seq + 1}..{head_seq}: steps were lost"
+        )
+    raise Damage(f"its step log has writes {_numbers(extra)} past its newest ({head_seq})")
+
+
+def _numbers(items: Sequence[int]) -> str:
+    shown = ", ".join(map(str, items[:5]))
+    return shown + (f" (and {len(items) - 5} more)" if len(items) > 5 else "")
+
+
 @dataclass(slots=True)
 class Parts:
     """A run's records while it is read: the snapshot rows with the deltas applied."""
@@ -377,39 +575,68 @@ def snapshot_parts(
     run: Mapping[str, Any], nodes: Iterable[Sequence[Any]], context: Iterable[Sequence[Any]]
 ) -> Parts:
     """Parts from the snapshot: node rows `(node, spec, state, children)`, context rows
-    `(key, pos, value)` and the run row (a mapping by column name)."""
-    parts = {
-        row[0]: [
-            json.loads(row[1]),
-            json.loads(row[2]),
-            None if row[3] is None else json.loads(row[3]),
-        ]
-        for row in nodes
-    }
-    ctx = {k: [pos, json.loads(v)] for k, pos, v in context}
+    `(key, pos, value)` and the run row (a mapping by column name). Damage when a row is
+    not what the store wrote."""
+    parts: dict[int, list[Any]] = {}
+    for node_id, spec_text, state_text, kids_text in nodes:
+        what = f"node {node_id}"
+        spec = _json(spec_text, f"{what}'s record")
+        state = _json(state_text, f"{what}'s state")
+        kids = None if kids_text is None else _json(kids_text, f"{what}'s children")
+        check_node(node_id, spec, state, kids)
+        parts[node_id] = [spec, state, kids]
+    ctx: dict[str, list[Any]] = {}
+    for key, pos, value in context:
+        if isinstance(key, BadText) or not isinstance(key, str):
+            raise Damage("a context key is not UTF-8 text")
+        if type(pos) is not int:
+            raise Damage(f"context key {key[:40]} has no position")
+        ctx[key] = [pos, _json(value, f"context key {key[:40]}")]
+    aborted = run["aborted"]
+    if isinstance(aborted, BadText):
+        raise Damage("its abort reason is not UTF-8 text")
     fields = [
         run["restarts"],
-        run["aborted"],
-        json.loads(run["todo"]),
-        json.loads(run["touched"]),
+        aborted,
+        _json(run["todo"], "its to-do list"),
+        _json(run["touched"], "its list of touched nodes"),
         run["n_nodes"],
         run["status"],
     ]
+    check_fields(fields, "its row")
     return Parts(parts, ctx, fields)
 
 
-def replay(parts: Parts, data: str) -> None:
-    """Apply one delta (`deltas.data`) to `parts`."""
-    delta = json.loads(data)
+def replay(parts: Parts, data: str, seq: int | None = None) -> None:
+    """Apply one delta (`deltas.data`) to `parts`; Damage when it does not fit them."""
+    what = "a write" if seq is None else f"write {seq}"
+    delta = _json(data, what)
+    if not isinstance(delta, dict):
+        raise Damage(f"{what} is not an object")
+    try:
+        _apply(parts, delta, what)
+    except Damage:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise Damage(f"{what} does not fit the run ({type(exc).__name__}: {exc})") from None
+
+
+def _apply(parts: Parts, delta: dict[str, Any], what: str) -> None:
+    check_fields(delta["r"], what)
     parts.run = delta["r"]
     nodes = parts.nodes
     if "d" in delta:
         for node_id in [i for i in nodes if i >= delta["d"]]:
             del nodes[node_id]
     for node_id, state in delta.get("s", ()):
-        nodes[node_id][1] = state
+        entry = nodes.get(node_id)
+        if entry is None:
+            raise Damage(f"{what} changes node {str(node_id)[:20]}, which the run does not have")
+        check_node(node_id, entry[0], state, entry[2])
+        entry[1] = state
         parts.touched_since.add(node_id)
     for node_id, spec, state, children in delta.get("n", ()):
+        check_node(node_id, spec, state, children)
         nodes[node_id] = [spec, state, children]
         parts.whole_since.add(node_id)
     if delta.get("cd"):
@@ -417,16 +644,20 @@ def replay(parts: Parts, data: str) -> None:
         for key in delta["cd"]:
             parts.context.pop(key, None)
     for key, pos, value in delta.get("c", ()):
+        if not isinstance(key, str) or type(pos) is not int:
+            raise Damage(f"{what} has a context entry that is not [key, position, value]")
         parts.context[key] = [pos, value]
         parts.keys_since.add(key)
 
 
 def job_from_parts(run_id: str, parts: Parts, format_version: int) -> Job:
-    """Build the job; StoreError when the rows do not make one."""
+    """Build the job; StoreError (`run ID is damaged: ...`) when the rows do not make one."""
     restarts, aborted, todo, touched, n_nodes, _status = parts.run
-    if len(parts.nodes) != n_nodes:
+    if len(parts.nodes) != n_nodes or (n_nodes and max(parts.nodes) != n_nodes - 1):
         raise StoreError(
-            f"run {run_id} is damaged in the store: {len(parts.nodes)} nodes, {n_nodes} expected"
+            f"run {run_id} is damaged: {len(parts.nodes)} node rows, {n_nodes} expected"
+            if len(parts.nodes) != n_nodes
+            else f"run {run_id} is damaged: its node ids are not 0..{n_nodes - 1}"
         )
     records = []
     for spec, state, children in parts.nodes.values():
@@ -448,9 +679,11 @@ def job_from_parts(run_id: str, parts: Parts, format_version: int) -> Job:
         job = serde.from_data(data)
         ordered = sorted(parts.context.items(), key=lambda kv: kv[1][0])
         ctx = {decode_key(k): serde.decode_value(v) for k, (_, v) in ordered}
-    except (AblaufError, KeyError, TypeError, ValueError) as exc:
-        why = exc.message if isinstance(exc, AblaufError) else repr(exc)
-        raise StoreError(f"run {run_id} cannot be read from the store: {why}") from None
+    except RecursionError:
+        raise StoreError(f"run {run_id} is damaged: a value is nested too deeply") from None
+    except (AblaufError, KeyError, TypeError, ValueError, IndexError) as exc:
+        why = exc.message if isinstance(exc, AblaufError) else f"{type(exc).__name__}: {exc}"
+        raise StoreError(f"run {run_id} is damaged: {why}") from None
     return replace(job, context=ctx)
 
 
@@ -473,16 +706,22 @@ RUN_COLUMNS = (
     "initial_context",
     "format",
     "error",
+    "head_seq",
 )
-# runs columns for RunInfo, with `updated` and `restarts` taken from the newest delta.
+LEASE_COLUMNS = ("token", "host", "pid", "started", "heartbeat", "expires")
+# runs and leases columns for RunInfo (the deltas' and nodes' counts are asked apart).
 _INFO_SELECT = (
-    "SELECT r.run_id, r.status, r.created, "
-    "COALESCE((SELECT d.updated FROM deltas d WHERE d.run = r.id ORDER BY d.seq DESC LIMIT 1),"
-    " r.updated), "
-    "COALESCE((SELECT d.restarts FROM deltas d WHERE d.run = r.id ORDER BY d.seq DESC LIMIT 1),"
-    " r.restarts), "
-    "r.filename, r.error FROM runs r"
+    "SELECT r.id, r.run_id, r.status, r.created, r.updated, r.restarts, r.filename, r.error, "
+    "r.aborted, r.snapshot_seq, r.head_seq, r.n_nodes, "
+    + ", ".join(f"l.{c}" for c in LEASE_COLUMNS)
+    + " FROM runs r LEFT JOIN leases l ON l.run = r.id"
 )
+_LOG_SELECT = (
+    "SELECT run, count(*), min(seq), max(seq), max(updated), max(restarts) FROM deltas "
+    "WHERE run IN ({marks}) GROUP BY run"
+)
+_NODES_SELECT = "SELECT run, count(*) FROM nodes WHERE run IN ({marks}) GROUP BY run"
+_UPDATED = "COALESCE((SELECT max(d.updated) FROM deltas d WHERE d.run = r.id), r.updated)"
 SQL_INSERT_DELTA = (
     "INSERT INTO deltas (run, seq, updated, restarts, data) SELECT ?, ?, ?, ?, ? "
     "WHERE NOT EXISTS (SELECT 1 FROM runs WHERE id = ? AND snapshot_seq > ?) "
@@ -500,8 +739,29 @@ SQL_UPSERT_CONTEXT = (
 )
 SQL_SNAPSHOT_RUN = (
     "UPDATE runs SET status = ?, updated = ?, restarts = ?, aborted = ?, todo = ?, "
-    "touched = ?, n_nodes = ?, error = ?, format = ?, snapshot_seq = ? WHERE id = ?"
+    "touched = ?, n_nodes = ?, error = ?, format = ?, snapshot_seq = ?, head_seq = ? "
+    "WHERE id = ?"
 )
+SQL_TAKE_LEASE = (
+    "INSERT INTO leases (run, token, host, pid, started, heartbeat, expires) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run) DO NOTHING"
+)
+SQL_TAKE_OVER_LEASE = (
+    "UPDATE leases SET token = ?, host = ?, pid = ?, started = ?, heartbeat = ?, expires = ? "
+    "WHERE run = ? AND token = ?"
+)
+SQL_RENEW_LEASE = (
+    "UPDATE leases SET heartbeat = ?, expires = ? "
+    "WHERE run = (SELECT id FROM runs WHERE run_id = ?) AND token = ?"
+)
+SQL_RELEASE_LEASE = (
+    "UPDATE leases SET heartbeat = ?, expires = 0 "
+    "WHERE run = (SELECT id FROM runs WHERE run_id = ?) AND token = ?"
+)
+SQL_DROP_LEASE = (
+    "DELETE FROM leases WHERE run = (SELECT id FROM runs WHERE run_id = ?) AND token = ?"
+)
+RUN_TABLES = ("leases", "deltas", "context", "nodes")  # rows of a run, deleted before it
 
 
 # What changed since the snapshot, newest first: (new states by node id, ids written whole,
@@ -633,16 +893,17 @@ class SqlStore:
             now,
             now,
             restarts,
-            aborted,
+            _text(aborted),
             _dumps(todo),
             _dumps(touched),
             n_nodes,
             0,
-            source,
-            filename,
+            _text(source),
+            _text(filename),
             initial,
             serde.VERSION,
-            run_error(job),
+            _text(run_error(job)),
+            0,
         )
         with self._write() as cur:
             cur.execute(self._q("SELECT 1 FROM runs WHERE run_id = ?"), (run_id,))
@@ -669,18 +930,23 @@ class SqlStore:
             self._compact(run_id, known, change, job, seq, now)
             return
         params = (known.key, seq, now, job.restarts, data, known.key, known.seq)
-        if status == known.status:
+        if status == known.status and job.aborted == known.job.aborted:
             # The common step: one statement, its own transaction.
             if self._write_one(self._q(SQL_INSERT_DELTA), params) != 1:
                 raise self._conflict(run_id)
         else:
+            # What listings show without reading deltas: status, error, abort reason (the
+            # newest delta's fields say the same; `aborted` is the snapshot's field too).
             with self._write() as cur:
                 cur.execute(self._q(SQL_INSERT_DELTA), params)
                 if cur.rowcount != 1:
                     raise self._conflict(run_id)
                 cur.execute(
-                    self._q("UPDATE runs SET status = ?, error = ?, updated = ? WHERE id = ?"),
-                    (status, run_error(job), now, known.key),
+                    self._q(
+                        "UPDATE runs SET status = ?, error = ?, aborted = ?, updated = ? "
+                        "WHERE id = ?"
+                    ),
+                    (status, _text(run_error(job)), _text(job.aborted), now, known.key),
                 )
         self.rows_written += 1
         self.bytes_written += len(data)
@@ -766,12 +1032,13 @@ class SqlStore:
             status,
             now,
             restarts,
-            aborted,
+            _text(aborted),
             _dumps(todo),
             _dumps(touched),
             n_nodes,
-            run_error(job),
+            _text(run_error(job)),
             serde.VERSION,
+            seq,
             seq,
             key,
         )
@@ -795,14 +1062,16 @@ class SqlStore:
         q = self._q
         now = time.time()
         with self._write() as cur:
-            cur.execute(q("SELECT id, snapshot_seq FROM runs WHERE run_id = ?"), (run_id,))
+            cur.execute(
+                q("SELECT id, snapshot_seq, head_seq FROM runs WHERE run_id = ?"), (run_id,)
+            )
             row = cur.fetchone()
             if row is None:
                 raise RunError(f"no run {run_id!r} in {self._where()}")
-            key, snapshot_seq = row
+            key, snapshot_seq, head_seq = row
             cur.execute(q("SELECT max(seq) FROM deltas WHERE run = ?"), (key,))
             newest = cur.fetchone()[0]
-            seq = max(snapshot_seq, newest or 0) + 1
+            seq = max(_int(snapshot_seq), _int(head_seq), _int(newest)) + 1
             for table in ("nodes", "context", "deltas"):
                 cur.execute(q(f"DELETE FROM {table} WHERE run = ?"), (key,))
             self._write_snapshot_run(cur, key, job, seq, now, None)
@@ -810,32 +1079,67 @@ class SqlStore:
         self._remember(run_id, Known(key, seq, seq, len(job.paths), str(job.status), job))
 
     def load(self, run_id: str) -> StoredRun:
-        """Load a run with its whole job (every node's state, output, attempts, times)."""
+        """Load a run with its whole job (every node's state, output, attempts, times).
+
+        StoreError `run ID is damaged: ...` when its rows are not what the store wrote."""
         q = self._q
-        with self._read() as cur:
-            cur.execute(q(f"SELECT {', '.join(RUN_COLUMNS)} FROM runs WHERE run_id = ?"), (run_id,))
-            row = cur.fetchone()
-            if row is None:
-                raise RunError(f"no run {run_id!r} in {self._where()}")
-            run = dict(zip(RUN_COLUMNS, row, strict=True))
-            key = run["id"]
-            cur.execute(q("SELECT node, spec, state, children FROM nodes WHERE run = ?"), (key,))
-            nodes = cur.fetchall()
-            cur.execute(q("SELECT key, pos, value FROM context WHERE run = ?"), (key,))
-            context = cur.fetchall()
-            cur.execute(
-                q("SELECT seq, updated, data FROM deltas WHERE run = ? ORDER BY seq"), (key,)
-            )
-            deltas = cur.fetchall()
         try:
+            with self._read() as cur:
+                cur.execute(
+                    q(f"SELECT {', '.join(RUN_COLUMNS)} FROM runs WHERE run_id = ?"), (run_id,)
+                )
+                row = cur.fetchone()
+                if row is None:
+                    raise RunError(f"no run {run_id!r} in {self._where()}")
+                run = dict(zip(RUN_COLUMNS, row, strict=True))
+                key = run["id"]
+                cur.execute(
+                    q("SELECT node, spec, state, children FROM nodes WHERE run = ?"), (key,)
+                )
+                nodes = cur.fetchall()
+                cur.execute(q("SELECT key, pos, value FROM context WHERE run = ?"), (key,))
+                context = cur.fetchall()
+                cur.execute(
+                    q("SELECT seq, updated, data FROM deltas WHERE run = ? ORDER BY seq"), (key,)
+                )
+                deltas = cur.fetchall()
+                cur.execute(
+                    q(f"SELECT {', '.join(LEASE_COLUMNS)} FROM leases WHERE run = ?"), (key,)
+                )
+                lease = cur.fetchone()
+        except Damaged as exc:
+            raise StoreError(f"run {run_id} is damaged: {exc.message}") from None
+        try:
+            if run["status"] not in STATUSES:
+                raise Damage(
+                    f"its status {str(run['status'])[:40]!r} is not pending, success or failure"
+                )
+            check_log(run["snapshot_seq"], run["head_seq"], [d[0] for d in deltas])
+            if len(nodes) != run["n_nodes"]:
+                raise Damage(f"{len(nodes)} node rows, {run['n_nodes']} expected")
             parts = snapshot_parts(run, nodes, context)
-            for _, _, data in deltas:
-                replay(parts, data)
-            initial = serde.decode_value(json.loads(run["initial_context"] or "{}"))
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise StoreError(f"run {run_id} is damaged in the store: {exc!r}") from None
+            for seq, _, data in deltas:
+                replay(parts, data, seq)
+            initial = serde.decode_value(_json(run["initial_context"] or "{}", "its context"))
+            for column in ("source", "filename", "error"):
+                if isinstance(run[column], BadText):
+                    raise Damage(f"its {column} is not UTF-8 text")
+        except Damage as exc:
+            raise StoreError(f"run {run_id} is damaged: {exc}") from None
+        except RecursionError:
+            raise StoreError(f"run {run_id} is damaged: a value is nested too deeply") from None
+        except AblaufError as exc:
+            raise StoreError(f"run {run_id} is damaged: {exc.message}") from None
         job = job_from_parts(run_id, parts, run["format"])
-        seq = deltas[-1][0] if deltas else run["snapshot_seq"]
+        recorded = parts.run[5]
+        if str(job.status) != recorded or run["status"] != recorded:
+            # Its rows make a job, but not the one recorded (steps lost along with their
+            # bookkeeping, or rows of another state of the run).
+            raise StoreError(
+                f"run {run_id} is damaged: it was recorded {run['status']} but its steps "
+                f"make it {job.status}"
+            )
+        seq = run["head_seq"]
         self._remember(
             run_id,
             Known(
@@ -867,17 +1171,17 @@ class SqlStore:
             job.restarts,
             run["filename"],
             run["error"],
+            None if job.aborted is None else str(job.aborted),
+            _driver(lease),
         )
         return StoredRun(info, job, run["source"], initial)
 
     def info(self, run_id: str) -> RunInfo:
-        """What the store knows of a run, without loading its tree."""
-        with self._read() as cur:
-            cur.execute(self._q(_INFO_SELECT + " WHERE r.run_id = ?"), (run_id,))
-            row = cur.fetchone()
-        if row is None:
+        """What the store knows of a run, without loading its tree (damage said in it)."""
+        infos = self._infos(" WHERE r.run_id = ?", [run_id])
+        if not infos:
             raise RunError(f"no run {run_id!r} in {self._where()}")
-        return _info(row)
+        return infos[0]
 
     def exists(self, run_id: str) -> bool:
         """True when the store has this run."""
@@ -885,23 +1189,291 @@ class SqlStore:
             cur.execute(self._q("SELECT 1 FROM runs WHERE run_id = ?"), (run_id,))
             return cur.fetchone() is not None
 
-    def list_runs(self, *, limit: int | None = None, status: str | None = None) -> list[RunInfo]:
-        """Runs, newest first (only those with `status` when given)."""
-        sql = _INFO_SELECT
+    # -------------------------------------------------- listing
+
+    LIMIT_ALL = "ALL"  # what LIMIT takes for no limit (SQLite: -1)
+
+    def _filters(
+        self, status: str | None, filename: str | None, since: float | None
+    ) -> tuple[str, list[Any]]:
+        where: list[str] = []
         params: list[Any] = []
         if status is not None:
-            sql += " WHERE r.status = ?"
+            where.append("r.status = ?")
             params.append(str(Status(status)))
-        sql += " ORDER BY r.created DESC, r.id DESC"
-        if limit is not None:
-            sql += " LIMIT ?"
-            params.append(int(limit))
+        if filename is not None:
+            where.append("(r.filename = ? OR r.filename LIKE ? ESCAPE '!')")
+            escaped = filename.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+            params += [filename, "%/" + escaped]
+        if since is not None:
+            where.append("r.created >= ?")
+            params.append(float(since))
+        return (" WHERE " + " AND ".join(where)) if where else "", params
+
+    def list_runs(
+        self,
+        *,
+        limit: int | None = None,
+        status: str | None = None,
+        offset: int = 0,
+        filename: str | None = None,
+        since: float | None = None,
+    ) -> list[RunInfo]:
+        """Runs, newest first (see `JobStore.list_runs`); a damaged run is listed with
+        what is wrong with it, the others as they are."""
+        where, params = self._filters(status, filename, since)
+        sql = where + " ORDER BY r.created DESC, r.id DESC"
+        if limit is not None or offset:
+            sql += " LIMIT " + ("?" if limit is not None else self.LIMIT_ALL)
+            if limit is not None:
+                params.append(int(limit))
+            if offset:
+                sql += " OFFSET ?"
+                params.append(int(offset))
+        return self._infos(sql, params)
+
+    def count_runs(
+        self,
+        *,
+        status: str | None = None,
+        filename: str | None = None,
+        since: float | None = None,
+    ) -> int:
+        """How many runs `list_runs` would give without a limit."""
+        where, params = self._filters(status, filename, since)
         with self._read() as cur:
+            cur.execute(self._q("SELECT count(*) FROM runs r" + where), params)
+            return int(cur.fetchone()[0])
+
+    def _infos(self, tail: str, params: Sequence[Any]) -> list[RunInfo]:
+        """RunInfo of the runs `_INFO_SELECT + tail` selects, each checked for damage."""
+        with self._read() as cur:
+            cur.execute(self._q(_INFO_SELECT + tail), params)
+            rows = cur.fetchall()
+        keys = [row[0] for row in rows]
+        logs: dict[int, Any] = {}
+        counts: dict[int, int] = {}
+        broken: dict[int, str] = {}
+        for chunk in range(0, len(keys), 500):
+            part = keys[chunk : chunk + 500]
+            try:
+                logs.update(self._grouped(_LOG_SELECT, part))
+                counts.update(self._grouped(_NODES_SELECT, part))
+            except Damaged:
+                for key in part:  # find the runs whose rows cannot be read
+                    try:
+                        logs.update(self._grouped(_LOG_SELECT, [key]))
+                        counts.update(self._grouped(_NODES_SELECT, [key]))
+                    except Damaged as exc:
+                        broken[key] = f"its rows cannot be read ({exc.message})"
+        return [
+            _info(row, logs.get(row[0]), counts.get(row[0], 0), broken.get(row[0])) for row in rows
+        ]
+
+    def _grouped(self, sql: str, keys: Sequence[int]) -> dict[int, Any]:
+        marks = ", ".join("?" for _ in keys)
+        with self._read() as cur:
+            cur.execute(self._q(sql.format(marks=marks)), list(keys))
+            return {row[0]: row[1:] if len(row) > 2 else row[1] for row in cur.fetchall()}
+
+    def resolve_run_id(self, prefix: str) -> str:
+        """The id of the one run whose id starts with `prefix` (see `JobStore`)."""
+        if not prefix:
+            raise RunError("a run id cannot be empty")
+        with self._read() as cur:
+            cur.execute(self._q("SELECT run_id FROM runs WHERE run_id = ?"), (prefix,))
+            if cur.fetchone() is not None:
+                return prefix
+            cur.execute(
+                self._q("SELECT run_id FROM runs WHERE substr(run_id, 1, ?) = ? LIMIT 50"),
+                (len(prefix), prefix),
+            )
+            found = [row[0] for row in cur.fetchall()]
+        return resolve_prefix(prefix, found, self._where())
+
+    # -------------------------------------------------- deleting
+
+    def delete_run(self, run_id: str) -> None:
+        """Delete a run and all its rows; RunError when it is running."""
+        with self._write() as cur:
+            cur.execute(self._q(_INFO_SELECT + " WHERE r.run_id = ?"), (run_id,))
+            row = cur.fetchone()
+            if row is None:
+                raise RunError(f"no run {run_id!r} in {self._where()}")
+            driver = _driver(row[12:])
+            if row[2] == "pending" and driver is not None and driver.is_live():
+                raise refuse_live(run_id, driver, "deleting")
+            self._delete(cur, [row[0]])
+        self._known.pop(run_id, None)
+
+    def _delete(self, cur: Any, keys: Sequence[int]) -> None:
+        for chunk in range(0, len(keys), 500):
+            part = list(keys[chunk : chunk + 500])
+            marks = ", ".join("?" for _ in part)
+            for table in RUN_TABLES:
+                cur.execute(self._q(f"DELETE FROM {table} WHERE run IN ({marks})"), part)
+            cur.execute(self._q(f"DELETE FROM runs WHERE id IN ({marks})"), part)
+
+    def prune_runs(
+        self, *, before: float, status: str | None = None, dry_run: bool = False
+    ) -> tuple[list[str], list[str]]:
+        """Delete runs last updated before `before` (see `JobStore.prune_runs`)."""
+        sql = (
+            "SELECT r.id, r.run_id, r.status, "
+            + ", ".join(f"l.{c}" for c in LEASE_COLUMNS)
+            + f" FROM runs r LEFT JOIN leases l ON l.run = r.id WHERE {_UPDATED} < ?"
+        )
+        params: list[Any] = [float(before)]
+        if status is not None:
+            sql += " AND r.status = ?"
+            params.append(str(Status(status)))
+        sql += " ORDER BY r.created, r.id"
+        with self._write() as cur:
             cur.execute(self._q(sql), params)
             rows = cur.fetchall()
-        return [_info(r) for r in rows]
+            gone: list[tuple[int, str]] = []
+            kept: list[str] = []
+            for key, run_id, state, *lease in rows:
+                driver = _driver(lease)
+                if state == "pending" and driver is not None and driver.is_live():
+                    kept.append(run_id)
+                else:
+                    gone.append((key, run_id))
+            if not dry_run:
+                self._delete(cur, [key for key, _ in gone])
+        for _, run_id in gone:
+            self._known.pop(run_id, None)
+        return [run_id for _, run_id in gone], kept
+
+    # -------------------------------------------------- the driver's lease
+
+    def acquire_lease(
+        self, run_id: str, owner: Owner, ttl: float, *, force: bool = False
+    ) -> Driver:
+        """Take the lease of a run (see `JobStore.acquire_lease`)."""
+        q = self._q
+        for _ in range(10):  # another process may take it between our read and our write
+            now = time.time()
+            mine = (owner.token, owner.host, owner.pid, owner.started, now, now + ttl)
+            with self._write() as cur:
+                cur.execute(
+                    q(
+                        "SELECT r.id, "
+                        + ", ".join(f"l.{c}" for c in LEASE_COLUMNS)
+                        + " FROM runs r LEFT JOIN leases l ON l.run = r.id WHERE r.run_id = ?"
+                    ),
+                    (run_id,),
+                )
+                row = cur.fetchone()
+                if row is None:
+                    raise RunError(f"no run {run_id!r} in {self._where()}")
+                key, held = row[0], _driver(row[1:])
+                if held is None:
+                    cur.execute(q(SQL_TAKE_LEASE), (key, *mine))
+                else:
+                    if held.token != owner.token and not force and held.is_live(now):
+                        raise refuse_live(run_id, held, "driving")
+                    cur.execute(q(SQL_TAKE_OVER_LEASE), (*mine, key, held.token))
+                if cur.rowcount == 1:
+                    return Driver(owner.host, owner.pid, now, now + ttl, owner.started, owner.token)
+        raise StoreError(f"run {run_id}: could not take its lease (it keeps changing hands)")
+
+    def renew_lease(self, run_id: str, token: str, ttl: float) -> bool:
+        """Renew our lease; False when it is not ours any more."""
+        now = time.time()
+        return self._write_one(self._q(SQL_RENEW_LEASE), (now, now + ttl, run_id, token)) == 1
+
+    def release_lease(self, run_id: str, token: str, *, finished: bool) -> None:
+        """Give the lease back: removed when the run finished, else marked released."""
+        if finished:
+            self._write_one(self._q(SQL_DROP_LEASE), (run_id, token))
+        else:
+            self._write_one(self._q(SQL_RELEASE_LEASE), (time.time(), run_id, token))
 
 
-def _info(row: Sequence[Any]) -> RunInfo:
-    run_id, status, created, updated, restarts, filename, error = row
-    return RunInfo(run_id, Status(status), created, updated, restarts, filename, error)
+class Damaged(StoreError):
+    """A dialect's error for rows the database itself cannot read (a damaged file)."""
+
+
+def _int(value: Any) -> int:
+    return value if type(value) is int else 0
+
+
+def _driver(lease: Sequence[Any] | None) -> Driver | None:
+    """The Driver of a leases row (token, host, pid, started, heartbeat, expires)."""
+    if lease is None or lease[0] is None:
+        return None
+    token, host, pid, started, heartbeat, expires = lease
+    try:
+        return Driver(
+            str(host),
+            int(pid),
+            float(heartbeat),
+            float(expires),
+            None if started is None else float(started),
+            str(token),
+        )
+    except (TypeError, ValueError):
+        return Driver("?", 0, 0.0, 0.0, None, str(token))  # unreadable: taken as expired
+
+
+def _info(
+    row: Sequence[Any], log: Sequence[Any] | None, n_rows: int, broken: str | None
+) -> RunInfo:
+    """RunInfo of an `_INFO_SELECT` row, the run's deltas (count, min and max seq, newest
+    updated and restarts) and node row count; `damage` says what is wrong, if anything."""
+    (_, run_id, status, created, updated, restarts, filename, error, aborted) = row[:9]
+    snapshot_seq, head_seq, n_nodes = row[9:12]
+    driver = _driver(row[12:])
+    damage = broken
+    try:
+        state = Status(status)
+    except ValueError:
+        state = Status.FAILURE
+        damage = damage or f"its status {str(status)[:40]!r} is not pending, success or failure"
+    count, first, last, newest, newest_restarts = (
+        log if log is not None else (0, None, None, None, None)
+    )
+    if damage is None:
+        damage = log_damage(snapshot_seq, head_seq, count, first, last)
+    if damage is None and n_rows != n_nodes:
+        damage = f"{n_rows} node rows, {n_nodes} expected"
+    for name, value in (("id", run_id), ("file name", filename), ("error", error)):
+        if damage is None and isinstance(value, BadText):
+            damage = f"its {name} is not UTF-8 text"
+    if damage is None and isinstance(aborted, BadText):
+        damage = "its abort reason is not UTF-8 text"
+    return RunInfo(
+        str(run_id),
+        state,
+        _float(created),
+        _float(newest if newest is not None else updated),
+        int(newest_restarts if newest_restarts is not None else _int(restarts)),
+        filename,
+        error,
+        aborted,
+        driver,
+        damage,
+    )
+
+
+def log_damage(snapshot_seq: Any, head_seq: Any, count: Any, first: Any, last: Any) -> str | None:
+    """What is wrong with a step log known by its deltas' count and smallest and largest
+    seq (the listing counts them instead of reading them), or None."""
+    if type(snapshot_seq) is not int or type(head_seq) is not int or snapshot_seq < 0:
+        return "its write numbers are not numbers"
+    if head_seq < snapshot_seq:
+        return f"its newest write ({head_seq}) is older than its snapshot ({snapshot_seq})"
+    want = head_seq - snapshot_seq
+    if count == want and (not count or (first, last) == (snapshot_seq + 1, head_seq)):
+        return None
+    if type(last) is int and last > head_seq:
+        return f"its step log has writes past its newest ({head_seq})"
+    return f"its step log holds {count} of writes {snapshot_seq + 1}..{head_seq}: steps were lost"
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0

@@ -11,6 +11,11 @@ URL options (SQLAlchemy-style URL, query string):
     synchronous=full     also survives a power loss (an fsync per commit)
     timeout=10           seconds a writer waits for another process's transaction
 
+Without `synchronous=` in the URL, `$ABLAUF_SQLITE_SYNC` (normal, full, ...) sets it.
+
+The file must exist with its directory, or be creatable in an existing directory (only
+the default store's own directory is created); an existing empty file is not a store.
+
 The file carries an application id and a schema version (`PRAGMA application_id`,
 `PRAGMA user_version`): a file of another application, a newer schema or a damaged file is
 refused with a StoreError saying which.
@@ -28,13 +33,16 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 from ablauf_lang.errors import StoreError
-from ablauf_lang.stores.sqlbase import SCHEMA_VERSION, SqlStore
+from ablauf_lang.stores.base import default_path
+from ablauf_lang.stores.sqlbase import SCHEMA_VERSION, Damaged, SqlStore, decode_text
 
 APPLICATION_ID = 0x41626C66  # "Ablf" in the file header: this file is an ablauf store
 SYNCHRONOUS = ("off", "normal", "full", "extra")
+SYNC_ENV = "ABLAUF_SQLITE_SYNC"
 MEMORY = ":memory:"
 
-SCHEMA = """
+SCHEMA = (
+    """
 CREATE TABLE runs (
     id INTEGER PRIMARY KEY,
     run_id TEXT NOT NULL UNIQUE,
@@ -51,7 +59,8 @@ CREATE TABLE runs (
     filename TEXT,
     initial_context TEXT NOT NULL,
     format INTEGER NOT NULL,
-    error TEXT
+    error TEXT,
+    head_seq INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX runs_by_created ON runs (created);
 CREATE TABLE nodes (
@@ -78,6 +87,27 @@ CREATE TABLE context (
     PRIMARY KEY (run, key)
 );
 """
+    + """
+CREATE TRIGGER deltas_head AFTER INSERT ON deltas BEGIN
+    UPDATE runs SET head_seq = NEW.seq WHERE id = NEW.run AND head_seq < NEW.seq;
+END;
+CREATE TABLE leases (
+    run INTEGER PRIMARY KEY,
+    token TEXT NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started REAL,
+    heartbeat REAL NOT NULL,
+    expires REAL NOT NULL
+);
+"""
+)
+# Schema version 1 -> 2: the checked step log (runs.head_seq and its trigger), leases.
+UPGRADE_2 = """
+ALTER TABLE runs ADD COLUMN head_seq INTEGER NOT NULL DEFAULT 0;
+UPDATE runs SET head_seq = max(snapshot_seq,
+    coalesce((SELECT max(seq) FROM deltas WHERE deltas.run = runs.id), 0));
+""" + SCHEMA[SCHEMA.index("CREATE TRIGGER") :]
 
 
 def parse_url(url: str) -> tuple[str, dict[str, str]]:
@@ -101,19 +131,44 @@ def parse_url(url: str) -> tuple[str, dict[str, str]]:
     return (path if path == MEMORY else os.path.expanduser(path)), options
 
 
+def statements(script: str) -> list[str]:
+    """The SQL statements of a script (a trigger's body keeps its semicolons)."""
+    out: list[str] = []
+    buffer = ""
+    for piece in script.split(";"):
+        buffer += piece + ";"
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip(" \n;"):
+                out.append(buffer.strip())
+            buffer = ""
+    return out
+
+
+def default_synchronous() -> str:
+    """`$ABLAUF_SQLITE_SYNC` (off, normal, full, extra), else normal."""
+    return os.environ.get(SYNC_ENV, "").strip().lower() or "normal"
+
+
 class SqliteStore(SqlStore):
     """Runs in one SQLite file (WAL, busy timeout); see the module docstring."""
+
+    LIMIT_ALL = "-1"
 
     def __init__(
         self,
         path: str,
         *,
-        synchronous: str = "normal",
+        synchronous: str | None = None,
         timeout: float = 10.0,
         url: str | None = None,
     ) -> None:
         super().__init__()
-        synchronous = synchronous.lower()
+        from_env = synchronous is None
+        synchronous = (default_synchronous() if synchronous is None else synchronous).lower()
+        if synchronous not in SYNCHRONOUS and from_env:
+            raise StoreError(
+                f"${SYNC_ENV} must be one of {', '.join(SYNCHRONOUS)}, not {synchronous!r}"
+            )
         if synchronous not in SYNCHRONOUS:
             raise StoreError(
                 f"synchronous must be one of {', '.join(SYNCHRONOUS)}, not {synchronous!r}"
@@ -139,7 +194,7 @@ class SqliteStore(SqlStore):
             timeout = float(options.get("timeout", 10.0))
         except ValueError:
             raise StoreError(f"timeout must be a number of seconds in {url!r}") from None
-        return cls(path, synchronous=options.get("synchronous", "normal"), timeout=timeout, url=url)
+        return cls(path, synchronous=options.get("synchronous"), timeout=timeout, url=url)
 
     def __repr__(self) -> str:
         return f"SqliteStore({self.url!r})"
@@ -152,22 +207,49 @@ class SqliteStore(SqlStore):
 
     # -------------------------------------------------- opening
 
-    def _open(self) -> sqlite3.Connection:
+    def _check_path(self) -> None:
+        """The file's directory must exist (the default store's is made); an existing file
+        must be a file and not empty (an empty file is not a store: never made one)."""
         where = self.path
-        if where != MEMORY:
-            parent = os.path.dirname(os.path.abspath(where))
+        full = os.path.abspath(where)
+        parent = os.path.dirname(full)
+        if not os.path.isdir(parent):
+            if os.path.exists(parent):
+                raise StoreError(f"cannot open store {where}: {parent} is not a directory")
+            if full != os.path.abspath(default_path()):
+                raise StoreError(
+                    f"cannot open store {where}: its directory {parent} does not exist "
+                    "(create it first)"
+                )
             try:
                 os.makedirs(parent, exist_ok=True)
             except OSError as exc:
                 raise StoreError(
                     f"cannot create the directory of store {where}: {exc.strerror}"
                 ) from None
+        if os.path.isdir(full):
+            raise StoreError(f"cannot open store {where}: it is a directory")
+        deadline = time.monotonic() + min(self.timeout, 0.5)
+        while os.path.isfile(full) and os.path.getsize(full) == 0:
+            # Another process may be creating it this instant: it writes the header at once.
+            if time.monotonic() >= deadline:
+                raise StoreError(
+                    f"store {where} is an empty file, not an ablauf store: remove it to "
+                    "start a new store there, or name another file"
+                )
+            time.sleep(0.05)
+
+    def _open(self) -> sqlite3.Connection:
+        where = self.path
+        if where != MEMORY:
+            self._check_path()
         try:
             conn = sqlite3.connect(
                 where, timeout=self.timeout, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open store {where}: {exc}") from None
+        conn.text_factory = decode_text  # text that is not UTF-8 is damage, said per run
         deadline = time.monotonic() + self.timeout
         while True:
             try:
@@ -181,7 +263,7 @@ class SqliteStore(SqlStore):
                     continue
                 conn.close()
                 raise self._error(exc) from None
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, UnicodeDecodeError) as exc:
                 conn.close()
                 raise self._error(exc) from None
             except StoreError:
@@ -205,6 +287,9 @@ class SqliteStore(SqlStore):
                     f"(journal mode stays {mode}); is it on a network drive?"
                 )
         conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+        conn.execute("PRAGMA cell_size_check = ON")  # see damaged pages, never misread them
+        if app == APPLICATION_ID and version < SCHEMA_VERSION:
+            self._upgrade(conn)
         if app == 0:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -217,9 +302,8 @@ class SqliteStore(SqlStore):
                             "else, not an ablauf store"
                         )
                     # Statement by statement: executescript would commit this transaction.
-                    for statement in SCHEMA.split(";"):
-                        if statement.strip():
-                            conn.execute(statement)
+                    for statement in statements(SCHEMA):
+                        conn.execute(statement)
                     conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 conn.execute("COMMIT")
@@ -228,6 +312,21 @@ class SqliteStore(SqlStore):
                     conn.execute("ROLLBACK")
                 raise
             self._check(*self._header(conn))
+
+    def _upgrade(self, conn: sqlite3.Connection) -> None:
+        """Bring a store of an older schema version up to this one, in one transaction."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            _, version = self._header(conn)  # another process may have just done it
+            if version == 1:
+                for statement in statements(UPGRADE_2):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
     def _check(self, app: int, version: int) -> None:
         if app not in (0, APPLICATION_ID):
@@ -243,8 +342,10 @@ class SqliteStore(SqlStore):
         if app == APPLICATION_ID and version < 1:
             raise StoreError(f"store {self.path} is damaged: it has no schema version")
 
-    def _error(self, exc: sqlite3.Error) -> StoreError:
+    def _error(self, exc: sqlite3.Error | UnicodeDecodeError) -> StoreError:
         """One line saying what went wrong with the file (never a driver traceback)."""
+        if isinstance(exc, UnicodeDecodeError):  # SQLite's own message held damaged bytes
+            return Damaged(f"store {self.path} is damaged: SQLite reports damage it cannot name")
         text = str(exc)
         low = text.lower()
         if "locked" in low or "busy" in low:
@@ -254,9 +355,11 @@ class SqliteStore(SqlStore):
                 "longer"
             )
         if "not a database" in low or "malformed" in low or "corrupt" in low:
-            return StoreError(f"store {self.path} is damaged or not a SQLite database ({text})")
+            return Damaged(f"store {self.path} is damaged or not a SQLite database ({text})")
         if "no such table" in low or "no such column" in low:
-            return StoreError(f"store {self.path} is damaged: its tables are not ablauf's ({text})")
+            return Damaged(f"store {self.path} is damaged: its tables are not ablauf's ({text})")
+        if "could not decode" in low:
+            return Damaged(f"store {self.path} is damaged: it holds text that is not UTF-8")
         return StoreError(f"store {self.path}: {text}")
 
     # -------------------------------------------------- transactions
@@ -274,7 +377,7 @@ class SqliteStore(SqlStore):
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
                     raise
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, UnicodeDecodeError) as exc:
                 raise self._error(exc) from None
             self.commits += 1
 
@@ -289,7 +392,7 @@ class SqliteStore(SqlStore):
                 finally:
                     if conn.in_transaction:
                         conn.execute("COMMIT")
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, UnicodeDecodeError) as exc:
                 raise self._error(exc) from None
 
     def _write_one(self, sql: str, params: Sequence[Any]) -> int:
@@ -298,7 +401,7 @@ class SqliteStore(SqlStore):
                 # Autocommit: the statement is its own transaction (and waits on the busy
                 # timeout like BEGIN IMMEDIATE does).
                 count = self._conn.execute(sql, params).rowcount
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, UnicodeDecodeError) as exc:
                 raise self._error(exc) from None
         self.commits += 1
         return int(count)

@@ -56,7 +56,7 @@ _SYMBOL = r"(?![+-]?\.?\d)[\w*+!\-?<>=/.$&%][\w*+!\-?<>=/.$&%':#]*"
 _KEYWORD = r":[\w*+!\-?<>=/.$&%'#][\w*+!\-?<>=/.$&%':#]*"
 
 
-class AblaufLexer(RegexLexer):  # type: ignore[misc]  # Pygments ships no type stubs
+class AblaufLexer(RegexLexer):
     """Lexer for ablauf workflow programs."""
 
     name = "Ablauf"

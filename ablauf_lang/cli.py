@@ -379,7 +379,21 @@ def drive(
         finally:
             os._exit(EXIT_INTERRUPTED)
 
-    on_restart = progress.on_restart if progress is not None else None
+    from ablauf_lang.names import LOG_ACTION
+    from ablauf_lang.render import format_value
+
+    shown = progress.on_restart if progress is not None else None
+    logs = progress.console if progress is not None else stderr_console()
+
+    def on_restart(job: Job, dispatches: list[Dispatch], results: list[Result]) -> None:
+        # What `log!!` says is shown where the person running it sees it (stderr, so that
+        # stdout stays the outcome, or the JSON document).
+        for d in dispatches:
+            if d.action == LOG_ACTION:
+                logs.print(f"log #{d.id}: {format_value(d.payload, 0)}", highlight=False)
+        if shown is not None:
+            shown(job, dispatches, results)
+
     on_start = progress.on_start if progress is not None else None
     signum: int = signal.SIGINT
     try:

@@ -81,7 +81,8 @@ BUILTINS: tuple[str, ...] = (
 )
 
 # Actions shipped by the standard library.
-STDLIB_ACTIONS: tuple[str, ...] = ("action/log", "action/fail", "action/sleep")
+LOG_ACTION = "action/log"  # what `log!!` performs
+STDLIB_ACTIONS: tuple[str, ...] = (LOG_ACTION, "action/fail", "action/sleep")
 
 CONSTANTS: tuple[str, ...] = ("nil", "true", "false")
 

@@ -86,7 +86,7 @@ def test_run_failing_workflow_exits_1(tmp_path: Path) -> None:
     assert plain.exit_code == 1
     assert plain.stdout.startswith("failure")
     assert 'action/fail failure: "disk full"' in plain.stdout
-    assert plain.stderr == ""  # piped: no progress
+    assert plain.stderr == "log #1: 1\n"  # piped: no progress, only what log!! said
 
 
 def test_run_records_the_run_in_the_store(tmp_path: Path) -> None:
@@ -423,7 +423,7 @@ def test_installed_script_and_python_m(tmp_path: Path) -> None:
         )
         assert done.returncode == 1
         assert json.loads(done.stdout)["status"] == "failure"
-        assert done.stderr == ""
+        assert done.stderr == "log #1: 1\n"
     bad = subprocess.run(
         [*_ablauf_exe(), "run", prog, "--context", "nope"],
         capture_output=True,

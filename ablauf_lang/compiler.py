@@ -23,6 +23,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from importlib import resources
 from typing import Any, NamedTuple
 
@@ -80,6 +81,12 @@ LEAF_OPTIONS: tuple[str, ...] = ("idempotent?",)
 
 # ---------------------------------------------------------------------------------------
 # Plans: a node before it has an id
+
+
+@lru_cache(maxsize=64)
+def _read_module(text: str, filename: str) -> tuple[Any, ...]:
+    """An imported module's forms, read once per text (forms are immutable values)."""
+    return read(text, filename)
 
 
 class Child(NamedTuple):
@@ -454,7 +461,7 @@ class Compiler:
         loader.loading.append((key, shown))
         try:
             sub = Compiler(text, shown, Env(), loader)
-            sub.module(read(text, shown))
+            sub.module(_read_module(text, shown))
         finally:
             loader.loading.pop()
         exports = {name: sub.env[name] for name in sub.defined}

@@ -23,21 +23,34 @@ def parse(source: str, filename: str | None = None) -> tuple[Form, ...]:
     return read(source, filename)
 
 
-def compile(source: str | Any, filename: str | None = None) -> Node:
-    """Compile source text (or read forms) into the lowered workflow tree."""
+def compile(
+    source: str | Any, filename: str | None = None, *, file_imports: bool | None = None
+) -> Node:
+    """Compile source text (or read forms) into the lowered workflow tree.
+
+    `file_imports=False` lets a program import only the standard library (`std/...`):
+    for embedders that run programs they did not write. None: `compiler.FILE_IMPORTS`.
+    """
     from ablauf_lang.compiler import compile_forms, compile_source
 
     if isinstance(source, str):
-        return compile_source(source, filename)
+        return compile_source(source, filename, file_imports=file_imports)
     forms = source if isinstance(source, tuple) else (source,)  # Forms keeps its spans
-    return compile_forms(forms, filename=filename)
+    return compile_forms(forms, filename=filename, file_imports=file_imports)
 
 
 def make_job(
-    ast_or_source: Node | str, context: dict[str, Any] | None = None, filename: str | None = None
+    ast_or_source: Node | str,
+    context: dict[str, Any] | None = None,
+    filename: str | None = None,
+    *,
+    file_imports: bool | None = None,
 ) -> Job:
     """Create a job from a compiled tree or from source text."""
-    ast = compile(ast_or_source, filename) if isinstance(ast_or_source, str) else ast_or_source
+    if isinstance(ast_or_source, str):
+        ast = compile(ast_or_source, filename, file_imports=file_imports)
+    else:
+        ast = ast_or_source
     return _job.make_job(ast, context)
 
 
@@ -53,7 +66,12 @@ def _close_if_ours(store: JobStore, given: Any) -> None:
         store.close()
 
 
-def _start(source: str | Node | Job, context: dict[str, Any] | None, filename: str | None) -> Job:
+def _start(
+    source: str | Node | Job,
+    context: dict[str, Any] | None,
+    filename: str | None,
+    file_imports: bool | None = None,
+) -> Job:
     """The job `eval` runs: compiled from source, made from a tree, or a job as it is."""
     if isinstance(source, Job):
         if context is not None:
@@ -69,7 +87,7 @@ def _start(source: str | Node | Job, context: dict[str, Any] | None, filename: s
         raise AblaufError(
             f"eval runs source text, a compiled tree or a job, not {type(source).__name__}"
         )
-    return make_job(source, context, filename)
+    return make_job(source, context, filename, file_imports=file_imports)
 
 
 async def eval_async(
@@ -83,6 +101,7 @@ async def eval_async(
     on_restart: Callable[[Job, list[Dispatch], list[Result]], None] | None = None,
     concurrency: int | None = None,
     on_start: Callable[[Dispatch, float], None] | None = None,
+    file_imports: bool | None = None,
 ) -> Run:
     """Run a program to completion on the running event loop (see `eval`).
 
@@ -104,7 +123,7 @@ async def eval_async(
                     return Run(run_id, stored.job)
                 job = _job.prepare_replay(stored.job)
                 return lease.ended(await _drive(backend, run_id, job, actions, lease, **drive))
-        job = _start(source, context, filename)
+        job = _start(source, context, filename, file_imports)
         text = source if isinstance(source, str) else None
         run_id = backend.create_run(job, source=text, filename=filename, run_id=run_id)
         with _leased(backend, run_id) as lease:
@@ -203,6 +222,7 @@ def eval(
     filename: str | None = None,
     *,
     concurrency: int | None = None,
+    file_imports: bool | None = None,
 ) -> Run:
     """Compile and run a program to completion; return its status, context and job.
 
@@ -214,9 +234,19 @@ def eval(
     already has finishes that run (resuming it if needed) instead of starting another.
 
     `concurrency`: at most this many actions at once, sync and async alike (default 32).
+    `file_imports=False`: the program may import only the standard library.
     """
     return _sync(  # type: ignore[no-any-return]
-        eval_async(source, actions, context, store, run_id, filename, concurrency=concurrency)
+        eval_async(
+            source,
+            actions,
+            context,
+            store,
+            run_id,
+            filename,
+            concurrency=concurrency,
+            file_imports=file_imports,
+        )
     )
 
 

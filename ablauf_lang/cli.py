@@ -956,13 +956,14 @@ def runs_show(run_id: str, store: str | None, as_json: bool, follow: bool, inter
     try:
         run_id = _resolve(backend, run_id)
         stored = backend.load(run_id)
+        drawn = False  # the live view's last frame already shows the end
         if follow:
-            stored = _follow(backend, run_id, stored, interval, quiet=as_json)
+            stored, drawn = _follow(backend, run_id, stored, interval, quiet=as_json)
     finally:
         backend.close()
     if as_json:
         echo_json(_stored_dict(stored))
-    else:
+    elif not drawn:
         stdout_console().print(_show(stored, stdout_console()), soft_wrap=True)
     if follow:
         from ablauf_lang.nodes import Status
@@ -1006,9 +1007,10 @@ def _show(stored: StoredRun, console: Console) -> RenderableType:
 
 def _follow(
     backend: Any, run_id: str, stored: StoredRun, interval: float, *, quiet: bool
-) -> StoredRun:
+) -> tuple[StoredRun, bool]:
     """Read the run again every `interval` seconds until it is no longer pending; on a
-    terminal the tree is redrawn in place, else a line is printed when its state changes."""
+    terminal the tree is redrawn in place (then True: the end is on the screen), else a
+    line is printed when its state changes."""
     from rich.live import Live
 
     console = stderr_console() if quiet else stdout_console()
@@ -1029,7 +1031,7 @@ def _follow(
                     time.sleep(interval)
                     stored = backend.load(run_id)
                     live.update(_show(stored, console), refresh=True)
-            return stored
+            return stored, True
         last = ""
         while not done(stored):
             text = line(stored)
@@ -1038,31 +1040,38 @@ def _follow(
                 last = text
             time.sleep(interval)
             stored = backend.load(run_id)
-        return stored
+        return stored, False
     except KeyboardInterrupt:
         leave(EXIT_INTERRUPTED)
 
 
 def _stored_dict(stored: StoredRun) -> dict[str, Any]:
-    from ablauf_lang.semantics import state_of
+    from ablauf_lang.semantics import states
 
     data = stored.info.to_dict()
     data["status"] = str(stored.job.status)
     data["context"] = stored.job.context
     data["initial_context"] = stored.initial_context
+    shown = states(stored.job.root)  # a branch that never ran says `skipped`
     data["nodes"] = [
         {
             "id": n.id,
             "kind": n.kind,
-            "state": state_of(n),
+            "state": shown[n.id],
             "children": [c.id for c in getattr(n, "children", ())],
             **(
                 {
                     "action": n.action,
+                    # the payload as written (an expression kept as its source) and, for
+                    # one computed at run time, the value that was sent
                     "payload": n.payload,
+                    "sent": n.sent,
                     "output": n.output,
                     "error": n.error,
                     "attempt": n.attempt,
+                    "dispatched_at": n.dispatched_at,
+                    "started_at": n.started_at,
+                    "finished_at": n.finished_at,
                 }
                 if n.kind == "leaf"
                 else {}

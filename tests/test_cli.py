@@ -715,3 +715,21 @@ def test_a_branch_that_never_ran_is_shown_skipped(tmp_path: Path) -> None:
     assert "#8 rescue!!  skipped" in shown  # the body succeeded: the rescue never ran
     assert '#9 action/log "e"  skipped' in shown
     assert "#10 finally!!  success" in shown
+
+
+def test_runs_show_json_tells_the_payload_sent_from_its_expression(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    run = ablauf_lang.eval(
+        "(do!! (log!! (ctx :a)) (log!! 7) (try!! (log!! 1) (rescue!! (log!! 2))))",
+        context={"a": 3},
+        store=url,
+    )
+    shown = CliRunner().invoke(cli, ["runs", "show", run.run_id, "--store", url, "--json"])
+    assert shown.exit_code == 0, shown.output
+    nodes = {n["id"]: n for n in json.loads(shown.stdout)["nodes"]}
+    assert (nodes[1]["payload"], nodes[1]["sent"]) == ({"$expr": "(ctx :a)"}, 3)
+    assert (nodes[2]["payload"], nodes[2]["sent"]) == (7, None)  # a literal: sent as written
+    assert nodes[1]["started_at"] is not None
+    rescue = [n for n in nodes.values() if n.get("payload") == 2]
+    assert [n["state"] for n in rescue] == ["skipped"]
+    assert nodes[rescue[0]["id"] - 1]["state"] == "skipped"  # the rescue branch itself

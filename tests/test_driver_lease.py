@@ -29,6 +29,7 @@ from ablauf_lang.stores.base import (
     DriverLease,
     Owner,
     RunInfo,
+    open_store,
     pid_alive,
     process_started,
 )
@@ -246,9 +247,13 @@ def other(host: str = "elsewhere", pid: int = 4242, started: float | None = None
     return Owner(host, pid, started, f"token-{host}-{pid}")
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "memory"])
-def test_lease_rules(tmp_path: Path, kind: str) -> None:
-    store: Any = SqliteStore(str(tmp_path / "r.db")) if kind == "sqlite" else MemoryStore()
+@pytest.mark.parametrize("kind", ["sqlite", "memory", "postgres"])
+def test_lease_rules(tmp_path: Path, kind: str, request: pytest.FixtureRequest) -> None:
+    store: Any
+    if kind == "postgres":
+        store = open_store(request.getfixturevalue("pg_url"))
+    else:
+        store = SqliteStore(str(tmp_path / "r.db")) if kind == "sqlite" else MemoryStore()
     run_id = store.create_run(ablauf_lang.make_job('(do!! (log!! "x"))'))
     assert store.info(run_id).state == "pending"
     assert store.info(run_id).driver is None
@@ -302,9 +307,12 @@ def test_a_dead_pid_or_a_reused_one_on_this_host_is_not_live(tmp_path: Path) -> 
         assert driver.is_live() is live, driver
 
 
-def test_resume_and_retry_refuse_a_live_run_in_the_api(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path}/r.db"
-    store = SqliteStore(str(tmp_path / "r.db"))
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_resume_and_retry_refuse_a_live_run_in_the_api(
+    tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
+    url = f"sqlite:///{tmp_path}/r.db" if kind == "sqlite" else request.getfixturevalue("pg_url")
+    store: Any = open_store(url)
     run_id = store.create_run(ablauf_lang.make_job('(do!! (log!! "x"))'))
     store.acquire_lease(run_id, other(), 60)
     for call in (ablauf_lang.resume, ablauf_lang.retry):

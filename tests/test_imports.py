@@ -341,3 +341,17 @@ def test_embedders_can_turn_file_imports_off(
         compile_forms(read('(import "b.abl") (log!! b)'), filename=main)
     # an explicit True wins over the module default
     assert compile_source('(import "b.abl") (log!! b)', main, file_imports=True) == log(0, "b")
+
+
+def test_eval_and_compile_take_the_file_imports_switch(tmp_path: Path) -> None:
+    import ablauf_lang
+
+    (tmp_path / "lib.abl").write_text("(def x 1)\n")
+    main = tmp_path / "main.abl"
+    source = '(import "lib.abl")\n(log!! x)'
+    main.write_text(source)
+    assert ablauf_lang.eval(source, filename=str(main)).status == "success"
+    with pytest.raises(ablauf_lang.AblaufCompileError, match="importing files is turned off"):
+        ablauf_lang.eval(source, filename=str(main), file_imports=False)
+    std = '(import "std/retry")\n(with-retries 2 (log!! 1))'
+    assert ablauf_lang.eval(std, file_imports=False).status == "success"

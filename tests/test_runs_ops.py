@@ -313,3 +313,65 @@ def test_show_follow_redraws_until_the_run_ends(tmp_path: Path) -> None:
     failed = add(url.replace("///", f"///{tmp_path}/"), BAD, None)
     again = ablauf("runs", "show", failed, "--follow", "--store", url, cwd=tmp_path)
     assert again.returncode == 1  # a finished run: shown once, its exit code
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("sqlite:////nonexistent/dir/x.db", "its directory /nonexistent/dir does not exist"),
+        ("", "--store is empty"),
+        ("  ", "--store is empty"),
+    ],
+)
+def test_a_store_that_cannot_be_meant_is_refused(tmp_path: Path, url: str, says: str) -> None:
+    for command in (["runs", "list"], ["runs", "show", "x"]):
+        out = ablauf(*command, "--store", url, cwd=tmp_path)
+        assert out.returncode == 2, out.stderr
+        assert says in out.stderr
+        assert out.stderr.count("\n") == 1
+    assert not Path("/nonexistent").exists()
+
+
+def test_show_follow_redraws_in_place_on_a_terminal(tmp_path: Path, tmux: Any) -> None:
+    (tmp_path / "slow.py").write_text(
+        "import os, time\n"
+        "from ablauf_lang.actions_registry import action\n\n"
+        "@action('t/gate')\n"
+        "def gate(payload, context):\n"
+        "    while not os.path.exists(payload):\n"
+        "        time.sleep(0.02)\n"
+        "    return 'opened'\n"
+    )
+    gate = tmp_path / "gate"
+    (tmp_path / "p.abl").write_text(f'(do!! (action!! :t/gate "{gate}") (log!! "after"))')
+    url = f"sqlite:///{tmp_path}/runs.db"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "ablauf_lang", "run", "p.abl", "--actions", "slow.py",
+         "--store", url, "-q"],
+        cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        runs: list[Any] = []
+        while not runs:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+            if (tmp_path / "runs.db").exists():
+                found = ablauf("runs", "list", "--store", url, "--json", cwd=tmp_path)
+                runs = [r for r in json.loads(found.stdout or "[]") if r["state"] == "running"]
+        run_id = runs[0]["run_id"]
+        command = (
+            f"{sys.executable} -m ablauf_lang runs show {run_id} --follow --interval 0.1 "
+            f"--store {url}; echo EXIT=$?; sleep 60"
+        )
+        tmux("new-session", "-d", "-s", "t", "-x", "160", "-y", "20", command)
+        during = tmux.wait_for("t/gate")
+        assert f"running ({runs[0]['driver']['host']}, pid {driver.pid})" in during
+        assert "pending" in during
+        gate.touch()
+        after = tmux.wait_for("EXIT=0")
+        assert '#2 action/log "after"  success' in after
+        assert after.count(f"run {run_id}  ") == 1  # redrawn in place, not printed again
+    finally:
+        gate.touch()
+        driver.wait(timeout=60)

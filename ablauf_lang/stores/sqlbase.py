@@ -197,6 +197,8 @@ def _leaf_state(leaf: Leaf) -> dict[str, Any]:
         "attempt": leaf.attempt,
         "dispatched_at": leaf.dispatched_at,
         "finished_at": leaf.finished_at,
+        "started_at": leaf.started_at,
+        "sent": serde.encode_value(leaf.sent),
     }
 
 
@@ -205,7 +207,9 @@ def _leaf_state_generic(leaf: Leaf) -> dict[str, Any]:
 
 
 def _check_leaf_state() -> Any:
-    sample = Leaf(3, "a/b", [1], True, None, LeafState.FAILURE, {"o": 1}, "e", 2, 1.5, 2.5)
+    sample = Leaf(
+        3, "a/b", [1], True, None, LeafState.FAILURE, {"o": 1}, "e", 2, 1.5, 2.5, None, 1.7, [2]
+    )
     if _leaf_state(sample) == _leaf_state_generic(sample):
         return _leaf_state
     return _leaf_state_generic  # serde's leaf record changed: follow it, a little slower

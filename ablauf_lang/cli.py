@@ -1046,6 +1046,7 @@ def _follow(
 
 
 def _stored_dict(stored: StoredRun) -> dict[str, Any]:
+    from ablauf_lang.nodes import Leaf
     from ablauf_lang.semantics import states
 
     data = stored.info.to_dict()
@@ -1073,7 +1074,7 @@ def _stored_dict(stored: StoredRun) -> dict[str, Any]:
                     "started_at": n.started_at,
                     "finished_at": n.finished_at,
                 }
-                if n.kind == "leaf"
+                if isinstance(n, Leaf)
                 else {}
             ),
         }

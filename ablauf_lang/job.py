@@ -654,7 +654,9 @@ def failure_causes(root: Node) -> list[Node]:
     | doseq!!  | itself if its collection failed, else its failed children's |
     """
     out: list[Node] = []
-    stack: list[Node] = [root] if _has_failed(root) else []
+    # A try reports failure only once done: inside a run still going, a failed body whose
+    # rescue has not run yet is not (yet) a cause.
+    stack: list[Node] = [root] if root.failed else []
     while stack:
         node = stack.pop()
         if isinstance(node, Leaf):
@@ -670,14 +672,8 @@ def failure_causes(root: Node) -> list[Node]:
                 kids.append(rescue if len(rescue.children) else body)
         else:
             kids = list(node.children)
-        stack.extend(reversed([k for k in kids if _has_failed(k)]))
+        stack.extend(reversed([k for k in kids if k.failed]))
     return out
-
-
-def _has_failed(node: Node) -> bool:
-    # A try reports failure once done; inside a run that is still going, a failed body
-    # whose rescue has not run yet is not (yet) a cause.
-    return node.failed
 
 
 def can_resume(job: Job) -> bool:
@@ -690,11 +686,6 @@ def can_retry(job: Job) -> bool:
     if job.status is Status.SUCCESS:
         return False
     return job.aborted is not None or job.inflight > 0 or bool(failure_causes(job.root))
-
-
-def can_replay(job: Job, *, retry_interrupted: bool = False) -> bool:
-    """`can_retry` with `retry_interrupted`, else `can_resume` (the older name)."""
-    return can_retry(job) if retry_interrupted else can_resume(job)
 
 
 def _frozen_todo(todo: dict[int, Any]) -> dict[int, Collection[int]]:

@@ -149,6 +149,20 @@ def default_synchronous() -> str:
     return os.environ.get(SYNC_ENV, "").strip().lower() or "normal"
 
 
+@contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction: `BEGIN IMMEDIATE`, committed on exit, rolled back on any exit
+    by an exception (a Ctrl-C included)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 class SqliteStore(SqlStore):
     """Runs in one SQLite file (WAL, busy timeout); see the module docstring."""
 
@@ -291,8 +305,7 @@ class SqliteStore(SqlStore):
         if app == APPLICATION_ID and version < SCHEMA_VERSION:
             self._upgrade(conn)
         if app == 0:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _immediate(conn):
                 app, version = self._header(conn)  # another process may have just made it
                 if app == 0:
                     tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
@@ -306,27 +319,16 @@ class SqliteStore(SqlStore):
                         conn.execute(statement)
                     conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
             self._check(*self._header(conn))
 
     def _upgrade(self, conn: sqlite3.Connection) -> None:
         """Bring a store of an older schema version up to this one, in one transaction."""
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _immediate(conn):
             _, version = self._header(conn)  # another process may have just done it
             if version == 1:
                 for statement in statements(UPGRADE_2):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
 
     def _check(self, app: int, version: int) -> None:
         if app not in (0, APPLICATION_ID):
@@ -369,14 +371,8 @@ class SqliteStore(SqlStore):
         with self._lock:
             conn = self._conn
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
+                with _immediate(conn):
                     yield conn.cursor()
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
             except (sqlite3.Error, UnicodeDecodeError) as exc:
                 raise self._error(exc) from None
             self.commits += 1

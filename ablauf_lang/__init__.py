@@ -5,7 +5,6 @@ run = ablauf_lang.eval('(do!! (log!! "hello") (log!! "world"))')
 run.status  # Status.SUCCESS
 """
 
-from ablauf_lang.actions_registry import action
 from ablauf_lang.api import (
     abort_run,
     compile,
@@ -23,6 +22,8 @@ from ablauf_lang.api import (
     retry,
     retry_async,
 )
+from ablauf_lang.engine.job import Job, abort, prepare_replay
+from ablauf_lang.engine.nodes import Dispatch, LeafState, Result, Status, failure, success, timeout
 from ablauf_lang.errors import (
     AblaufCompileError,
     AblaufError,
@@ -32,10 +33,9 @@ from ablauf_lang.errors import (
     RunError,
     StoreError,
 )
-from ablauf_lang.job import Job, abort, prepare_replay
-from ablauf_lang.nodes import Dispatch, LeafState, Result, Status, failure, success, timeout
 from ablauf_lang.runners.local import Run
 from ablauf_lang.stdlib.actions import ActionFailed
+from ablauf_lang.stdlib.registry import action
 from ablauf_lang.stores.base import JobStore, open_store
 
 __version__ = "0.1.0"

@@ -7,18 +7,18 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from ablauf_lang import job as _job
+from ablauf_lang.engine import job as _job
+from ablauf_lang.engine.job import Job
+from ablauf_lang.engine.nodes import Dispatch, Node, Result, Status
 from ablauf_lang.errors import AblaufError, RunError
-from ablauf_lang.forms import Form
-from ablauf_lang.job import Job
-from ablauf_lang.nodes import Dispatch, Node, Result, Status
+from ablauf_lang.lang.forms import Form
 from ablauf_lang.runners.local import Action, LocalRunner, Run, critical
 from ablauf_lang.stores.base import DriverLease, JobStore, RunInfo, open_store
 
 
 def parse(source: str, filename: str | None = None) -> tuple[Form, ...]:
     """Read source text into forms (all top-level forms, positions kept)."""
-    from ablauf_lang.reader import read
+    from ablauf_lang.lang.reader import read
 
     return read(source, filename)
 
@@ -31,7 +31,7 @@ def compile(
     `file_imports=False` lets a program import only the standard library (`std/...`):
     for embedders that run programs they did not write. None: `compiler.FILE_IMPORTS`.
     """
-    from ablauf_lang.compiler import compile_forms, compile_source
+    from ablauf_lang.lang.compiler import compile_forms, compile_source
 
     if isinstance(source, str):
         return compile_source(source, filename, file_imports=file_imports)

@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 
     from rich.console import Console, RenderableType
 
-    from ablauf_lang.job import Job
-    from ablauf_lang.nodes import Dispatch, Node, Result
+    from ablauf_lang.engine.job import Job
+    from ablauf_lang.engine.nodes import Dispatch, Node, Result
     from ablauf_lang.runners.local import Run
     from ablauf_lang.stores.base import StoredRun
 
@@ -182,7 +182,7 @@ def load_actions(spec: str | None) -> dict[str, Callable[..., Any]] | None:
     """`--actions MODULE`: the module's actions (None when not given)."""
     if spec is None:
         return None
-    from ablauf_lang.actions_registry import load_actions as load
+    from ablauf_lang.stdlib.registry import load_actions as load
 
     return load(spec)
 
@@ -191,8 +191,8 @@ def check_actions(
     root: Node, actions: dict[str, Any] | None, spec: str | None, name: str, source: str
 ) -> list[AblaufError]:
     """Errors for the actions a compiled program names that nobody registered."""
-    from ablauf_lang.actions_registry import unknown_action_errors
     from ablauf_lang.runners.local import registry
+    from ablauf_lang.stdlib.registry import unknown_action_errors
 
     return unknown_action_errors(root, registry(actions), spec, filename=name, source=source)
 
@@ -234,7 +234,7 @@ def echo_json(data: Any) -> None:
 def stdout_console() -> Console:
     from rich.console import Console
 
-    from ablauf_lang.render import FULL_WIDTH
+    from ablauf_lang.ui.render import FULL_WIDTH
 
     console = Console(highlight=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:
@@ -252,8 +252,8 @@ def print_outcome(run: Run, elapsed: float | None, console: Console) -> None:
     """The result of a run: status, id, failed steps, context."""
     from rich.text import Text
 
-    from ablauf_lang.nodes import LeafState
-    from ablauf_lang.render import FULL_WIDTH, format_value, status_text
+    from ablauf_lang.engine.nodes import LeafState
+    from ablauf_lang.ui.render import FULL_WIDTH, format_value, status_text
 
     full = console.width >= FULL_WIDTH
     line = Text()
@@ -278,7 +278,7 @@ def print_outcome(run: Run, elapsed: float | None, console: Console) -> None:
 
 def exit_for(run: Run) -> NoReturn:
     """Exit 0 when the run succeeded, 1 otherwise."""
-    from ablauf_lang.nodes import Status
+    from ablauf_lang.engine.nodes import Status
 
     leave(EXIT_OK if run.status is Status.SUCCESS else EXIT_FAILED)
 
@@ -380,7 +380,7 @@ def drive(
             os._exit(EXIT_INTERRUPTED)
 
     from ablauf_lang.names import LOG_ACTION
-    from ablauf_lang.render import format_value
+    from ablauf_lang.ui.render import format_value
 
     shown = progress.on_restart if progress is not None else None
     logs = progress.console if progress is not None else stderr_console()
@@ -482,7 +482,7 @@ class LiveProgress:
     def __rich__(self) -> RenderableType:
         from rich.text import Text
 
-        from ablauf_lang.render import job_tree, status_text
+        from ablauf_lang.ui.render import job_tree, status_text
 
         job = self.job
         head = Text(f"{self.title}  ", style="bold")
@@ -654,9 +654,9 @@ def check(files: tuple[str, ...], actions: str | None, tree: bool, as_json: bool
     """
     from rich.text import Text
 
-    from ablauf_lang.actions_registry import used_actions
     from ablauf_lang.api import compile as compile_source
-    from ablauf_lang.render import program_tree, value_width
+    from ablauf_lang.stdlib.registry import used_actions
+    from ablauf_lang.ui.render import program_tree, value_width
 
     registry = load_actions(actions)
     console = stdout_console()
@@ -765,7 +765,7 @@ def repl(file: str | None, actions: str | None, context: str | None) -> None:
 def _repl_console() -> Console:
     from rich.console import Console
 
-    from ablauf_lang.render import FULL_WIDTH
+    from ablauf_lang.ui.render import FULL_WIDTH
 
     console = Console(highlight=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:
@@ -966,7 +966,7 @@ def runs_show(run_id: str, store: str | None, as_json: bool, follow: bool, inter
     elif not drawn:
         stdout_console().print(_show(stored, stdout_console()), soft_wrap=True)
     if follow:
-        from ablauf_lang.nodes import Status
+        from ablauf_lang.engine.nodes import Status
 
         leave(EXIT_OK if stored.job.status is Status.SUCCESS else EXIT_FAILED)
 
@@ -977,7 +977,7 @@ def _show(stored: StoredRun, console: Console) -> RenderableType:
     from rich.console import Group
     from rich.text import Text
 
-    from ablauf_lang.render import format_value, job_tree
+    from ablauf_lang.ui.render import format_value, job_tree
 
     info = stored.info
     head = Text(f"run {info.run_id}  ", style="bold")
@@ -1046,8 +1046,8 @@ def _follow(
 
 
 def _stored_dict(stored: StoredRun) -> dict[str, Any]:
-    from ablauf_lang.nodes import Leaf
-    from ablauf_lang.semantics import states
+    from ablauf_lang.engine.nodes import Leaf
+    from ablauf_lang.engine.semantics import states
 
     data = stored.info.to_dict()
     data["status"] = str(stored.job.status)

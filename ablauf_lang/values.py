@@ -32,8 +32,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from ablauf_lang.engine.nodes import Deferred
 from ablauf_lang.errors import JobError
-from ablauf_lang.nodes import Deferred
 
 __all__ = [
     "MAX_BUILT",
@@ -135,7 +135,7 @@ def _decode_deferred(data: Any) -> Deferred:
         # The language's expressions register themselves when their module is imported.
         import importlib
 
-        importlib.import_module("ablauf_lang.expr")
+        importlib.import_module("ablauf_lang.lang.expr")
     cls = Deferred.registry.get(tag)
     if cls is None:
         raise JobError(f"stored job holds a run-time expression of unknown kind {tag!r}")

@@ -22,8 +22,8 @@ from typing import Any
 from pyrsistent import pvector
 
 import ablauf_lang
-from ablauf_lang.job import Job, make_job, restart_job
-from ablauf_lang.nodes import Leaf, Par, Seq, success
+from ablauf_lang.engine.job import Job, make_job, restart_job
+from ablauf_lang.engine.nodes import Leaf, Par, Seq, success
 
 
 def noop(payload: Any, context: Any) -> Any:

@@ -29,8 +29,8 @@ from typing import Any
 
 from pyrsistent import pvector
 
-from ablauf_lang.job import Job, make_job, restart_job
-from ablauf_lang.nodes import Leaf, Par, Seq, success
+from ablauf_lang.engine.job import Job, make_job, restart_job
+from ablauf_lang.engine.nodes import Leaf, Par, Seq, success
 from ablauf_lang.runners.local import LocalRunner
 from ablauf_lang.stores.sqlite import SqliteStore
 

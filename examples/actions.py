@@ -16,7 +16,7 @@ import os
 import time
 from typing import Any
 
-from ablauf_lang.actions_registry import action
+from ablauf_lang import action
 
 
 def _delay(scale: float = 1.0) -> float:

@@ -8,8 +8,19 @@ from typing import Any
 
 from pyrsistent import pvector
 
-from ablauf_lang.job import Job, make_job, restart_job
-from ablauf_lang.nodes import Augment, Dispatch, Leaf, Node, Par, Result, Seq, Try, failure, success
+from ablauf_lang.engine.job import Job, make_job, restart_job
+from ablauf_lang.engine.nodes import (
+    Augment,
+    Dispatch,
+    Leaf,
+    Node,
+    Par,
+    Result,
+    Seq,
+    Try,
+    failure,
+    success,
+)
 
 
 def L(

@@ -8,7 +8,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from ablauf_lang.forms import Keyword, List, Map, Symbol, Vector
+from ablauf_lang.lang.forms import Keyword, List, Map, Symbol, Vector
 
 # =======================================================================================
 # Reader forms (reader, printer and compiler tests)

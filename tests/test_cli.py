@@ -25,7 +25,7 @@ from rich.console import Console
 import ablauf_lang
 from ablauf_lang import open_store
 from ablauf_lang.cli import LiveProgress, cli
-from ablauf_lang.job import make_job, restart_job
+from ablauf_lang.engine.job import make_job, restart_job
 from tests.terminal import Tmux
 
 ROOT = Path(__file__).parent.parent
@@ -175,7 +175,7 @@ def test_actions_module_by_mapping_and_by_decorator(tmp_path: Path) -> None:
     write(
         tmp_path / "acts_deco.py",
         """
-        from ablauf_lang.actions_registry import action
+        from ablauf_lang import action
 
         @action("math/double")
         async def double(payload, context):

@@ -9,7 +9,9 @@ import pytest
 from hypothesis import given
 from pyrsistent import pvector
 
-from ablauf_lang.compiler import (
+from ablauf_lang.engine.nodes import Augment, Leaf, Node, Par, Seq, Try
+from ablauf_lang.errors import AblaufCompileError, AblaufSyntaxError
+from ablauf_lang.lang.compiler import (
     RULES,
     TOP_LEVEL_RULES,
     Compiler,
@@ -19,10 +21,8 @@ from ablauf_lang.compiler import (
     compile_source,
     rule,
 )
-from ablauf_lang.errors import AblaufCompileError, AblaufSyntaxError
-from ablauf_lang.forms import Keyword, List
-from ablauf_lang.nodes import Augment, Leaf, Node, Par, Seq, Try
-from ablauf_lang.reader import read
+from ablauf_lang.lang.forms import Keyword, List
+from ablauf_lang.lang.reader import read
 from tests.strategies import workflow_sources
 
 
@@ -389,7 +389,7 @@ def test_core_rules_are_registered() -> None:
 
 
 def test_other_modules_can_register_forms(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("ablauf_lang.compiler.RULES", dict(RULES))
+    monkeypatch.setattr("ablauf_lang.lang.compiler.RULES", dict(RULES))
 
     # (twice!! node): a sequence running node's form two times.
     @rule("twice!!")
@@ -405,8 +405,8 @@ def test_other_modules_can_register_forms(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_top_level_declarations_can_be_registered(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("ablauf_lang.compiler.TOP_LEVEL_RULES", dict(TOP_LEVEL_RULES))
-    from ablauf_lang import compiler
+    monkeypatch.setattr("ablauf_lang.lang.compiler.TOP_LEVEL_RULES", dict(TOP_LEVEL_RULES))
+    from ablauf_lang.lang import compiler
 
     seen: list[str] = []
 

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 import ablauf_lang
+from ablauf_lang.engine.job import Job
+from ablauf_lang.engine.nodes import LeafState, Status
 from ablauf_lang.errors import RunError
-from ablauf_lang.job import Job
-from ablauf_lang.nodes import LeafState, Status
 
 REPO = Path(__file__).resolve().parent.parent
 

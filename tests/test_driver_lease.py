@@ -39,7 +39,7 @@ from ablauf_lang.stores.sqlite import SqliteStore
 ACTIONS = textwrap.dedent(
     """
     import os, time
-    from ablauf_lang.actions_registry import action
+    from ablauf_lang import action
 
     @action("t/slow")
     def slow(payload, context):

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from ablauf_lang import open_store
 from ablauf_lang.cli import cli
-from ablauf_lang.job import Job
-from ablauf_lang.semantics import state_of
+from ablauf_lang.engine.job import Job
+from ablauf_lang.engine.semantics import state_of
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 ACTIONS = str(EXAMPLES / "actions.py")

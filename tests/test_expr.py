@@ -10,10 +10,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ablauf_lang
-from ablauf_lang import expr
-from ablauf_lang.compiler import compile_source
+from ablauf_lang.engine.nodes import Leaf, Status
 from ablauf_lang.errors import AblaufCompileError, AblaufError, JobError
-from ablauf_lang.expr import (
+from ablauf_lang.lang import expr
+from ablauf_lang.lang.compiler import compile_source
+from ablauf_lang.lang.expr import (
     AndCode,
     Call,
     Env,
@@ -26,11 +27,10 @@ from ablauf_lang.expr import (
     decode_data,
     encode_data,
 )
-from ablauf_lang.forms import Keyword, to_data
+from ablauf_lang.lang.forms import Keyword, to_data
+from ablauf_lang.lang.reader import read_one
 from ablauf_lang.names import BUILTINS as BUILTIN_NAMES
 from ablauf_lang.names import SPECIAL_FORMS
-from ablauf_lang.nodes import Leaf, Status
-from ablauf_lang.reader import read_one
 from ablauf_lang.stdlib.builtins import BUILTINS, equal, show_value
 from ablauf_lang.values import Meter, TooLarge
 

@@ -29,11 +29,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ablauf_lang
-from ablauf_lang import serde, values
+from ablauf_lang import values
+from ablauf_lang.codec import job as serde
+from ablauf_lang.engine.job import Job
+from ablauf_lang.engine.nodes import Node, Status
 from ablauf_lang.errors import AblaufError, JobError
-from ablauf_lang.job import Job
-from ablauf_lang.nodes import Node, Status
-from ablauf_lang.reader import decode_source
+from ablauf_lang.lang.reader import decode_source
 
 ROOT = Path(__file__).parent.parent
 EXAMPLES = ROOT / "examples"

@@ -22,8 +22,8 @@ from pygments.token import (
     Whitespace,
 )
 
-from ablauf_lang.highlight import AblaufLexer
-from ablauf_lang.printer import print_form
+from ablauf_lang.lang.printer import print_form
+from ablauf_lang.ui.highlight import AblaufLexer
 from tests.strategies import forms, workflow_sources
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.abl"))

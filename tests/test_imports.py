@@ -10,12 +10,12 @@ import pytest
 from pyrsistent import pvector
 
 import ablauf_lang
-from ablauf_lang import compiler as compiler_module
-from ablauf_lang.compiler import Compiler, compile_forms, compile_source, stdlib_modules
+from ablauf_lang.engine.nodes import Leaf, LeafState, Node, Seq, Status, Try
 from ablauf_lang.errors import AblaufCompileError, AblaufSyntaxError
-from ablauf_lang.expr import Closure
-from ablauf_lang.nodes import Leaf, LeafState, Node, Seq, Status, Try
-from ablauf_lang.reader import read
+from ablauf_lang.lang import compiler as compiler_module
+from ablauf_lang.lang.compiler import Compiler, compile_forms, compile_source, stdlib_modules
+from ablauf_lang.lang.expr import Closure
+from ablauf_lang.lang.reader import read
 
 DATA = Path(__file__).parent / "data"
 

@@ -27,7 +27,7 @@ import pytest
 
 import ablauf_lang
 from ablauf_lang import open_store
-from ablauf_lang.nodes import LeafState, Status
+from ablauf_lang.engine.nodes import LeafState, Status
 from ablauf_lang.runners.local import Interrupted, interruptible
 from tests.terminal import Tmux
 

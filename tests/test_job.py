@@ -7,8 +7,7 @@ from typing import Any
 
 import pytest
 
-from ablauf_lang.errors import AblaufError, InvariantError, JobError
-from ablauf_lang.job import (
+from ablauf_lang.engine.job import (
     INTERRUPTED,
     LAST_ERROR,
     Job,
@@ -18,7 +17,8 @@ from ablauf_lang.job import (
     rebuild,
     restart_job,
 )
-from ablauf_lang.nodes import LeafState, Result, Status, failure, renumber, success, timeout
+from ablauf_lang.engine.nodes import LeafState, Result, Status, failure, renumber, success, timeout
+from ablauf_lang.errors import AblaufError, InvariantError, JobError
 from tests.builders import Do, L, Par_, Try_, by_name, drive, job_of, ran
 
 BOOM = RuntimeError("boom")
@@ -500,7 +500,7 @@ def test_deep_nesting_never_hits_the_recursion_limit() -> None:
         tree = number(_deep(700))
     finally:
         sys.setrecursionlimit(old)
-    from ablauf_lang.job import make_job
+    from ablauf_lang.engine.job import make_job
 
     job, _seen = drive(make_job(tree), by_name({}))
     assert job.status is Status.SUCCESS

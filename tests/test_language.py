@@ -18,13 +18,8 @@ from hypothesis import strategies as st
 from pyrsistent import pvector
 
 import ablauf_lang
-from ablauf_lang.actions_registry import load_actions
-from ablauf_lang.compiler import TOP_LEVEL_RULES, Compiler, compile_source, head_name
-from ablauf_lang.errors import AblaufCompileError
-from ablauf_lang.expr import Call, Env, Expr, MapCode, Var, Vec
-from ablauf_lang.forms import Keyword
-from ablauf_lang.job import Job, make_job, restart_job
-from ablauf_lang.nodes import (
+from ablauf_lang.engine.job import Job, make_job, restart_job
+from ablauf_lang.engine.nodes import (
     Augment,
     Dispatch,
     Doseq,
@@ -40,7 +35,12 @@ from ablauf_lang.nodes import (
     failure,
     success,
 )
-from ablauf_lang.reader import read
+from ablauf_lang.errors import AblaufCompileError
+from ablauf_lang.lang.compiler import TOP_LEVEL_RULES, Compiler, compile_source, head_name
+from ablauf_lang.lang.expr import Call, Env, Expr, MapCode, Var, Vec
+from ablauf_lang.lang.forms import Keyword
+from ablauf_lang.lang.reader import read
+from ablauf_lang.stdlib.registry import load_actions
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 

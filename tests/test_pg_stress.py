@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from ablauf_lang.nodes import LeafState, Status
+from ablauf_lang.engine.nodes import LeafState, Status
 from ablauf_lang.runners import worker
 from tests.pg import PgServer
 from tests.test_worker import Workers, database, query

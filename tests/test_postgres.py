@@ -14,12 +14,12 @@ import psycopg
 import pytest
 
 import ablauf_lang
-from ablauf_lang import serde
+from ablauf_lang.codec import job as serde
+from ablauf_lang.engine.job import INTERRUPTED, restart_job
+from ablauf_lang.engine.nodes import LeafState, Status, success
 from ablauf_lang.errors import RunError, StoreError
-from ablauf_lang.job import INTERRUPTED, restart_job
-from ablauf_lang.nodes import LeafState, Status, success
 from ablauf_lang.stores import postgres as pg
-from ablauf_lang.stores import sqlbase
+from ablauf_lang.stores import sql as sqlbase
 from ablauf_lang.stores.base import open_store
 from tests.pg import CutAfterCommit, PgServer
 

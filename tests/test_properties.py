@@ -7,8 +7,8 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ablauf_lang.job import Job, make_job, prepare_replay, restart_job
-from ablauf_lang.nodes import Leaf, LeafState, Node, Par, Seq, Status, Try, failure, success
+from ablauf_lang.engine.job import Job, make_job, prepare_replay, restart_job
+from ablauf_lang.engine.nodes import Leaf, LeafState, Node, Par, Seq, Status, Try, failure, success
 from tests.builders import Do, L, Par_, Try_, number
 
 # ---------------------------------------------------------------- strategies
@@ -148,7 +148,7 @@ def test_crashes_and_replays_still_finish(tree: Node, data: st.DataObject) -> No
 
 
 def _all_idempotent(tree: Node) -> Node:
-    from ablauf_lang.job import rebuild
+    from ablauf_lang.engine.job import rebuild
 
     return rebuild(tree, lambda leaf: leaf.__class__(leaf.id, leaf.action, leaf.payload, True))
 

@@ -10,8 +10,8 @@ import pytest
 from lark import Lark
 
 from ablauf_lang.errors import AblaufSyntaxError, Span
-from ablauf_lang.forms import Keyword, List, Map, Symbol, Vector
-from ablauf_lang.reader import MAX_INT_DIGITS, Forms, decode_source, parser, read, read_one
+from ablauf_lang.lang.forms import Keyword, List, Map, Symbol, Vector
+from ablauf_lang.lang.reader import MAX_INT_DIGITS, Forms, decode_source, parser, read, read_one
 from tests.strategies import same_form
 
 K = Keyword
@@ -439,7 +439,7 @@ def test_invalid_utf8_names_the_file_line_column_and_byte() -> None:
 def test_lone_surrogates_read_and_print_back() -> None:
     form = read_one('"\\ud800 and \udfff"')
     assert form == "\ud800 and \udfff"
-    from ablauf_lang.printer import print_form
+    from ablauf_lang.lang.printer import print_form
 
     assert read_one(print_form(form)) == form
     assert print_form(form).isascii()

@@ -22,14 +22,14 @@ from prompt_toolkit.output import DummyOutput
 from prompt_toolkit.validation import ValidationError
 from rich.console import Console
 
+from ablauf_lang.engine.job import Job
+from ablauf_lang.engine.semantics import state_of
 from ablauf_lang.errors import AblaufError
-from ablauf_lang.job import Job
 from ablauf_lang.repl.app import Repl, history_path
 from ablauf_lang.repl.commands import parse_value
 from ablauf_lang.repl.completer import AblaufCompleter
 from ablauf_lang.repl.stepper import ReplError, Stepper
 from ablauf_lang.repl.validator import AblaufValidator, is_incomplete
-from ablauf_lang.semantics import state_of
 from tests.terminal import Tmux
 
 # SPEC section 3: ids try 0, body 1, dopar 2, a1 3, a2 4, b1 5, rescue 6, r1 7, finally 8, f1 9.
@@ -492,7 +492,7 @@ def test_run_time_kinds_render_with_their_roles() -> None:
     # if!! and doseq!! come from hand-built trees until the compiler knows them.
     from pyrsistent import pvector
 
-    from ablauf_lang.nodes import Doseq, If
+    from ablauf_lang.engine.nodes import Doseq, If
     from tests.builders import Do, L, job_of, number
 
     tree = Do(

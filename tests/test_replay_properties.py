@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ablauf_lang.api import compile as compile_source
-from ablauf_lang.job import (
+from ablauf_lang.engine.job import (
     Job,
     can_retry,
     failure_causes,
@@ -30,7 +30,7 @@ from ablauf_lang.job import (
     prepare_replay,
     restart_job,
 )
-from ablauf_lang.nodes import (
+from ablauf_lang.engine.nodes import (
     Dispatch,
     Expansion,
     If,

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 import ablauf_lang
+from ablauf_lang.engine.job import restart_job
+from ablauf_lang.engine.nodes import LeafState, Status
 from ablauf_lang.errors import RunError
-from ablauf_lang.job import restart_job
-from ablauf_lang.nodes import LeafState, Status
 
 SOURCE = """
 (do!! (with-augment [identity :first] (idempotent-action!! :t/flaky "x"))

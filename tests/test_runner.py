@@ -11,8 +11,8 @@ import pytest
 
 import ablauf_lang
 from ablauf_lang import ActionFailed, Status
-from ablauf_lang.job import make_job, restart_job
-from ablauf_lang.nodes import LeafState, success
+from ablauf_lang.engine.job import make_job, restart_job
+from ablauf_lang.engine.nodes import LeafState, success
 from ablauf_lang.runners.local import LocalRunner
 from tests.builders import Do, L, Par_, number
 

@@ -276,7 +276,7 @@ def test_an_aborted_run_says_so_with_its_reason(tmp_path: Path) -> None:
 def test_show_follow_redraws_until_the_run_ends(tmp_path: Path) -> None:
     (tmp_path / "slow.py").write_text(
         "import time\n"
-        "from ablauf_lang.actions_registry import action\n\n"
+        "from ablauf_lang import action\n\n"
         "@action('t/nap')\n"
         "def nap(payload, context):\n"
         "    time.sleep(payload)\n"
@@ -335,7 +335,7 @@ def test_a_store_that_cannot_be_meant_is_refused(tmp_path: Path, url: str, says:
 def test_show_follow_redraws_in_place_on_a_terminal(tmp_path: Path, tmux: Any) -> None:
     (tmp_path / "slow.py").write_text(
         "import os, time\n"
-        "from ablauf_lang.actions_registry import action\n\n"
+        "from ablauf_lang import action\n\n"
         "@action('t/gate')\n"
         "def gate(payload, context):\n"
         "    while not os.path.exists(payload):\n"

@@ -12,9 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pyrsistent import pvector
 
+from ablauf_lang.engine.job import Job, prepare_replay, restart_job
+from ablauf_lang.engine.nodes import Deferred, Doseq, If, LeafState, Pmap, Status, failure, success
 from ablauf_lang.errors import AblaufError
-from ablauf_lang.job import Job, prepare_replay, restart_job
-from ablauf_lang.nodes import Deferred, Doseq, If, LeafState, Pmap, Status, failure, success
 from tests.builders import Do, L, Par_, Try_, by_name, drive, job_of, ran
 
 
@@ -228,7 +228,7 @@ def test_expansion_keeps_ids_unique_and_paths_right(sizes: list[int], parallel: 
 
 def test_branches_that_never_ran_are_shown_skipped() -> None:
     import ablauf_lang
-    from ablauf_lang.semantics import states
+    from ablauf_lang.engine.semantics import states
 
     run = ablauf_lang.eval(
         "(do!! (try!! (log!! 1) (rescue!! (log!! 2))) (if!! false (log!! 3))"

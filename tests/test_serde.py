@@ -10,12 +10,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ablauf_lang
-from ablauf_lang import serde, values
+from ablauf_lang import values
+from ablauf_lang.codec import job as serde
+from ablauf_lang.engine.job import Job, restart_job
+from ablauf_lang.engine.nodes import Leaf, Status, success
 from ablauf_lang.errors import JobError
-from ablauf_lang.expr import Expr
-from ablauf_lang.forms import Keyword
-from ablauf_lang.job import Job, restart_job
-from ablauf_lang.nodes import Leaf, Status, success
+from ablauf_lang.lang.expr import Expr
+from ablauf_lang.lang.forms import Keyword
 from tests.builders import Do, L, Par_, Try_, job_of
 
 
@@ -203,7 +204,7 @@ def test_plain_json_forms() -> None:
 
 
 def compile_expr_code() -> Any:
-    from ablauf_lang.compiler import compile_source
+    from ablauf_lang.lang.compiler import compile_source
 
     leaf = compile_source('(log!! (str "v" (ctx :version)))')
     assert isinstance(leaf, Leaf)

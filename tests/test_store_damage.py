@@ -26,10 +26,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ablauf_lang
-from ablauf_lang import serde
+from ablauf_lang.codec import job as serde
+from ablauf_lang.engine.job import restart_job
+from ablauf_lang.engine.nodes import success
 from ablauf_lang.errors import AblaufError
-from ablauf_lang.job import restart_job
-from ablauf_lang.nodes import success
 from ablauf_lang.stores.sqlite import SqliteStore
 
 PROGRAMS = [
@@ -402,8 +402,10 @@ def test_random_row_damage_is_reported_and_contained(
     result = seen[victim]
     if isinstance(result, str):
         assert result.startswith(f"run {victim} is damaged: "), result
-    else:  # loaded: only a fault the store cannot tell from a real record
-        assert not any(op in LIST_SEES for op in ops), (ops, result)
+    elif len(ops) == 1:  # loaded: only a fault the store cannot tell from a real record
+        assert ops[0] not in LIST_SEES, (ops, result)
+    # (Two faults may leave rows that agree again: deleting every delta and then setting
+    # head_seq back to the snapshot is the record of an earlier step; no check can tell.)
     if len(ops) == 1 and ops[0] in LIST_SEES:  # (two faults may make it look whole again)
         assert seen["list"][victim].state == "damaged", (ops, seen["list"][victim])
 

@@ -20,12 +20,12 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pyrsistent import pvector
 
-from ablauf_lang import serde
+from ablauf_lang.codec import job as serde
+from ablauf_lang.engine.job import Job, abort, make_job, prepare_replay, restart_job
+from ablauf_lang.engine.nodes import Doseq, If, Node, Pmap, Status, failure, success
 from ablauf_lang.errors import RunError, StoreError
-from ablauf_lang.job import Job, abort, make_job, prepare_replay, restart_job
-from ablauf_lang.nodes import Doseq, If, Node, Pmap, Status, failure, success
 from ablauf_lang.runners.local import LocalRunner
-from ablauf_lang.stores import sqlbase
+from ablauf_lang.stores import sql as sqlbase
 from ablauf_lang.stores.base import default_url, open_store
 from ablauf_lang.stores.sqlite import SqliteStore, parse_url
 from tests.builders import Do, L, Par_, Try_, number
@@ -176,7 +176,7 @@ def test_synchronous_full_from_the_environment_reaches_a_cli_run(tmp_path: Path)
     probe.write_text(
         textwrap.dedent(
             """
-            from ablauf_lang.actions_registry import action
+            from ablauf_lang import action
 
             @action("probe/sync")
             def sync(payload, context):
@@ -457,7 +457,7 @@ def test_a_second_writer_of_one_run_is_refused(tmp_path: Path) -> None:
 WRITER = textwrap.dedent(
     """
     import asyncio, sys
-    from ablauf_lang.job import make_job
+    from ablauf_lang.engine.job import make_job
     from ablauf_lang.runners.local import LocalRunner
     from ablauf_lang.stores.sqlite import SqliteStore
     from tests.builders import Do, L, number

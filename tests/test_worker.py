@@ -25,9 +25,9 @@ import psycopg
 import pytest
 
 import ablauf_lang
+from ablauf_lang.engine.job import INTERRUPTED
+from ablauf_lang.engine.nodes import LeafState, Status
 from ablauf_lang.errors import AblaufError, RunError, StoreError
-from ablauf_lang.job import INTERRUPTED
-from ablauf_lang.nodes import LeafState, Status
 from ablauf_lang.runners import worker
 from ablauf_lang.stores import postgres as pg
 from ablauf_lang.stores.postgres import PostgresStore

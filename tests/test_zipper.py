@@ -7,8 +7,8 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ablauf_lang import zipper as z
-from ablauf_lang.job import OPS
+from ablauf_lang.engine import zipper as z
+from ablauf_lang.engine.job import OPS
 from tests.builders import Do, L, Par_, job_of
 
 # A plain tree: ("label", child, child...) tuples; leaves are ints.
@@ -79,7 +79,7 @@ def test_job_tree_zipper_keeps_summaries() -> None:
     loc = z.down(z.down(z.zipper(job.root, OPS), 0), 1)
     from dataclasses import replace
 
-    from ablauf_lang.nodes import LeafState
+    from ablauf_lang.engine.nodes import LeafState
 
     root = z.root(z.edit(loc, lambda leaf: replace(leaf, result=LeafState.FAILURE)))
     assert root.children[0].n_failed == 1

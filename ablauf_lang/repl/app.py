@@ -31,14 +31,14 @@ from prompt_toolkit.styles import Style
 from rich.console import Console
 from rich.text import Text
 
+from ablauf_lang.engine.job import Job
 from ablauf_lang.errors import AblaufError
-from ablauf_lang.highlight import AblaufLexer
-from ablauf_lang.job import Job
-from ablauf_lang.render import FULL_WIDTH, LeafCounts, format_value, job_tree, leaf_counts
 from ablauf_lang.repl.commands import COMMANDS, QuitRepl, find_command
 from ablauf_lang.repl.completer import AblaufCompleter
 from ablauf_lang.repl.stepper import ReplInterrupted, Stepper
 from ablauf_lang.repl.validator import AblaufValidator, is_command, is_incomplete
+from ablauf_lang.ui.highlight import AblaufLexer
+from ablauf_lang.ui.render import FULL_WIDTH, LeafCounts, format_value, job_tree, leaf_counts
 
 __all__ = ["PROMPT", "Repl", "history_path"]
 
@@ -214,10 +214,10 @@ class Repl:
     def compile(self, text: str, name: str) -> Job | None:
         """Compile input into a new job; None when it only held definitions, or was an
         expression (its value is printed)."""
-        from ablauf_lang.compiler import RULES, TOP_LEVEL_RULES, Compiler, Env, head_name
-        from ablauf_lang.expr import Code, Expr, describe, is_workflow
-        from ablauf_lang.job import make_job
-        from ablauf_lang.reader import read
+        from ablauf_lang.engine.job import make_job
+        from ablauf_lang.lang.compiler import RULES, TOP_LEVEL_RULES, Compiler, Env, head_name
+        from ablauf_lang.lang.expr import Code, Expr, describe, is_workflow
+        from ablauf_lang.lang.reader import read
 
         if self.env is None:
             self.env = Env()
@@ -259,7 +259,7 @@ class Repl:
 
     def warn_unknown_actions(self, job: Job) -> None:
         """A note for each action the job names that no one registered (it would fail)."""
-        from ablauf_lang.actions_registry import used_actions
+        from ablauf_lang.stdlib.registry import used_actions
 
         missing = [a for a in used_actions(job.root) if a not in self.stepper.actions]
         if missing:
@@ -335,7 +335,7 @@ class Repl:
 
 
 def _holds_workflow(items: list[Any]) -> bool:
-    from ablauf_lang.expr import is_workflow
+    from ablauf_lang.lang.expr import is_workflow
 
     stack = list(items)
     while stack:

@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any
 from rich.text import Text
 
 from ablauf_lang.errors import AblaufError
-from ablauf_lang.render import (
+from ablauf_lang.repl.stepper import ReplError, ReplInterrupted, StepReport
+from ablauf_lang.ui.render import (
     changed_ids,
     dispatch_text,
     format_value,
     status_text,
 )
-from ablauf_lang.repl.stepper import ReplError, ReplInterrupted, StepReport
 
 if TYPE_CHECKING:
     from ablauf_lang.repl.app import Repl
@@ -134,8 +134,8 @@ def _action_of(job: Any, node_id: int) -> str | None:
 
 def parse_value(text: str, default: Any) -> Any:
     """A value typed after `:ok ID` / `:fail ID`: one ablauf form as data, else the text."""
-    from ablauf_lang.forms import to_data
-    from ablauf_lang.reader import read
+    from ablauf_lang.lang.forms import to_data
+    from ablauf_lang.lang.reader import read
 
     text = text.strip()
     if not text:
@@ -302,7 +302,7 @@ def _load(repl: Repl, arg: str) -> None:
         raise ReplError(f"cannot read {path}: {reason}") from None
     snapshot = _as_snapshot(text)
     if snapshot is not None:
-        from ablauf_lang.job import Job
+        from ablauf_lang.engine.job import Job
 
         job = Job.from_json(text)
         repl.stepper.start(job, path)

@@ -26,10 +26,9 @@ from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import Any
 
+from ablauf_lang.engine.job import Job, restart_job
+from ablauf_lang.engine.nodes import Deferred, Dispatch, Leaf, LeafState, Result
 from ablauf_lang.errors import AblaufError
-from ablauf_lang.job import Job, restart_job
-from ablauf_lang.nodes import Deferred, Dispatch, Leaf, LeafState, Result
-from ablauf_lang.render import BY_HAND, kind_name
 from ablauf_lang.runners.local import (
     DEFAULT_CONCURRENCY,
     ActionThreads,
@@ -37,6 +36,7 @@ from ablauf_lang.runners.local import (
     perform,
     registry,
 )
+from ablauf_lang.ui.render import BY_HAND, kind_name
 
 __all__ = ["ReplError", "ReplInterrupted", "Snapshot", "StepReport", "Stepper"]
 

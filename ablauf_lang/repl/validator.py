@@ -25,7 +25,7 @@ def is_incomplete(text: str) -> bool:
     """True when more input could complete the form (an open bracket or string)."""
     if not text.strip() or is_command(text):
         return False
-    from ablauf_lang.reader import read
+    from ablauf_lang.lang.reader import read
 
     try:
         read(text, "<repl>")
@@ -47,7 +47,7 @@ class AblaufValidator(Validator):
         if is_command(text):
             self._validate_command(text)
             return
-        from ablauf_lang.reader import read
+        from ablauf_lang.lang.reader import read
 
         try:
             read(text, "<repl>")

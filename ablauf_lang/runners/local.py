@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from ablauf_lang import serde
+from ablauf_lang.codec import job as serde
+from ablauf_lang.engine.job import Job, restart_job
+from ablauf_lang.engine.nodes import FAILED_STATES, Dispatch, Result, Status, failure, success
 from ablauf_lang.errors import AblaufError, InternalError
-from ablauf_lang.job import Job, restart_job
-from ablauf_lang.nodes import FAILED_STATES, Dispatch, Result, Status, failure, success
 from ablauf_lang.stdlib.actions import STDLIB_ACTIONS, ActionFailed
 from ablauf_lang.stores.base import JobStore
 

@@ -53,8 +53,8 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
+from ablauf_lang.engine.nodes import FAILED_STATES, Dispatch, Result, Status, failure
 from ablauf_lang.errors import AblaufError, StoreError
-from ablauf_lang.nodes import FAILED_STATES, Dispatch, Result, Status, failure
 from ablauf_lang.runners.local import Action, Run, perform, perform_sync, registry
 from ablauf_lang.stdlib.actions import STDLIB_ACTIONS
 from ablauf_lang.stores.base import run_error
@@ -114,8 +114,8 @@ def submit(
 ) -> str:
     """Compile `source`, record it as a new run and queue it for the workers; return its id
     at once (the workers run it). AblaufError for a bad program, StoreError for the store."""
-    from ablauf_lang.compiler import compile_source
-    from ablauf_lang.job import make_job
+    from ablauf_lang.engine.job import make_job
+    from ablauf_lang.lang.compiler import compile_source
 
     job = make_job(compile_source(source, filename), context)
     store = _open(store_url)

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ablauf_lang.forms import Keyword
-from ablauf_lang.nodes import BranchView, Leaf
+from ablauf_lang.engine.nodes import BranchView, Leaf
+from ablauf_lang.lang.forms import Keyword
 from ablauf_lang.values import freeze, int_too_large
 
 __all__ = [

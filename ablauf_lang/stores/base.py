@@ -23,10 +23,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from ablauf_lang.codec.job import encode_value
+from ablauf_lang.engine.job import LAST_ERROR, Job
+from ablauf_lang.engine.nodes import Status
 from ablauf_lang.errors import AblaufError, RunError, StoreError
-from ablauf_lang.job import LAST_ERROR, Job
-from ablauf_lang.nodes import Status
-from ablauf_lang.serde import encode_value
 
 ENV_VAR = "ABLAUF_STORE"
 LEASE_ENV = "ABLAUF_LEASE_SECONDS"  # how long a driver's lease lasts without a heartbeat

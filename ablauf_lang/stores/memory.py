@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ablauf_lang.engine.job import Job
+from ablauf_lang.engine.nodes import Status
 from ablauf_lang.errors import RunError
-from ablauf_lang.job import Job
-from ablauf_lang.nodes import Status
 from ablauf_lang.stores.base import (
     Driver,
     Owner,

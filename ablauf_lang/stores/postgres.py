@@ -54,9 +54,8 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from ablauf_lang import serde
-from ablauf_lang.errors import AblaufError, InternalError, RunError, StoreError
-from ablauf_lang.job import (
+from ablauf_lang.codec import job as serde
+from ablauf_lang.engine.job import (
     INTERRUPTED,
     Job,
     can_resume,
@@ -65,8 +64,9 @@ from ablauf_lang.job import (
     prepare_replay,
     restart_job,
 )
-from ablauf_lang.nodes import Dispatch, LeafState, Result, Status
-from ablauf_lang.stores import sqlbase
+from ablauf_lang.engine.nodes import Dispatch, LeafState, Result, Status
+from ablauf_lang.errors import AblaufError, InternalError, RunError, StoreError
+from ablauf_lang.stores import sql as sqlbase
 from ablauf_lang.stores.base import RunInfo, StoredRun, new_run_id
 
 log = logging.getLogger("ablauf.store")

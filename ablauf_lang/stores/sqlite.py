@@ -34,7 +34,7 @@ from urllib.parse import parse_qsl, unquote
 
 from ablauf_lang.errors import StoreError
 from ablauf_lang.stores.base import default_path
-from ablauf_lang.stores.sqlbase import SCHEMA_VERSION, Damaged, SqlStore, decode_text
+from ablauf_lang.stores.sql import SCHEMA_VERSION, Damaged, SqlStore, decode_text
 
 APPLICATION_ID = 0x41626C66  # "Ablf" in the file header: this file is an ablauf store
 SYNCHRONOUS = ("off", "normal", "full", "extra")

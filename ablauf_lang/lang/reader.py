@@ -20,7 +20,7 @@ from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
 from ablauf_lang.errors import AblaufSyntaxError, Span
-from ablauf_lang.forms import Form, Keyword, List, Map, Symbol, Vector
+from ablauf_lang.lang.forms import Form, Keyword, List, Map, Symbol, Vector
 
 __all__ = ["MAX_INT_DIGITS", "Forms", "decode_source", "gc_paused", "parser", "read", "read_one"]
 

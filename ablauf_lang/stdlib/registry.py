@@ -172,7 +172,7 @@ def unknown_action_errors(
 ) -> list[AblaufError]:
     """One located error per action the tree names that `known` lacks (first use each),
     with the close names as a hint; `spec` is the `--actions` module (None: not given)."""
-    from ablauf_lang.expr import did_you_mean
+    from ablauf_lang.lang.expr import did_you_mean
 
     errors: list[AblaufError] = []
     for name, node in used_actions(root).items():

@@ -77,11 +77,11 @@ from dataclasses import dataclass, field, replace
 from functools import cache
 from typing import Any
 
-from ablauf_lang import serde
+from ablauf_lang.codec import job as serde
+from ablauf_lang.engine.job import Job
+from ablauf_lang.engine.nodes import Leaf, LeafState, Node, Status
+from ablauf_lang.engine.semantics import ALL
 from ablauf_lang.errors import AblaufError, JobError, RunError, StoreError
-from ablauf_lang.job import Job
-from ablauf_lang.nodes import Leaf, LeafState, Node, Status
-from ablauf_lang.semantics import ALL
 from ablauf_lang.stores.base import (
     Driver,
     Owner,

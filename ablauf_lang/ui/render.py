@@ -16,11 +16,11 @@ from typing import Any
 from rich.text import Text
 from rich.tree import Tree
 
-from ablauf_lang.forms import Keyword
-from ablauf_lang.job import Job
-from ablauf_lang.nodes import Leaf, LeafState
-from ablauf_lang.semantics import state_of
-from ablauf_lang.semantics import states as states_of
+from ablauf_lang.engine.job import Job
+from ablauf_lang.engine.nodes import Leaf, LeafState
+from ablauf_lang.engine.semantics import state_of
+from ablauf_lang.engine.semantics import states as states_of
+from ablauf_lang.lang.forms import Keyword
 
 __all__ = [
     "BY_HAND",

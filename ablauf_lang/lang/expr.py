@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from ablauf_lang import values
+from ablauf_lang.engine.nodes import BranchView, Deferred, Leaf
 from ablauf_lang.errors import AblaufCompileError, AblaufError, JobError, Span
-from ablauf_lang.forms import (
+from ablauf_lang.lang.forms import (
     Form,
     Keyword,
     List,
@@ -42,7 +43,6 @@ from ablauf_lang.forms import (
     span_of,
     to_data,
 )
-from ablauf_lang.nodes import BranchView, Deferred, Leaf
 from ablauf_lang.stdlib.builtins import (
     BUILTINS,
     Builtin,

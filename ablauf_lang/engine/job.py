@@ -19,9 +19,8 @@ from typing import Any
 
 from pyrsistent import PVector, pvector
 
-from ablauf_lang import semantics, zipper
-from ablauf_lang.errors import AblaufError, InvariantError, JobError
-from ablauf_lang.nodes import (
+from ablauf_lang.engine import semantics, zipper
+from ablauf_lang.engine.nodes import (
     Deferred,
     Dispatch,
     Expansion,
@@ -36,7 +35,8 @@ from ablauf_lang.nodes import (
     is_branch,
     renumber,
 )
-from ablauf_lang.semantics import ALL, NOTHING
+from ablauf_lang.engine.semantics import ALL, NOTHING
+from ablauf_lang.errors import AblaufError, InvariantError, JobError
 
 LAST_ERROR = "exec/last-error"
 INTERRUPTED = "interrupted: "  # error prefix of a non-idempotent action whose outcome is unknown
@@ -134,14 +134,14 @@ class Job:
 
     def to_json(self) -> str:
         """Serialise to versioned JSON (see `serde`)."""
-        from ablauf_lang import serde
+        from ablauf_lang.codec import job as serde
 
         return serde.dumps(self)
 
     @staticmethod
     def from_json(text: str) -> Job:
         """Load a job written by `to_json`."""
-        from ablauf_lang import serde
+        from ablauf_lang.codec import job as serde
 
         return serde.loads(text)
 

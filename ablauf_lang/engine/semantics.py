@@ -24,7 +24,18 @@ from typing import Any, NamedTuple
 
 from pyrsistent import PVector
 
-from ablauf_lang.nodes import Doseq, Expansion, If, Leaf, LeafState, Node, Par, Pmap, Seq, Try
+from ablauf_lang.engine.nodes import (
+    Doseq,
+    Expansion,
+    If,
+    Leaf,
+    LeafState,
+    Node,
+    Par,
+    Pmap,
+    Seq,
+    Try,
+)
 
 
 class _All(Collection[int]):

@@ -19,10 +19,10 @@ from typing import Any
 
 from pyrsistent import pvector
 
-from ablauf_lang import semantics, values
-from ablauf_lang.errors import JobError, Span
-from ablauf_lang.job import Job, index_paths
-from ablauf_lang.nodes import (
+from ablauf_lang import values
+from ablauf_lang.engine import semantics
+from ablauf_lang.engine.job import Job, index_paths
+from ablauf_lang.engine.nodes import (
     Augment,
     Doseq,
     Expansion,
@@ -35,7 +35,8 @@ from ablauf_lang.nodes import (
     Seq,
     Try,
 )
-from ablauf_lang.semantics import ALL
+from ablauf_lang.engine.semantics import ALL
+from ablauf_lang.errors import JobError, Span
 
 FORMAT = "ablauf/job"
 VERSION = 1

@@ -29,20 +29,7 @@ from typing import Any, NamedTuple
 
 from pyrsistent import pvector
 
-from ablauf_lang.errors import AblaufCompileError, Span
-from ablauf_lang.expr import (
-    SPECIAL_FORMS,
-    Code,
-    Env,
-    Evaluator,
-    Expr,
-    Var,
-    describe,
-    did_you_mean,
-    is_workflow,
-)
-from ablauf_lang.forms import Form, Keyword, List, Map, Symbol, Vector, span_of
-from ablauf_lang.nodes import (
+from ablauf_lang.engine.nodes import (
     Augment,
     Doseq,
     If,
@@ -54,8 +41,21 @@ from ablauf_lang.nodes import (
     Try,
     renumber,
 )
-from ablauf_lang.printer import print_form
-from ablauf_lang.reader import decode_source, gc_paused, read, strip_bom
+from ablauf_lang.errors import AblaufCompileError, Span
+from ablauf_lang.lang.expr import (
+    SPECIAL_FORMS,
+    Code,
+    Env,
+    Evaluator,
+    Expr,
+    Var,
+    describe,
+    did_you_mean,
+    is_workflow,
+)
+from ablauf_lang.lang.forms import Form, Keyword, List, Map, Symbol, Vector, span_of
+from ablauf_lang.lang.printer import print_form
+from ablauf_lang.lang.reader import decode_source, gc_paused, read, strip_bom
 from ablauf_lang.stdlib.builtins import BUILTINS
 
 __all__ = [

@@ -22,8 +22,10 @@ from ablauf_lang.api import (
     retry,
     retry_async,
 )
-from ablauf_lang.engine.job import Job, abort, prepare_replay
+from ablauf_lang.codec.job import install as _install_job_codec
+from ablauf_lang.engine.job import Job
 from ablauf_lang.engine.nodes import Dispatch, LeafState, Result, Status, failure, success, timeout
+from ablauf_lang.engine.replay import abort, prepare_replay
 from ablauf_lang.errors import (
     AblaufCompileError,
     AblaufError,
@@ -36,7 +38,10 @@ from ablauf_lang.errors import (
 from ablauf_lang.runners.local import Run
 from ablauf_lang.stdlib.actions import ActionFailed
 from ablauf_lang.stdlib.registry import action
-from ablauf_lang.stores.base import JobStore, open_store
+from ablauf_lang.stores.backend import open_store
+from ablauf_lang.stores.base import JobStore
+
+_install_job_codec()  # Job.to_json and Job.from_json (the engine cannot import the codec)
 
 __version__ = "0.1.0"
 

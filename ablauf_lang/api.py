@@ -3,17 +3,89 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from ablauf_lang.engine import job as _job
-from ablauf_lang.engine.job import Job
-from ablauf_lang.engine.nodes import Dispatch, Node, Result, Status
-from ablauf_lang.errors import AblaufError, RunError
+from ablauf_lang.engine.job import Job, preorder
+from ablauf_lang.engine.kinds import Leaf, Node
+from ablauf_lang.engine.nodes import Dispatch, Result, Status
+from ablauf_lang.engine.replay import abort, check_replay, prepare_replay
+from ablauf_lang.engine.states import states
+from ablauf_lang.errors import AblaufError, RunError, StoreError
 from ablauf_lang.lang.forms import Form
-from ablauf_lang.runners.local import Action, LocalRunner, Run, critical
-from ablauf_lang.stores.base import DriverLease, JobStore, RunInfo, open_store
+from ablauf_lang.runners.local import (
+    Action,
+    Interrupted,
+    LocalRunner,
+    Run,
+    abandoned_threads,
+    critical,
+    interruptible,
+    registry,
+)
+from ablauf_lang.stdlib import registry as _actions
+from ablauf_lang.stores.backend import open_store
+from ablauf_lang.stores.base import (
+    DriverLease,
+    JobStore,
+    RunInfo,
+    StoredRun,
+    default_url,
+    new_run_id,
+)
+
+__all__ = [
+    # the embedding API (what ablauf_lang exports from here) and what the command line
+    # and the REPL need besides: their one door to what lies below
+    "Action",
+    "Dispatch",
+    "Interrupted",
+    "Job",
+    "JobStore",
+    "Node",
+    "Result",
+    "Run",
+    "RunInfo",
+    "Status",
+    "StoredRun",
+    "abandoned_threads",
+    "abort_run",
+    "check_worker_store",
+    "compile",
+    "default_url",
+    "delete_run",
+    "eval",
+    "eval_async",
+    "find_runs",
+    "interruptible",
+    "list_runs",
+    "load_actions",
+    "load_run",
+    "make_job",
+    "new_run_id",
+    "opened",
+    "parse",
+    "program_nodes",
+    "prune_runs",
+    "requeue",
+    "resolve_run_id",
+    "restart_job",
+    "resume",
+    "resume_async",
+    "retry",
+    "retry_async",
+    "run_exists",
+    "serve_worker",
+    "show_run",
+    "submit",
+    "unknown_actions",
+    "used_actions",
+    "wait",
+]
+
+T = TypeVar("T")
 
 
 def parse(source: str, filename: str | None = None) -> tuple[Form, ...]:
@@ -29,7 +101,7 @@ def compile(
     """Compile source text (or read forms) into the lowered workflow tree.
 
     `file_imports=False` lets a program import only the standard library (`std/...`):
-    for embedders that run programs they did not write. None: `compiler.FILE_IMPORTS`.
+    for embedders that run programs they did not write. None: `lang.loader.FILE_IMPORTS`.
     """
     from ablauf_lang.lang.compiler import compile_forms, compile_source
 
@@ -64,6 +136,16 @@ def restart_job(
 def _close_if_ours(store: JobStore, given: Any) -> None:
     if given is None or isinstance(given, str):
         store.close()
+
+
+@contextmanager
+def opened(store: str | JobStore | None = None) -> Iterator[JobStore]:
+    """A store open for several calls (pass it as `store=`); closed at the end if opened here."""
+    backend = open_store(store)
+    try:
+        yield backend
+    finally:
+        _close_if_ours(backend, store)
 
 
 def _start(
@@ -121,7 +203,7 @@ async def eval_async(
                 if stored.job.done:
                     lease.finished = True
                     return Run(run_id, stored.job)
-                job = _job.prepare_replay(stored.job)
+                job = prepare_replay(stored.job)
                 return lease.ended(await _drive(backend, run_id, job, actions, lease, **drive))
         job = _start(source, context, filename, file_imports)
         text = source if isinstance(source, str) else None
@@ -201,7 +283,7 @@ async def _drive(
     return Run(run_id, await runner.run(job))
 
 
-def _sync(coro: Any) -> Any:
+def _sync(coro: Coroutine[Any, Any, T]) -> T:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -236,7 +318,7 @@ def eval(
     `concurrency`: at most this many actions at once, sync and async alike (default 32).
     `file_imports=False`: the program may import only the standard library.
     """
-    return _sync(  # type: ignore[no-any-return]
+    return _sync(
         eval_async(
             source,
             actions,
@@ -260,21 +342,7 @@ async def resume_async(
     """Go on with an unfinished run after a crash (idempotent in-flight work runs again).
 
     RunError when another live process drives the run, unless `force` (take it over)."""
-    backend = open_store(store)
-    try:
-        with _leased(backend, run_id, force=force) as lease:
-            stored = backend.load(run_id)
-            if stored.job.done:
-                lease.finished = True
-                raise RunError(
-                    f"run {run_id} already finished ({stored.job.status}); "
-                    "use retry to run its failed steps again"
-                )
-            job = _job.prepare_replay(stored.job)
-            backend.record(run_id, job)
-            return lease.ended(await _drive(backend, run_id, job, actions, lease))
-    finally:
-        _close_if_ours(backend, store)
+    return await _replay(run_id, store, actions, force=force, retry=False)
 
 
 def resume(
@@ -285,7 +353,7 @@ def resume(
     force: bool = False,
 ) -> Run:
     """Go on with an unfinished run after a crash (see `prepare_replay`)."""
-    return _sync(resume_async(run_id, store, actions, force=force))  # type: ignore[no-any-return]
+    return _sync(resume_async(run_id, store, actions, force=force))
 
 
 async def retry_async(
@@ -298,22 +366,26 @@ async def retry_async(
     """Run a failed (or abandoned) run's failed and interrupted steps again, and continue.
 
     RunError when another live process drives the run, unless `force` (take it over)."""
-    backend = open_store(store)
-    try:
-        with _leased(backend, run_id, force=force) as lease:
-            stored = backend.load(run_id)
-            job = stored.job
-            lease.finished = job.done
-            if job.status is Status.SUCCESS:
-                raise RunError(f"run {run_id} succeeded: nothing to retry")
-            if not _job.can_retry(job):
-                raise RunError(f"run {run_id} has nothing to retry")
-            job = _job.prepare_replay(job, retry_interrupted=True)
-            lease.finished = False
-            backend.record(run_id, job)
-            return lease.ended(await _drive(backend, run_id, job, actions, lease))
-    finally:
-        _close_if_ours(backend, store)
+    return await _replay(run_id, store, actions, force=force, retry=True)
+
+
+async def _replay(
+    run_id: str,
+    store: str | JobStore | None,
+    actions: Mapping[str, Action] | None,
+    *,
+    force: bool,
+    retry: bool,
+) -> Run:
+    """Resume (`retry=False`) or retry a stored run here, holding its lease meanwhile."""
+    with opened(store) as backend, _leased(backend, run_id, force=force) as lease:
+        job = backend.load(run_id).job
+        lease.finished = job.done
+        check_replay(run_id, job, retry=retry)
+        job = prepare_replay(job, retry_interrupted=retry)
+        lease.finished = False
+        backend.record(run_id, job)
+        return lease.ended(await _drive(backend, run_id, job, actions, lease))
 
 
 def retry(
@@ -324,21 +396,18 @@ def retry(
     force: bool = False,
 ) -> Run:
     """Run again what made a run fail (see `prepare_replay`), and continue."""
-    return _sync(retry_async(run_id, store, actions, force=force))  # type: ignore[no-any-return]
+    return _sync(retry_async(run_id, store, actions, force=force))
 
 
 def abort_run(run_id: str, store: str | JobStore | None = None, reason: str = "aborted") -> Run:
     """Abort a run: its pending steps fail with `reason` and nothing new starts."""
-    backend = open_store(store)
-    try:
+    with opened(store) as backend:
         stored = backend.load(run_id)
         if stored.job.done:
             raise RunError(f"run {run_id} already finished ({stored.job.status})")
-        job = _job.abort(stored.job, reason)
+        job = abort(stored.job, reason)
         backend.record(run_id, job)
         return Run(run_id, job)
-    finally:
-        _close_if_ours(backend, store)
 
 
 # ---------------------------------------------------------------- operating many runs
@@ -355,31 +424,22 @@ def list_runs(
 ) -> list[RunInfo]:
     """Runs newest first, filtered (see `JobStore.list_runs`); `info.state` says pending,
     running, abandoned, success, failure, aborted or damaged."""
-    backend = open_store(store)
-    try:
+    with opened(store) as backend:
         return backend.list_runs(
             limit=limit, status=status, offset=offset, filename=filename, since=since
         )
-    finally:
-        _close_if_ours(backend, store)
 
 
 def resolve_run_id(prefix: str, store: str | JobStore | None = None) -> str:
     """The full id of the one run whose id starts with `prefix` (RunError otherwise)."""
-    backend = open_store(store)
-    try:
+    with opened(store) as backend:
         return backend.resolve_run_id(prefix)
-    finally:
-        _close_if_ours(backend, store)
 
 
 def delete_run(run_id: str, store: str | JobStore | None = None) -> None:
     """Delete a run and everything recorded of it (RunError while it is running)."""
-    backend = open_store(store)
-    try:
+    with opened(store) as backend:
         backend.delete_run(run_id)
-    finally:
-        _close_if_ours(backend, store)
 
 
 def prune_runs(
@@ -393,8 +453,194 @@ def prune_runs(
     given); running runs are kept. Returns (ids deleted, ids kept because running)."""
     import time
 
-    backend = open_store(store)
-    try:
+    with opened(store) as backend:
         return backend.prune_runs(before=time.time() - older_than, status=status, dry_run=dry_run)
-    finally:
-        _close_if_ours(backend, store)
+
+
+# ---------------------------------------------------------------- for the command line and the REPL
+
+
+def run_exists(run_id: str, store: str | JobStore | None = None) -> bool:
+    """Whether the store has a run `run_id` (a whole id)."""
+    with opened(store) as backend:
+        return backend.exists(run_id)
+
+
+def load_run(run_id: str, store: str | JobStore | None = None) -> StoredRun:
+    """A run as stored: its job, its summary (`info`) and its initial context."""
+    with opened(store) as backend:
+        return backend.load(run_id)
+
+
+def find_runs(
+    store: str | JobStore | None = None,
+    *,
+    state: str | None = None,
+    filename: str | None = None,
+    since: float | None = None,
+    limit: int | None = None,
+    offset: int = 0,
+) -> tuple[list[RunInfo], int]:
+    """A page of runs newest first in `state` (any `RunInfo.state`: pending, running,
+    abandoned, success, failure, aborted, damaged), and how many there are in all."""
+    status = state if state in ("pending", "success", "failure") else None
+    if state in ("running", "abandoned"):
+        status = "pending"
+    elif state == "aborted":
+        status = "failure"
+    with opened(store) as backend:
+        if state in (None, "pending", "success", "failure"):  # what the store keeps
+            infos = backend.list_runs(
+                limit=limit, offset=offset, status=status, filename=filename, since=since
+            )
+            return infos, backend.count_runs(status=status, filename=filename, since=since)
+        # a state the store does not keep: sorted out here
+        every = [
+            i
+            for i in backend.list_runs(status=status, filename=filename, since=since)
+            if i.state == state
+        ]
+    end = None if limit is None else offset + limit
+    return every[offset:end], len(every)
+
+
+def show_run(stored: StoredRun) -> dict[str, Any]:
+    """A stored run as JSON-able data (`ablauf runs show --json`): its summary, status,
+    contexts and every node in pre-order with its display state (a branch that never ran
+    says `skipped`)."""
+    data = stored.info.to_dict()
+    job = stored.job
+    data["status"] = str(job.status)
+    data["context"] = job.context
+    data["initial_context"] = stored.initial_context
+    shown = states(job.root)
+    data["nodes"] = [_node_view(n, shown[n.id]) for n in job.nodes()]
+    return data
+
+
+def _node_view(n: Node, state: str) -> dict[str, Any]:
+    data: dict[str, Any] = {"id": n.id, "kind": n.kind, "state": state, "children": _children(n)}
+    if isinstance(n, Leaf):
+        data.update(
+            action=n.action,
+            # the payload as written (an expression kept as its source) and, for one
+            # computed at run time, the value that was sent
+            payload=n.payload,
+            sent=n.sent,
+            output=n.output,
+            error=n.error,
+            attempt=n.attempt,
+            dispatched_at=n.dispatched_at,
+            started_at=n.started_at,
+            finished_at=n.finished_at,
+        )
+    return data
+
+
+def program_nodes(root: Node) -> list[dict[str, Any]]:
+    """A compiled program's nodes in pre-order as JSON-able data (`ablauf check --tree
+    --json`); a template (doseq!!, pmap!!) is nested as its own list of nodes."""
+    out: list[dict[str, Any]] = []
+    for node in preorder(root):
+        data: dict[str, Any] = {"id": node.id, "kind": node.kind}
+        if isinstance(node, Leaf):
+            data.update(action=node.action, payload=node.payload, idempotent=node.idempotent)
+        for attr in ("test", "var", "coll"):
+            if hasattr(node, attr):
+                data[attr] = getattr(node, attr)
+        data["children"] = _children(node)
+        template = getattr(node, "template", None)
+        if template is not None:
+            data["template"] = program_nodes(template)
+        out.append(data)
+    return out
+
+
+def _children(node: Node) -> list[int]:
+    return [c.id for c in getattr(node, "children", ())]
+
+
+def load_actions(spec: str | None) -> dict[str, Action] | None:
+    """The actions of `--actions MODULE` (a dotted name or a .py path); None when not given."""
+    return None if spec is None else _actions.load_actions(spec)
+
+
+def used_actions(root: Node) -> list[str]:
+    """The actions a compiled program names (templates included), in the order of first use."""
+    return list(_actions.used_actions(root))
+
+
+def unknown_actions(
+    root: Node,
+    actions: Mapping[str, Action] | None,
+    spec: str | None,
+    *,
+    filename: str | None = None,
+    source: str | None = None,
+) -> list[AblaufError]:
+    """One located error per action a compiled program names that neither `actions` (from
+    the module `spec`) nor the standard library defines."""
+    known = registry(actions)
+    return _actions.unknown_action_errors(root, known, spec, filename=filename, source=source)
+
+
+# ---------------------------------------------------------------- distributed (PostgreSQL)
+# The worker module is imported inside these functions: psycopg is loaded only when
+# workers are used (`ablauf run` on SQLite never loads it).
+
+
+@contextmanager
+def _distributed() -> Iterator[None]:
+    try:
+        yield
+    except ImportError as exc:
+        raise StoreError(f"distributed execution is not available: {exc}") from None
+
+
+def check_worker_store(store: str) -> None:
+    """StoreError unless `store` names a PostgreSQL database (workers exist only there)."""
+    with _distributed():
+        from ablauf_lang.runners import worker
+    worker.check_url(store)
+
+
+def submit(
+    source: str,
+    store: str,
+    *,
+    context: dict[str, Any] | None = None,
+    filename: str | None = None,
+) -> str:
+    """Record a program as a new run queued for the workers of a PostgreSQL store; its id."""
+    with _distributed():
+        from ablauf_lang.runners import worker
+    return worker.submit(source, store, context=context, filename=filename)
+
+
+def wait(run_id: str, store: str, timeout: float | None = None) -> Run:
+    """The run once the workers have finished it (or as it is after `timeout` seconds)."""
+    with _distributed():
+        from ablauf_lang.runners import worker
+    return worker.wait(run_id, store, timeout)
+
+
+def requeue(run_id: str, store: str, *, retry: bool = False) -> str:
+    """Hand a run back to the workers: resume it, or with `retry` run its failed steps again."""
+    with _distributed():
+        from ablauf_lang.runners import worker
+    return worker.requeue(run_id, store, retry=retry)
+
+
+def serve_worker(
+    store: str,
+    actions: Mapping[str, Action],
+    *,
+    concurrency: int,
+    lease: float,
+    poll: float,
+) -> None:
+    """Perform the runs of a PostgreSQL store in this process until SIGTERM or Ctrl-C
+    (`lease`, `poll`: seconds, see `runners.worker.run_worker`)."""
+    with _distributed():
+        from ablauf_lang.runners import worker
+    worker.run_worker(store, actions, concurrency, lease=lease, poll=poll)

@@ -119,10 +119,19 @@ class AblaufError(Exception):
 class AblaufSyntaxError(AblaufError):
     """The reader could not read the source text."""
 
-    def __init__(self, message: str, *, incomplete: bool = False, **kw: object) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        incomplete: bool = False,
+        filename: str | None = None,
+        line: int | None = None,
+        column: int | None = None,
+        source: str | None = None,
+    ) -> None:
         # incomplete: more input could fix it (an unclosed bracket or string); the REPL reads on.
         self.incomplete = incomplete
-        super().__init__(message, **kw)  # type: ignore[arg-type]
+        super().__init__(message, filename=filename, line=line, column=column, source=source)
 
 
 class AblaufCompileError(AblaufError):
@@ -147,6 +156,15 @@ class StoreError(AblaufError):
 
 class RunError(AblaufError):
     """A run operation was refused: unknown id, nothing to retry, already finished."""
+
+
+class Refusal(Exception):
+    """Base of the internal refusals (a builtin's bad argument, an import that cannot be
+    read, a value over budget): `message` is for the user; the caller adds where."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(message)
 
 
 class InternalError(Exception):

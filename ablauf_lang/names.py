@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 # Structural workflow forms (branches of the tree).
 STRUCTURAL_FORMS: tuple[str, ...] = (
     "do!!",
@@ -106,3 +109,12 @@ REPL_COMMANDS: tuple[str, ...] = (
 )
 
 ALL_FORMS: tuple[str, ...] = STRUCTURAL_FORMS + LEAF_FORMS + DECLARATIONS + SPECIAL_FORMS
+
+
+def did_you_mean(name: str, candidates: Iterable[str], prefix: str = "") -> str:
+    """Return "; did you mean x or y?" for the candidates close to `name`, or ""."""
+    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    text = " or ".join(prefix + c for c in close)
+    return f"; did you mean {text}" + ("" if text.endswith("?") else "?")

@@ -1,18 +1,19 @@
 """Plain values: the one iterative codec between Python values and JSON, and value budgets.
 
 A value (a payload, an output, an error, the context) is plain data: None, bool, int,
-float, str (keywords are strs), list, tuple (a vector used as a map key) and dict. This
+float, str (a `Keyword` is a str), list, tuple (a vector used as a map key) and dict. This
 module is the only code that walks values to turn them into JSON data and back:
 
 - `encode` / `decode`: the stored form (jobs, stores). JSON cannot say a few things
   exactly, so they are tagged: a map with a key that is not a string (or a key starting
-  with `$`) is `{"$map": [[key, value], ...]}`, a tuple `{"$tuple": [...]}`, a run-time
-  expression `{"$deferred": [tag, data]}`, a type taught with `register` `{"$tag": data}`.
+  with `$`) is `{"$map": [[key, value], ...]}`, a tuple `{"$tuple": [...]}`, a type taught
+  with `register` `{"$tag": data}` (the run-time expressions of `ablauf_lang.code` teach
+  themselves as `{"$deferred": ["expr", data]}`).
 - `to_plain_json` / `dumps_json`: the form printed for people and scripts (`--json`).
-  Maps are tagged the same way; tuples are plain lists, run-time expressions
-  `{"$expr": "(source text)"}`, NaN and infinities the strings "NaN", "Infinity",
-  "-Infinity", anything else its `str`. `from_plain_json` reads that form back, so what
-  `--json` prints can be given back as a context.
+  Maps are tagged the same way; tuples are plain lists, a taught type what its `plain`
+  function gives (run-time expressions `{"$expr": "(source text)"}`), NaN and infinities
+  the strings "NaN", "Infinity", "-Infinity", anything else its `str`. `from_plain_json`
+  reads that form back, so what `--json` prints can be given back as a context.
 
 Every walk is iterative. A value may nest at most `MAX_DEPTH` levels of vectors and maps
 (the JSON libraries recurse; stores and `--json` must never hit the recursion limit), an
@@ -32,24 +33,27 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from ablauf_lang.engine.nodes import Deferred
-from ablauf_lang.errors import JobError
+from ablauf_lang.errors import JobError, Refusal, Span
 
 __all__ = [
+    "ALL_DATA",
     "MAX_BUILT",
     "MAX_DEPTH",
     "MAX_INT_DIGITS",
     "MAX_SIZE",
+    "Keyword",
     "Meter",
     "TooLarge",
-    "check",
+    "assoc_in",
     "decode",
     "dumps_json",
     "encode",
     "freeze",
     "from_plain_json",
     "int_too_large",
+    "is_truthy",
     "register",
+    "scan",
     "to_plain_json",
 ]
 
@@ -62,6 +66,57 @@ MAX_INT_DIGITS = 4300
 MAX_SIZE = 10_000_000
 # Elements and characters one compile (or one run-time expression) may build in all.
 MAX_BUILT = 50_000_000
+
+# ---------------------------------------------------------------------------------------
+# Keywords
+
+
+class Keyword(str):
+    """A keyword `:ns/name`: the string `ns/name`, remembering it was a keyword.
+
+    The reader makes them (with the span they were read at); a value keeps them, so a
+    keyword prints as one, and reaches actions and JSON as the plain string.
+    """
+
+    span: Span | None
+
+    def __new__(cls, name: str, span: Span | None = None) -> Keyword:
+        self = super().__new__(cls, name)
+        self.span = span
+        return self
+
+    def __repr__(self) -> str:
+        return f"Keyword({str.__repr__(self)})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Keyword, (str(self),))
+
+
+# ---------------------------------------------------------------------------------------
+# Truth and paths
+
+
+def is_truthy(value: Any) -> bool:
+    """Clojure's truth: only nil and false are false (0, "" and [] are true)."""
+    return value is not None and value is not False
+
+
+def assoc_in(data: dict[str, Any], path: tuple[Any, ...], value: Any) -> dict[str, Any]:
+    """Return a copy of `data` with `value` at `path`, creating nested dicts (copy-on-write:
+    the maps off the path are shared)."""
+    # Walk down remembering each level, then rebuild bottom-up (no recursion).
+    levels: list[dict[Any, Any]] = [data]
+    for key in path[:-1]:
+        inner = levels[-1].get(key)
+        levels.append(inner if isinstance(inner, dict) else {})
+    out = dict(levels[-1])
+    out[path[-1]] = value
+    for key, level in zip(reversed(path[:-1]), reversed(levels[:-1]), strict=True):
+        copy = dict(level)
+        copy[key] = out
+        out = copy
+    return out
+
 
 # ---------------------------------------------------------------------------------------
 # Map keys
@@ -116,30 +171,23 @@ _CYCLE = "contains itself (a vector or map inside itself)"
 # ---------------------------------------------------------------------------------------
 # Types taught to the codec
 
-# tag -> (python type, encode to JSON-able, decode from it)
-_CODECS: dict[str, tuple[type, Callable[[Any], Any], Callable[[Any], Any]]] = {}
+# tag -> (python type, encode to JSON-able, decode from it, plain form or None)
+_CODECS: dict[
+    str, tuple[type, Callable[[Any], Any], Callable[[Any], Any], Callable[[Any], Any] | None]
+] = {}
 
 
 def register(
-    tag: str, cls: type, encode: Callable[[Any], Any], decode: Callable[[Any], Any]
+    tag: str,
+    cls: type,
+    encode: Callable[[Any], Any],
+    decode: Callable[[Any], Any],
+    *,
+    plain: Callable[[Any], Any] | None = None,
 ) -> None:
-    """Teach the codec a Python type (stored as `{"$<tag>": encode(value)}`)."""
-    _CODECS[tag] = (cls, encode, decode)
-
-
-def _decode_deferred(data: Any) -> Deferred:
-    if not isinstance(data, list) or len(data) != 2 or not isinstance(data[0], str):
-        raise JobError(f"stored run-time expression is damaged: {str(data)[:80]}")
-    tag, inner = data
-    if tag not in Deferred.registry:
-        # The language's expressions register themselves when their module is imported.
-        import importlib
-
-        importlib.import_module("ablauf_lang.lang.expr")
-    cls = Deferred.registry.get(tag)
-    if cls is None:
-        raise JobError(f"stored job holds a run-time expression of unknown kind {tag!r}")
-    return cls.from_data(inner)
+    """Teach the codec a Python type: stored as `{"$<tag>": encode(value)}`, read back with
+    `decode`; `plain(value)` is its form for people (`to_plain_json`; default: as stored)."""
+    _CODECS[tag] = (cls, encode, decode, plain)
 
 
 # ---------------------------------------------------------------------------------------
@@ -225,15 +273,9 @@ def _walk(value: Any, plain: bool, what: str) -> Any:
             else:
                 push((float(v), target, slot, depth, chain))
             continue
-        if isinstance(v, Deferred):
-            if plain:
-                target[slot] = {"$expr": getattr(v, "show", None) or repr(v)}
-            else:
-                target[slot] = {"$deferred": [v.tag, v.to_data()]}
-            continue
-        for tag, (cls, enc, _) in _CODECS.items():
+        for tag, (cls, enc, _, shown) in _CODECS.items():
             if isinstance(v, cls):
-                target[slot] = {"$" + tag: enc(v)}
+                target[slot] = shown(v) if plain and shown is not None else {"$" + tag: enc(v)}
                 break
         else:
             if plain:
@@ -262,23 +304,36 @@ def encode(value: Any, what: str = "the value") -> Any:
     return _walk(value, False, what)
 
 
-def check(value: Any, what: str = "the value") -> None:
-    """Raise JobError when `value` could not be stored (too deep, a cycle, a huge integer)."""
+# What `scan` finds when every part of a value is plain data.
+ALL_DATA: Any = object()
+
+
+def scan(value: Any) -> tuple[Any, str | None]:
+    """Walk a value once: `(part, None)` for its first part that is not plain data (a
+    function, a workflow...), else `(ALL_DATA, problem)` where `problem` says what keeps it
+    from being stored (`is nested too deeply (...)`, to follow its name) or is None."""
+    if value is None or isinstance(value, bool | float | str):
+        return ALL_DATA, None
     stack: list[tuple[Any, int, _Chain | None]] = [(value, 0, None)]
     while stack:
         v, depth, chain = stack.pop()
-        if isinstance(v, int) and not isinstance(v, bool):
+        if v is None or isinstance(v, bool | float | str):
+            continue
+        if isinstance(v, int):
             if int_too_large(v):
-                raise JobError(f"{what} {_INT_TOO_LARGE}")
+                return ALL_DATA, _INT_TOO_LARGE
         elif isinstance(v, list | tuple | dict):
             if depth >= MAX_DEPTH:
-                raise JobError(f"{what} {_too_deep(v, chain)}")
+                return ALL_DATA, _too_deep(v, chain)
             inner = (v, chain)
             if isinstance(v, dict):
                 stack.extend((k, depth + 1, inner) for k in v)
                 stack.extend((x, depth + 1, inner) for x in v.values())
             else:
                 stack.extend((x, depth + 1, inner) for x in v)
+        else:
+            return v, None
+    return ALL_DATA, None
 
 
 def to_plain_json(value: Any) -> Any:
@@ -338,9 +393,6 @@ def _decode_walk(data: Any, plain: bool) -> Any:
                     fixups.append((target, slot, key, parts))
                     stack.extend((x, parts, i) for i, x in enumerate(inner))
                     continue
-                if not plain and key == "$deferred":
-                    target[slot] = _decode_deferred(inner)
-                    continue
                 if not plain and key.startswith("$") and key[1:] in _CODECS:
                     target[slot] = _CODECS[key[1:]][2](inner)
                     continue
@@ -388,12 +440,8 @@ def from_plain_json(data: Any) -> Any:
 # Budgets for what an evaluation builds
 
 
-class TooLarge(Exception):
+class TooLarge(Refusal):
     """A value an evaluation built is over budget; `message` says which and why."""
-
-    def __init__(self, message: str) -> None:
-        self.message = message
-        super().__init__(message)
 
 
 def _scalar_size(v: Any) -> int:

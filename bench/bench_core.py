@@ -23,7 +23,8 @@ from pyrsistent import pvector
 
 import ablauf_lang
 from ablauf_lang.engine.job import Job, make_job, restart_job
-from ablauf_lang.engine.nodes import Leaf, Par, Seq, success
+from ablauf_lang.engine.kinds import Leaf, Par, Seq
+from ablauf_lang.engine.nodes import success
 
 
 def noop(payload: Any, context: Any) -> Any:

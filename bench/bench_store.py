@@ -30,7 +30,8 @@ from typing import Any
 from pyrsistent import pvector
 
 from ablauf_lang.engine.job import Job, make_job, restart_job
-from ablauf_lang.engine.nodes import Leaf, Par, Seq, success
+from ablauf_lang.engine.kinds import Leaf, Par, Seq
+from ablauf_lang.engine.nodes import success
 from ablauf_lang.runners.local import LocalRunner
 from ablauf_lang.stores.sqlite import SqliteStore
 

@@ -9,18 +9,8 @@ from typing import Any
 from pyrsistent import pvector
 
 from ablauf_lang.engine.job import Job, make_job, restart_job
-from ablauf_lang.engine.nodes import (
-    Augment,
-    Dispatch,
-    Leaf,
-    Node,
-    Par,
-    Result,
-    Seq,
-    Try,
-    failure,
-    success,
-)
+from ablauf_lang.engine.kinds import Augment, Leaf, Node, Par, Seq, Try
+from ablauf_lang.engine.nodes import Dispatch, Result, failure, success
 
 
 def L(

@@ -8,7 +8,8 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from ablauf_lang.lang.forms import Keyword, List, Map, Symbol, Vector
+from ablauf_lang.lang.forms import List, Map, Symbol, Vector
+from ablauf_lang.values import Keyword
 
 # =======================================================================================
 # Reader forms (reader, printer and compiler tests)

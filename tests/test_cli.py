@@ -24,7 +24,8 @@ from rich.console import Console
 
 import ablauf_lang
 from ablauf_lang import open_store
-from ablauf_lang.cli import LiveProgress, cli
+from ablauf_lang.cli import cli
+from ablauf_lang.cli.drive import LiveProgress
 from ablauf_lang.engine.job import make_job, restart_job
 from tests.terminal import Tmux
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from pyrsistent import pvector
 
-from ablauf_lang.engine.nodes import Augment, Leaf, Node, Par, Seq, Try
+from ablauf_lang.engine.kinds import Augment, Leaf, Node, Par, Seq, Try
 from ablauf_lang.errors import AblaufCompileError, AblaufSyntaxError
 from ablauf_lang.lang.compiler import (
     RULES,
@@ -21,8 +21,9 @@ from ablauf_lang.lang.compiler import (
     compile_source,
     rule,
 )
-from ablauf_lang.lang.forms import Keyword, List
+from ablauf_lang.lang.forms import List
 from ablauf_lang.lang.reader import read
+from ablauf_lang.values import Keyword
 from tests.strategies import workflow_sources
 
 

@@ -39,7 +39,7 @@ CHILD = textwrap.dedent(
     """
     import os, signal, sys
     import ablauf_lang
-    from ablauf_lang.stores.base import open_store
+    from ablauf_lang.stores.backend import open_store
 
     url, run_id, effects, where, arg = sys.argv[1:6]
 

@@ -23,13 +23,13 @@ import pytest
 
 import ablauf_lang
 from ablauf_lang.errors import RunError
+from ablauf_lang.stores.backend import open_store
 from ablauf_lang.stores.base import (
     HOST,
     Driver,
     DriverLease,
     Owner,
     RunInfo,
-    open_store,
     pid_alive,
     process_started,
 )

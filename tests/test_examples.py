@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from ablauf_lang import open_store
 from ablauf_lang.cli import cli
 from ablauf_lang.engine.job import Job
-from ablauf_lang.engine.semantics import state_of
+from ablauf_lang.engine.states import state_of
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 ACTIONS = str(EXAMPLES / "actions.py")

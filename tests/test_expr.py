@@ -10,29 +10,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ablauf_lang
-from ablauf_lang.engine.nodes import Leaf, Status
+from ablauf_lang import code, values
+from ablauf_lang.code import AndCode, Call, Expr, IfCode, MapCode, OrCode, Var, Vec
+from ablauf_lang.engine.kinds import Leaf
+from ablauf_lang.engine.nodes import Status
 from ablauf_lang.errors import AblaufCompileError, AblaufError, JobError
-from ablauf_lang.lang import expr
+from ablauf_lang.lang import evaluator
 from ablauf_lang.lang.compiler import compile_source
-from ablauf_lang.lang.expr import (
-    AndCode,
-    Call,
-    Env,
-    Expr,
-    IfCode,
-    MapCode,
-    OrCode,
-    Var,
-    Vec,
-    decode_data,
-    encode_data,
-)
-from ablauf_lang.lang.forms import Keyword, to_data
+from ablauf_lang.lang.evaluator import Env
+from ablauf_lang.lang.forms import to_data
 from ablauf_lang.lang.reader import read_one
 from ablauf_lang.names import BUILTINS as BUILTIN_NAMES
 from ablauf_lang.names import SPECIAL_FORMS
 from ablauf_lang.stdlib.builtins import BUILTINS, equal, show_value
-from ablauf_lang.values import Meter, TooLarge
+from ablauf_lang.values import Keyword, Meter, TooLarge
 
 
 def value(source: str) -> Any:
@@ -59,7 +50,7 @@ def at_run_time(source: str, context: dict[str, Any] | None = None, **bound: Any
 
 def test_every_builtin_name_is_implemented() -> None:
     assert set(BUILTIN_NAMES) == set(BUILTINS)
-    assert set(SPECIAL_FORMS) | {"let"} == set(expr.SPECIAL_FORMS)
+    assert set(SPECIAL_FORMS) | {"let"} == set(evaluator.SPECIAL_FORMS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -424,7 +415,7 @@ json_values = st.recursive(
 
 @given(json_values)
 def test_encode_decode_round_trip(data: Any) -> None:
-    assert decode_data(json.loads(json.dumps(encode_data(data)))) == data
+    assert values.decode(json.loads(json.dumps(values.encode(data)))) == data
 
 
 def test_encode_refuses_deep_data_clearly_and_decode_needs_no_recursion() -> None:
@@ -432,19 +423,19 @@ def test_encode_refuses_deep_data_clearly_and_decode_needs_no_recursion() -> Non
     for _ in range(5000):
         deep = [{3: deep}]
     with pytest.raises(JobError, match="nested too deeply"):
-        encode_data(deep)
+        values.encode(deep)
     # Stored data that is deep anyway (an older job) still decodes, without recursion.
     data: Any = {"k": 1}
     for _ in range(5000):
         data = [{"$map": [[3, data]]}]
-    got = decode_data(data)
+    got = values.decode(data)
     for _ in range(5000):
         got = got[0][3]
     assert got == {"k": 1}
     shallow: Any = {"k": 1}
     for _ in range(49):
         shallow = [{3: shallow}]  # 98 levels: stored as it is
-    assert decode_data(json.loads(json.dumps(encode_data(shallow)))) == shallow
+    assert values.decode(json.loads(json.dumps(values.encode(shallow)))) == shallow
 
 
 # ---------------------------------------------------------------------------------------
@@ -452,7 +443,7 @@ def test_encode_refuses_deep_data_clearly_and_decode_needs_no_recursion() -> Non
 
 
 def test_deeply_nested_expression_is_a_clear_error() -> None:
-    n = expr.MAX_DEPTH + 5
+    n = evaluator.MAX_DEPTH + 5
     with pytest.raises(AblaufCompileError, match="nested too deeply"):
         value("(+ 1 " * n + "1" + ")" * n)
 
@@ -479,14 +470,14 @@ def test_recursion_on_a_run_time_value_is_a_clear_error() -> None:
 
 
 def test_exponential_recursion_stops_at_the_step_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(expr, "MAX_STEPS", 5000)
+    monkeypatch.setattr(evaluator, "MAX_STEPS", 5000)
     source = "(defn fib [n] (if (< n 2) n (+ (fib (- n 1)) (fib (- n 2))))) (log!! (fib 25))"
     with pytest.raises(AblaufCompileError, match="takes too long"):
         compile_source(source)
 
 
 def test_deep_run_time_expression_is_a_clear_error() -> None:
-    n = expr.MAX_CODE_DEPTH + 5
+    n = code.MAX_CODE_DEPTH + 5
     with pytest.raises(AblaufCompileError, match="run-time expression nested too deeply"):
         compile_source(
             "".join(f"(def a{i} [a{i - 1}]) " for i in range(1, n)).replace("[a0]", "[(ctx :x)]")

@@ -32,7 +32,8 @@ import ablauf_lang
 from ablauf_lang import values
 from ablauf_lang.codec import job as serde
 from ablauf_lang.engine.job import Job
-from ablauf_lang.engine.nodes import Node, Status
+from ablauf_lang.engine.kinds import Node
+from ablauf_lang.engine.nodes import Status
 from ablauf_lang.errors import AblaufError, JobError
 from ablauf_lang.lang.reader import decode_source
 

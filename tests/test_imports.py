@@ -10,11 +10,13 @@ import pytest
 from pyrsistent import pvector
 
 import ablauf_lang
-from ablauf_lang.engine.nodes import Leaf, LeafState, Node, Seq, Status, Try
+from ablauf_lang.engine.kinds import Leaf, Node, Seq, Try
+from ablauf_lang.engine.nodes import LeafState, Status
 from ablauf_lang.errors import AblaufCompileError, AblaufSyntaxError
-from ablauf_lang.lang import compiler as compiler_module
-from ablauf_lang.lang.compiler import Compiler, compile_forms, compile_source, stdlib_modules
-from ablauf_lang.lang.expr import Closure
+from ablauf_lang.lang import loader as loader_module
+from ablauf_lang.lang.compiler import Compiler, compile_forms, compile_source
+from ablauf_lang.lang.evaluator import Closure
+from ablauf_lang.lang.loader import stdlib_modules
 from ablauf_lang.lang.reader import read
 
 DATA = Path(__file__).parent / "data"
@@ -334,7 +336,7 @@ def test_embedders_can_turn_file_imports_off(
     assert (info.value.line, info.value.column) == (1, 9)
     # the standard library stays available
     assert compile_source('(import "std/retry") (log!! 1)', main, file_imports=False)
-    monkeypatch.setattr(compiler_module, "FILE_IMPORTS", False)
+    monkeypatch.setattr(loader_module, "FILE_IMPORTS", False)
     with pytest.raises(AblaufCompileError, match="turned off"):
         compile_source('(import "b.abl") (log!! b)', main)
     with pytest.raises(AblaufCompileError, match="turned off"):
@@ -355,3 +357,10 @@ def test_eval_and_compile_take_the_file_imports_switch(tmp_path: Path) -> None:
         ablauf_lang.eval(source, filename=str(main), file_imports=False)
     std = '(import "std/retry")\n(with-retries 2 (log!! 1))'
     assert ablauf_lang.eval(std, file_imports=False).status == "success"
+
+
+@pytest.mark.parametrize("path", ["a\x00b.abl", "\ud800.abl", "std/\x00"])
+def test_a_path_no_file_system_can_name_is_refused_at_the_import(project: Path, path: str) -> None:
+    with pytest.raises(AblaufCompileError, match="not a file name") as info:
+        compile_source(f'(import "{path}") (log!! 1)', str(project / "main.abl"))
+    assert (info.value.line, info.value.column) == (1, 9)

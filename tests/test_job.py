@@ -7,17 +7,10 @@ from typing import Any
 
 import pytest
 
-from ablauf_lang.engine.job import (
-    INTERRUPTED,
-    LAST_ERROR,
-    Job,
-    abort,
-    make_job,
-    prepare_replay,
-    rebuild,
-    restart_job,
-)
-from ablauf_lang.engine.nodes import LeafState, Result, Status, failure, renumber, success, timeout
+from ablauf_lang.engine.job import INTERRUPTED, LAST_ERROR, Job, make_job, rebuild, restart_job
+from ablauf_lang.engine.kinds import renumber
+from ablauf_lang.engine.nodes import LeafState, Result, Status, failure, success, timeout
+from ablauf_lang.engine.replay import abort, prepare_replay
 from ablauf_lang.errors import AblaufError, InvariantError, JobError
 from tests.builders import Do, L, Par_, Try_, by_name, drive, job_of, ran
 

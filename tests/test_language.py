@@ -18,29 +18,17 @@ from hypothesis import strategies as st
 from pyrsistent import pvector
 
 import ablauf_lang
+from ablauf_lang.code import Call, Expr, MapCode, Var, Vec
 from ablauf_lang.engine.job import Job, make_job, restart_job
-from ablauf_lang.engine.nodes import (
-    Augment,
-    Dispatch,
-    Doseq,
-    If,
-    Leaf,
-    LeafState,
-    Node,
-    Par,
-    Pmap,
-    Result,
-    Seq,
-    Status,
-    failure,
-    success,
-)
+from ablauf_lang.engine.kinds import Augment, Doseq, If, Leaf, Node, Par, Pmap, Seq
+from ablauf_lang.engine.nodes import Dispatch, LeafState, Result, Status, failure, success
 from ablauf_lang.errors import AblaufCompileError
 from ablauf_lang.lang.compiler import TOP_LEVEL_RULES, Compiler, compile_source, head_name
-from ablauf_lang.lang.expr import Call, Env, Expr, MapCode, Var, Vec
-from ablauf_lang.lang.forms import Keyword
+from ablauf_lang.lang.evaluator import Env
 from ablauf_lang.lang.reader import read
+from ablauf_lang.lang.session import Evaluated, Session
 from ablauf_lang.stdlib.registry import load_actions
+from ablauf_lang.values import Keyword
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -663,6 +651,24 @@ def test_definitions_persist_in_an_env_and_names_lists_them() -> None:
     text = '(greet "you")'
     root = Compiler(text, "<repl>", env=env).program(read(text, "<repl>"))
     assert root == log(0, "hi you")
+
+
+def test_a_session_keeps_definitions_and_says_what_each_input_was() -> None:
+    session = Session()
+    assert session.feed('(def who "you") (defn greet [x] (str "hi " x))', "<repl>").kind == (
+        "defined"
+    )
+    assert session.names() == ["greet", "who"]
+    done = session.feed("(log!! (greet who))", "<repl>")
+    assert (done.kind, done.root) == ("workflow", log(0, "hi you"))
+    # a value, a value read from the context at once, and something that is not data
+    assert session.feed("(greet 1)", "<repl>") == Evaluated("value", value="hi 1")
+    assert session.feed("(ctx :k)", "<repl>", {"k": [1]}) == Evaluated("value", value=[1])
+    assert session.feed("greet", "<repl>") == Evaluated("other", text="the function greet")
+    # a list of workflows is one workflow input (the program's last form)
+    assert session.feed("(for [i [1]] (log!! i))", "<repl>").kind == "workflow"
+    with pytest.raises(AblaufCompileError, match="unbound symbol nope"):
+        session.feed("(log!! nope)", "<repl>")
 
 
 # ---------------------------------------------------------------------------------------

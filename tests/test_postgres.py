@@ -14,13 +14,15 @@ import psycopg
 import pytest
 
 import ablauf_lang
+from ablauf_lang import queue
 from ablauf_lang.codec import job as serde
 from ablauf_lang.engine.job import INTERRUPTED, restart_job
 from ablauf_lang.engine.nodes import LeafState, Status, success
 from ablauf_lang.errors import RunError, StoreError
+from ablauf_lang.runners.worker import advance, hand_back, requeue_run
 from ablauf_lang.stores import postgres as pg
 from ablauf_lang.stores import sql as sqlbase
-from ablauf_lang.stores.base import open_store
+from ablauf_lang.stores.backend import open_store
 from tests.pg import CutAfterCommit, PgServer
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]
@@ -264,7 +266,7 @@ def test_a_stale_writer_is_refused(pg_url: str, store: pg.PostgresStore) -> None
 
 
 def _queued_run(store: pg.PostgresStore, source: str) -> str:
-    return store.create_run(ablauf_lang.make_job(source), source=source, enqueue=True)
+    return queue.submit(store, ablauf_lang.make_job(source), source=source)
 
 
 def test_tasks_are_taken_with_skip_locked(store: pg.PostgresStore, pg_url: str) -> None:
@@ -274,12 +276,12 @@ def test_tasks_are_taken_with_skip_locked(store: pg.PostgresStore, pg_url: str) 
     third = pg.PostgresStore.from_url(pg_url)
     try:
         with store.transaction() as a, other.transaction() as b, third.transaction() as c:
-            ta = pg.take_task(a)
-            tb = pg.take_task(b)  # does not wait for `a`: it skips the locked row
+            ta = queue.take_task(a)
+            tb = queue.take_task(b)  # does not wait for `a`: it skips the locked row
             assert ta is not None
             assert tb is not None
             assert (ta.run_id, tb.run_id) == (first, second)
-            assert pg.take_task(c) is None
+            assert queue.take_task(c) is None
     finally:
         other.close()
         third.close()
@@ -289,9 +291,7 @@ def test_results_queued_together_are_applied_at_once_and_only_once(
     store: pg.PostgresStore,
 ) -> None:
     run_id = _queued_run(store, "(dopar!! (log!! 1) (log!! 2) (log!! 3))")
-    with store.transaction() as conn:
-        key = pg.lock_run(conn, run_id)
-        step = store.restart(run_id, key, [], worker="test")
+    step = queue.run_restart(store, run_id, advance, worker="test", claim=0, lease=30)
     assert len(step.job.pending()) == 3
     with store.transaction() as conn:
         actions = conn.execute(
@@ -301,15 +301,13 @@ def test_results_queued_together_are_applied_at_once_and_only_once(
     assert actions == [(1, 1), (2, 1), (3, 1)]
     with store.transaction() as conn:
         for node, attempt in actions:
-            pg.enqueue_restart(conn, run_id, success(node, node * 10, attempt=attempt))
-        pg.enqueue_restart(conn, run_id, success(1, 999, attempt=1))  # delivered twice
-    with store.transaction() as conn:
-        key = pg.lock_run(conn, run_id)
-        step = store.restart(run_id, key, [], worker="test")
+            queue.enqueue_restart(conn, run_id, success(node, node * 10, attempt=attempt))
+        queue.enqueue_restart(conn, run_id, success(1, 999, attempt=1))  # delivered twice
+    step = queue.run_restart(store, run_id, advance, worker="test", claim=0, lease=30)
     assert step.results == 4  # one restart took every queued result
     assert step.job.status is Status.SUCCESS
     assert step.job.node(1).output == 10  # the duplicate was not applied
-    assert store.queue_counts() == {"ready": 0, "leased": 0, "broken": 0}
+    assert queue.queue_counts(store) == {"ready": 0, "leased": 0, "broken": 0}
     with store.transaction() as conn:
         log = conn.execute(
             "SELECT results, dispatches FROM ablauf.restarts WHERE run_id = %s ORDER BY seq",
@@ -320,21 +318,17 @@ def test_results_queued_together_are_applied_at_once_and_only_once(
 
 def test_expired_leases_are_recovered_by_the_rules(store: pg.PostgresStore) -> None:
     run_id = _queued_run(store, "(dopar!! (idempotent-action!! :t/a 1) (action!! :t/b 2))")
-    with store.transaction() as conn:
-        key = pg.lock_run(conn, run_id)
-        step = store.restart(run_id, key, [], worker="dead:1", claim=2, lease=30)
+    step = queue.run_restart(store, run_id, advance, worker="dead:1", claim=2, lease=30)
     assert len(step.claimed) == 2
     with store.transaction() as conn:
-        assert pg.recover_leases(conn) == (0, 0)  # leases still valid
+        assert queue.recover_leases(conn) == (0, 0)  # leases still valid
         conn.execute("UPDATE ablauf.tasks SET lease_until = now() - interval '1 second'")
-        assert pg.recover_leases(conn) == (1, 1)
+        assert queue.recover_leases(conn) == (1, 1)
         ready = conn.execute(
             "SELECT kind, node, lease_owner FROM ablauf.tasks ORDER BY task_id"
         ).fetchall()
     assert ready == [("action", 1, None), ("restart", None, None)]
-    with store.transaction() as conn:
-        key = pg.lock_run(conn, run_id)
-        step = store.restart(run_id, key, [], worker="test")
+    step = queue.run_restart(store, run_id, advance, worker="test", claim=0, lease=30)
     leaf = step.job.node(2)
     assert leaf.result is LeafState.FAILURE
     assert leaf.error.startswith(INTERRUPTED)
@@ -343,8 +337,14 @@ def test_expired_leases_are_recovered_by_the_rules(store: pg.PostgresStore) -> N
     # A late result from the worker whose lease was recovered is dropped, not applied.
     with store.transaction() as conn:
         task_id = conn.execute("SELECT task_id FROM ablauf.tasks WHERE node = 1").fetchone()[0]
-    late = store.deliver(
-        run_id, [(task_id, success(1, "late", attempt=1))], worker="dead:1", claim=0, lease=30
+    late = queue.deliver(
+        store,
+        run_id,
+        [(task_id, success(1, "late", attempt=1))],
+        advance,
+        worker="dead:1",
+        claim=0,
+        lease=30,
     )
     assert late.outcome == "lost"
     assert store.load(run_id).job.node(1).result is LeafState.PENDING
@@ -352,14 +352,14 @@ def test_expired_leases_are_recovered_by_the_rules(store: pg.PostgresStore) -> N
 
 def test_a_submitted_run_is_queued_in_the_same_transaction(store: pg.PostgresStore) -> None:
     run_id = _queued_run(store, "(log!! 1)")
-    assert store.queue_counts() == {"ready": 1, "leased": 0, "broken": 0}
+    assert queue.queue_counts(store) == {"ready": 1, "leased": 0, "broken": 0}
     with pytest.raises(RunError):
         _queued_run_with_id(store, run_id)
-    assert store.queue_counts()["ready"] == 1  # the refused duplicate queued nothing
+    assert queue.queue_counts(store)["ready"] == 1  # the refused duplicate queued nothing
 
 
 def _queued_run_with_id(store: pg.PostgresStore, run_id: str) -> str:
-    return store.create_run(ablauf_lang.make_job("(log!! 2)"), run_id=run_id, enqueue=True)
+    return queue.submit(store, ablauf_lang.make_job("(log!! 2)"), run_id=run_id)
 
 
 def test_a_rolled_back_write_is_never_shared_with_other_threads(pg_url: str) -> None:
@@ -369,21 +369,21 @@ def test_a_rolled_back_write_is_never_shared_with_other_threads(pg_url: str) -> 
     try:
         job = ablauf_lang.make_job("(do!! (log!! 1) (log!! 2))")
         run_id = a.create_run(job)
-        before = shared[run_id].seq
+        before = shared.get(run_id).seq
         seen: list[int] = []
 
         def write_then_fail() -> None:
             with a.transaction():
                 a.record(run_id, restart_job(job, [])[0])
-                seen.append(shared[run_id].seq)  # learned, but not shared before COMMIT
+                seen.append(shared.get(run_id).seq)  # learned, but not shared before COMMIT
                 raise RuntimeError("roll back")
 
         with pytest.raises(RuntimeError):
             write_then_fail()
         assert seen == [before]
-        assert shared[run_id].seq == before  # the write never happened: nothing of it kept
+        assert shared.get(run_id).seq == before  # the write never happened: nothing of it kept
         b.record(run_id, restart_job(b.load(run_id).job, [])[0])
-        assert shared[run_id].seq == before + 1
+        assert shared.get(run_id).seq == before + 1
     finally:
         a.close()
         b.close()
@@ -401,17 +401,19 @@ def test_a_delta_sent_with_the_commit_must_be_this_transactions(store: pg.Postgr
 
 def test_claimed_actions_are_delivered_together(store: pg.PostgresStore) -> None:
     run_id = _queued_run(store, "(dopar!! (log!! 1) (log!! 2) (log!! 3))")
-    (first,) = store.claim("w/0", 30, limit=5)
+    (first,) = queue.claim(store, "w/0", 30, limit=5)
     assert first.dispatch is None  # the submitted run's first restart: named, not leased
-    step = store.run_restart(run_id, worker="w/0", claim=0, lease=30)
+    step = queue.run_restart(store, run_id, advance, worker="w/0", claim=0, lease=30)
     assert step is not None
     assert len(step.job.pending()) == 3
-    taken = store.claim("w/1", 30, limit=5)
+    taken = queue.claim(store, "w/1", 30, limit=5)
     assert [c.dispatch.id for c in taken] == [1, 2, 3]
-    assert store.queue_counts() == {"ready": 0, "leased": 3, "broken": 0}
-    got = store.deliver(
+    assert queue.queue_counts(store) == {"ready": 0, "leased": 3, "broken": 0}
+    got = queue.deliver(
+        store,
         run_id,
         [(c.task_id, success(c.dispatch, c.dispatch.payload)) for c in taken],
+        advance,
         worker="w/1",
         claim=0,
         lease=30,
@@ -419,7 +421,7 @@ def test_claimed_actions_are_delivered_together(store: pg.PostgresStore) -> None
     assert got.outcome == "restarted"
     assert got.step.results == 3  # one restart for the three results
     assert got.step.job.status is Status.SUCCESS
-    assert store.queue_counts() == {"ready": 0, "leased": 0, "broken": 0}
+    assert queue.queue_counts(store) == {"ready": 0, "leased": 0, "broken": 0}
     assert store.info(run_id).status is Status.SUCCESS
 
 
@@ -474,8 +476,8 @@ def test_a_database_missing_a_later_migration_gets_it(pg_url: str) -> None:
 def _fanout(store: pg.PostgresStore, n: int, action: str = "t/x") -> str:
     source = "(dopar!! " + " ".join(f"(action!! :{action} {i})" for i in range(n)) + ")"
     run_id = _queued_run(store, source)
-    store.claim("w/0", 30, 1)
-    store.run_restart(run_id, worker="w/0", claim=0, lease=30)
+    queue.claim(store, "w/0", 30, 1)
+    queue.run_restart(store, run_id, advance, worker="w/0", claim=0, lease=30)
     return run_id
 
 
@@ -493,10 +495,10 @@ def test_a_step_built_on_a_stale_snapshot_is_refused_never_written(pg_url: str) 
     b = pg.PostgresStore.from_url(pg_url, known=shared)
     blocker = psycopg.connect(pg_url)
     try:
-        (ca,) = a.claim("w/a", 30, 1)
-        (cb,) = b.claim("w/b", 30, 1)
+        (ca,) = queue.claim(a, "w/a", 30, 1)
+        (cb,) = queue.claim(b, "w/b", 30, 1)
         a.load(run_id)
-        before = shared[run_id].seq
+        before = shared.get(run_id).seq
         blocker.execute("SELECT 1 FROM ablauf.tasks WHERE task_id = %s FOR UPDATE", (cb.task_id,))
         may_share = threading.Event()
 
@@ -505,17 +507,22 @@ def test_a_step_built_on_a_stale_snapshot_is_refused_never_written(pg_url: str) 
                 may_share.wait(10)  # A is preempted between its COMMIT and sharing it
             if store is b and point == "based":
                 may_share.set()  # B chose its base: now A shares its write
-                pg_wait(lambda: shared[run_id].seq > before)
+                pg_wait(lambda: shared.get(run_id).seq > before)
 
         a.hook = b.hook = hook
         out: dict[str, object] = {}
 
-        def deliver(name: str, store: pg.PostgresStore, c: pg.Claimed) -> None:
+        def deliver(name: str, store: pg.PostgresStore, c: queue.Claimed) -> None:
             try:
-                out[name] = store.deliver(
-                    run_id, [(c.task_id, success(c.dispatch, name))], worker=f"w/{name}",
-                    claim=0, lease=30,
-                )  # fmt: skip
+                out[name] = queue.deliver(
+                    store,
+                    run_id,
+                    [(c.task_id, success(c.dispatch, name))],
+                    advance,
+                    worker=f"w/{name}",
+                    claim=0,
+                    lease=30,
+                )
             except pg.WriteConflict as exc:
                 out[name] = exc
 
@@ -528,13 +535,13 @@ def test_a_step_built_on_a_stale_snapshot_is_refused_never_written(pg_url: str) 
         blocker.rollback()  # B's statement goes on and takes the run's lock
         ta.join(10)
         tb.join(10)
-        assert isinstance(out["a"], pg.Delivery)
+        assert isinstance(out["a"], queue.Delivery)
         assert out["a"].outcome == "restarted"
         assert isinstance(out["b"], pg.WriteConflict)  # refused: nothing was written
         # The worker then queues B's result (its task is still leased to it).
-        assert b.queue_result(cb.task_id, success(cb.dispatch, "b"), worker="w/b") == run_id
-        setup.claim("w/0", 30, 1)
-        setup.run_restart(run_id, worker="w/0", claim=0, lease=30)
+        assert queue.queue_result(b, cb.task_id, success(cb.dispatch, "b"), worker="w/b") == run_id
+        queue.claim(setup, "w/0", 30, 1)
+        queue.run_restart(setup, run_id, advance, worker="w/0", claim=0, lease=30)
         job = setup.load(run_id).job
         assert job.node(ca.dispatch.id).output == "a"
         assert job.node(cb.dispatch.id).output == "b"
@@ -563,12 +570,12 @@ def test_what_a_thread_shares_never_replaces_a_newer_write() -> None:
     new = sqlbase.Known(1, 5, 0, 2, "pending", job)
     shared.publish("r", new)
     shared.publish("r", old)  # a thread preempted between its COMMIT and sharing it
-    assert shared["r"] is new
+    assert shared.get("r") is new
     view = pg.KnownView(shared)
     view.begin()
     view.pin("r", old)
     shared.publish("r", sqlbase.Known(1, 6, 0, 2, "pending", job))
-    assert view["r"] is old  # the transaction keeps the base it pinned
+    assert view.get("r") is old  # the transaction keeps the base it pinned
 
 
 def test_pipeline_aborted_is_not_a_lost_connection() -> None:
@@ -582,29 +589,31 @@ def test_pipeline_aborted_is_not_a_lost_connection() -> None:
 def test_workers_claim_only_the_actions_they_have(store: pg.PostgresStore) -> None:
     source = "(dopar!! (action!! :a/x 1) (action!! :b/y 2) (action!! :a/x 3))"
     run_id = _queued_run(store, source)
-    (first,) = store.claim("w/0", 30, 5, actions={"b/y"})
+    (first,) = queue.claim(store, "w/0", 30, 5, actions={"b/y"})
     assert first.dispatch is None  # a restart task: any worker runs it
-    step = store.run_restart(run_id, worker="w/0", claim=1, lease=30, serves={"b/y"})
+    step = queue.run_restart(
+        store, run_id, advance, worker="w/0", claim=1, lease=30, serves={"b/y"}
+    )
     assert step is not None
     assert [d.action for _, d in step.claimed] == ["b/y"]  # leased to itself: one it has
-    assert store.claim("w/1", 30, 5, actions={"c/z"}) == []
-    taken = store.claim("w/1", 30, 5, actions={"a/x"})
+    assert queue.claim(store, "w/1", 30, 5, actions={"c/z"}) == []
+    taken = queue.claim(store, "w/1", 30, 5, actions={"a/x"})
     assert [c.dispatch.payload for c in taken] == [1, 3]
 
 
 def test_notes_say_which_action_no_live_worker_serves(store: pg.PostgresStore) -> None:
     run_id = _queued_run(store, "(dopar!! (action!! :a/x 1) (action!! :b/y 2))")
-    store.claim("w/0", 30, 1)
-    store.run_restart(run_id, worker="w/0", claim=0, lease=30)
+    queue.claim(store, "w/0", 30, 1)
+    queue.run_restart(store, run_id, advance, worker="w/0", claim=0, lease=30)
     with store.transaction() as conn:
-        pg.register_worker(conn, "host:1:abc", ["a/x", "action/log"], 4, 30)
-        pg.register_worker(conn, "host:2:gone", ["b/y"], 4, -1)  # expired
-    notes = store.notes(run_id, after=0)
+        queue.register_worker(conn, "host:1:abc", ["a/x", "action/log"], 4, 30)
+        queue.register_worker(conn, "host:2:gone", ["b/y"], 4, -1)  # expired
+    notes = queue.notes(store, run_id, after=0)
     assert len(notes) == 1
     assert "b/y" in notes[0]
     assert "no live worker" in notes[0]
     with store.transaction() as conn:
-        assert pg.live_workers(conn) == [("host:1:abc", ["a/x", "action/log"])]
+        assert queue.live_workers(conn) == [("host:1:abc", ["a/x", "action/log"])]
 
 
 # ---------------------------------------------------------------- handing runs back
@@ -616,15 +625,15 @@ def test_requeue_refuses_a_live_run_and_touches_only_expired_leases(
     source = "(dopar!! (action!! :t/a 1) (idempotent-action!! :t/b 2) (action!! :t/c 3))"
     run_id = _fanout_of(store, source)
     with pytest.raises(RunError) as err:
-        store.requeue(run_id, retry=False)
+        requeue_run(store, run_id, retry=False)
     assert "being served by the workers (3 action(s) queued)" in err.value.message
-    taken = store.claim("dead:1/0", 30, 2)  # t/a and t/b: leased, running
+    taken = queue.claim(store, "dead:1/0", 30, 2)  # t/a and t/b: leased, running
     with pytest.raises(RunError) as err:
-        store.requeue(run_id, retry=True)
+        requeue_run(store, run_id, retry=True)
     assert "2 action(s) running on dead:1" in err.value.message
     with store.transaction() as conn:
         conn.execute("UPDATE ablauf.tasks SET lease_until = now() - interval '1 second'")
-    job = store.requeue(run_id, retry=False)  # only the two whose lease expired
+    job = requeue_run(store, run_id, retry=False)  # only the two whose lease expired
     assert job.node(3).result is LeafState.PENDING
     with store.transaction() as conn:
         rows = conn.execute(
@@ -636,8 +645,8 @@ def test_requeue_refuses_a_live_run_and_touches_only_expired_leases(
 
 def _fanout_of(store: pg.PostgresStore, source: str) -> str:
     run_id = _queued_run(store, source)
-    store.claim("w/0", 30, 1)
-    store.run_restart(run_id, worker="w/0", claim=0, lease=30)
+    queue.claim(store, "w/0", 30, 1)
+    queue.run_restart(store, run_id, advance, worker="w/0", claim=0, lease=30)
     return run_id
 
 
@@ -648,7 +657,7 @@ def test_an_api_write_on_a_served_run_is_refused_or_takes_it_off_the_queue(
     with pytest.raises(RunError) as err:
         ablauf_lang.resume(run_id, store=pg_url)  # the workers are at it
     assert "being served by the workers" in err.value.message
-    store.claim("w/1", 30, 1)  # one leased, one queued
+    queue.claim(store, "w/1", 30, 1)  # one leased, one queued
     aborted = ablauf_lang.abort_run(run_id, store=pg_url, reason="stop")
     assert aborted.status is Status.FAILURE
     with store.transaction() as conn:
@@ -661,18 +670,20 @@ def test_an_api_write_on_a_served_run_is_refused_or_takes_it_off_the_queue(
 def test_the_janitor_hands_back_a_run_left_without_tasks(store: pg.PostgresStore) -> None:
     source = "(dopar!! (idempotent-action!! :t/a 1) (action!! :t/b 2) (log!! 3))"
     run_id = _fanout_of(store, source)
-    assert store.repair_stranded(worker="j", grace=0) == []  # its tasks are there
+    assert queue.repair_stranded(store, hand_back, worker="j", grace=0) == []  # its tasks are there
     with store.transaction() as conn:
         conn.execute("DELETE FROM ablauf.tasks WHERE run_id = %s", (run_id,))  # lost
-    assert store.notes(run_id, store.load(run_id).job)[-1].startswith("3 step(s) in flight")
-    (line,) = store.repair_stranded(worker="j", grace=0)
+    assert queue.notes(store, run_id, store.load(run_id).job)[-1].startswith("3 step(s) in flight")
+    (line,) = queue.repair_stranded(store, hand_back, worker="j", grace=0)
     assert line == (
         f"run {run_id}: 3 step(s) were in flight with no task to finish them (ids 1, 2, 3); "
         "handed back to the workers: 1 idempotent to run again, 2 failed as interrupted"
     )
-    assert store.repair_stranded(worker="j", grace=0) == []  # a restart is queued now
-    store.claim("w/0", 30, 1)
-    step = store.run_restart(run_id, worker="w/0", claim=0, lease=30)
+    assert (
+        queue.repair_stranded(store, hand_back, worker="j", grace=0) == []
+    )  # a restart is queued now
+    queue.claim(store, "w/0", 30, 1)
+    step = queue.run_restart(store, run_id, advance, worker="w/0", claim=0, lease=30)
     assert step is not None
     assert step.job.node(1).result is LeafState.PENDING
     assert step.job.node(1).attempt == 2  # dispatched again
@@ -695,9 +706,9 @@ def test_a_client_write_whose_commit_answer_was_lost_is_done_once(pg_server: PgS
     try:
         job = ablauf_lang.make_job("(do!! (log!! 1) (log!! 2))")
         proxy.arm()
-        run_id = store.create_run(job, source="x", enqueue=True)  # committed, then cut
+        run_id = queue.submit(store, job, source="x")  # committed, then cut
         assert proxy.cuts == 1
-        assert store.queue_counts() == {"ready": 1, "leased": 0, "broken": 0}
+        assert queue.queue_counts(store) == {"ready": 1, "leased": 0, "broken": 0}
         assert [i.run_id for i in store.list_runs()] == [run_id]
 
         job, dispatches = restart_job(job, [])
@@ -714,9 +725,9 @@ def test_a_client_write_whose_commit_answer_was_lost_is_done_once(pg_server: PgS
         with store.transaction() as conn:
             conn.execute("UPDATE ablauf.runs SET on_queue = true")
         proxy.arm()
-        store.requeue(run_id, retry=False)  # committed, then cut: not refused as "live"
+        requeue_run(store, run_id, retry=False)  # committed, then cut: not refused as "live"
         assert proxy.cuts == 3
-        assert store.queue_counts()["ready"] == 1
+        assert queue.queue_counts(store)["ready"] == 1
         assert store.reconnects == 3
     finally:
         store.close()

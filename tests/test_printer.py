@@ -9,9 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ablauf_lang.errors import AblaufSyntaxError
-from ablauf_lang.lang.forms import Keyword, List, Map, Symbol, Vector
+from ablauf_lang.lang.forms import List, Map, Symbol, Vector
 from ablauf_lang.lang.printer import print_form, print_forms
 from ablauf_lang.lang.reader import read, read_one
+from ablauf_lang.values import Keyword
 from tests.strategies import forms, keyword_names, same_form, strings, symbol_names
 
 K = Keyword

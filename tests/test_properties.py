@@ -7,8 +7,10 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ablauf_lang.engine.job import Job, make_job, prepare_replay, restart_job
-from ablauf_lang.engine.nodes import Leaf, LeafState, Node, Par, Seq, Status, Try, failure, success
+from ablauf_lang.engine.job import Job, make_job, restart_job
+from ablauf_lang.engine.kinds import Leaf, Node, Par, Seq, Try
+from ablauf_lang.engine.nodes import LeafState, Status, failure, success
+from ablauf_lang.engine.replay import prepare_replay
 from tests.builders import Do, L, Par_, Try_, number
 
 # ---------------------------------------------------------------- strategies

@@ -10,8 +10,9 @@ import pytest
 from lark import Lark
 
 from ablauf_lang.errors import AblaufSyntaxError, Span
-from ablauf_lang.lang.forms import Keyword, List, Map, Symbol, Vector
+from ablauf_lang.lang.forms import List, Map, Symbol, Vector
 from ablauf_lang.lang.reader import MAX_INT_DIGITS, Forms, decode_source, parser, read, read_one
+from ablauf_lang.values import Keyword
 from tests.strategies import same_form
 
 K = Keyword

@@ -23,7 +23,7 @@ from prompt_toolkit.validation import ValidationError
 from rich.console import Console
 
 from ablauf_lang.engine.job import Job
-from ablauf_lang.engine.semantics import state_of
+from ablauf_lang.engine.states import state_of
 from ablauf_lang.errors import AblaufError
 from ablauf_lang.repl.app import Repl, history_path
 from ablauf_lang.repl.commands import parse_value
@@ -492,7 +492,7 @@ def test_run_time_kinds_render_with_their_roles() -> None:
     # if!! and doseq!! come from hand-built trees until the compiler knows them.
     from pyrsistent import pvector
 
-    from ablauf_lang.engine.nodes import Doseq, If
+    from ablauf_lang.engine.kinds import Doseq, If
     from tests.builders import Do, L, job_of, number
 
     tree = Do(

@@ -22,28 +22,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ablauf_lang.api import compile as compile_source
-from ablauf_lang.engine.job import (
-    Job,
-    can_retry,
-    failure_causes,
-    make_job,
-    prepare_replay,
-    restart_job,
-)
-from ablauf_lang.engine.nodes import (
-    Dispatch,
-    Expansion,
-    If,
-    Leaf,
-    LeafState,
-    Node,
-    Par,
-    Seq,
-    Status,
-    Try,
-    failure,
-    success,
-)
+from ablauf_lang.engine.job import Job, make_job, restart_job
+from ablauf_lang.engine.kinds import Expansion, If, Leaf, Node, Par, Seq, Try
+from ablauf_lang.engine.nodes import Dispatch, LeafState, Status, failure, success
+from ablauf_lang.engine.replay import can_retry, failure_causes, prepare_replay
 
 # ---------------------------------------------------------------- programs
 

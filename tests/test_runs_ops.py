@@ -19,8 +19,10 @@ from typing import Any
 import pytest
 
 import ablauf_lang
+from ablauf_lang.cli.common import parse_age, parse_since
 from ablauf_lang.errors import RunError
-from ablauf_lang.stores.base import Owner, open_store, parse_age, parse_since
+from ablauf_lang.stores.backend import open_store
+from ablauf_lang.stores.base import Owner
 
 ENV = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # piped: whole lines
 
@@ -282,7 +284,7 @@ def test_show_follow_redraws_until_the_run_ends(tmp_path: Path) -> None:
         "    time.sleep(payload)\n"
         "    return payload\n"
     )
-    (tmp_path / "p.abl").write_text("(do!! (action!! :t/nap 0.6) (action!! :t/nap 0.6))")
+    (tmp_path / "p.abl").write_text("(do!! (action!! :t/nap 1.5) (action!! :t/nap 1.5))")
     url = "sqlite:///runs.db"
     driver = subprocess.Popen(
         [sys.executable, "-m", "ablauf_lang", "run", "p.abl", "--actions", "slow.py",

@@ -1,7 +1,7 @@
 """Engine side of run-time nodes: if!!/when!!, doseq!!, pmap!! and deferred payloads.
 
-A tiny `Deferred` (look a key up in the context or in the element bindings) stands in
-for the language's expressions, so these tests exercise the reducer alone.
+Payloads, tests and collections are run-time expressions (`code.Expr`) built by hand:
+`(ctx :key)` or a `doseq!!`/`pmap!!` variable, so these tests exercise the reducer alone.
 """
 
 from __future__ import annotations
@@ -12,44 +12,23 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pyrsistent import pvector
 
-from ablauf_lang.engine.job import Job, prepare_replay, restart_job
-from ablauf_lang.engine.nodes import Deferred, Doseq, If, LeafState, Pmap, Status, failure, success
-from ablauf_lang.errors import AblaufError
+from ablauf_lang.code import Call, Expr, Var
+from ablauf_lang.engine.job import Job, restart_job
+from ablauf_lang.engine.kinds import Doseq, If, Pmap
+from ablauf_lang.engine.nodes import LeafState, Status, failure, success
+from ablauf_lang.engine.replay import prepare_replay
+from ablauf_lang.errors import Span
 from tests.builders import Do, L, Par_, Try_, by_name, drive, job_of, ran
 
 
-class Look(Deferred):
-    """`key` from the bindings, else from the context; an error when missing."""
+def Ctx(key: str) -> Expr:
+    """`(ctx :key)` at t.abl:3:7: an error when the context has no such key."""
+    return Expr(Call("ctx", (key,), Span(3, 7)), "t.abl")
 
-    tag = "test-look"
-    __slots__ = ("bindings", "key")
 
-    def __init__(self, key: str, bindings: dict[str, Any] | None = None) -> None:
-        self.key = key
-        self.bindings = bindings or {}
-
-    def evaluate(self, context: dict[str, Any]) -> Any:
-        if self.key in self.bindings:
-            return self.bindings[self.key]
-        if self.key not in context:
-            raise AblaufError(f"no {self.key} in the context", filename="t.abl", line=3, column=7)
-        return context[self.key]
-
-    def bind(self, bindings: dict[str, Any]) -> Look:
-        return Look(self.key, {**self.bindings, **bindings})
-
-    def to_data(self) -> Any:
-        return [self.key, self.bindings]
-
-    @classmethod
-    def from_data(cls, data: Any) -> Look:
-        return cls(data[0], data[1])
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Look) and (self.key, self.bindings) == (other.key, other.bindings)
-
-    def __hash__(self) -> int:
-        return hash(self.key)
+def Local(name: str, bindings: dict[str, Any] | None = None) -> Expr:
+    """The `doseq!!`/`pmap!!` variable `name` (bound per copy by the engine)."""
+    return Expr(Var(name, Span(3, 7)), "t.abl", bindings)
 
 
 def IfN(test: Any, then: list[Any], other: list[Any] = ()) -> If:
@@ -76,19 +55,19 @@ def states(job: Job) -> dict[str, str | None]:
 
 
 def test_payload_is_evaluated_when_dispatched_against_the_context_then() -> None:
-    tree = Do(L("a", augment=((), ("who",))), L("b", Look("who")))
+    tree = Do(L("a", augment=((), ("who",))), L("b", Ctx("who")))
     job, seen = drive(job_of(tree), by_name({"a": "alice"}))
     assert seen[1].payload == "alice"
-    assert isinstance(job.node(2).payload, Look)  # the tree keeps the expression
+    assert isinstance(job.node(2).payload, Expr)  # the tree keeps the expression
 
 
 def test_payload_that_fails_to_evaluate_fails_the_leaf_with_its_position() -> None:
-    tree = Try_([L("b", Look("missing"))], [L("r")])
+    tree = Try_([L("b", Ctx("missing"))], [L("r")])
     job, seen = drive(job_of(tree), by_name({}))
     assert ran(seen) == ["r"]
     leaf = job.node(2)
     assert leaf.result is LeafState.FAILURE
-    assert leaf.error == "t.abl:3:7: no missing in the context"
+    assert leaf.error == "t.abl:3:7: the context has no :missing (and no default was given)"
     assert seen[0].context["exec/last-error"] == leaf.error
 
 
@@ -96,7 +75,7 @@ def test_payload_that_fails_to_evaluate_fails_the_leaf_with_its_position() -> No
 
 
 def test_if_takes_then_and_skips_else() -> None:
-    job, seen = drive(job_of(IfN(Look("go"), [L("yes")], [L("no")]), {"go": True}), by_name({}))
+    job, seen = drive(job_of(IfN(Ctx("go"), [L("yes")], [L("no")]), {"go": True}), by_name({}))
     assert ran(seen) == ["yes"]
     assert states(job) == {"yes": "success", "no": "skipped"}
     assert job.status is Status.SUCCESS
@@ -104,12 +83,12 @@ def test_if_takes_then_and_skips_else() -> None:
 
 def test_if_takes_else_on_nil_and_false_only() -> None:
     for value, branch in [(None, "no"), (False, "no"), (0, "yes"), ("", "yes"), ([], "yes")]:
-        _, seen = drive(job_of(IfN(Look("v"), [L("yes")], [L("no")]), {"v": value}), by_name({}))
+        _, seen = drive(job_of(IfN(Ctx("v"), [L("yes")], [L("no")]), {"v": value}), by_name({}))
         assert ran(seen) == [branch], value
 
 
 def test_test_is_evaluated_when_reached_not_before() -> None:
-    tree = Do(L("set", augment=((), ("flag",))), IfN(Look("flag"), [L("yes")], [L("no")]))
+    tree = Do(L("set", augment=((), ("flag",))), IfN(Ctx("flag"), [L("yes")], [L("no")]))
     _, seen = drive(job_of(tree, {"flag": False}), by_name({"set": True}))
     assert ran(seen) == ["set", "yes"]
 
@@ -121,13 +100,13 @@ def test_when_without_else_succeeds_when_false() -> None:
 
 
 def test_failing_test_fails_the_node_and_a_rescue_handles_it() -> None:
-    tree = Try_([IfN(Look("nope"), [L("yes")])], [L("rescue")])
+    tree = Try_([IfN(Ctx("nope"), [L("yes")])], [L("rescue")])
     job, seen = drive(job_of(tree), by_name({}))
     assert ran(seen) == ["rescue"]
     node = job.node(2)
     assert node.kind == "if"
     assert node.failed
-    assert "no nope" in node.error
+    assert "the context has no :nope" in node.error
     assert job.status is Status.SUCCESS
 
 
@@ -140,7 +119,7 @@ def test_failing_branch_fails_the_if() -> None:
 
 
 def test_doseq_expands_one_body_per_element_in_sequence() -> None:
-    tree = Do(L("first"), DoseqN("host", Look("hosts"), L("deploy", Look("host"))), L("last"))
+    tree = Do(L("first"), DoseqN("host", Ctx("hosts"), L("deploy", Local("host"))), L("last"))
     job = job_of(tree, {"hosts": ["a", "b", "c"]})
     largest = max(n.id for n in job.nodes())
     job, seen = drive(job, by_name({}))
@@ -155,14 +134,14 @@ def test_doseq_stops_at_the_first_failing_copy() -> None:
     def outcome(d: Any) -> Any:
         return failure(d, "down") if d.payload == 2 else success(d, d.payload)
 
-    job, seen = drive(job_of(DoseqN("x", [1, 2, 3], L("step", Look("x")))), outcome)
+    job, seen = drive(job_of(DoseqN("x", [1, 2, 3], L("step", Local("x")))), outcome)
     assert [d.payload for d in seen] == [1, 2]
     assert job.status is Status.FAILURE
 
 
 def test_pmap_runs_all_copies_at_once() -> None:
     job, dispatches = restart_job(
-        job_of(PmapN("x", [1, 2, 3], Do(L("a", Look("x")), L("b", Look("x")))))
+        job_of(PmapN("x", [1, 2, 3], Do(L("a", Local("x")), L("b", Local("x")))))
     )
     assert [(d.action, d.payload) for d in dispatches] == [("a", 1), ("a", 2), ("a", 3)]
     job, more = restart_job(job, [success(d, 0) for d in dispatches])
@@ -176,14 +155,14 @@ def test_empty_collection_is_done_at_once() -> None:
 
 
 def test_collection_that_is_not_a_sequence_fails_the_node() -> None:
-    job, _ = drive(job_of(DoseqN("x", Look("m"), L("a")), {"m": {"k": 1}}), by_name({}))
+    job, _ = drive(job_of(DoseqN("x", Ctx("m"), L("a")), {"m": {"k": 1}}), by_name({}))
     assert job.status is Status.FAILURE
     assert "needs a sequence" in job.node(0).error
 
 
 def test_nested_expansion_binds_both_variables() -> None:
-    inner = DoseqN("y", [10, 20], L("pair", Look("y")))
-    tree = DoseqN("x", Look("xs"), Do(L("outer", Look("x")), inner))
+    inner = DoseqN("y", [10, 20], L("pair", Local("y")))
+    tree = DoseqN("x", Ctx("xs"), Do(L("outer", Local("x")), inner))
     job, seen = drive(job_of(tree, {"xs": [1, 2]}), by_name({}))
     assert [(d.action, d.payload) for d in seen] == [
         ("outer", 1),
@@ -199,25 +178,25 @@ def test_nested_expansion_binds_both_variables() -> None:
 
 
 def test_expansion_survives_json_and_replay() -> None:
-    tree = PmapN("x", Look("xs"), L("work", Look("x"), idempotent=True))
+    tree = PmapN("x", Ctx("xs"), L("work", Local("x"), idempotent=True))
     job, dispatches = restart_job(job_of(tree, {"xs": [1, 2]}))
     job, _ = restart_job(job, [success(dispatches[0], "one")])
     again = Job.from_json(job.to_json())
     assert again == job
-    assert again.node(dispatches[1].id).payload == Look("x", {"x": 2})
+    assert again.node(dispatches[1].id).payload == Local("x", {"x": 2})
     job, [redo] = restart_job(prepare_replay(again))
     assert (redo.id, redo.payload, redo.attempt) == (dispatches[1].id, 2, 2)
 
 
 def test_restart_touches_the_expanded_nodes() -> None:
-    job, _ = restart_job(job_of(PmapN("x", [1, 2], L("w", Look("x")))))
+    job, _ = restart_job(job_of(PmapN("x", [1, 2], L("w", Local("x")))))
     assert job.touched == {0, 1, 2}
 
 
 @given(st.lists(st.integers(0, 3), max_size=4), st.booleans())
 def test_expansion_keeps_ids_unique_and_paths_right(sizes: list[int], parallel: bool) -> None:
     make = PmapN if parallel else DoseqN
-    tree = Par_(*[make("x", list(range(n)), Do(L("a", Look("x")), L("b"))) for n in sizes])
+    tree = Par_(*[make("x", list(range(n)), Do(L("a", Local("x")), L("b"))) for n in sizes])
     job, _ = drive(job_of(tree), by_name({}))
     ids = [n.id for n in job.nodes()]
     assert len(ids) == len(set(ids)) == len(job.paths)
@@ -228,7 +207,7 @@ def test_expansion_keeps_ids_unique_and_paths_right(sizes: list[int], parallel: 
 
 def test_branches_that_never_ran_are_shown_skipped() -> None:
     import ablauf_lang
-    from ablauf_lang.engine.semantics import states
+    from ablauf_lang.engine.states import states
 
     run = ablauf_lang.eval(
         "(do!! (try!! (log!! 1) (rescue!! (log!! 2))) (if!! false (log!! 3))"

@@ -11,12 +11,13 @@ from hypothesis import strategies as st
 
 import ablauf_lang
 from ablauf_lang import values
+from ablauf_lang.code import Expr
 from ablauf_lang.codec import job as serde
 from ablauf_lang.engine.job import Job, restart_job
-from ablauf_lang.engine.nodes import Leaf, Status, success
+from ablauf_lang.engine.kinds import Leaf
+from ablauf_lang.engine.nodes import Status, success
 from ablauf_lang.errors import JobError
-from ablauf_lang.lang.expr import Expr
-from ablauf_lang.lang.forms import Keyword
+from ablauf_lang.values import Keyword
 from tests.builders import Do, L, Par_, Try_, job_of
 
 
@@ -37,18 +38,18 @@ from tests.builders import Do, L, Par_, Try_, job_of
     ],
 )
 def test_values_round_trip(value: object) -> None:
-    encoded = json.loads(json.dumps(serde.encode_value(value)))
-    assert serde.decode_value(encoded) == value
+    encoded = json.loads(json.dumps(values.encode(value)))
+    assert values.decode(encoded) == value
 
 
 def test_keywords_become_plain_strings() -> None:
-    assert serde.encode_value({Keyword("k"): Keyword("v")}) == {"k": "v"}
-    assert type(serde.encode_value(Keyword("v"))) is str
+    assert values.encode({Keyword("k"): Keyword("v")}) == {"k": "v"}
+    assert type(values.encode(Keyword("v"))) is str
 
 
 def test_unstorable_value_is_a_clear_error() -> None:
     with pytest.raises(JobError, match="cannot store a value of type object"):
-        serde.encode_value(object())
+        values.encode(object())
 
 
 def test_job_json_is_flat_and_versioned() -> None:
@@ -105,8 +106,8 @@ PLAIN_VALUES = st.recursive(
 
 @given(PLAIN_VALUES)
 def test_any_value_round_trips_through_stored_json(value: Any) -> None:
-    text = json.dumps(serde.encode_value(value))
-    assert serde.decode_value(json.loads(text)) == value
+    text = json.dumps(values.encode(value))
+    assert values.decode(json.loads(text)) == value
 
 
 @given(PLAIN_VALUES)
@@ -129,15 +130,14 @@ def nested(depth: int, leaf: Any = 1) -> Any:
 
 def test_values_nest_up_to_the_limit_and_no_further() -> None:
     ok = nested(values.MAX_DEPTH)
-    assert serde.decode_value(json.loads(json.dumps(serde.encode_value(ok)))) == ok
+    assert values.decode(json.loads(json.dumps(values.encode(ok)))) == ok
     assert json.loads(values.dumps_json(ok)) == ok
     for deep in (nested(values.MAX_DEPTH + 1), nested(100_000)):
         with pytest.raises(JobError, match=r"nested too deeply \(more than 100 levels"):
-            serde.encode_value(deep)
+            values.encode(deep)
         with pytest.raises(JobError, match="nested too deeply"):
             values.to_plain_json(deep)
-        with pytest.raises(JobError, match="nested too deeply"):
-            values.check(deep)
+        assert "nested too deeply" in str(values.scan(deep)[1])
 
 
 def test_a_value_that_contains_itself_is_named() -> None:
@@ -147,17 +147,17 @@ def test_a_value_that_contains_itself_is_named() -> None:
     ring["a"][0]["b"] = ring
     for value in (loop, ring, {"x": [loop]}):
         with pytest.raises(JobError, match="contains itself"):
-            serde.encode_value(value)
+            values.encode(value)
         with pytest.raises(JobError, match="contains itself"):
             values.dumps_json(value)
     shared = [1, 2]
-    assert serde.encode_value([shared, shared, {"s": shared}]) == [[1, 2], [1, 2], {"s": [1, 2]}]
+    assert values.encode([shared, shared, {"s": shared}]) == [[1, 2], [1, 2], {"s": [1, 2]}]
 
 
 def test_integers_too_large_to_print_are_refused() -> None:
-    assert serde.encode_value(10**4299) == 10**4299
+    assert values.encode(10**4299) == 10**4299
     with pytest.raises(JobError, match="more than 4,300 digits"):
-        serde.encode_value({"n": 10**4300})
+        values.encode({"n": 10**4300})
 
 
 def test_an_action_returning_a_cyclic_value_fails_its_leaf(tmp_path: Any) -> None:

@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 
 from ablauf_lang.codec import job as serde
-from ablauf_lang.engine.job import Job, abort, make_job, restart_job
+from ablauf_lang.engine.job import Job, make_job, restart_job
 from ablauf_lang.engine.nodes import Status, failure, success
+from ablauf_lang.engine.replay import abort
 from ablauf_lang.errors import RunError
-from ablauf_lang.stores.base import JobStore, RunInfo, open_store, statuses
+from ablauf_lang.stores.backend import open_store
+from ablauf_lang.stores.base import JobStore, RunInfo, statuses
 from ablauf_lang.stores.memory import MemoryStore
 from tests.builders import Do, L, Par_, number
 

@@ -21,12 +21,15 @@ from hypothesis import strategies as st
 from pyrsistent import pvector
 
 from ablauf_lang.codec import job as serde
-from ablauf_lang.engine.job import Job, abort, make_job, prepare_replay, restart_job
-from ablauf_lang.engine.nodes import Doseq, If, Node, Pmap, Status, failure, success
+from ablauf_lang.engine.job import Job, make_job, restart_job
+from ablauf_lang.engine.kinds import Doseq, If, Node, Pmap
+from ablauf_lang.engine.nodes import Status, failure, success
+from ablauf_lang.engine.replay import abort, prepare_replay
 from ablauf_lang.errors import RunError, StoreError
 from ablauf_lang.runners.local import LocalRunner
 from ablauf_lang.stores import sql as sqlbase
-from ablauf_lang.stores.base import default_url, open_store
+from ablauf_lang.stores.backend import open_store
+from ablauf_lang.stores.base import default_url
 from ablauf_lang.stores.sqlite import SqliteStore, parse_url
 from tests.builders import Do, L, Par_, Try_, number
 

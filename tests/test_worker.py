@@ -25,6 +25,7 @@ import psycopg
 import pytest
 
 import ablauf_lang
+from ablauf_lang import queue
 from ablauf_lang.engine.job import INTERRUPTED
 from ablauf_lang.engine.nodes import LeafState, Status
 from ablauf_lang.errors import AblaufError, RunError, StoreError
@@ -438,7 +439,9 @@ def test_runs_wait_for_a_worker_that_has_their_action(pg_server: PgServer) -> No
         store = PostgresStore.from_url(url)
         try:
             notes = wait_for(
-                lambda: store.notes(run_id, after=0.3), 30, what="a note on the unserved action"
+                lambda: queue.notes(store, run_id, after=0.3),
+                30,
+                what="a note on the unserved action",
             )
             assert "waiting for a worker that serves test/insert" in notes[0]
             assert store.info(run_id).status is Status.PENDING
@@ -446,7 +449,7 @@ def test_runs_wait_for_a_worker_that_has_their_action(pg_server: PgServer) -> No
             group.start(1, concurrency=1, only="test/insert")
             run = worker.wait(run_id, url, timeout=30)
             assert run.status is Status.SUCCESS
-            assert store.notes(run_id, after=0) == []
+            assert queue.notes(store, run_id, after=0) == []
         finally:
             store.close()
         assert query(url, "SELECT pid FROM hits") == [(group.procs[1].pid,)]
@@ -601,8 +604,8 @@ def test_the_janitor_hands_back_a_run_whose_tasks_vanished(pg_server: PgServer) 
     run_id = worker.submit(source, url)
     store = PostgresStore.from_url(url)
     try:
-        store.claim("test/0", 30, 1)
-        store.run_restart(run_id, worker="test/0", claim=0, lease=30)
+        queue.claim(store, "test/0", 30, 1)
+        queue.run_restart(store, run_id, worker.advance, worker="test/0", claim=0, lease=30)
         query(url, "DELETE FROM ablauf.tasks RETURNING task_id")  # lost, as in the fan-out
     finally:
         store.close()
@@ -662,7 +665,7 @@ def test_wait_and_every_client_path_reconnect_after_a_server_restart(
             assert client.load(run_id).job.restarts == run.job.restarts
             own_server.restart()
             with pytest.raises(RunError) as err:
-                client.requeue(run_id, retry=True)
+                worker.requeue_run(client, run_id, retry=True)
             assert "nothing to retry" in err.value.message
             own_server.restart()
             again = worker.submit("(log!! 1)", url)

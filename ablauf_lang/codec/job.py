@@ -6,67 +6,51 @@
 
 A flat list keeps deep trees clear of the recursion limit. Values are plain JSON; the few
 Python values JSON cannot say exactly (maps with non-string keys, tuples, run-time
-expressions) are tagged `{"$map": ...}`, `{"$tuple": ...}` or by a registered codec.
-`encode_node` encodes one node, so a store can write only the nodes a restart touched.
+expressions) are tagged by the one value codec (`ablauf_lang.values`).
+
+Records are built from what each kind declares (`engine.kinds`: `kind`, `stored`,
+`arity`): this module holds no per-kind code. A record is the node's id, kind, span,
+child ids (a branch) and its stored fields, each encoded by its codec type; `encode_spec`
+and `encode_state` give the two parts a store keeps apart (`codec.delta`), and
+`encode_node` the whole record, so a store can write only the nodes a restart touched.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import replace
+from operator import attrgetter
 from typing import Any
 
 from pyrsistent import pvector
 
 from ablauf_lang import values
-from ablauf_lang.engine import semantics
-from ablauf_lang.engine.job import Job, index_paths
-from ablauf_lang.engine.nodes import (
-    Augment,
-    Doseq,
-    Expansion,
-    If,
-    Leaf,
-    LeafState,
-    Node,
-    Par,
-    Pmap,
-    Seq,
-    Try,
+from ablauf_lang.engine.job import Job, index_paths, install_codec
+from ablauf_lang.engine.kinds import Augment, Kind, Leaf, Node, by_name
+from ablauf_lang.engine.kinds.base import (
+    SPEC,
+    STATE,
+    T_AUGMENT,
+    T_BOOL,
+    T_CHOICE,
+    T_CURSOR,
+    T_EXPR,
+    T_INT,
+    T_RESULT,
+    T_STR,
+    T_TIME,
+    T_TREE,
+    T_VALUE,
+    Stored,
 )
-from ablauf_lang.engine.semantics import ALL
+from ablauf_lang.engine.nodes import ALL, LeafState
 from ablauf_lang.errors import JobError, Span
 
 FORMAT = "ablauf/job"
 VERSION = 1
 
-# ---------------------------------------------------------------- values
-# One iterative codec for every value (ablauf_lang.values); these names are the stores'.
-
-
-def register_value(
-    tag: str, cls: type, encode: Callable[[Any], Any], decode: Callable[[Any], Any]
-) -> None:
-    """Teach the codec a Python type (stored as `{"$<tag>": encode(value)}`)."""
-    values.register(tag, cls, encode, decode)
-
-
-def encode_value(value: Any) -> Any:
-    """Return a JSON-able form of a payload, output, error or context value (iterative).
-
-    JobError for a value that cannot be stored: an object JSON cannot say, a value nested
-    more than `values.MAX_DEPTH` levels or containing itself, a huge integer.
-    """
-    return values.encode(value)
-
-
-def decode_value(data: Any) -> Any:
-    """Invert `encode_value` (iterative)."""
-    return values.decode(data)
-
-
-# ---------------------------------------------------------------- nodes
+# ---------------------------------------------------------------- spans
 
 
 def _span(span: Span | None) -> list[Any] | None:
@@ -86,78 +70,113 @@ def _unspan(data: Any) -> Span | None:
     raise _Damaged(f"field 'span' is not [line, column, file?]: {str(data)[:60]}")
 
 
+# ---------------------------------------------------------------- encoding nodes
+
+
+def _encode_result(result: LeafState | None) -> str | None:
+    return None if result is None else result.value
+
+
+def _encode_augment(augment: Augment | None) -> dict[str, Any] | None:
+    if augment is None:
+        return None
+    return {
+        "source": values.encode(list(augment.source)),
+        "dest": values.encode(list(augment.dest)),
+    }
+
+
+# How each codec type is written (None: as it is, a JSON scalar already).
+_ENCODERS: dict[str, Callable[[Any], Any] | None] = {
+    T_STR: None,
+    T_BOOL: None,
+    T_INT: None,
+    T_CURSOR: None,
+    T_CHOICE: None,
+    T_TIME: None,
+    T_VALUE: values.encode,
+    T_EXPR: values.encode,
+    T_RESULT: _encode_result,
+    T_AUGMENT: _encode_augment,
+    T_TREE: lambda root: encode_tree(root),
+}
+
+# A part of a record: the fields' names, their encoders, and one getter of all the values.
+_Plan = tuple[tuple[tuple[str, Callable[[Any], Any] | None], ...], Callable[[Any], Any]]
+
+
+def _plan(fields: tuple[Stored, ...], part: str | None) -> _Plan:
+    chosen = [f for f in fields if part is None or f.part == part]
+    names = [f.name for f in chosen]
+    if len(names) > 1:
+        return tuple((f.name, _ENCODERS[f.type]) for f in chosen), attrgetter(*names)
+
+    def get(node: Any) -> tuple[Any, ...]:  # attrgetter of one name gives no tuple
+        return tuple(getattr(node, n) for n in names)
+
+    return tuple((f.name, _ENCODERS[f.type]) for f in chosen), get
+
+
+# kind class -> (every stored field, spec fields, state fields), each with its encoder
+_PLANS: dict[type, tuple[_Plan, _Plan, _Plan]] = {}
+
+
+def _plans(node: Node) -> tuple[_Plan, _Plan, _Plan]:
+    plans = _PLANS.get(type(node))
+    if plans is None:
+        cls = type(node)
+        if by_name(getattr(node, "kind", "")) is not cls:
+            raise JobError(f"cannot store a node of kind {getattr(node, 'kind', cls.__name__)}")
+        stored = cls.stored
+        plans = _PLANS[cls] = (_plan(stored, None), _plan(stored, SPEC), _plan(stored, STATE))
+    return plans
+
+
+def _fill(out: dict[str, Any], node: Node, plan: _Plan) -> dict[str, Any]:
+    encoders, get = plan
+    for (name, encode), value in zip(encoders, get(node), strict=True):
+        out[name] = value if encode is None else encode(value)
+    return out
+
+
 def encode_node(node: Node) -> dict[str, Any]:
     """Encode one node (a branch names its children by id)."""
-    if isinstance(node, Leaf):
-        return {
-            "id": node.id,
-            "kind": "leaf",
-            "action": node.action,
-            "payload": encode_value(node.payload),
-            "idempotent": node.idempotent,
-            "augment": None
-            if node.augment is None
-            else {
-                "source": encode_value(list(node.augment.source)),
-                "dest": encode_value(list(node.augment.dest)),
-            },
-            "result": None if node.result is None else str(node.result),
-            "output": encode_value(node.output),
-            "error": encode_value(node.error),
-            "attempt": node.attempt,
-            "dispatched_at": node.dispatched_at,
-            "finished_at": node.finished_at,
-            "started_at": node.started_at,
-            "sent": encode_value(node.sent),
-            "span": _span(node.span),
-        }
-    encoder = _BRANCH_ENCODERS.get(type(node))
-    if encoder is None:
-        raise JobError(f"cannot store a node of kind {node.kind}")
-    record = {
-        "id": node.id,
-        "kind": node.kind,
-        "children": [c.id for c in node.children],
-        "span": _span(node.span),
-    }
-    record.update(encoder(node))
-    return record
+    rec: dict[str, Any] = {"id": node.id, "kind": node.kind}
+    if not isinstance(node, Leaf):
+        rec["children"] = [c.id for c in node.children]
+    rec["span"] = _span(node.span)
+    return _fill(rec, node, _plans(node)[0])
 
 
-def _decode_leaf(rec: dict[str, Any]) -> Leaf:
-    aug = rec.get("augment")
-    if aug is not None:
-        if not isinstance(aug, dict):
-            raise _Damaged("field 'augment' is not an object")
-        source, dest = (
-            decode_value(_field(aug, "source", list)),
-            decode_value(_field(aug, "dest", list)),
-        )
-        augment: Augment | None = Augment(tuple(source), tuple(dest))
-    else:
-        augment = None
-    result = rec.get("result")
-    if result is not None and result not in _LEAF_STATES:
-        raise _Damaged(f"field 'result' is {result!r}, not a leaf state")
-    return Leaf(
-        _id(rec),
-        _field(rec, "action", str),
-        decode_value(rec.get("payload")),
-        bool(_field(rec, "idempotent", bool, False)),
-        augment,
-        None if result is None else LeafState(result),
-        decode_value(rec.get("output")),
-        decode_value(rec.get("error")),
-        _field(rec, "attempt", int, 0),
-        _time(rec, "dispatched_at"),
-        _time(rec, "finished_at"),
-        _unspan(rec.get("span")),
-        _time(rec, "started_at"),
-        decode_value(rec.get("sent")),
-    )
+def encode_spec(node: Node) -> dict[str, Any]:
+    """What a node is (id, kind, span and its SPEC fields): never changed by running it."""
+    rec = {"id": node.id, "kind": node.kind, "span": _span(node.span)}
+    return _fill(rec, node, _plans(node)[1])
 
 
-_LEAF_STATES = frozenset(str(s) for s in LeafState)
+def encode_state(node: Node) -> dict[str, Any]:
+    """What happened to a node (its STATE fields): O(1) however many children it has."""
+    return _fill({}, node, _plans(node)[2])
+
+
+def encode_tree(root: Node) -> list[dict[str, Any]]:
+    """Encode a whole tree as flat records (a template: its ids are local to it)."""
+    out = []
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        out.append(encode_node(node))
+        if not isinstance(node, Leaf):
+            stack.extend(reversed(node.children))
+    return out
+
+
+def encode_todo(todo: dict[int, Collection[int]]) -> dict[str, Any]:
+    """A job's `todo` as JSON: node id -> "all" or the sorted child indices."""
+    return {str(k): "all" if v is ALL else sorted(v) for k, v in todo.items()}
+
+
+# ---------------------------------------------------------------- decoding nodes
 
 
 class _Damaged(Exception):
@@ -211,10 +230,10 @@ def _json_type(value: Any) -> str:
 
 
 def _id(rec: dict[str, Any]) -> int:
-    node_id = _field(rec, "id", int)
+    node_id: int = _field(rec, "id", int)
     if node_id < 0:
         raise _Damaged(f"node id {node_id} is negative")
-    return node_id  # type: ignore[no-any-return]
+    return node_id
 
 
 def _time(rec: dict[str, Any], name: str) -> float | None:
@@ -222,131 +241,127 @@ def _time(rec: dict[str, Any], name: str) -> float | None:
     return None if value is None else float(value) if isinstance(value, int) else value
 
 
-def _children(kids: Any, want: int, kind: str) -> Any:
-    if len(kids) != want:
-        raise _Damaged(f"a {kind} node has {len(kids)} children, not {want}")
-    return kids
+_LEAF_STATES = frozenset(str(s) for s in LeafState)
 
 
-# kind -> (python class, extra fields to store, build from record and children)
-_BRANCH_ENCODERS: dict[type, Callable[[Any], dict[str, Any]]] = {}
-_BRANCH_DECODERS: dict[str, Callable[[dict[str, Any], Any], Node]] = {}
+# How each codec type is read back: decode(record, name, number of children) -> the value,
+# or _MISSING for the field's default; _Damaged when it is not what the codec wrote.
+# (The common case, the JSON type the codec writes, is checked first: a load decodes
+# every node.)
 
 
-def register_branch(
-    kind: str,
-    cls: type,
-    encode: Callable[[Any], dict[str, Any]],
-    decode: Callable[[dict[str, Any], Any], Node],
-) -> None:
-    """Teach the codec a branch kind: `decode(record, children_pvector)` builds the node."""
-    _BRANCH_ENCODERS[cls] = encode
-    _BRANCH_DECODERS[kind] = decode
+def _dec_value(rec: dict[str, Any], name: str, n_kids: int) -> Any:
+    return values.decode(rec.get(name))
 
 
-def _decode_seq(rec: dict[str, Any], kids: Any) -> Seq:
-    node = semantics.summarize(Seq(rec["id"], kids, span=_unspan(rec.get("span"))))
-    cursor = _field(rec, "cursor", int, None)
-    if cursor is not None and not 0 <= cursor <= len(kids):
-        raise _Damaged(f"field 'cursor' is {cursor}, outside 0..{len(kids)}")
-    if cursor is not None and cursor != node.cursor:
-        node = Seq(node.id, kids, node.n_done, node.n_failed, node.inflight, cursor, node.span)
-    return node  # type: ignore[no-any-return]
+def _dec_str(rec: dict[str, Any], name: str, n_kids: int) -> Any:
+    value = rec.get(name)
+    return value if type(value) is str else _field(rec, name, str)
 
 
-register_branch("seq", Seq, lambda n: {"cursor": n.cursor}, _decode_seq)
-register_branch(
-    "par",
-    Par,
-    lambda n: {},
-    lambda r, k: semantics.summarize(Par(r["id"], k, span=_unspan(r.get("span")))),
-)
-register_branch(
-    "try",
-    Try,
-    lambda n: {},
-    lambda r, k: semantics.summarize(
-        Try(r["id"], _children(k, 3, "try"), span=_unspan(r.get("span")))
-    ),
-)
+def _dec_bool(rec: dict[str, Any], name: str, n_kids: int) -> Any:
+    value = rec.get(name)
+    if value is None:
+        return _MISSING
+    return value if type(value) is bool else _field(rec, name, bool)
 
 
-def encode_branch_fields(node: Node) -> dict[str, Any]:
-    """Encode a branch's own fields (a sequence's cursor ...): its record without id, kind,
-    span and children, in O(1) however many children it has (stores diff these)."""
-    encoder = _BRANCH_ENCODERS.get(type(node))
-    if encoder is None:
-        raise JobError(f"cannot store a node of kind {node.kind}")
-    return encoder(node)
+def _dec_int(rec: dict[str, Any], name: str, n_kids: int) -> Any:
+    value = rec.get(name)
+    if value is None:
+        return _MISSING
+    return value if type(value) is int else _field(rec, name, int)
 
 
-def _decode_if(rec: dict[str, Any], kids: Any) -> If:
-    chosen = _field(rec, "chosen", int, None)
-    if chosen is not None and chosen not in (0, 1):
-        raise _Damaged(f"field 'chosen' is {chosen}, not 0 or 1")
-    node = If(
-        rec["id"],
-        decode_value(rec.get("test")),
-        _children(kids, 2, "if"),
-        chosen,
-        decode_value(rec.get("error")),
-        span=_unspan(rec.get("span")),
-    )
-    return semantics.summarize(node)  # type: ignore[no-any-return]
+def _dec_cursor(rec: dict[str, Any], name: str, n_kids: int) -> Any:
+    value = _dec_int(rec, name, n_kids)
+    if value is not _MISSING and not 0 <= value <= n_kids:
+        raise _Damaged(f"field {name!r} is {value}, outside 0..{n_kids}")
+    return value
 
 
-register_branch(
-    "if",
-    If,
-    lambda n: {"test": encode_value(n.test), "chosen": n.chosen, "error": encode_value(n.error)},
-    _decode_if,
-)
+def _dec_time(rec: dict[str, Any], name: str, n_kids: int) -> Any:
+    value = rec.get(name)
+    if value is None or type(value) is float:
+        return value
+    return float(value) if type(value) is int else _field(rec, name, (int, float))
 
 
-def encode_tree(root: Node) -> list[dict[str, Any]]:
-    """Encode a whole tree as flat records (a template: its ids are local to it)."""
-    out = []
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        out.append(encode_node(node))
-        if not isinstance(node, Leaf):
-            stack.extend(reversed(node.children))
-    return out
+def _dec_choice(rec: dict[str, Any], name: str, n_kids: int) -> Any:
+    value = _field(rec, name, int, None)
+    if value is not None and value not in (0, 1):
+        raise _Damaged(f"field {name!r} is {value}, not 0 or 1")
+    return value
 
 
-def _encode_expansion(node: Expansion) -> dict[str, Any]:
-    return {
-        "var": node.var,
-        "coll": encode_value(node.coll),
-        "template": encode_tree(node.template),
-        "expanded": node.expanded,
-        "error": encode_value(node.error),
-        "cursor": node.cursor,
-    }
+def _dec_result(rec: dict[str, Any], name: str, n_kids: int) -> Any:
+    value = rec.get(name)
+    if value is None:
+        return None
+    if value not in _LEAF_STATES:
+        raise _Damaged(f"field {name!r} is {value!r}, not a leaf state")
+    return LeafState(value)
 
 
-def _decoder(cls: type[Expansion]) -> Callable[[dict[str, Any], Any], Node]:
-    def decode(rec: dict[str, Any], kids: Any) -> Node:
-        node = cls(
-            rec["id"],
-            _field(rec, "var", str),
-            decode_value(rec.get("coll")),
-            decode_nodes(_field(rec, "template", list)),
-            kids,
-            bool(_field(rec, "expanded", bool, False)),
-            decode_value(rec.get("error")),
-            cursor=_field(rec, "cursor", int, 0),
-            span=_unspan(rec.get("span")),
-        )
-        done: Doseq | Pmap = semantics.summarize(node)
-        return replace(done, cursor=node.cursor) if done.cursor != node.cursor else done
-
-    return decode
+def _dec_augment(rec: dict[str, Any], name: str, n_kids: int) -> Any:
+    aug = rec.get(name)
+    if aug is None:
+        return None
+    if not isinstance(aug, dict):
+        raise _Damaged(f"field {name!r} is not an object")
+    source = values.decode(_field(aug, "source", list))
+    dest = values.decode(_field(aug, "dest", list))
+    return Augment(tuple(source), tuple(dest))
 
 
-register_branch("doseq", Doseq, _encode_expansion, _decoder(Doseq))
-register_branch("pmap", Pmap, _encode_expansion, _decoder(Pmap))
+def _dec_tree(rec: dict[str, Any], name: str, n_kids: int) -> Any:
+    return decode_nodes(_field(rec, name, list))
+
+
+_Decode = Callable[[dict[str, Any], str, int], Any]
+_DECODERS: dict[str, _Decode] = {
+    T_STR: _dec_str,
+    T_BOOL: _dec_bool,
+    T_INT: _dec_int,
+    T_CURSOR: _dec_cursor,
+    T_CHOICE: _dec_choice,
+    T_TIME: _dec_time,
+    T_VALUE: _dec_value,
+    T_EXPR: _dec_value,
+    T_RESULT: _dec_result,
+    T_AUGMENT: _dec_augment,
+    T_TREE: _dec_tree,
+}
+_READ: dict[type, tuple[tuple[str, _Decode], ...]] = {}
+
+
+def _reader(cls: type[Kind]) -> tuple[tuple[str, _Decode], ...]:
+    read = _READ.get(cls)
+    if read is None:
+        read = _READ[cls] = tuple((f.name, _DECODERS[f.type]) for f in cls.stored)
+    return read
+
+
+def _decode_kind(cls: type[Kind], rec: dict[str, Any], kids: Any) -> Node:
+    """Build a node of kind `cls` from its record and its decoded children."""
+    if cls.arity is not None and len(kids) != cls.arity:
+        raise _Damaged(f"a {cls.kind} node has {len(kids)} children, not {cls.arity}")
+    n_kids = 0 if kids is None else len(kids)
+    kw: dict[str, Any] = {}
+    for name, decode in _reader(cls):
+        value = decode(rec, name, n_kids)
+        if value is not _MISSING:
+            kw[name] = value
+    span = _unspan(rec.get("span"))
+    make: Callable[..., Any] = cls  # a dataclass: its fields are the keywords
+    if kids is None:
+        leaf: Node = make(id=rec["id"], span=span, **kw)
+        return leaf
+    node = make(id=rec["id"], children=kids, span=span, **kw)
+    summed: Node = node.summarize()  # summaries are never stored: computed from the children
+    # ... keeping the stored state (summarize may pull a cursor back).
+    kept = {k: v for k, v in kw.items() if getattr(summed, k) != v}
+    return replace(summed, **kept) if kept else summed
 
 
 def decode_nodes(records: Any) -> Node:
@@ -396,11 +411,11 @@ def _decode_record(rec: dict[str, Any], node_id: int, built: dict[int, Node]) ->
     kind = rec.get("kind", _MISSING)
     if kind is _MISSING:
         raise _Damaged("missing field 'kind'")
-    if kind == "leaf":
-        return _decode_leaf(rec)
-    decode = _BRANCH_DECODERS.get(kind) if isinstance(kind, str) else None
-    if decode is None:
+    cls = by_name(kind) if isinstance(kind, str) else None
+    if cls is None:
         raise _Damaged(f"unknown node kind {kind!r}")
+    if cls is Leaf:
+        return _decode_kind(cls, rec, None)
     child_ids = _field(rec, "children", list)
     kids = []
     for c in child_ids:
@@ -411,7 +426,7 @@ def _decode_record(rec: dict[str, Any], node_id: int, built: dict[int, Node]) ->
             why = "" if c > node_id else " (children have larger ids than their parent)"
             raise _Damaged(f"names a missing child {c}{why}")
         kids.append(child)
-    return decode(rec, pvector(kids))
+    return _decode_kind(cls, rec, pvector(kids))
 
 
 # ---------------------------------------------------------------- jobs
@@ -422,10 +437,10 @@ def to_data(job: Job) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "version": VERSION,
-        "context": encode_value(job.context),
+        "context": values.encode(job.context),
         "restarts": job.restarts,
         "aborted": job.aborted,
-        "todo": {str(k): "all" if v is ALL else sorted(v) for k, v in job.todo.items()},
+        "todo": encode_todo(job.todo),
         "touched": sorted(job.touched),
         "nodes": [encode_node(n) for n in job.nodes()],
     }
@@ -445,8 +460,8 @@ def from_data(data: Any) -> Job:
         )
     try:
         root = decode_nodes(data.get("nodes"))
-        todo = _todo(_field(data, "todo", dict, {}))
-        context = decode_value(_field(data, "context", dict, {}))
+        todo = decode_todo(_field(data, "todo", dict, {}))
+        context = values.decode(_field(data, "context", dict, {}))
         if not isinstance(context, dict):
             raise _Damaged("field 'context' is not a map")
         touched = _field(data, "touched", list, [])
@@ -459,7 +474,8 @@ def from_data(data: Any) -> Job:
     return Job(root, context, index_paths(root), todo, restarts, frozenset(touched), aborted)
 
 
-def _todo(data: dict[str, Any]) -> dict[int, Any]:
+def decode_todo(data: dict[str, Any]) -> dict[int, Any]:
+    """Invert `encode_todo`; _Damaged when it is not what it wrote."""
     todo: dict[int, Any] = {}
     for key, value in data.items():
         try:
@@ -500,3 +516,18 @@ def loads(text: str | bytes) -> Job:
     except ValueError as exc:  # e.g. an integer too long to convert
         raise JobError(f"job snapshot is not valid JSON: {exc}") from None
     return from_data(data)
+
+
+class _JsonCodec:
+    """`Job.to_json`/`Job.from_json` (installed into the engine, which cannot import us)."""
+
+    def dumps(self, job: Job) -> str:
+        return dumps(job)
+
+    def loads(self, text: str | bytes) -> Job:
+        return loads(text)
+
+
+def install() -> None:
+    """Make `Job.to_json`/`Job.from_json` use this format (`ablauf_lang` does, on import)."""
+    install_codec(_JsonCodec())

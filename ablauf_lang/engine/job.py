@@ -15,35 +15,24 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from pyrsistent import PVector, pvector
 
-from ablauf_lang.engine import semantics, zipper
-from ablauf_lang.engine.nodes import (
-    Deferred,
-    Dispatch,
-    Expansion,
-    If,
-    Leaf,
-    LeafState,
-    Node,
-    Result,
-    Status,
-    Try,
-    assoc_in,
-    is_branch,
-    renumber,
-)
-from ablauf_lang.engine.semantics import ALL, NOTHING
+from ablauf_lang.code import Expr
+from ablauf_lang.engine import zipper
+from ablauf_lang.engine.kinds import Leaf, Node, is_branch, renumber
+from ablauf_lang.engine.kinds.base import T_EXPR, T_TREE
+from ablauf_lang.engine.nodes import ALL, NOTHING, Dispatch, LeafState, Result, Status
 from ablauf_lang.errors import AblaufError, InvariantError, JobError
+from ablauf_lang.values import assoc_in
 
 LAST_ERROR = "exec/last-error"
 INTERRUPTED = "interrupted: "  # error prefix of a non-idempotent action whose outcome is unknown
 ROOT = -1  # the root's virtual parent, in `todo`
 REDO = -2  # in `todo`: ids of leaves in flight that the next restart dispatches again
 
-OPS = zipper.Ops(is_branch, lambda n: n.children, semantics.replace_child)
+OPS = zipper.Ops(is_branch, lambda n: n.children, lambda n, i, c: n.replace_child(i, c))
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -99,12 +88,7 @@ class Job:
 
     def nodes(self) -> Iterator[Node]:
         """Yield every node in pre-order."""
-        stack: list[Node] = [self.root]
-        while stack:
-            node = stack.pop()
-            yield node
-            if is_branch(node):
-                stack.extend(reversed(node.children))
+        return preorder(self.root)
 
     def leaves(self) -> Iterator[Leaf]:
         """Yield every leaf in pre-order."""
@@ -133,17 +117,13 @@ class Job:
     # ------------------------------------------------------------ json
 
     def to_json(self) -> str:
-        """Serialise to versioned JSON (see `serde`)."""
-        from ablauf_lang.codec import job as serde
-
-        return serde.dumps(self)
+        """Serialise to versioned JSON (the format is `codec.job`'s)."""
+        return _codec().dumps(self)
 
     @staticmethod
-    def from_json(text: str) -> Job:
+    def from_json(text: str | bytes) -> Job:
         """Load a job written by `to_json`."""
-        from ablauf_lang.codec import job as serde
-
-        return serde.loads(text)
+        return _codec().loads(text)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Job):
@@ -242,9 +222,9 @@ def rebuild(root: Node, leaf_fn: Any, branch_fn: Any = None) -> Node:
         new_kids = out[frame[2] :]
         del out[frame[2] :]
         if any(a is not b for a, b in zip(new_kids, kids, strict=True)):
-            node = semantics.summarize(replace(node, children=pvector(new_kids)))
+            node = replace(node, children=pvector(new_kids)).summarize()
         else:
-            node = semantics.summarize(node) if branch_fn is None else node
+            node = node.summarize() if branch_fn is None else node
         if branch_fn is not None:
             node = branch_fn(node)
         out.append(node)
@@ -259,33 +239,56 @@ def copy_numbered(root: Node, first_id: int, fn: Any) -> tuple[Node, list[tuple[
 
     def each(node: Node) -> Node:
         new: Node = fn(node)
-        return semantics.summarize(new) if is_branch(new) else new
+        return new.summarize() if is_branch(new) else new
 
     return renumber(root, first_id, each)
 
 
 def bind_node(node: Any, bindings: dict[str, Any]) -> Any:
     """Bind run-time locals in a node's own expressions (and in a nested template)."""
-    if isinstance(node, Leaf):
-        if isinstance(node.payload, Deferred):
-            return replace(node, payload=node.payload.bind(bindings))
-        return node
-    if isinstance(node, If):
-        if isinstance(node.test, Deferred):
-            return replace(node, test=node.test.bind(bindings))
-        return node
-    if isinstance(node, Expansion):
-        coll = node.coll.bind(bindings) if isinstance(node.coll, Deferred) else node.coll
-        template = rebuild(
-            node.template, lambda leaf: bind_node(leaf, bindings), lambda n: bind_node(n, bindings)
+    expr_fields, tree_fields = _bindable(type(node))
+    changes: dict[str, Any] = {}
+    for name in expr_fields:
+        value = getattr(node, name)
+        if isinstance(value, Expr):
+            changes[name] = value.bind(bindings)
+    for name in tree_fields:
+        changes[name] = rebuild(
+            getattr(node, name),
+            lambda leaf: bind_node(leaf, bindings),
+            lambda n: bind_node(n, bindings),
         )
-        return replace(node, coll=coll, template=template)
-    return node
+    return replace(node, **changes) if changes else node
+
+
+_BINDABLE: dict[type, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+
+
+def _bindable(cls: type) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(expression fields, template fields) a kind declares."""
+    found = _BINDABLE.get(cls)
+    if found is None:
+        stored = getattr(cls, "stored", ())
+        found = _BINDABLE[cls] = (
+            tuple(f.name for f in stored if f.type == T_EXPR),
+            tuple(f.name for f in stored if f.type == T_TREE),
+        )
+    return found
 
 
 def error_text(exc: AblaufError) -> str:
     """An error for a leaf or node: the expression's position, then the message."""
     return f"{exc.location}: {exc.message}" if exc.line is not None else exc.message
+
+
+def preorder(root: Node) -> Iterator[Node]:
+    """Yield every node of a tree in pre-order (a job's, or a compiled program's)."""
+    stack: list[Node] = [root]
+    while stack:
+        node = stack.pop()
+        yield node
+        if is_branch(node):
+            stack.extend(reversed(node.children))
 
 
 def make_job(ast: Node, context: dict[str, Any] | None = None) -> Job:
@@ -297,7 +300,7 @@ def make_job(ast: Node, context: dict[str, Any] | None = None) -> Job:
 # ---------------------------------------------------------------- restart
 
 
-class _Restart:
+class Step:
     """The working state of one restart; local to `restart_job`, so the reducer stays pure."""
 
     def __init__(self, job: Job, now: float | None) -> None:
@@ -384,13 +387,13 @@ class _Restart:
     def hand_back(self, leaf: Leaf) -> None:
         """Make a leaf in flight unset again, for the next restart to dispatch it anew."""
         loc, _, _ = self.locate(leaf.id)
-        self.root = zipper.root(zipper.replace(loc, _reset(leaf)))
+        self.root = zipper.root(zipper.replace(loc, leaf.reset()))
         self.touched.add(leaf.id)
         self.redo.add(leaf.id)
 
     def evaluate(self, value: Any) -> tuple[bool, Any]:
         """Evaluate a run-time expression against the context: (True, value) or (False, error)."""
-        if not isinstance(value, Deferred):
+        if not isinstance(value, Expr):
             return True, value
         try:
             return True, value.evaluate(self.context)
@@ -413,7 +416,7 @@ class _Restart:
         def mark(leaf: Leaf) -> Leaf:
             if leaf.result is None:
                 touched.add(leaf.id)
-                return semantics.skip_leaf(leaf)
+                return leaf.skipped()
             return leaf
 
         return rebuild(node, mark)
@@ -456,7 +459,7 @@ class _Restart:
                 leaf.span,
             )
         # A payload computed at run time is kept as the value sent, beside its expression.
-        sent = payload if isinstance(leaf.payload, Deferred) else None
+        sent = payload if isinstance(leaf.payload, Expr) else None
         self.dispatches.append(
             Dispatch(leaf.id, leaf.action, payload, leaf.idempotent, attempt, self.context)
         )
@@ -487,12 +490,12 @@ class _Restart:
             return loc, None
         dirty = ALL if fresh else self.dirty.get(node.id, NOTHING)
         if fresh:
-            entered = semantics.enter(node, self)
+            entered = node.enter(self)
             if entered is not node:
                 loc = zipper.replace(loc, entered)
                 node = entered
         fresh_kids = dirty is ALL
-        todo = [(i, fresh_kids, False) for i in semantics.plan(node, dirty)]
+        todo = [(i, fresh_kids, False) for i in node.plan(dirty)]
         todo.reverse()
         return loc, todo
 
@@ -501,7 +504,7 @@ class _Restart:
         assert loc.path is not None
         index = loc.path.pos
         loc = zipper.up(loc)  # type: ignore[assignment]
-        node, nexts = semantics.follow(loc.node, index)
+        node, nexts = loc.node.follow(index)
         if node is not loc.node:
             loc = zipper.replace(loc, node)
             self.touched.add(node.id)  # its own fields changed (a cursor moved): stores write it
@@ -548,7 +551,7 @@ def restart_job(
     job: Job, results: Iterable[Result] = (), now: float | None = None
 ) -> tuple[Job, list[Dispatch]]:
     """Apply `results`, then return the updated job and the actions to perform next."""
-    rs = _Restart(job, now)
+    rs = Step(job, now)
     for result in results:
         rs.apply(result)
     rs.advance()
@@ -583,171 +586,6 @@ def check_result(result: Any, n_nodes: int) -> None:
         raise JobError(f"result for node {node_id} has a bad attempt {attempt!r:.40}")
 
 
-# ---------------------------------------------------------------- rewrites
-
-
-def _rewrite(job: Job, leaf_fn: Any) -> tuple[Node, set[int]]:
-    touched: set[int] = set()
-
-    def fn(leaf: Leaf) -> Leaf:
-        new = leaf_fn(leaf)
-        if new is not leaf:
-            touched.add(leaf.id)
-        return new  # type: ignore[no-any-return]
-
-    return rebuild(job.root, fn), touched
-
-
-def abort(job: Job, reason: Any = "aborted") -> Job:
-    """Fail every pending leaf with `reason` and stop the run: nothing new will start."""
-
-    def fail(leaf: Leaf) -> Leaf:
-        if leaf.result is LeafState.PENDING:
-            return replace(leaf, result=LeafState.FAILURE, error=reason)
-        return leaf
-
-    root, touched = _rewrite(job, fail)
-    context = assoc_in(job.context, (LAST_ERROR,), reason) if touched else job.context
-    return replace(job, root=root, context=context, touched=frozenset(touched), aborted=str(reason))
-
-
-def is_interrupted(leaf: Leaf) -> bool:
-    """A non-idempotent leaf that failed because its outcome is unknown (crash, lost lease)."""
-    return (
-        leaf.result is LeafState.FAILURE
-        and isinstance(leaf.error, str)
-        and leaf.error.startswith(INTERRUPTED)
-    )
-
-
-def inflight_leaves(root: Node) -> list[Leaf]:
-    """The leaves in flight, in pre-order; descends only where something is in flight."""
-    out: list[Leaf] = []
-    stack: list[Node] = [root]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, Leaf):
-            if node.result is LeafState.PENDING:
-                out.append(node)
-        elif node.inflight:
-            stack.extend(reversed(node.children))
-    return out
-
-
-def failure_causes(root: Node) -> list[Node]:
-    """The nodes whose failure made the run fail: what a retry runs again.
-
-    Descends from the root through failed nodes only. A failure a rescue handled (the
-    body of a try whose rescue ran) is not a cause, and neither is an attempt that a
-    later one superseded (it sits in a handled body); when a rescue itself failed, its
-    failure is the cause, not the body's. Returns failed leaves, and `if!!`/`doseq!!`/
-    `pmap!!` nodes whose test or collection could not be evaluated.
-
-    | node     | causes                                                     |
-    |----------|------------------------------------------------------------|
-    | leaf     | itself                                                     |
-    | do!!     | its failed child's causes                                  |
-    | dopar!!  | the causes of every failed child                           |
-    | try!!    | finally's if it failed; the rescue's if it failed; the     |
-    |          | body's if it failed with an empty rescue                   |
-    | if!!     | itself if its test failed, else its branch's               |
-    | doseq!!  | itself if its collection failed, else its failed children's |
-    """
-    out: list[Node] = []
-    # A try reports failure only once done: inside a run still going, a failed body whose
-    # rescue has not run yet is not (yet) a cause.
-    stack: list[Node] = [root] if root.failed else []
-    while stack:
-        node = stack.pop()
-        if isinstance(node, Leaf):
-            out.append(node)
-            continue
-        if isinstance(node, If | Expansion) and node.error is not None:
-            out.append(node)
-            continue
-        if isinstance(node, Try):
-            body, rescue, final = node.children
-            kids = [final] if final.failed else []
-            if body.failed:
-                kids.append(rescue if len(rescue.children) else body)
-        else:
-            kids = list(node.children)
-        stack.extend(reversed([k for k in kids if k.failed]))
-    return out
-
-
-def can_resume(job: Job) -> bool:
-    """True when the run is unfinished: resuming it performs or starts something."""
-    return not job.done
-
-
-def can_retry(job: Job) -> bool:
-    """True when a retry would run something again: failures, an abort, work in flight."""
-    if job.status is Status.SUCCESS:
-        return False
-    return job.aborted is not None or job.inflight > 0 or bool(failure_causes(job.root))
-
-
-def _frozen_todo(todo: dict[int, Any]) -> dict[int, Collection[int]]:
-    return {k: (v if v is ALL else frozenset(v)) for k, v in todo.items() if v}
-
-
-def prepare_replay(job: Job, *, retry_interrupted: bool = False) -> Job:
-    """Make a job ready to go on after a crash (resume) or to be retried (a person asked).
-
-    Resume touches only the leaves in flight: an idempotent one is dispatched again by
-    the next restart (a new attempt); a non-idempotent one fails `interrupted: ...` (its
-    outcome is unknown) and the run goes on by the normal semantics, so a rescue may
-    handle it. Recorded successes, failures and skips never change.
-
-    Retry (`retry_interrupted=True`) dispatches every leaf in flight again, whatever its
-    idempotency, runs again what made the run fail (`failure_causes`: unhandled failures,
-    interrupted leaves, leaves whose action was unknown), lets the branches they stopped
-    go on, clears an abort and drops the stale `exec/last-error`.
-    """
-    rs = _Restart(job, None)
-    inflight = inflight_leaves(job.root)
-    if retry_interrupted:
-        for leaf in inflight:
-            rs.hand_back(leaf)
-        for node in failure_causes(job.root):
-            loc, ids, path = rs.locate(node.id)
-            rs.root = zipper.root(zipper.replace(loc, _reset(node)))
-            rs.touched.add(node.id)
-            rs.mark_dirty(ids, path)
-        rs.dirty[ROOT] = ALL  # walk the whole tree once: stopped branches go on
-        context = {k: v for k, v in rs.context.items() if k != LAST_ERROR}
-        aborted = None
-    else:
-        for leaf in inflight:
-            if leaf.idempotent:
-                rs.hand_back(leaf)
-            else:
-                error = INTERRUPTED + f"{leaf.action} was in flight and is not idempotent"
-                rs.apply(Result(leaf.id, leaf.attempt, LeafState.FAILURE, error=error))
-        context = rs.context
-        aborted = job.aborted
-    todo = dict(rs.dirty)
-    if rs.redo:
-        todo[REDO] = rs.redo
-    return Job(
-        rs.root, context, rs.paths, _frozen_todo(todo), job.restarts, frozenset(rs.touched), aborted
-    )
-
-
-def _reset(node: Node) -> Node:
-    """A failed node as it was before it ran: a leaf unset, a test or collection unevaluated."""
-    if isinstance(node, Leaf):
-        return replace(
-            node, result=None, output=None, error=None, finished_at=None, started_at=None
-        )
-    if isinstance(node, If):
-        return semantics.summarize(replace(node, error=None, chosen=None))  # type: ignore[no-any-return]
-    if isinstance(node, Expansion):
-        return semantics.summarize(replace(node, error=None))  # type: ignore[no-any-return]
-    raise JobError(f"cannot reset a {node.kind} node")
-
-
 # ---------------------------------------------------------------- equality
 
 
@@ -768,26 +606,52 @@ def _same_value(a: Any, b: Any) -> bool:
         return False
 
 
-# Compared through the children (or not at all): counters cached from the children.
-_DERIVED = frozenset({"children", "span", "n_done", "n_failed", "inflight"})
-
-
 def _same_tree(a: Node, b: Node) -> bool:
-    """Compare two trees node by node, without recursion (deep trees, any values)."""
-    stack = [(a, b)]
+    """Compare two trees node by node, without recursion (deep trees, any values).
+
+    Compares what each kind stores (`stored`) and the id; the child list through the
+    children, and the summaries (cached from the children) not at all.
+    """
+    stack: list[tuple[Any, Any]] = [(a, b)]
     while stack:
         x, y = stack.pop()
         if x is y:
             continue
-        if type(x) is not type(y) or len(x.children) != len(y.children):
+        if type(x) is not type(y) or x.id != y.id or len(x.children) != len(y.children):
             return False
-        for name in x.__dataclass_fields__:
-            if name in _DERIVED:
-                continue
-            a, b = getattr(x, name), getattr(y, name)
-            if name == "template":  # a doseq!!/pmap!! body: a tree of its own
-                stack.append((a, b))
-            elif not _same_value(a, b):
+        for f in x.stored:
+            u, v = getattr(x, f.name), getattr(y, f.name)
+            if f.type == T_TREE:  # a doseq!!/pmap!! body: a tree of its own
+                stack.append((u, v))
+            elif not _same_value(u, v):
                 return False
         stack.extend(zip(x.children, y.children, strict=True))
     return True
+
+
+# ---------------------------------------------------------------- the stored format
+# The codec sits above the engine (it knows every kind); it installs itself here when
+# imported (`ablauf_lang` always imports it), so `Job.to_json`/`Job.from_json` work
+# without the engine importing the codec.
+
+
+class JobCodec(Protocol):
+    """What `Job.to_json` and `Job.from_json` call."""
+
+    def dumps(self, job: Job) -> str: ...
+
+    def loads(self, text: str | bytes) -> Job: ...
+
+
+_CODEC: list[JobCodec] = []
+
+
+def install_codec(codec: JobCodec) -> None:
+    """Make `codec` the one `Job.to_json`/`Job.from_json` use (called by `codec.job`)."""
+    _CODEC[:] = [codec]
+
+
+def _codec() -> JobCodec:
+    if not _CODEC:
+        raise JobError("no job codec installed: import ablauf_lang.codec.job first")
+    return _CODEC[0]

@@ -20,16 +20,14 @@ A program is a sequence of top-level forms: declarations (`def`, `defn`, `import
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
-from importlib import resources
 from typing import Any, NamedTuple
 
 from pyrsistent import pvector
 
-from ablauf_lang.engine.nodes import (
+from ablauf_lang.code import Code, Expr, Var
+from ablauf_lang.engine.kinds import (
     Augment,
     Doseq,
     If,
@@ -42,35 +40,31 @@ from ablauf_lang.engine.nodes import (
     renumber,
 )
 from ablauf_lang.errors import AblaufCompileError, Span
-from ablauf_lang.lang.expr import (
+from ablauf_lang.lang.evaluator import (
     SPECIAL_FORMS,
-    Code,
     Env,
     Evaluator,
-    Expr,
-    Var,
     describe,
-    did_you_mean,
     is_workflow,
 )
-from ablauf_lang.lang.forms import Form, Keyword, List, Map, Symbol, Vector, span_of
+from ablauf_lang.lang.forms import Form, List, Map, Symbol, Vector, span_of
+from ablauf_lang.lang.loader import ImportRefused, Loader
 from ablauf_lang.lang.printer import print_form
-from ablauf_lang.lang.reader import decode_source, gc_paused, read, strip_bom
+from ablauf_lang.lang.reader import gc_paused, read, strip_bom
+from ablauf_lang.names import did_you_mean
 from ablauf_lang.stdlib.builtins import BUILTINS
+from ablauf_lang.values import Keyword
 
 __all__ = [
     "RULES",
     "TOP_LEVEL_RULES",
     "Child",
     "Compiler",
-    "Env",
-    "Loader",
     "Plan",
     "compile_forms",
     "compile_source",
     "head_name",
     "rule",
-    "stdlib_modules",
     "top_level_rule",
 ]
 
@@ -81,12 +75,6 @@ LEAF_OPTIONS: tuple[str, ...] = ("idempotent?",)
 
 # ---------------------------------------------------------------------------------------
 # Plans: a node before it has an id
-
-
-@lru_cache(maxsize=64)
-def _read_module(text: str, filename: str) -> tuple[Any, ...]:
-    """An imported module's forms, read once per text (forms are immutable values)."""
-    return read(text, filename)
 
 
 class Child(NamedTuple):
@@ -152,51 +140,6 @@ def top_level_rule(*names: str) -> Callable[[TopLevelRule], TopLevelRule]:
 
 
 # ---------------------------------------------------------------------------------------
-# Imports: modules loaded once per compile, cycles reported
-
-
-STD_PREFIX = "std/"
-
-# Whether `(import "file.abl")` may read files, when a compile does not say
-# (`compile_source(..., file_imports=False)`): embedders may turn it off here for all.
-# `std/` modules are always available.
-FILE_IMPORTS = True
-
-# The largest module file an import reads.
-MAX_MODULE_BYTES = 16 * 1024 * 1024
-
-
-@dataclass
-class Loader:
-    """What one compile shares across the files it reads: sources, modules, the import chain.
-
-    `root`: the directory tree file imports may read (the program's own directory, or the
-    current directory for a program without a file), set by the first compiler.
-    `file_imports`: False allows `std/` imports only.
-    """
-
-    sources: dict[str, str] = field(default_factory=dict)  # filename -> text (for carets)
-    modules: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> its definitions
-    loading: list[tuple[str, str]] = field(default_factory=list)  # (key, shown name) chain
-    root: str | None = None
-    file_imports: bool | None = None  # None: FILE_IMPORTS
-
-
-def stdlib_modules() -> list[str]:
-    """The standard library's modules, as imported: `std/retry`, ..."""
-    root = resources.files("ablauf_lang.stdlib")
-    return sorted(
-        STD_PREFIX + entry.name[: -len(".abl")]
-        for entry in root.iterdir()
-        if entry.name.endswith(".abl")
-    )
-
-
-def _is_real_file(filename: str | None) -> bool:
-    return bool(filename) and not str(filename).startswith("<")
-
-
-# ---------------------------------------------------------------------------------------
 # The compiler
 
 
@@ -217,15 +160,7 @@ class Compiler:
 
     def __post_init__(self) -> None:
         self.evaluator = Evaluator(self)
-        if self.filename is not None and self.source is not None:
-            self.loader.sources[self.filename] = self.source
-        if not self.loader.loading and _is_real_file(self.filename):
-            # The program's own file heads the import chain, so importing it back is a cycle.
-            assert self.filename is not None
-            self.loader.loading.append((os.path.realpath(self.filename), self.filename))
-        if self.loader.root is None:
-            here = self.filename if _is_real_file(self.filename) else None
-            self.loader.root = os.path.realpath(os.path.dirname(here) if here else os.curdir)
+        self.loader.start(self.source, self.filename)
 
     # -- errors --
 
@@ -246,19 +181,7 @@ class Compiler:
 
     def arity(self, form: List, low: int, high: int | None, usage: str) -> None:
         """Require `low` to `high` arguments after the head (None: no upper bound)."""
-        got = len(form.items) - 1
-        if got < low or (high is not None and got > high):
-            if high == low:
-                wanted = f"{low}"
-            elif high is None:
-                wanted = f"at least {low}"
-            else:
-                wanted = f"{low} to {high}"
-            plural = "" if wanted in ("1", "at least 1") else "s"
-            raise self.error(
-                f"{head_name(form)} takes {wanted} argument{plural}, got {got}: usage {usage}",
-                form.span,
-            )
+        self.evaluator.arity(form, low, high, usage)
 
     # -- the evaluator's host --
 
@@ -288,7 +211,7 @@ class Compiler:
         """Evaluate an expression at compile time (run-time parts are left as `Code`)."""
         return self.evaluator.evaluate(form, env, span)
 
-    def runtime(self, form: List, index: int, env: Env, what: str) -> Any:
+    def runtime(self, form: List | Vector, index: int, env: Env, what: str) -> Any:
         """Evaluate item `index` of `form` into data, or an `Expr` evaluated at run time."""
         return self.evaluator.data(form.items[index], env, form.span_of(index), what)
 
@@ -448,91 +371,29 @@ class Compiler:
 
     def load(self, path: str, span: Span | None) -> dict[str, Any]:
         """The definitions of the module `path` names (read and compiled once per compile)."""
-        key, shown, read_text = self.locate(path, span)
         loader = self.loader
-        if key in loader.modules:
-            return loader.modules[key]
-        keys = [k for k, _ in loader.loading]
-        if key in keys:
-            chain = [name for _, name in loader.loading[keys.index(key) :]]
-            raise self.error(f"import cycle: {' -> '.join([*chain, shown])}", span)
-        text = read_text()
-        loader.sources[shown] = text
-        loader.loading.append((key, shown))
         try:
-            sub = Compiler(text, shown, Env(), loader)
-            sub.module(_read_module(text, shown))
+            module = loader.find(path, self.filename)
+        except ImportRefused as exc:
+            raise self.error(exc.message, span) from None
+        if module.key in loader.modules:
+            return loader.modules[module.key]
+        chain = loader.cycle(module)
+        if chain is not None:
+            raise self.error(f"import cycle: {chain}", span)
+        try:
+            text, forms = loader.read(module)
+        except ImportRefused as exc:
+            raise self.error(exc.message, span) from None
+        loader.loading.append((module.key, module.shown))
+        try:
+            sub = Compiler(text, module.shown, Env(), loader)
+            sub.module(forms)
         finally:
             loader.loading.pop()
         exports = {name: sub.env[name] for name in sub.defined}
-        loader.modules[key] = exports
+        loader.modules[module.key] = exports
         return exports
-
-    def locate(self, path: str, span: Span | None) -> tuple[str, str, Callable[[], str]]:
-        """(key, name to show, reader) of an import path: `std/name` or a file."""
-        if path.startswith(STD_PREFIX):
-            name = path[len(STD_PREFIX) :].removesuffix(".abl")
-            entry = resources.files("ablauf_lang.stdlib").joinpath(name + ".abl")
-            if not name or "/" in name or not entry.is_file():
-                known = ", ".join(stdlib_modules())
-                raise self.error(
-                    f'cannot import "{path}": the standard library has no module {name!r} '
-                    f"(it has {known})",
-                    span,
-                )
-            return "std:" + name, f"{STD_PREFIX}{name}.abl", lambda: entry.read_text("utf-8")
-        allowed = self.loader.file_imports
-        if not (FILE_IMPORTS if allowed is None else allowed):
-            raise self.error(
-                f'cannot import "{path}": importing files is turned off here '
-                f"(only the standard library can be imported: {', '.join(stdlib_modules())})",
-                span,
-            )
-        here = self.filename if _is_real_file(self.filename) else None
-        base = os.path.dirname(here) if here else ""
-        shown = os.path.normpath(os.path.join(base, path))
-        if not os.path.splitext(shown)[1] and not os.path.isfile(shown):
-            shown += ".abl"
-        full = os.path.realpath(shown)
-        root = self.loader.root or os.path.realpath(os.curdir)
-        where = f"relative to {base}" if base else "in the current directory"
-
-        def refuse(why: str) -> AblaufCompileError:
-            return self.error(f'cannot import "{path}": {why}', span)
-
-        # Only .abl files inside the program's directory tree (links followed) are read:
-        # a program cannot make the compiler read, or show, any other file.
-        if not shown.endswith(".abl") or not full.endswith(".abl"):
-            raise refuse("only .abl files can be imported")
-        if os.path.commonpath([root, full]) != root:
-            raise refuse(
-                f"it is outside {_display_dir(root)}, the directory tree a program may "
-                "import from (its own directory, or the current one)"
-            )
-
-        def read_text() -> str:
-            try:
-                if not os.path.exists(full):
-                    raise refuse(f"no such file {where}")
-                if not os.path.isfile(full):
-                    raise refuse("not a regular file")
-                if os.path.getsize(full) > MAX_MODULE_BYTES:
-                    raise refuse(f"the file is larger than {MAX_MODULE_BYTES // 2**20} MB")
-                with open(full, "rb") as f:
-                    data = f.read(MAX_MODULE_BYTES + 1)
-            except OSError as exc:
-                raise refuse(exc.strerror or type(exc).__name__) from None
-            return decode_source(data, shown)
-
-        return full, shown, read_text
-
-
-def _display_dir(path: str) -> str:
-    """`path` as a person would write it: relative to the current directory when inside."""
-    here = os.path.realpath(os.curdir)
-    if path == here:
-        return "the current directory"
-    return path
 
 
 @dataclass(slots=True)
@@ -793,7 +654,7 @@ def _expansion(c: Compiler, form: List, env: Env) -> Plan:
             form.span_of(1),
         )
     var = c.evaluator.name_of(binding.items[0], binding.span_of(0), f"the {name} variable")
-    coll = c.runtime(binding, 1, env, f"the collection of {name}")  # type: ignore[arg-type]
+    coll = c.runtime(binding, 1, env, f"the collection of {name}")
     if not isinstance(coll, Expr | list):
         raise c.error(
             f"{name} needs a sequence (a vector) to go over, got {describe(coll)}",

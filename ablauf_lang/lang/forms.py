@@ -1,7 +1,8 @@
 """Reader output: the data forms of an ablauf program, each with its source position.
 
 Scalars are plain Python values (`None`, `bool`, `int`, `float`, `str`); a keyword is a
-`Keyword`, a `str` subclass without the colon, so it reaches actions as a plain string.
+`values.Keyword`, a `str` subclass without the colon, so it reaches actions as a plain
+string.
 Containers keep the span of each item so the compiler can point at any element.
 """
 
@@ -15,13 +16,11 @@ from ablauf_lang.values import freeze
 
 __all__ = [
     "Form",
-    "Keyword",
     "List",
     "Map",
     "NotData",
     "Symbol",
     "Vector",
-    "freeze",
     "span_of",
     "to_data",
 ]
@@ -38,66 +37,46 @@ class Symbol:
         return self.name
 
 
-class Keyword(str):
-    """A keyword `:ns/name`: the string `ns/name`, remembering it was a keyword."""
+class _Container:
+    """What the three containers share: the span of each item."""
 
+    __slots__ = ()
     span: Span | None
+    item_spans: tuple[Span | None, ...]
 
-    def __new__(cls, name: str, span: Span | None = None) -> Keyword:
-        self = super().__new__(cls, name)
-        self.span = span
-        return self
-
-    def __repr__(self) -> str:
-        return f"Keyword({str.__repr__(self)})"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (Keyword, (str(self),))
+    def span_of(self, index: int) -> Span | None:
+        """Return the span of item `index` (of a map: flat, keys even, values odd), or of
+        the whole container when unknown."""
+        if 0 <= index < len(self.item_spans) and self.item_spans[index] is not None:
+            return self.item_spans[index]
+        return self.span
 
 
 @dataclass(frozen=True, slots=True)
-class List:
+class List(_Container):
     """A list `( ... )`: a call or a special form."""
 
     items: tuple[Any, ...]
     span: Span | None = field(default=None, compare=False, repr=False)
     item_spans: tuple[Span | None, ...] = field(default=(), compare=False, repr=False)
 
-    def span_of(self, index: int) -> Span | None:
-        """Return the span of item `index`, or of the whole list when unknown."""
-        if 0 <= index < len(self.item_spans) and self.item_spans[index] is not None:
-            return self.item_spans[index]
-        return self.span
-
 
 @dataclass(frozen=True, slots=True)
-class Vector:
+class Vector(_Container):
     """A vector `[ ... ]`."""
 
     items: tuple[Any, ...]
     span: Span | None = field(default=None, compare=False, repr=False)
     item_spans: tuple[Span | None, ...] = field(default=(), compare=False, repr=False)
 
-    def span_of(self, index: int) -> Span | None:
-        """Return the span of item `index`, or of the whole vector when unknown."""
-        if 0 <= index < len(self.item_spans) and self.item_spans[index] is not None:
-            return self.item_spans[index]
-        return self.span
-
 
 @dataclass(frozen=True, slots=True)
-class Map:
+class Map(_Container):
     """A map `{ k v ... }` as ordered key/value pairs (keys may be any form)."""
 
     pairs: tuple[tuple[Any, Any], ...]
     span: Span | None = field(default=None, compare=False, repr=False)
     item_spans: tuple[Span | None, ...] = field(default=(), compare=False, repr=False)
-
-    def span_of(self, index: int) -> Span | None:
-        """Return the span of flat item `index` (keys even, values odd)."""
-        if 0 <= index < len(self.item_spans) and self.item_spans[index] is not None:
-            return self.item_spans[index]
-        return self.span
 
 
 Form: TypeAlias = Any  # Symbol | Keyword | str | int | float | bool | None | List | Vector | Map

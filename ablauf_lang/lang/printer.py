@@ -11,7 +11,8 @@ import math
 import re
 from collections.abc import Iterable
 
-from ablauf_lang.lang.forms import Form, Keyword, List, Map, Symbol, Vector
+from ablauf_lang.lang.forms import Form, List, Map, Symbol, Vector
+from ablauf_lang.values import Keyword
 
 __all__ = ["print_form", "print_forms"]
 

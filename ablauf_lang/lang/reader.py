@@ -20,7 +20,8 @@ from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
 from ablauf_lang.errors import AblaufSyntaxError, Span
-from ablauf_lang.lang.forms import Form, Keyword, List, Map, Symbol, Vector
+from ablauf_lang.lang.forms import Form, List, Map, Symbol, Vector
+from ablauf_lang.values import Keyword
 
 __all__ = ["MAX_INT_DIGITS", "Forms", "decode_source", "gc_paused", "parser", "read", "read_one"]
 
@@ -365,6 +366,9 @@ def _syntax_error(exc: UnexpectedInput, source: str, filename: str | None) -> Ab
     at_end = token is None or token.type == "$END"
     stop = len(source) if at_end or token is None else (token.start_pos or 0)
     openers, discards = _scan(source, stop)
+    # The innermost bracket still open where the parser stopped, if any.
+    opener = openers[-1] if openers else None
+    _, closer, kind = _OPENERS[opener.type] if opener is not None else ("", "", "")
 
     if discards:
         found = "the end of input" if at_end else repr(str(token))
@@ -376,9 +380,7 @@ def _syntax_error(exc: UnexpectedInput, source: str, filename: str | None) -> Ab
             incomplete=at_end,
         )
     if at_end or token is None:
-        if openers:
-            opener = openers[-1]
-            _, closer, kind = _OPENERS[opener.type]
+        if opener is not None:
             return error(
                 f"unclosed {kind}: '{opener}' opened at line {opener.line}, column "
                 f"{opener.column} is never closed (expected '{closer}')",
@@ -389,13 +391,12 @@ def _syntax_error(exc: UnexpectedInput, source: str, filename: str | None) -> Ab
         line, column = _end_position(source)
         return error("unexpected end of input", line, column, incomplete=True)
 
-    if token.type in _CLOSERS and not openers:
+    if token.type in _CLOSERS and opener is None:
         return error(
             f"stray closing '{token}' with no open bracket to close", token.line, token.column
         )
     if token.type in _CLOSERS:
-        opener = openers[-1]
-        _, closer, kind = _OPENERS[opener.type]
+        assert opener is not None
         return error(
             f"mismatched bracket: '{token}' cannot close the {kind} '{opener}' opened at "
             f"line {opener.line}, column {opener.column} (expected '{closer}')",

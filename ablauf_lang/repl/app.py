@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.application import run_in_terminal
@@ -31,7 +31,7 @@ from prompt_toolkit.styles import Style
 from rich.console import Console
 from rich.text import Text
 
-from ablauf_lang.engine.job import Job
+from ablauf_lang.api import Job
 from ablauf_lang.errors import AblaufError
 from ablauf_lang.repl.commands import COMMANDS, QuitRepl, find_command
 from ablauf_lang.repl.completer import AblaufCompleter
@@ -39,6 +39,9 @@ from ablauf_lang.repl.stepper import ReplInterrupted, Stepper
 from ablauf_lang.repl.validator import AblaufValidator, is_command, is_incomplete
 from ablauf_lang.ui.highlight import AblaufLexer
 from ablauf_lang.ui.render import FULL_WIDTH, LeafCounts, format_value, job_tree, leaf_counts
+
+if TYPE_CHECKING:
+    from ablauf_lang.lang.session import Session
 
 __all__ = ["PROMPT", "Repl", "history_path"]
 
@@ -96,7 +99,7 @@ class Repl:
         self.console = console or Console(highlight=False)
         # Not a terminal (a transcript): values and lines in full, never cut.
         self.full = self.console.width >= FULL_WIDTH
-        self.env: Any = None  # compile-time definitions kept across inputs
+        self._scope: Session | None = None  # compile-time definitions kept across inputs
         self._counts: tuple[Job | None, LeafCounts] = (None, LeafCounts())
         self._io = (input, output, history)
         self._session: PromptSession[str] | None = None
@@ -214,41 +217,23 @@ class Repl:
     def compile(self, text: str, name: str) -> Job | None:
         """Compile input into a new job; None when it only held definitions, or was an
         expression (its value is printed)."""
-        from ablauf_lang.engine.job import make_job
-        from ablauf_lang.lang.compiler import RULES, TOP_LEVEL_RULES, Compiler, Env, head_name
-        from ablauf_lang.lang.expr import Code, Expr, describe, is_workflow
-        from ablauf_lang.lang.reader import read
+        from ablauf_lang.api import make_job
+        from ablauf_lang.lang.session import Session
 
-        if self.env is None:
-            self.env = Env()
-        forms = read(text, name)
-        compiler = Compiler(text, name, env=self.env)
-        if forms and all(head_name(f) in TOP_LEVEL_RULES for f in forms):
-            for form in forms:
-                TOP_LEVEL_RULES[str(head_name(form))](compiler, form, self.env)
+        if self._scope is None:
+            self._scope = Session()
+        job = self.stepper.job
+        context = job.context if job is not None else self.context
+        done = self._scope.feed(text, name, context)
+        if done.kind == "workflow":
+            assert done.root is not None
+            return make_job(done.root, self.context)
+        if done.kind == "defined":
             self.console.print(Text("ok", style="dim"))
-            return None
-        last = forms[-1] if forms else None
-        early_ok = all(head_name(f) in TOP_LEVEL_RULES for f in forms[:-1])
-        if last is None or head_name(last) in RULES or head_name(last) in TOP_LEVEL_RULES:
-            return make_job(compiler.program(forms), self.context)
-        if not early_ok:
-            return make_job(compiler.program(forms), self.context)
-        for form in forms[:-1]:
-            TOP_LEVEL_RULES[str(head_name(form))](compiler, form, self.env)
-        spans = getattr(forms, "spans", ())
-        span = spans[-1] if spans else None
-        value = compiler.evaluate(last, span, self.env)
-        if is_workflow(value) or (isinstance(value, list) and _holds_workflow(value)):
-            return make_job(compiler.program(forms[-1:]), self.context)
-        if isinstance(value, Code):
-            job = self.stepper.job
-            context = job.context if job is not None else self.context
-            value = Expr(value, name).evaluate(context)
-        elif not _is_data(value):
-            self.console.print(Text(describe(value), style="dim"))
-            return None
-        self.console.print(Text(format_value(value, 0 if self.full else 2000)))
+        elif done.kind == "other":
+            self.console.print(Text(done.text, style="dim"))
+        else:
+            self.console.print(Text(format_value(done.value, 0 if self.full else 2000)))
         return None
 
     def tree(self, job: Job, changed: Iterable[int] = ()) -> Any:
@@ -259,7 +244,7 @@ class Repl:
 
     def warn_unknown_actions(self, job: Job) -> None:
         """A note for each action the job names that no one registered (it would fail)."""
-        from ablauf_lang.stdlib.registry import used_actions
+        from ablauf_lang.api import used_actions
 
         missing = [a for a in used_actions(job.root) if a not in self.stepper.actions]
         if missing:
@@ -325,38 +310,10 @@ class Repl:
 
     def _defined_names(self) -> list[str]:
         """Names defined in this session (`def`, `defn`, `import`), for completion."""
-        return list(self.env.names()) if self.env is not None else []
+        return self._scope.names() if self._scope is not None else []
 
     def _action_names(self) -> list[str]:
         return list(self.stepper.actions)
 
     def _waiting(self) -> list[tuple[int, str]]:
         return [(leaf.id, leaf.action) for leaf in self.stepper.waiting()]
-
-
-def _holds_workflow(items: list[Any]) -> bool:
-    from ablauf_lang.lang.expr import is_workflow
-
-    stack = list(items)
-    while stack:
-        item = stack.pop()
-        if is_workflow(item):
-            return True
-        if isinstance(item, list):
-            stack.extend(item)
-    return False
-
-
-def _is_data(value: Any) -> bool:
-    """Plain data (what a payload may hold), not a function or a workflow."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            stack.extend(item.values())
-            stack.extend(item.keys())
-        elif isinstance(item, list | tuple):
-            stack.extend(item)
-        elif not (item is None or isinstance(item, bool | int | float | str)):
-            return False
-    return True

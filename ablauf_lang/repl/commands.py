@@ -234,24 +234,24 @@ def _ctx(repl: Repl, arg: str) -> None:
 
 @command(":ok", "ID [VALUE]", "feed a success (output VALUE, default nil) for a pending action")
 def _ok(repl: Repl, arg: str) -> None:
-    node_id, rest = _node_id(arg, ":ok ID [VALUE]")
-    result = repl.stepper.feed(node_id, True, parse_value(rest, None))
-    repl.console.print(
-        Text(
-            f"queued success for #{node_id} → {format_value(result.output)}; :step applies it",
-            style="green",
-        )
-    )
+    _feed(repl, arg, ok=True)
 
 
 @command(":fail", "ID [ERROR]", "feed a failure (error ERROR) for a pending action")
 def _fail(repl: Repl, arg: str) -> None:
-    node_id, rest = _node_id(arg, ":fail ID [ERROR]")
-    result = repl.stepper.feed(node_id, False, parse_value(rest, "failed by hand"))
+    _feed(repl, arg, ok=False)
+
+
+def _feed(repl: Repl, arg: str, *, ok: bool) -> None:
+    """`:ok` / `:fail`: queue a result given by hand for the next `:step`."""
+    usage = ":ok ID [VALUE]" if ok else ":fail ID [ERROR]"
+    node_id, rest = _node_id(arg, usage)
+    result = repl.stepper.feed(node_id, ok, parse_value(rest, None if ok else "failed by hand"))
+    what, value = ("success", result.output) if ok else ("failure", result.error)
     repl.console.print(
         Text(
-            f"queued failure for #{node_id} → {format_value(result.error)}; :step applies it",
-            style="red",
+            f"queued {what} for #{node_id} → {format_value(value)}; :step applies it",
+            style="green" if ok else "red",
         )
     )
 
@@ -302,7 +302,7 @@ def _load(repl: Repl, arg: str) -> None:
         raise ReplError(f"cannot read {path}: {reason}") from None
     snapshot = _as_snapshot(text)
     if snapshot is not None:
-        from ablauf_lang.engine.job import Job
+        from ablauf_lang.api import Job
 
         job = Job.from_json(text)
         repl.stepper.start(job, path)

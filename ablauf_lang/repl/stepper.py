@@ -26,8 +26,10 @@ from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import Any
 
-from ablauf_lang.engine.job import Job, restart_job
-from ablauf_lang.engine.nodes import Deferred, Dispatch, Leaf, LeafState, Result
+from ablauf_lang.api import Dispatch, Job, Result, restart_job
+from ablauf_lang.code import Expr
+from ablauf_lang.engine.kinds import Leaf, label_of
+from ablauf_lang.engine.nodes import LeafState
 from ablauf_lang.errors import AblaufError
 from ablauf_lang.runners.local import (
     DEFAULT_CONCURRENCY,
@@ -36,7 +38,7 @@ from ablauf_lang.runners.local import (
     perform,
     registry,
 )
-from ablauf_lang.ui.render import BY_HAND, kind_name
+from ablauf_lang.ui.render import BY_HAND
 
 __all__ = ["ReplError", "ReplInterrupted", "Snapshot", "StepReport", "Stepper"]
 
@@ -156,7 +158,7 @@ class Stepper:
         leaf = job.node(node_id)
         if not isinstance(leaf, Leaf):
             raise ReplError(
-                f"#{node_id} is a {kind_name(leaf.kind)} node, not an action: "
+                f"#{node_id} is a {label_of(leaf.kind)} node, not an action: "
                 "only actions take results"
             )
         if leaf.result is not LeafState.PENDING:
@@ -360,7 +362,7 @@ class Stepper:
     def _redispatch(job: Job, leaf: Leaf) -> Dispatch:
         """A dispatch for a leaf already pending (a job loaded from a snapshot)."""
         payload = leaf.payload
-        if isinstance(payload, Deferred):
+        if isinstance(payload, Expr):
             payload = payload.evaluate(job.context)
         return Dispatch(leaf.id, leaf.action, payload, leaf.idempotent, leaf.attempt, job.context)
 

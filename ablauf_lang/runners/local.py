@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from ablauf_lang.codec import job as serde
+from ablauf_lang import values
 from ablauf_lang.engine.job import Job, restart_job
 from ablauf_lang.engine.nodes import FAILED_STATES, Dispatch, Result, Status, failure, success
 from ablauf_lang.errors import AblaufError, InternalError
@@ -313,7 +313,7 @@ class ActionThreads:
 def _finish(dispatch: Dispatch, output: Any, started: float, durable: bool) -> Result:
     if durable:
         try:
-            serde.encode_value(output)
+            values.encode(output)
         except AblaufError as exc:
             return failure(
                 dispatch,

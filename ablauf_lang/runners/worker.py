@@ -30,7 +30,11 @@ A worker takes only the action tasks whose action it has (restart tasks: any), a
 which actions it serves in `ablauf.workers` (renewed by its janitor's heartbeat), so a run
 needing another action waits for a worker that has it and `runs show` can say so. The
 janitor also hands back to the workers a run left with steps in flight and no task for
-them (`PostgresStore.repair_stranded`).
+them (`queue.repair_stranded`).
+
+This module decides when; it calls the engine (`restart_job` for a step, `prepare_replay`
+for a requeue or a repair) and holds no SQL: the statements are the queue's
+(`ablauf_lang.queue`) and the store's (`ablauf_lang.stores.postgres`).
 
 Logging (logger `ablauf.worker`): a banner at start, one line per run started and
 finished, every failed action with its error and what `log!!` logs, at INFO; every action
@@ -48,16 +52,27 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
+from ablauf_lang.engine.job import Job, restart_job
 from ablauf_lang.engine.nodes import FAILED_STATES, Dispatch, Result, Status, failure
+from ablauf_lang.engine.replay import check_replay, inflight_leaves, prepare_replay
 from ablauf_lang.errors import AblaufError, StoreError
 from ablauf_lang.runners.local import Action, Run, perform, perform_sync, registry
 from ablauf_lang.stdlib.actions import STDLIB_ACTIONS
 from ablauf_lang.stores.base import run_error
+
+try:  # psycopg: needed only when workers are used (said then, see `_require`)
+    from ablauf_lang import queue
+    from ablauf_lang.stores import postgres
+    from ablauf_lang.stores.postgres import PostgresStore
+except ImportError as exc:
+    _MISSING: ImportError | None = exc
+else:
+    _MISSING = None
 
 log = logging.getLogger("ablauf.worker")
 
@@ -86,19 +101,60 @@ def check_url(store_url: str) -> None:
         )
 
 
-def _pg() -> Any:
-    """The PostgreSQL store module (psycopg is imported only when workers are used)."""
-    try:
-        from ablauf_lang.stores import postgres
-    except ImportError as exc:
-        raise StoreError(f"workers need psycopg: {INSTALL} ({exc})") from None
-    return postgres
+def _require() -> None:
+    """StoreError naming what to install when psycopg is missing."""
+    if _MISSING is not None:
+        raise StoreError(f"workers need psycopg: {INSTALL} ({_MISSING})")
 
 
-def _open(store_url: str, **kw: Any) -> Any:
+def _open(store_url: str, *, reconnect: bool = True) -> PostgresStore:
     """A PostgresStore for `store_url`; StoreError for any other kind of store."""
     check_url(store_url)
-    return _pg().PostgresStore.from_url(store_url, **kw)
+    _require()
+    return PostgresStore.from_url(store_url, reconnect=reconnect)
+
+
+# ---------------------------------------------------------------- the engine calls
+
+
+def advance(job: Job, results: list[Result]) -> tuple[Job, list[Dispatch]]:
+    """A step of a run (`queue.Advance`): the engine's restart, at this moment."""
+    return restart_job(job, results, time.time())
+
+
+def replay(run_id: str, job: Job, *, retry: bool) -> Job:
+    """A requeue's rewrite of the job: resume it, or with `retry` retry it (RunError when
+    there is nothing to do, by the rules of `ablauf_lang.resume` and `retry`)."""
+    check_replay(run_id, job, retry=retry)
+    return prepare_replay(job, retry_interrupted=retry)
+
+
+def requeue_run(store: PostgresStore, run_id: str, *, retry: bool = False) -> Job:
+    """`requeue` on an open store; the job as recorded."""
+    return queue.requeue(store, run_id, lambda job: replay(run_id, job, retry=retry), retry=retry)
+
+
+def hand_back(run_id: str, job: Job) -> tuple[Job, str] | None:
+    """The janitor's repair of a stranded run (`queue.HandBack`): resume it (steps in flight
+    that are idempotent run again, the others fail as interrupted); None when it is done."""
+    if job.done:
+        return None
+    inflight = inflight_leaves(job.root)
+    again = [leaf.id for leaf in inflight if leaf.idempotent]
+    lost = [leaf.id for leaf in inflight if not leaf.idempotent]
+    line = (
+        f"run {run_id}: {len(inflight)} step(s) were in flight with no task to finish "
+        f"them{_ids(again + lost)}; handed back to the workers: {len(again)} "
+        f"idempotent to run again, {len(lost)} failed as interrupted"
+    )
+    return prepare_replay(job), line
+
+
+def _ids(ids: Sequence[int]) -> str:
+    if not ids:
+        return ""
+    shown = ", ".join(str(i) for i in sorted(ids)[:8])
+    return f" (ids {shown}{', ...' if len(ids) > 8 else ''})"
 
 
 # ---------------------------------------------------------------- submitting and waiting
@@ -120,9 +176,7 @@ def submit(
     job = make_job(compile_source(source, filename), context)
     store = _open(store_url)
     try:
-        return str(
-            store.create_run(job, source=source, filename=filename, run_id=run_id, enqueue=True)
-        )
+        return queue.submit(store, job, source=source, filename=filename, run_id=run_id)
     finally:
         store.close()
 
@@ -132,7 +186,6 @@ def wait(run_id: str, store_url: str, timeout: float | None = None) -> Run:
     it as it is then (`status` is still "pending" after a timeout). RunError for an
     unknown run id. A server that restarts meanwhile is reconnected to, as workers do
     (StoreError when it stays away longer than the store's `reconnect_for`)."""
-    pg = _pg()
     store = _open(store_url)
     deadline = None if timeout is None else time.monotonic() + timeout
     listener = None
@@ -143,31 +196,25 @@ def wait(run_id: str, store_url: str, timeout: float | None = None) -> Run:
                 break
             if listener is None:
                 try:
-                    listener = pg.connect(store_url, purpose="wait")
-                    listener.execute(f"LISTEN {pg.RUNS_CHANNEL}")
-                except (StoreError, pg.psycopg.Error):
-                    _closed(listener)
+                    listener = postgres.connect(store_url, purpose="wait")
+                    postgres.listen_finished(listener, store.url)
+                except StoreError:
+                    postgres.close_quietly(listener)
                     listener = None
                     time.sleep(min(left, 0.2))
                     continue
             try:
-                for note in listener.notifies(timeout=left):
-                    if note.payload == run_id:
+                for payload in postgres.notifications(listener, store.url, left):
+                    if payload == run_id:
                         break
-            except pg.psycopg.Error as exc:
+            except StoreError as exc:
                 log.warning("wait: lost the connection to %s (%s); reconnecting", store.url, exc)
-                _closed(listener)
+                postgres.close_quietly(listener)
                 listener = None
         return Run(run_id, store.load(run_id).job)
     finally:
-        _closed(listener)
+        postgres.close_quietly(listener)
         store.close()
-
-
-def _closed(conn: Any) -> None:
-    if conn is not None:
-        with contextlib.suppress(Exception):
-            conn.close()
 
 
 def requeue(run_id: str, store_url: str, *, retry: bool = False) -> str:
@@ -178,10 +225,10 @@ def requeue(run_id: str, store_url: str, *, retry: bool = False) -> str:
     RunError when there is nothing to do, and while the workers are at work on the run
     (actions queued or running, results waiting): requeueing it then would have its steps
     performed twice. A run whose only tasks are actions of a dead worker (lease expired)
-    has just those recovered, by the janitor's rules. See `PostgresStore.requeue`."""
+    has just those recovered, by the janitor's rules. See `queue.requeue`."""
     store = _open(store_url)
     try:
-        store.requeue(run_id, retry=retry)
+        requeue_run(store, run_id, retry=retry)
         return run_id
     finally:
         store.close()
@@ -236,7 +283,7 @@ class _Slot:
 
     index: int
     owner: str  # the lease owner name of this slot: worker name / slot index
-    store: Any = None
+    store: PostgresStore | None = None
     # leased, not started: (task_id, dispatch, run_id)
     todo: list[tuple[int, Dispatch, str]] = field(default_factory=list)
     # performed, not delivered yet, all of one run: (task_id, result)
@@ -268,7 +315,7 @@ class Worker:
         if lease <= 0 or poll <= 0:
             raise AblaufError("lease and poll must be positive numbers of seconds")
         check_url(store_url)
-        self.pg = _pg()
+        _require()
         self.url = store_url
         self.actions: dict[str, Action] = registry(actions)
         if self.actions.get("action/log") is STDLIB_ACTIONS["action/log"]:
@@ -278,9 +325,9 @@ class Worker:
         self.stop = stop or threading.Event()
         self.lease = lease
         self.poll = poll
-        self.name = f"{self.pg.process_name()}:{uuid.uuid4().hex[:6]}"
+        self.name = f"{queue.process_name()}:{uuid.uuid4().hex[:6]}"
         self.owners = [self.owner(i) for i in range(concurrency)]
-        self.known = self.pg.SharedKnown()
+        self.known = postgres.SharedKnown()
         self.wake = _Wake()
         self.held: set[int] = set()  # action tasks leased to this worker and not delivered
         self.held_lock = threading.Lock()
@@ -371,6 +418,12 @@ class Worker:
             if slot.loop is not None:
                 slot.loop.close()
 
+    def _store(self, slot: _Slot) -> PostgresStore:
+        """The slot's store (connected: `_slot_main` reconnects first)."""
+        if slot.store is None:
+            raise StoreError(f"slot {slot.index} has no connection")
+        return slot.store
+
     def _give_up(self, slot: _Slot) -> bool:
         """While stopping with a result the database cannot take: wait a lease, then leave
         the task to the lease recovery of the other workers."""
@@ -387,11 +440,11 @@ class Worker:
         return False
 
     def _lost(self, exc: BaseException) -> bool:
-        return isinstance(exc, self.pg.ConnectionLost) or self.pg.is_connection_error(exc)
+        return postgres.is_lost(exc)
 
     def _reconnect(self, slot: _Slot) -> bool:
         try:
-            store = self.pg.PostgresStore.from_url(self.url, known=self.known, reconnect=False)
+            store = PostgresStore.from_url(self.url, known=self.known, reconnect=False)
         except StoreError as exc:
             log.warning("slot %d: %s; retrying", slot.index, exc.message)
             return False
@@ -400,7 +453,7 @@ class Worker:
             # and did not start: back to the queue. The one it performed stays leased.
             keep = [t for t, _ in slot.done]
             with store.transaction() as conn:
-                self.pg.release_leases(conn, slot.owner, keep=keep)
+                queue.release_leases(conn, slot.owner, keep=keep)
         except StoreError as exc:
             log.warning("slot %d: %s; retrying", slot.index, exc.message)
             store.close()
@@ -409,8 +462,9 @@ class Worker:
         return True
 
     def _drop_connection(self, slot: _Slot) -> None:
-        with contextlib.suppress(Exception):
-            slot.store.close()
+        if slot.store is not None:
+            with contextlib.suppress(Exception):
+                slot.store.close()
         slot.store = None
         # What the process knows of runs stays: only committed writes were shared, and a
         # step uses an entry only if it is the run's newest write under the lock.
@@ -469,8 +523,8 @@ class Worker:
     def _take(self, slot: _Slot) -> bool:
         """Take one task: lease an action (performed next), or run a restart; False if the
         queue has nothing ready."""
-        store = slot.store
-        taken = store.claim(slot.owner, self.lease, slot.batch, self.serves)
+        store = self._store(slot)
+        taken = queue.claim(store, slot.owner, self.lease, slot.batch, self.serves)
         if not taken:
             return False
         actions = [(c.task_id, c.dispatch, c.run_id) for c in taken if c.dispatch is not None]
@@ -483,14 +537,20 @@ class Worker:
             return True
         claimed = restarts[0]  # the others stay queued (the first one's restart may take them)
         try:
-            step = store.run_restart(
-                claimed.run_id, worker=slot.owner, claim=1, lease=self.lease, serves=self.serves
+            step = queue.run_restart(
+                store,
+                claimed.run_id,
+                advance,
+                worker=slot.owner,
+                claim=1,
+                lease=self.lease,
+                serves=self.serves,
             )
         except Exception as exc:
             store.forget(claimed.run_id)
             if self._lost(exc):
                 raise
-            if isinstance(exc, self.pg.WriteConflict):  # the task is back in the queue
+            if isinstance(exc, postgres.WriteConflict):  # the task is back in the queue
                 self.stats["conflicts"] += 1
                 log.debug("run %s: %s; its restart task stays queued", claimed.run_id, exc)
             else:
@@ -503,7 +563,7 @@ class Worker:
             slot.todo.extend((t, d, claimed.run_id) for t, d in step.claimed)
         return True
 
-    def _stepped(self, run_id: str, step: Any) -> None:
+    def _stepped(self, run_id: str, step: queue.Step) -> None:
         """Log what a step of a run did: it started, it finished, or (DEBUG) anything."""
         job = step.job
         log.debug(
@@ -557,11 +617,19 @@ class Worker:
 
     def _deliver(self, slot: _Slot, run_id: str, items: list[tuple[int, Result]]) -> None:
         """Hand results of one run over (see the module docstring, step 3)."""
-        store = slot.store
+        store = self._store(slot)
         claim = 0 if self.stop.is_set() else 1
+        got: queue.Delivery | None
         try:
-            got = store.deliver(
-                run_id, items, worker=slot.owner, claim=claim, lease=self.lease, serves=self.serves
+            got = queue.deliver(
+                store,
+                run_id,
+                items,
+                advance,
+                worker=slot.owner,
+                claim=claim,
+                lease=self.lease,
+                serves=self.serves,
             )
         except Exception as exc:
             if self._lost(exc):
@@ -571,7 +639,7 @@ class Worker:
             # restart of the run reads it as stored. A write conflict (the run was written
             # elsewhere meanwhile) is routine; anything else is logged, and the restart
             # task is set aside with the reason if it fails again.
-            if isinstance(exc, self.pg.WriteConflict):
+            if isinstance(exc, postgres.WriteConflict):
                 self.stats["conflicts"] += 1
                 log.debug("run %s: %s; queueing %d results", run_id, _message(exc), len(items))
             else:
@@ -583,7 +651,7 @@ class Worker:
                 )
             got = None
             for task_id, result in items:
-                if store.queue_result(task_id, result, worker=slot.owner) is None:
+                if queue.queue_result(store, task_id, result, worker=slot.owner) is None:
                     self.stats["lost"] += 1
         if got is not None:
             if got.lost:
@@ -596,7 +664,7 @@ class Worker:
                 )
             if got.outcome == "queued":
                 self.stats["queued_results"] += len(items) - got.lost
-            elif got.outcome == "restarted":
+            elif got.outcome == "restarted" and got.step is not None:
                 self.stats["fast"] += 1
                 self._stepped(run_id, got.step)
                 self._hold([t for t, _ in got.step.claimed])
@@ -607,13 +675,8 @@ class Worker:
         """Give leased, unstarted tasks back to the queue (stopping, or a slow batch)."""
         if not task_ids:
             return
-        with slot.store.transaction() as conn:
-            conn.execute(
-                "UPDATE ablauf.tasks SET lease_owner = NULL, lease_until = NULL, "
-                "tries = greatest(tries - 1, 0) WHERE task_id = ANY(%s) AND lease_owner = %s",
-                (task_ids, slot.owner),
-            )
-            conn.execute("SELECT pg_notify(%s, %s)", (self.pg.TASKS_CHANNEL, str(len(task_ids))))
+        with self._store(slot).transaction() as conn:
+            queue.release_leases(conn, slot.owner, task_ids)
         self._unhold(task_ids)
 
     def _set_aside(self, slot: _Slot, run_id: str | None, exc: Exception) -> None:
@@ -623,32 +686,23 @@ class Worker:
         log.error("run %s: %s; its queued results are set aside", run_id, message)
         if run_id is None:
             return
-        with slot.store.transaction() as conn:
-            ids = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT task_id FROM ablauf.tasks WHERE run_id = %s AND kind = 'restart' "
-                    "AND error IS NULL",
-                    (run_id,),
-                ).fetchall()
-            ]
-            self.pg.set_aside(conn, run_id, ids, message)
+        with self._store(slot).transaction() as conn:
+            queue.set_aside(conn, run_id, message)
 
     # ------------------------------------------------------------ listener and janitor
 
     def _listen(self) -> None:
         """LISTEN for new tasks and wake idle slots; reconnect when the connection drops."""
-        pg = self.pg
         backoff = _Backoff()
         conn = None
         while not self.finished.is_set():
             try:
                 if conn is None:
-                    conn = pg.connect(self.url, purpose="listen")
-                    conn.execute(f"LISTEN {pg.TASKS_CHANNEL}")
+                    conn = postgres.connect(self.url, purpose="listen")
+                    queue.listen(conn)
                     backoff.reset()
                     self.wake.bump()  # tasks may have come while it was away
-                for _ in conn.notifies(timeout=0.5):
+                for _ in postgres.notifications(conn, self.url, 0.5):
                     self.wake.bump()
             except Exception as exc:  # the connection, or a bug: start again
                 if conn is not None:
@@ -663,7 +717,6 @@ class Worker:
     def _janitor(self) -> None:
         """Renew this worker's leases and its entry in `ablauf.workers`; recover the tasks
         of workers whose lease expired; hand back runs left with no task to finish them."""
-        pg = self.pg
         backoff = _Backoff()
         conn = None
         store = None
@@ -671,19 +724,21 @@ class Worker:
         next_recovery = 0.0
         while not self.finished.is_set():
             try:
-                if conn is None:
-                    conn = pg.connect(self.url, purpose="janitor")
-                    conn.execute("SET search_path TO ablauf, public")
-                    store = pg.PostgresStore(conn, self.url, reconnect=False)
+                if conn is None or store is None:
+                    conn = postgres.connect(self.url, purpose="janitor")
+                    postgres.use_schema(conn, self.url)
+                    store = PostgresStore(conn, self.url, reconnect=False)
                     backoff.reset()
                 with self.held_lock:
                     held = sorted(self.held)
-                pg.renew_leases(conn, self.owners, held, self.lease)
+                queue.renew_leases(conn, self.owners, held, self.lease)
                 if not self.stop.is_set():
-                    pg.register_worker(conn, self.name, self.serves, self.concurrency, self.lease)
+                    queue.register_worker(
+                        conn, self.name, self.serves, self.concurrency, self.lease
+                    )
                 if time.monotonic() >= next_recovery and not self.stop.is_set():
-                    with conn.transaction():
-                        again, lost = pg.recover_leases(conn)
+                    with store.transaction():
+                        again, lost = queue.recover_leases(conn)
                     if again or lost:
                         log.warning(
                             "recovered %d expired action tasks (%d to run again, %d interrupted)",
@@ -695,19 +750,19 @@ class Worker:
                     next_recovery = time.monotonic() + self.lease / 2 * random.uniform(0.5, 1)
             except Exception as exc:
                 log.warning("janitor lost its connection (%s); reconnecting", _message(exc))
-                _closed(conn)
+                postgres.close_quietly(conn)
                 conn = store = None
                 backoff.sleep(self.finished)
                 continue
             self.finished.wait(renew_every)
         if conn is not None:
             with contextlib.suppress(Exception):
-                pg.unregister_worker(conn, self.name)
+                queue.unregister_worker(conn, self.name)
             conn.close()
 
-    def _repair(self, store: Any) -> None:
+    def _repair(self, store: PostgresStore) -> None:
         """The janitor's check for runs with steps in flight and no task for them."""
-        for line in store.repair_stranded(worker=self.name):
+        for line in queue.repair_stranded(store, hand_back, worker=self.name):
             run_id = line.split(":", 1)[0]
             if "cannot be handed back" in line:
                 if run_id not in self.reported:
@@ -781,4 +836,16 @@ def run_worker(
         worker.run()
 
 
-__all__ = ["INSTALL", "Worker", "check_url", "requeue", "run_worker", "submit", "wait"]
+__all__ = [
+    "INSTALL",
+    "Worker",
+    "advance",
+    "check_url",
+    "hand_back",
+    "replay",
+    "requeue",
+    "requeue_run",
+    "run_worker",
+    "submit",
+    "wait",
+]

@@ -19,9 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ablauf_lang.engine.nodes import BranchView, Leaf
-from ablauf_lang.lang.forms import Keyword
-from ablauf_lang.values import freeze, int_too_large
+from ablauf_lang.errors import Refusal
+from ablauf_lang.values import Keyword, freeze, int_too_large, is_truthy
 
 __all__ = [
     "BUILTINS",
@@ -30,7 +29,6 @@ __all__ = [
     "BuiltinError",
     "builtin",
     "equal",
-    "is_truthy",
     "show_value",
     "type_name",
 ]
@@ -39,12 +37,8 @@ __all__ = [
 MAX_RANGE = 100_000
 
 
-class BuiltinError(Exception):
+class BuiltinError(Refusal):
     """A builtin refused its arguments; the message is for the user."""
-
-    def __init__(self, message: str) -> None:
-        self.message = message
-        super().__init__(message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,11 +81,6 @@ def builtin(
 # Helpers
 
 
-def is_truthy(value: Any) -> bool:
-    """Clojure's truth: only nil and false are false (0, "" and [] are true)."""
-    return value is not None and value is not False
-
-
 def is_number(value: Any) -> bool:
     """An int or a float, but not a boolean."""
     return isinstance(value, int | float) and not isinstance(value, bool)
@@ -115,8 +104,7 @@ def type_name(value: Any) -> str:
         return "map"
     if isinstance(value, Builtin):
         return "function"
-    if isinstance(value, Leaf | BranchView):
-        return "workflow"
+    # Other values name their type themselves: workflows (nodes), closures, expressions.
     return getattr(value, "type_name", type(value).__name__)
 
 

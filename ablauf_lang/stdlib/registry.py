@@ -24,6 +24,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 from ablauf_lang.errors import AblaufError
+from ablauf_lang.names import did_you_mean
 
 __all__ = [
     "ACTION_ATTR",
@@ -172,8 +173,6 @@ def unknown_action_errors(
 ) -> list[AblaufError]:
     """One located error per action the tree names that `known` lacks (first use each),
     with the close names as a hint; `spec` is the `--actions` module (None: not given)."""
-    from ablauf_lang.lang.expr import did_you_mean
-
     errors: list[AblaufError] = []
     for name, node in used_actions(root).items():
         if name in known:

@@ -1,4 +1,4 @@
-"""The store interface, and `open_store(url)` picking a backend by URL scheme.
+"""The store interface (`JobStore`), its records and the default store's place.
 
 A store keeps runs: the program, its initial context, and the job after every restart.
 `record` is called once per restart and writes, in one transaction, only what that
@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from ablauf_lang.codec.job import encode_value
+from ablauf_lang import values
 from ablauf_lang.engine.job import LAST_ERROR, Job
 from ablauf_lang.engine.nodes import Status
 from ablauf_lang.errors import AblaufError, RunError, StoreError
@@ -235,7 +235,7 @@ class JobStore(Protocol):
     """Where runs live between restarts.
 
     Implementations: `memory.MemoryStore`, `sqlite.SqliteStore`, the PostgreSQL store; the
-    SQL ones share `sqlbase.SqlStore`. A run id the store does not have raises RunError
+    SQL ones share `stores.sql.SqlStore`. A run id the store does not have raises RunError
     naming it; a store that cannot be used (bad URL, newer schema, damaged file, busy)
     raises StoreError. Both carry a one-line message.
     """
@@ -348,7 +348,7 @@ def run_error(job: Job) -> str | None:
         return None
     err = job.aborted if job.aborted is not None else job.context.get(LAST_ERROR)
     if not isinstance(err, str):
-        err = json.dumps(encode_value(err), ensure_ascii=False)
+        err = json.dumps(values.encode(err), ensure_ascii=False)
     return " ".join(err.split())[:500]
 
 
@@ -372,82 +372,9 @@ def default_url() -> str:
     return f"sqlite:///{default_path()}"
 
 
-def open_store(url: str | JobStore | None = None) -> JobStore:
-    """Open a store by URL: `memory:`, `sqlite:///path`, `postgresql://...`; None: default."""
-    if url is not None and not isinstance(url, str):
-        return url
-    if url is None:
-        url = default_url()
-    if not url.strip():
-        raise StoreError(
-            "the store URL is empty: name one (memory:, sqlite:///path, postgresql://...) "
-            "or leave the option out for the default store"
-        )
-    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-    if scheme == "memory":
-        from ablauf_lang.stores.memory import MemoryStore
-
-        return MemoryStore()
-    if scheme == "sqlite":
-        from ablauf_lang.stores.sqlite import SqliteStore
-
-        return SqliteStore.from_url(url)
-    if scheme in ("postgresql", "postgres"):
-        try:
-            from ablauf_lang.stores.postgres import PostgresStore
-        except ImportError as exc:
-            if (exc.name or "").startswith("psycopg"):
-                raise StoreError(
-                    "the PostgreSQL store needs psycopg: pip install 'ablauf_lang[postgres]'"
-                ) from None
-            raise StoreError(f"the PostgreSQL store is not available: {exc}") from None
-        return PostgresStore.from_url(url)
-    raise StoreError(f"unknown store URL {url!r}: use memory:, sqlite:///path or postgresql://...")
-
-
 def statuses(infos: Iterable[RunInfo]) -> dict[str, str]:
     """Map run ids to their status (handy in tests and listings)."""
     return {i.run_id: str(i.status) for i in infos}
-
-
-# ---------------------------------------------------------------- ages and times
-
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
-
-
-def parse_age(text: str, what: str = "age") -> float:
-    """`90s`, `15m`, `2h`, `3d` or `1w` as seconds."""
-    raw = text.strip().lower()
-    unit = _UNITS.get(raw[-1:])
-    try:
-        value = float(raw[:-1]) if unit is not None else None
-    except ValueError:
-        value = None
-    if value is None or unit is None:
-        raise RunError(f"{what} {text!r} is not a duration such as 90s, 15m, 2h, 3d or 1w")
-    if not 0 <= value * unit < 1e11:
-        raise RunError(f"{what} {text!r} must be a positive duration")
-    return value * unit
-
-
-def parse_since(text: str, now: float | None = None) -> float:
-    """`--since`: a duration back from now (`2h`, `3d`) or an ISO date or time
-    (`2026-11-30`, `2026-11-30T08:00`, local time unless it names a zone)."""
-    from datetime import datetime
-
-    raw = text.strip()
-    try:
-        return (time.time() if now is None else now) - parse_age(raw, "--since")
-    except RunError:
-        pass
-    try:
-        when = datetime.fromisoformat(raw)
-    except ValueError:
-        raise RunError(
-            f"--since {text!r} is neither a duration (2h, 3d) nor an ISO date "
-            "(2026-11-30 or 2026-11-30T08:00)"
-        ) from None
-    return when.timestamp()
 
 
 def resolve_prefix(prefix: str, candidates: Iterable[str], where: str) -> str:

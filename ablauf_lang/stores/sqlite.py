@@ -1,6 +1,6 @@
 """The SQLite store, the embedded default: `sqlite:///relative/path`, `sqlite:////abs/path`.
 
-One file holds every run (tables in `sqlbase`). The file is opened in WAL mode with a busy
+One file holds every run (tables in `stores/sql.py`). The file is opened in WAL mode with a busy
 timeout, so several processes can use it at once: readers never wait, writers take turns.
 Every `record` is one `BEGIN IMMEDIATE ... COMMIT` transaction writing only what changed.
 
@@ -32,14 +32,16 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
+from ablauf_lang.codec.delta import decode_text
 from ablauf_lang.errors import StoreError
 from ablauf_lang.stores.base import default_path
-from ablauf_lang.stores.sql import SCHEMA_VERSION, Damaged, SqlStore, decode_text
+from ablauf_lang.stores.sql import SCHEMA_VERSION, Damaged, Dialect, SqlStore
 
 APPLICATION_ID = 0x41626C66  # "Ablf" in the file header: this file is an ablauf store
 SYNCHRONOUS = ("off", "normal", "full", "extra")
 SYNC_ENV = "ABLAUF_SQLITE_SYNC"
 MEMORY = ":memory:"
+DIALECT = Dialect("sqlite", placeholder="?", limit_all="-1", returning=False)
 
 SCHEMA = (
     """
@@ -164,9 +166,8 @@ def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
 
 
 class SqliteStore(SqlStore):
-    """Runs in one SQLite file (WAL, busy timeout); see the module docstring."""
-
-    LIMIT_ALL = "-1"
+    """Runs in one SQLite file (WAL, busy timeout); see the module docstring. The
+    connection policy: one connection in autocommit mode, `BEGIN IMMEDIATE` for writes."""
 
     def __init__(
         self,
@@ -176,7 +177,7 @@ class SqliteStore(SqlStore):
         timeout: float = 10.0,
         url: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(DIALECT)
         from_env = synchronous is None
         synchronous = (default_synchronous() if synchronous is None else synchronous).lower()
         if synchronous not in SYNCHRONOUS and from_env:
@@ -212,12 +213,6 @@ class SqliteStore(SqlStore):
 
     def __repr__(self) -> str:
         return f"SqliteStore({self.url!r})"
-
-    def __enter__(self) -> SqliteStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -------------------------------------------------- opening
 
@@ -401,11 +396,6 @@ class SqliteStore(SqlStore):
                 raise self._error(exc) from None
         self.commits += 1
         return int(count)
-
-    def _insert_run(self, cur: Any, columns: Sequence[str], values: Sequence[Any]) -> int:
-        marks = ", ".join("?" for _ in columns)
-        cur.execute(f"INSERT INTO runs ({', '.join(columns)}) VALUES ({marks})", values)
-        return int(cur.lastrowid)
 
     def close(self) -> None:
         """Close the connection (the file and its WAL stay consistent)."""

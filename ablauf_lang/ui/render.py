@@ -2,7 +2,7 @@
 
 Shared by the REPL (`:tree`, `:step`) and the command line (`ablauf run` progress,
 `ablauf runs show`). Builds `rich` renderables; printing is the caller's business.
-Node kinds this module does not know are shown by their kind name, children included.
+A node's label and the roles of its children come from its kind (`engine.kinds`).
 """
 
 from __future__ import annotations
@@ -11,16 +11,21 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from rich.console import Group
 from rich.text import Text
 from rich.tree import Tree
 
 from ablauf_lang.engine.job import Job
-from ablauf_lang.engine.nodes import Leaf, LeafState
-from ablauf_lang.engine.semantics import state_of
-from ablauf_lang.engine.semantics import states as states_of
-from ablauf_lang.lang.forms import Keyword
+from ablauf_lang.engine.kinds import Leaf, label_of, roles_of
+from ablauf_lang.engine.nodes import LeafState
+from ablauf_lang.engine.states import state_of
+from ablauf_lang.engine.states import states as states_of
+from ablauf_lang.values import Keyword
+
+if TYPE_CHECKING:
+    from ablauf_lang.api import Run
 
 __all__ = [
     "BY_HAND",
@@ -31,9 +36,9 @@ __all__ = [
     "dispatch_text",
     "format_value",
     "job_tree",
-    "kind_name",
     "leaf_counts",
     "node_text",
+    "outcome",
     "program_tree",
     "state_text",
     "status_text",
@@ -48,24 +53,6 @@ STATE_STYLES: dict[str, str] = {
     "pending": "yellow",
     "skipped": "dim",
     "unset": "dim cyan",
-}
-
-# What a branch kind is called in the language.
-_KIND_NAMES: dict[str, str] = {
-    "seq": "do!!",
-    "par": "dopar!!",
-    "try": "try!!",
-    "if": "if!!",
-    "when": "when!!",
-    "doseq": "doseq!!",
-    "pmap": "pmap!!",
-    "timeout": "timeout!!",
-}
-
-# What the fixed children of a branch kind are, by position.
-_ROLES: dict[str, tuple[str | None, ...]] = {
-    "try": ("body", "rescue!!", "finally!!"),
-    "if": ("then", "else"),
 }
 
 # Marks a node whose state changed in the last step.
@@ -127,11 +114,6 @@ def _key(key: Any) -> str:
 # ---------------------------------------------------------------- nodes
 
 
-def kind_name(kind: str) -> str:
-    """The language's name of a node kind: `do!!` for seq, `dopar!!` for par..."""
-    return _KIND_NAMES.get(kind, kind)
-
-
 def state_text(state: str) -> Text:
     """A state word, coloured."""
     return Text(state, style=STATE_STYLES.get(state, ""))
@@ -165,8 +147,8 @@ def node_text(
     there, not from its dispatch: time spent queued or waiting for a person is left out),
     or to `BY_HAND` for a result given by hand (no duration). `states=False` leaves out
     states and results (a compiled tree, `ablauf check --tree`). `state`: the node's state
-    word when the caller knows it in its tree (`semantics.states`: a branch that never
-    ran is `skipped`), else `semantics.state_of(node)`.
+    word when the caller knows it in its tree (`engine.states.states`: a branch that never
+    ran is `skipped`), else `engine.states.state_of(node)`.
     """
     text = Text(no_wrap=True, overflow="ellipsis")
     text.append(CHANGED_MARK + " " if changed else "  ", style="bold yellow")
@@ -181,7 +163,7 @@ def node_text(
         if node.idempotent:
             text.append(" idempotent", style="dim")
     else:
-        text.append(role or kind_name(node.kind), style="bold blue")
+        text.append(role or label_of(node.kind), style="bold blue")
         if hasattr(node, "test"):  # (if!! test ...): the test, decided when reached
             text.append(" " + format_value(node.test, width))
         if hasattr(node, "var") and hasattr(node, "coll"):  # (doseq!! [x coll] ...)
@@ -314,7 +296,7 @@ def _tree(
         )
         branch = parent.add(line)
         kids = list(getattr(node, "children", ()))
-        roles: tuple[str | None, ...] = _ROLES.get(node.kind, ())
+        roles: tuple[str | None, ...] = roles_of(node.kind)
         if len(roles) != len(kids):
             roles = (None,) * len(kids)
         entries = [
@@ -383,3 +365,30 @@ def leaf_counts(job: Job) -> LeafCounts:
         else:
             counts["failed"] += 1
     return LeafCounts(total=total, **counts)
+
+
+# ---------------------------------------------------------------- runs
+
+
+def outcome(run: Run, elapsed: float | None, width: int) -> Group:
+    """The result of a run as `ablauf run` prints it: status, id, restarts (and `elapsed`
+    seconds), the abort reason, each failed step with its error, the context."""
+    full = width >= FULL_WIDTH
+    line = Text()
+    line.append_text(status_text(run.status))
+    line.append(f"  run {run.run_id}  restarts {run.job.restarts}", style="dim")
+    if elapsed is not None:
+        line.append(f"  {elapsed:.2f}s", style="dim")
+    if run.job.aborted is not None:
+        line.append(f"  aborted: {run.job.aborted}", style="red")
+    lines = [line]
+    for leaf in run.job.leaves():
+        if leaf.result in (LeafState.FAILURE, LeafState.TIMEOUT):
+            err = Text(f"  #{leaf.id} {leaf.action} {leaf.result}: ", style="red")
+            err.append(format_value(leaf.error, 0 if full else 200))
+            lines.append(err)
+    if run.context:
+        lines.append(
+            Text("context ", style="dim") + Text(format_value(run.context, 0 if full else 400))
+        )
+    return Group(*lines)

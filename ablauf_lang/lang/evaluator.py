@@ -1,40 +1,45 @@
-"""Expressions: a small evaluator over forms, at compile time and at run time.
+"""The compile-time evaluator: a small partial evaluator over forms, in an `Env` chain.
 
-At compile time `Evaluator` evaluates the language's expressions (`let`, `if`, `fn`,
-`for`, builtins, user functions...) in an `Env` chain. It is a *partial* evaluator: a
-value it cannot know yet, because it depends on the run's context (`(ctx :k)`) or on a
-`doseq!!`/`pmap!!` variable, becomes residual `Code`, with everything known folded in:
-
-    (str "deploy " (ctx :service) " to " (count hosts))  ; hosts known: [a b]
-    ==> Call("str", ("deploy ", Call("ctx", ("service",)), " to ", 2))
+`Evaluator` evaluates the language's expressions (`let`, `if`, `fn`, `for`, builtins,
+user functions...) at compile time. A value it cannot know yet, because it depends on the
+run's context (`(ctx :k)`) or on a `doseq!!`/`pmap!!` variable, becomes residual `Code`
+(`ablauf_lang.code`), with everything known folded in; a node keeps it as a `code.Expr`.
 
 User functions are inlined, so they take run-time arguments like any other; only a
 branch on a run-time value cannot pick between *workflows* (that is what `if!!` is for).
-
-At run time `Expr`, the `Deferred` the engine stores in a node, evaluates its `Code`
-against the context when the node is reached (and `bind` gives it the element of a
-`doseq!!`/`pmap!!` copy). `Expr.to_data` is plain JSON, so jobs holding expressions are
-stored like any other. Workflow forms (`do!!`, `log!!`...) are the compiler's: it hands
-the evaluator a `Host` that builds them, so this module needs neither Lark nor the compiler.
+Workflow forms (`do!!`, `log!!`...) are the compiler's: it hands the evaluator a `Host`
+that builds them, so this module needs neither Lark nor the compiler. Special forms
+register with `@special(name)`, one function per form.
 
 Recursion here is bounded by the nesting the program itself spells out: past
-`MAX_DEPTH` levels of nested expressions and function calls, or `MAX_CODE_DEPTH` levels
-of run-time expression, a clear error is raised instead of a RecursionError.
+`MAX_DEPTH` levels of nested expressions and function calls (or `code.MAX_CODE_DEPTH`
+levels of run-time expression) a clear error is raised instead of a RecursionError.
 """
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from ablauf_lang import values
-from ablauf_lang.engine.nodes import BranchView, Deferred, Leaf
-from ablauf_lang.errors import AblaufCompileError, AblaufError, JobError, Span
+from ablauf_lang.code import (
+    MAX_CODE_DEPTH,
+    MAX_CODE_SIZE,
+    AndCode,
+    Call,
+    Code,
+    Expr,
+    IfCode,
+    MapCode,
+    OrCode,
+    Vec,
+    show_code,
+)
+from ablauf_lang.engine.kinds import Kind, Leaf
+from ablauf_lang.errors import AblaufCompileError, Span
 from ablauf_lang.lang.forms import (
     Form,
-    Keyword,
     List,
     Map,
     NotData,
@@ -43,51 +48,34 @@ from ablauf_lang.lang.forms import (
     span_of,
     to_data,
 )
+from ablauf_lang.names import did_you_mean
 from ablauf_lang.stdlib.builtins import (
     BUILTINS,
     Builtin,
     BuiltinError,
-    is_truthy,
     show_value,
     type_name,
 )
-from ablauf_lang.values import Meter, TooLarge, freeze
+from ablauf_lang.values import Keyword, Meter, TooLarge, freeze, is_truthy
 
 __all__ = [
-    "MAX_CODE_DEPTH",
-    "MAX_CODE_SIZE",
     "MAX_DEPTH",
     "MAX_STEPS",
+    "RUNTIME_HINT",
     "SPECIAL_FORMS",
-    "AndCode",
-    "Call",
     "Closure",
-    "Code",
     "Env",
     "Evaluator",
-    "Expr",
     "Host",
-    "IfCode",
-    "MapCode",
-    "OrCode",
-    "Var",
-    "Vec",
-    "decode_data",
     "describe",
-    "did_you_mean",
-    "encode_data",
     "first_non_data",
+    "is_data",
     "is_workflow",
-    "run",
+    "special",
 ]
 
 # Nested expressions and function calls, at compile time.
 MAX_DEPTH = 100
-# Nested run-time expressions (what is left for run time after folding).
-MAX_CODE_DEPTH = 100
-# Parts of one run-time expression, counted as if nothing were shared: `(let [b (str a a)
-# c (str b b) ...])` on a run-time `a` doubles at each step.
-MAX_CODE_SIZE = 10_000
 # Evaluation steps per compile: a runaway recursive function stops with an error.
 MAX_STEPS = 1_000_000
 
@@ -121,15 +109,6 @@ class Env(dict[str, Any]):
         return sorted(seen)
 
 
-def did_you_mean(name: str, candidates: Iterable[str], prefix: str = "") -> str:
-    """Return "; did you mean x or y?" for the candidates close to `name`, or ""."""
-    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
-    if not close:
-        return ""
-    text = " or ".join(prefix + c for c in close)
-    return f"; did you mean {text}" + ("" if text.endswith("?") else "?")
-
-
 # ---------------------------------------------------------------------------------------
 # Values
 
@@ -159,17 +138,7 @@ class Closure:
 
 def is_workflow(value: Any) -> bool:
     """True for a workflow value: a node tree built by a workflow form."""
-    return isinstance(value, Leaf | BranchView)
-
-
-_KIND_FORMS = {
-    "seq": "do!!",
-    "par": "dopar!!",
-    "try": "try!!",
-    "if": "if!!",
-    "doseq": "doseq!!",
-    "pmap": "pmap!!",
-}
+    return isinstance(value, Kind)
 
 
 def describe(value: Any, limit: int = 40) -> str:
@@ -177,7 +146,7 @@ def describe(value: Any, limit: int = 40) -> str:
     if is_workflow(value):
         if isinstance(value, Leaf):
             return f"a workflow (the action {value.action})"
-        return f"a workflow ({_KIND_FORMS.get(value.kind, value.kind)})"
+        return f"a workflow ({value.label or value.kind})"
     if isinstance(value, Closure):
         return f"the function {value.name}" if value.name else "a function"
     if isinstance(value, Builtin):
@@ -189,466 +158,18 @@ def describe(value: Any, limit: int = 40) -> str:
     return f"{type_name(value)} {show_value(value, limit)}"
 
 
-_NOT_DATA: Any = object()
-
-
-def _inspect(value: Any) -> tuple[Any, str | None]:
-    """`Evaluator.inspect` without the memory: one walk, no recursion."""
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        v, depth = stack.pop()
-        if v is None or isinstance(v, bool | float | str):
-            continue
-        if isinstance(v, int):
-            if values.int_too_large(v):
-                return _NOT_DATA, f"holds an integer of more than {values.MAX_INT_DIGITS:,} digits"
-        elif isinstance(v, list | tuple | dict):
-            if depth >= values.MAX_DEPTH:
-                return _NOT_DATA, (
-                    f"is nested too deeply (more than {values.MAX_DEPTH} levels of vectors "
-                    "and maps)"
-                )
-            if isinstance(v, dict):
-                stack.extend((k, depth + 1) for k in v)
-                stack.extend((x, depth + 1) for x in v.values())
-            else:
-                stack.extend((x, depth + 1) for x in v)
-        else:
-            return v, None
-    return _NOT_DATA, None
+# What `first_non_data` finds in plain data.
+_NOT_DATA: Any = values.ALL_DATA
 
 
 def first_non_data(value: Any) -> Any:
     """Return the first part of `value` that is not plain data (or `_NOT_DATA` if none)."""
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if v is None or isinstance(v, bool | int | float | str):
-            continue
-        if isinstance(v, list | tuple):
-            stack.extend(v)
-        elif isinstance(v, dict):
-            stack.extend(v.keys())
-            stack.extend(v.values())
-        else:
-            return v
-    return _NOT_DATA
+    return values.scan(value)[0]
 
 
-# ---------------------------------------------------------------------------------------
-# Run-time code: what is left of an expression once everything known is folded in.
-# Operands are Code or constants (plain data).
-
-
-class Code:
-    """A run-time expression (residual code); `depth` is its nesting, `size` its parts
-    (counted as if nothing were shared)."""
-
-    __slots__ = ()
-    depth: int
-    size: int
-
-
-@dataclass(frozen=True, slots=True)
-class Var(Code):
-    """A `doseq!!`/`pmap!!` variable, bound per copy by `Expr.bind`."""
-
-    name: str
-    span: Span | None = field(default=None, compare=False)
-    depth: int = field(default=1, compare=False)
-    size: int = field(default=1, compare=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Call(Code):
-    """A call of the builtin `fn` (user functions are inlined before run time)."""
-
-    fn: str
-    args: tuple[Any, ...]
-    span: Span | None = field(default=None, compare=False)
-    depth: int = field(default=1, compare=False)
-    size: int = field(default=1, compare=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Vec(Code):
-    """`[a b ...]` with a run-time item."""
-
-    items: tuple[Any, ...]
-    depth: int = field(default=1, compare=False)
-    size: int = field(default=1, compare=False)
-
-
-@dataclass(frozen=True, slots=True)
-class MapCode(Code):
-    """`{k v ...}` with a run-time key or value."""
-
-    pairs: tuple[tuple[Any, Any], ...]
-    depth: int = field(default=1, compare=False)
-    size: int = field(default=1, compare=False)
-
-
-@dataclass(frozen=True, slots=True)
-class IfCode(Code):
-    """`(if test then else)` with a run-time test."""
-
-    test: Any
-    then: Any
-    other: Any
-    span: Span | None = field(default=None, compare=False)
-    depth: int = field(default=1, compare=False)
-    size: int = field(default=1, compare=False)
-
-
-@dataclass(frozen=True, slots=True)
-class AndCode(Code):
-    """`(and x ...)` from its first run-time operand on."""
-
-    items: tuple[Any, ...]
-    depth: int = field(default=1, compare=False)
-    size: int = field(default=1, compare=False)
-
-
-@dataclass(frozen=True, slots=True)
-class OrCode(Code):
-    """`(or x ...)` from its first run-time operand on."""
-
-    items: tuple[Any, ...]
-    depth: int = field(default=1, compare=False)
-    size: int = field(default=1, compare=False)
-
-
-def _parts(code: Code) -> Iterator[Any]:
-    """The operands of a piece of code."""
-    if isinstance(code, Call | Vec | AndCode | OrCode):
-        yield from code.args if isinstance(code, Call) else code.items
-    elif isinstance(code, MapCode):
-        for k, v in code.pairs:
-            yield k
-            yield v
-    elif isinstance(code, IfCode):
-        yield code.test
-        yield code.then
-        yield code.other
-
-
-def free_vars(code: Any) -> frozenset[str]:
-    """The `doseq!!`/`pmap!!` variables a piece of code reads."""
-    found: set[str] = set()
-    stack = [code]
-    while stack:
-        c = stack.pop()
-        if isinstance(c, Var):
-            found.add(c.name)
-        elif isinstance(c, Code):
-            stack.extend(_parts(c))
-    return frozenset(found)
-
-
-def show_code(code: Any, depth: int = 0) -> str:
-    """The source text of a piece of code: `(str "v" (ctx :version))`."""
-    if not isinstance(code, Code):
-        return show_value(code)
-    if depth > MAX_CODE_DEPTH:
-        return "..."
-    d = depth + 1
-    if isinstance(code, Var):
-        return code.name
-    if isinstance(code, Call):
-        return "(" + " ".join([code.fn, *(show_code(a, d) for a in code.args)]) + ")"
-    if isinstance(code, Vec):
-        return "[" + " ".join(show_code(a, d) for a in code.items) + "]"
-    if isinstance(code, MapCode):
-        return "{" + " ".join(f"{show_code(k, d)} {show_code(v, d)}" for k, v in code.pairs) + "}"
-    if isinstance(code, IfCode):
-        parts = [show_code(code.test, d), show_code(code.then, d), show_code(code.other, d)]
-        return "(if " + " ".join(parts) + ")"
-    head = "and" if isinstance(code, AndCode) else "or"
-    return "(" + " ".join([head, *(show_code(a, d) for a in _parts(code))]) + ")"
-
-
-# ---------------------------------------------------------------------------------------
-# Running code
-
-
-def _runtime_error(message: str, span: Span | None, filename: str | None) -> AblaufError:
-    if span is None:
-        return AblaufError(message, filename=filename)
-    return AblaufError(
-        message, filename=span.filename or filename, line=span.line, column=span.column
-    )
-
-
-def run(
-    code: Any,
-    context: dict[str, Any],
-    bindings: dict[str, Any],
-    filename: str | None = None,
-    meter: Meter | None = None,
-) -> Any:
-    """Evaluate code against the context; raise AblaufError naming its source position.
-
-    What the builtins build is measured against the same budget as at compile time.
-    """
-    if not isinstance(code, Code):
-        return code
-    if code.depth > MAX_CODE_DEPTH or code.size > MAX_CODE_SIZE:
-        raise _runtime_error("run-time expression nested too deeply or too large", None, filename)
-    return _run(code, context, bindings, filename, Meter() if meter is None else meter)
-
-
-def _run(
-    code: Any, context: dict[str, Any], bindings: dict[str, Any], filename: str | None, meter: Meter
-) -> Any:
-    if not isinstance(code, Code):
-        return code
-    if isinstance(code, Var):
-        if code.name not in bindings:
-            raise _runtime_error(
-                f"{code.name} is not bound here (a doseq!!/pmap!! variable used outside its body)",
-                code.span,
-                filename,
-            )
-        return bindings[code.name]
-    if isinstance(code, Call):
-        args = [_run(a, context, bindings, filename, meter) for a in code.args]
-        fn = BUILTINS.get(code.fn)
-        if fn is None:
-            raise _runtime_error(f"unknown builtin function {code.fn}", code.span, filename)
-        try:
-            result = fn.fn(context, *args) if fn.needs_context else fn.fn(*args)
-            meter.built(result)
-        except BuiltinError as exc:
-            raise _runtime_error(exc.message, code.span, filename) from None
-        except TooLarge as exc:
-            raise _runtime_error(f"this expression {exc.message}", code.span, filename) from None
-        except (TypeError, ValueError, ArithmeticError, LookupError) as exc:
-            raise _runtime_error(f"{code.fn}: {exc}", code.span, filename) from None
-        return result
-    if isinstance(code, Vec):
-        return _built(
-            [_run(a, context, bindings, filename, meter) for a in code.items], meter, filename
-        )
-    if isinstance(code, MapCode):
-        out = {}
-        for k, v in code.pairs:
-            key = _run(k, context, bindings, filename, meter)
-            try:
-                key = freeze(key)
-            except TypeError:
-                raise _runtime_error(
-                    f"a map cannot be a map key: {show_value(key, 60)}", None, filename
-                ) from None
-            out[key] = _run(v, context, bindings, filename, meter)
-        return _built(out, meter, filename)
-    if isinstance(code, IfCode):
-        test = _run(code.test, context, bindings, filename, meter)
-        chosen = code.then if is_truthy(test) else code.other
-        return _run(chosen, context, bindings, filename, meter)
-    # and / or: stop at the first value that decides
-    is_and = isinstance(code, AndCode)
-    value: Any = True if is_and else None
-    for item in _parts(code):
-        value = _run(item, context, bindings, filename, meter)
-        if is_truthy(value) != is_and:
-            return value
-    return value
-
-
-def _built(value: Any, meter: Meter, filename: str | None) -> Any:
-    try:
-        meter.built(value)
-    except TooLarge as exc:
-        raise _runtime_error(f"a run-time expression {exc.message}", None, filename) from None
-    return value
-
-
-# ---------------------------------------------------------------------------------------
-# JSON for stored expressions
-
-
-def encode_data(value: Any) -> Any:
-    """Return plain data as JSON-able data (maps with odd keys and tuples tagged), iteratively."""
-    return values.encode(value, "a value in a run-time expression")
-
-
-def decode_data(data: Any) -> Any:
-    """Invert `encode_data`, iteratively."""
-    return values.decode(data)
-
-
-def _span_data(span: Span | None, filename: str | None) -> list[Any] | None:
-    if span is None:
-        return None
-    if span.filename is not None and span.filename != filename:
-        return [span.line, span.column, span.filename]
-    return [span.line, span.column]
-
-
-def _span_from(data: Any, filename: str | None) -> Span | None:
-    if not data:
-        return None
-    return Span(data[0], data[1], filename=data[2] if len(data) > 2 else filename)
-
-
-def code_to_data(code: Any, filename: str | None, depth: int = 0) -> Any:
-    """JSON-able data for code: `["call", "str", [...], [line, col]]`, constants quoted."""
-    if not isinstance(code, Code):
-        if isinstance(code, Keyword):
-            return ["kw", str(code)]  # kept a keyword, so it prints as one
-        if code is None or isinstance(code, bool | int | float | str):
-            return str(code) if isinstance(code, str) else code
-        return ["quote", encode_data(code)]
-    if depth > MAX_CODE_DEPTH:
-        raise JobError("run-time expression nested too deeply to store")
-    d = depth + 1
-    if isinstance(code, Var):
-        return ["var", code.name, _span_data(code.span, filename)]
-    if isinstance(code, Call):
-        args = [code_to_data(a, filename, d) for a in code.args]
-        return ["call", code.fn, args, _span_data(code.span, filename)]
-    if isinstance(code, Vec):
-        return ["vec", [code_to_data(a, filename, d) for a in code.items]]
-    if isinstance(code, MapCode):
-        return [
-            "map",
-            [[code_to_data(k, filename, d), code_to_data(v, filename, d)] for k, v in code.pairs],
-        ]
-    if isinstance(code, IfCode):
-        parts = [code_to_data(p, filename, d) for p in _parts(code)]
-        return ["if", *parts, _span_data(code.span, filename)]
-    head = "and" if isinstance(code, AndCode) else "or"
-    return [head, [code_to_data(a, filename, d) for a in _parts(code)]]
-
-
-def _depth(parts: Iterable[Any]) -> int:
-    return 1 + max((p.depth for p in parts if isinstance(p, Code)), default=0)
-
-
-def _size(parts: Iterable[Any]) -> int:
-    return 1 + sum(p.size if isinstance(p, Code) else 1 for p in parts)
-
-
-def code_from_data(data: Any, filename: str | None, depth: int = 0) -> Any:
-    """Invert `code_to_data`."""
-    if not isinstance(data, list):
-        return data
-    if depth > MAX_CODE_DEPTH:
-        raise JobError("stored run-time expression is nested too deeply")
-    d = depth + 1
-    try:
-        op = data[0]
-        if op == "quote":
-            return decode_data(data[1])
-        if op == "kw":
-            return Keyword(data[1])
-        if op == "var":
-            return Var(data[1], _span_from(data[2], filename))
-        if op == "call":
-            args = tuple(code_from_data(a, filename, d) for a in data[2])
-            return Call(data[1], args, _span_from(data[3], filename), _depth(args), _size(args))
-        if op == "vec":
-            items = tuple(code_from_data(a, filename, d) for a in data[1])
-            return Vec(items, _depth(items), _size(items))
-        if op == "map":
-            pairs = tuple(
-                (code_from_data(k, filename, d), code_from_data(v, filename, d)) for k, v in data[1]
-            )
-            flat = [p for kv in pairs for p in kv]
-            return MapCode(pairs, _depth(flat), _size(flat))
-        if op == "if":
-            test, then, other = (code_from_data(p, filename, d) for p in data[1:4])
-            return IfCode(
-                test,
-                then,
-                other,
-                _span_from(data[4], filename),
-                _depth((test, then, other)),
-                _size((test, then, other)),
-            )
-        if op in ("and", "or"):
-            items = tuple(code_from_data(a, filename, d) for a in data[1])
-            return (AndCode if op == "and" else OrCode)(items, _depth(items), _size(items))
-    except (IndexError, TypeError, ValueError):
-        pass
-    raise JobError(f"stored run-time expression is damaged: {str(data)[:80]}")
-
-
-# ---------------------------------------------------------------------------------------
-# The run-time expression the engine stores
-
-
-class Expr(Deferred):
-    """A run-time expression in a node: evaluated against the context when reached.
-
-    `code` is what is left of the source expression once every compile-time part is
-    folded; `bindings` holds the `doseq!!`/`pmap!!` variables it reads (set by `bind`);
-    `filename` places errors whose position names no file of its own.
-    """
-
-    tag = "expr"
-    __slots__ = ("bindings", "code", "filename", "free")
-
-    def __init__(
-        self,
-        code: Any,
-        filename: str | None = None,
-        bindings: dict[str, Any] | None = None,
-        free: frozenset[str] | None = None,
-    ) -> None:
-        self.code = code
-        self.filename = filename
-        self.bindings = dict(bindings or {})
-        self.free = free_vars(code) if free is None else free
-
-    def evaluate(self, context: dict[str, Any]) -> Any:
-        """The expression's value against `context`; AblaufError (with position) on failure."""
-        return run(self.code, context, self.bindings, self.filename)
-
-    def bind(self, bindings: dict[str, Any]) -> Expr:
-        """A copy with the variables it reads among `bindings` bound (inner ones win)."""
-        relevant = {k: v for k, v in bindings.items() if k in self.free}
-        if not relevant:
-            return self
-        return Expr(self.code, self.filename, {**self.bindings, **relevant}, self.free)
-
-    def to_data(self) -> Any:
-        """`{"code": ..., "file": ..., "bind": {...}}`: plain JSON."""
-        data: dict[str, Any] = {"code": code_to_data(self.code, self.filename)}
-        if self.filename is not None:
-            data["file"] = self.filename
-        if self.bindings:
-            data["bind"] = encode_data(self.bindings)
-        return data
-
-    @classmethod
-    def from_data(cls, data: Any) -> Expr:
-        """Invert `to_data`."""
-        if not isinstance(data, dict) or "code" not in data:
-            raise JobError(f"stored run-time expression is damaged: {str(data)[:80]}")
-        filename = data.get("file")
-        code = code_from_data(data["code"], filename)
-        return cls(code, filename, decode_data(data.get("bind") or {}))
-
-    @property
-    def show(self) -> str:
-        """The expression as source text, with its bound variables as a `let`."""
-        text = show_code(self.code)
-        if not self.bindings:
-            return text
-        pairs = " ".join(f"{k} {show_value(v)}" for k, v in sorted(self.bindings.items()))
-        return f"(let [{pairs}] {text})"
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Expr):
-            return NotImplemented
-        return self.code == other.code and self.bindings == other.bindings
-
-    def __hash__(self) -> int:
-        return hash(show_code(self.code))
-
-    def __repr__(self) -> str:
-        return self.show
+def is_data(value: Any) -> bool:
+    """True for plain data (what a payload may hold): no function, workflow or code."""
+    return values.scan(value)[0] is _NOT_DATA
 
 
 # ---------------------------------------------------------------------------------------
@@ -789,7 +310,9 @@ class Evaluator:
             if isinstance(form, Vector):
                 items = [self.ev(x, env, form.span_of(i)) for i, x in enumerate(form.items)]
                 if any(isinstance(v, Code) for v in items):
-                    return self.residual(lambda d, n: Vec(tuple(items), d, n), items, form.span)
+                    return self.residual(
+                        lambda d, n: Vec(tuple(items), depth=d, size=n), items, form.span
+                    )
                 return self.built(items, form.span)
             return self.ev_map(form, env)
         finally:
@@ -817,7 +340,9 @@ class Evaluator:
         ]
         if any(isinstance(p, Code) for kv in pairs for p in kv):
             flat = [p for kv in pairs for p in kv]
-            return self.residual(lambda d, n: MapCode(tuple(pairs), d, n), flat, form.span)
+            return self.residual(
+                lambda d, n: MapCode(tuple(pairs), depth=d, size=n), flat, form.span
+            )
         out: dict[Any, Any] = {}
         for i, (k, v) in enumerate(pairs):
             try:
@@ -860,7 +385,7 @@ class Evaluator:
             elif name in BUILTINS:
                 fn = BUILTINS[name]
             else:
-                forms: Iterable[str] = getattr(self.host, "form_names", tuple)()
+                forms = self.host.form_names()
                 if name.endswith("!!"):
                     # Workflow forms end in !!: look among them (and the user's names) first.
                     hint = did_you_mean(name, [*forms, *env.names()])
@@ -904,7 +429,7 @@ class Evaluator:
             )
         if fn.needs_context or any(isinstance(a, Code) for a in args):
             return self.residual(
-                lambda d, n: Call(fn.name, tuple(args), form.span, d, n), args, form.span
+                lambda d, n: Call(fn.name, tuple(args), form.span, depth=d, size=n), args, form.span
             )
         try:
             result = fn.fn(*args)
@@ -923,7 +448,9 @@ class Evaluator:
         if fn.rest is not None:
             more = args[want:]
             if any(isinstance(a, Code) for a in more):
-                scope[fn.rest] = self.residual(lambda d, n: Vec(tuple(more), d, n), more, form.span)
+                scope[fn.rest] = self.residual(
+                    lambda d, n: Vec(tuple(more), depth=d, size=n), more, form.span
+                )
             else:
                 scope[fn.rest] = self.built(more, form.span)
         # The call's own form counted as a level of nesting: so does each recursive call.
@@ -970,10 +497,10 @@ class Evaluator:
         """(the first part of `value` that is not data, or `_NOT_DATA`; what else is wrong
         with it as a value a node keeps, or None). Containers found fine are remembered."""
         if not isinstance(value, list | tuple | dict):
-            return first_non_data(value), None
+            return values.scan(value)
         if id(value) in self.inspected:
             return _NOT_DATA, None
-        bad, problem = _inspect(value)
+        bad, problem = values.scan(value)
         if bad is _NOT_DATA and problem is None:
             self.inspected[id(value)] = value  # kept alive, so the id stays its own
         return bad, problem
@@ -1098,7 +625,9 @@ def _if(ev: Evaluator, form: List, env: Env) -> Any:
         if len(form.items) > 3:
             other = _branch_value(ev, ev.ev(form.items[3], env, form.span_of(3)), form, "if")
         return ev.residual(
-            lambda d, n: IfCode(test, then, other, form.span, d, n), (test, then, other), form.span
+            lambda d, n: IfCode(test, then, other, form.span, depth=d, size=n),
+            (test, then, other),
+            form.span,
         )
     if is_truthy(test):
         return ev.ev(form.items[2], env, form.span_of(2))
@@ -1113,7 +642,9 @@ def _when(ev: Evaluator, form: List, env: Env) -> Any:
     if isinstance(test, Code):
         then = _branch_value(ev, ev.ev_body(form, 2, env), form, "when")
         return ev.residual(
-            lambda d, n: IfCode(test, then, None, form.span, d, n), (test, then), form.span
+            lambda d, n: IfCode(test, then, None, form.span, depth=d, size=n),
+            (test, then),
+            form.span,
         )
     return ev.ev_body(form, 2, env) if is_truthy(test) else None
 
@@ -1163,7 +694,7 @@ def _logic(ev: Evaluator, form: List, env: Env, is_and: bool) -> Any:
     if not kept:
         return value
     cls = AndCode if is_and else OrCode
-    return ev.residual(lambda d, n: cls(tuple(kept), d, n), kept, form.span)
+    return ev.residual(lambda d, n: cls(tuple(kept), depth=d, size=n), kept, form.span)
 
 
 # (and x ...)
@@ -1233,7 +764,7 @@ def _for(ev: Evaluator, form: List, env: Env) -> Any:
                 inner[n] = ev.ev(value_form.items[j + 1], inner, value_form.span_of(j + 1))
             stack.append((index + 1, inner))
     if any(isinstance(r, Code) for r in results):
-        return ev.residual(lambda d, n: Vec(tuple(results), d, n), results, form.span)
+        return ev.residual(lambda d, n: Vec(tuple(results), depth=d, size=n), results, form.span)
     return ev.built(results, form.span)
 
 

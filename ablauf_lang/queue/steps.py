@@ -1,0 +1,259 @@
+"""The workers' transactions on the queue: claim tasks, restart a run for its results,
+deliver results. The engine is not called here: a step's new job comes from the `advance`
+callable the worker passes (`restart_job` with its clock).
+
+Each step is one transaction of the store's (`PostgresStore.step`) whose BEGIN travels with
+its first statement and whose COMMIT travels with its last (psycopg pipeline mode).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from ablauf_lang.codec.records import decode_result, encode_result, text_value
+from ablauf_lang.engine.job import Job
+from ablauf_lang.engine.nodes import Dispatch, Result
+from ablauf_lang.errors import InternalError
+from ablauf_lang.queue.tasks import Q, StepLog, leased, log_step, notify, send_actions
+from ablauf_lang.stores.postgres.queries import QUERIES as STORE_Q
+from ablauf_lang.stores.postgres.store import PostgresStore
+
+# A step's engine call: the run's job and the results to apply -> (new job, dispatches).
+Advance = Callable[[Job, list[Result]], tuple[Job, list[Dispatch]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A task `claim` took: an action leased (with its dispatch), or a restart task to run
+    with `run_restart`."""
+
+    task_id: int
+    run_id: str
+    kind: str
+    dispatch: Dispatch | None
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What a restart did: the new job and its write number, the actions it claimed."""
+
+    job: Job
+    seq: int
+    results: int
+    task_ids: list[int]  # the restart tasks it consumed
+    claimed: list[tuple[int, Dispatch]]
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What became of a result: "restarted" (applied at once), "queued", or "lost"."""
+
+    outcome: str
+    run_id: str | None = None
+    step: Step | None = None
+    lost: int = 0  # results dropped: their task's lease was lost
+
+
+@dataclass(frozen=True, slots=True)
+class _Applied:
+    """A step recorded, its actions not queued yet."""
+
+    job: Job
+    dispatches: list[Dispatch]
+    task_ids: list[int]
+    log: StepLog
+
+    def step(self, claimed: list[tuple[int, Dispatch]]) -> Step:
+        return Step(self.job, self.log.seq, self.log.results or 0, self.task_ids, claimed)
+
+
+def claim(
+    store: PostgresStore,
+    owner: str,
+    lease: float,
+    limit: int = 1,
+    actions: Collection[str] | None = None,
+) -> list[Claimed]:
+    """Take the oldest ready tasks, at most `limit` (`FOR UPDATE SKIP LOCKED`), in one
+    statement: action tasks whose action is in `actions` (None: any) are leased to
+    `owner` and returned with their dispatch; restart tasks (any worker can run them)
+    are only named (run them with `run_restart`), in queue order."""
+    names = None if actions is None else sorted(actions)
+    with store.session() as conn:
+        rows = conn.execute(Q["claim"], (names, names, limit, owner, lease)).fetchall()
+    out = []
+    for row in sorted(rows):
+        task_id, run_id, kind = int(row[0]), str(row[1]), str(row[2])
+        if kind != "action" or row[3] is None:
+            out.append(Claimed(task_id, run_id, kind, None))
+            continue
+        dispatch = Dispatch(
+            int(row[3]),
+            row[5],
+            text_value(row[7]),
+            bool(row[6]),
+            int(row[4]),
+            text_value(row[8]),
+        )
+        out.append(Claimed(task_id, run_id, kind, dispatch))
+    return out
+
+
+def _apply(
+    store: PostgresStore,
+    run_id: str,
+    key: int,
+    extra: Sequence[Result],
+    advance: Advance,
+    *,
+    worker: str,
+    force: bool,
+    state: Sequence[Any] | None = None,
+) -> _Applied | None:
+    """Take the queued results, advance the job, record the step (all but queueing the new
+    actions); None when there is nothing to do and not `force`. `state`: the run's (newest
+    write, clock, queued results) when the caller read them already.
+
+    The base is `store.base_for` (pinned for the transaction, so the delta is diffed
+    against it and numbered right after it). A base that is not the run's newest write (the
+    caller's statement saw an older snapshot than its lock) makes the write's number taken:
+    the transaction is refused (WriteConflict), never written over another.
+    """
+    if state is None:
+        state = store.conn.execute(Q["run_state"], (run_id, key)).fetchone()
+    if state is None:
+        raise InternalError(f"run {run_id} vanished under its row lock")
+    seq, started, batch = state
+    queued = [(int(t), r) for t, r in json.loads(batch)]
+    if not queued and not extra and not force:
+        return None  # another worker took these results with an earlier restart
+    results = [decode_result(r) for _, r in queued if r is not None]
+    results.extend(extra)
+    base = store.base_for(run_id, key, int(seq))
+    new, dispatches = advance(base.job, results)
+    written = store.record_locked(run_id, new, base)
+    log = StepLog(written, worker, len(results), started)
+    return _Applied(new, list(dispatches), [t for t, _ in queued], log)
+
+
+def _finish(
+    store: PostgresStore,
+    run_id: str,
+    applied: _Applied,
+    *,
+    claim: int,
+    owner: str,
+    lease: float,
+    serves: Collection[str] | None,
+) -> Step:
+    """Log the step, queue its actions (leasing `claim` of them to `owner`) and COMMIT, in
+    one round trip."""
+    dispatches = applied.dispatches
+
+    def send(conn: psycopg.Connection) -> psycopg.Cursor[Any] | None:
+        log_step(conn, run_id, applied.log, len(dispatches))
+        cur, mine = send_actions(
+            conn, run_id, dispatches, claim=claim, owner=owner, lease=lease, serves=serves
+        )
+        notify(conn, len(dispatches) - mine)
+        return cur
+
+    cur = store.commit_step(run_id, send)
+    return applied.step(leased(cur, dispatches))
+
+
+def run_restart(
+    store: PostgresStore,
+    run_id: str,
+    advance: Advance,
+    *,
+    worker: str,
+    claim: int,
+    lease: float,
+    serves: Collection[str] | None = None,
+) -> Step | None:
+    """Restart a run for its queued results: wait for its row lock (a restart of the run
+    elsewhere finishes first), then apply every result queued for it at once."""
+    with store.step():
+        row = store.begin(STORE_Q["lock_run"], (run_id,))
+        if row is None:
+            store.end(commit=False)
+            return None
+        applied = _apply(store, run_id, int(row[0]), [], advance, worker=worker, force=False)
+        if applied is None:
+            store.end(commit=False)
+            return None
+        return _finish(
+            store, run_id, applied, claim=claim, owner=worker, lease=lease, serves=serves
+        )
+
+
+def deliver(
+    store: PostgresStore,
+    run_id: str,
+    items: Sequence[tuple[int, Result]],
+    advance: Advance,
+    *,
+    worker: str,
+    claim: int,
+    lease: float,
+    serves: Collection[str] | None = None,
+) -> Delivery:
+    """Hand over results of action tasks of one run leased to `worker`: remove the tasks
+    and, when no one holds the run's row, restart the run with them right away (and
+    lease the next action to `worker`); otherwise queue them as restart tasks. Tasks
+    whose lease was lost (recovered by another worker) are left alone and their results
+    dropped (`Delivery.lost`). A WriteConflict means nothing was done: the tasks are
+    still leased to `worker` (queue the results with `queue_result`)."""
+    ids = [t for t, _ in items]
+    by_id = dict(items)
+    with store.step():
+        delay = store.statement_delay()
+        if len(items) == 1:
+            one = encode_result(items[0][1])
+            row = store.begin(
+                Q["deliver_one"], (delay, ids[0], worker, run_id, run_id, one, run_id)
+            )
+        else:
+            results = [encode_result(r) for _, r in items]
+            row = store.begin(
+                Q["deliver"], (delay, ids, worker, run_id, run_id, ids, results, run_id)
+            )
+        mine = [int(t) for t in (row[0] or [])]
+        lost = len(ids) - len(mine)
+        if not mine:
+            store.end(commit=False)
+            return Delivery("lost", run_id, lost=lost)
+        key = row[1]
+        if key is None:
+            store.end(commit=True)
+            return Delivery("queued", run_id, lost=lost)
+        applied = _apply(
+            store,
+            run_id,
+            int(key),
+            [by_id[t] for t in sorted(mine)],
+            advance,
+            worker=worker,
+            force=True,
+            state=row[2:5],
+        )
+        if applied is None:
+            raise InternalError("a forced restart did nothing")
+        step = _finish(
+            store, run_id, applied, claim=claim, owner=worker, lease=lease, serves=serves
+        )
+        return Delivery("restarted", run_id, step, lost=lost)
+
+
+def queue_result(store: PostgresStore, task_id: int, result: Result, *, worker: str) -> str | None:
+    """Remove an action task leased to `worker` and queue its result as a restart task,
+    in one statement; the run id, or None when the lease was lost."""
+    with store.session() as conn:
+        found = conn.execute(Q["queue_result"], (task_id, worker, encode_result(result))).fetchone()
+    return None if found is None else str(found[0])

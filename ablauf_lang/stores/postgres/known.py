@@ -1,0 +1,106 @@
+"""What the store objects of one process's threads know of runs, shared and staged.
+
+A worker's slots each have a store object (a connection), and share one `SharedKnown`: a
+step does not read a run's tree again when another thread of the process wrote it last.
+Each store object sees it through a `KnownView` (its `KnownRuns`), which stages what an open
+transaction learns and publishes it after the COMMIT.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from ablauf_lang.errors import InternalError
+from ablauf_lang.stores.sql import Known, KnownRuns
+
+
+class SharedKnown(KnownRuns):
+    """What the threads of one process know of runs: only what was committed.
+
+    Otherwise a thread could build on a write that was rolled back, whose number another
+    process then took. A publication never replaces a newer write of the run by an older
+    one (a thread can be preempted between its COMMIT and publishing, while others go on
+    writing the run).
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        super().__init__(size)
+        self.lock = threading.Lock()
+
+    def publish(self, run_id: str, known: Known) -> None:
+        """Share what a committed transaction learned of a run, unless newer is known."""
+        with self.lock:
+            current = self._runs.get(run_id)
+            if current is not None and current.key == known.key and current.seq > known.seq:
+                return
+            KnownRuns.put(self, run_id, known)
+
+    def put(self, run_id: str, known: Known) -> None:
+        self.publish(run_id, known)
+
+    def drop(self, run_id: str) -> None:
+        with self.lock:
+            KnownRuns.drop(self, run_id)
+
+    def clear(self) -> None:
+        with self.lock:
+            KnownRuns.clear(self)
+
+
+class KnownView(KnownRuns):
+    """A store object's view of a `SharedKnown`: the shared entries, plus what its open
+    transaction learned or pinned (staged until it commits, dropped if it rolls back)."""
+
+    def __init__(self, shared: SharedKnown) -> None:
+        super().__init__(shared.size)
+        self.shared = shared
+        self.staged: dict[str, Known] | None = None
+
+    def begin(self) -> None:
+        """A transaction starts: stage what it learns."""
+        self.staged = {}
+
+    def pin(self, run_id: str, known: Known) -> None:
+        """Make `known` what this transaction knows of the run, whatever other threads
+        publish meanwhile: the base its write is computed, diffed and numbered from."""
+        if self.staged is None:
+            raise InternalError("pin outside a transaction")
+        self.staged[run_id] = known
+
+    def commit(self) -> None:
+        """The transaction committed: share what it learned."""
+        staged, self.staged = self.staged or {}, None
+        for run_id, known in staged.items():
+            self.shared.publish(run_id, known)
+
+    def rollback(self) -> None:
+        """The transaction rolled back: forget what it learned."""
+        # What the shared entries say was committed stays true: a worker's step checks an
+        # entry against the run's newest write under the lock before using it.
+        self.staged = None
+
+    @property
+    def in_transaction(self) -> bool:
+        """True between `begin` and `commit` or `rollback`."""
+        return self.staged is not None
+
+    def get(self, run_id: str) -> Known | None:
+        if self.staged is not None and run_id in self.staged:
+            return self.staged[run_id]
+        return self.shared.get(run_id)
+
+    def put(self, run_id: str, known: Known) -> None:
+        if self.staged is not None:
+            self.staged[run_id] = known
+        else:
+            self.shared.publish(run_id, known)
+
+    def drop(self, run_id: str) -> None:
+        if self.staged is not None:
+            self.staged.pop(run_id, None)
+        self.shared.drop(run_id)
+
+    def clear(self) -> None:
+        if self.staged is not None:
+            self.staged.clear()
+        self.shared.clear()

@@ -1,0 +1,83 @@
+-- The PostgreSQL store's own statements (besides the dialect-neutral ones of `stores/sql.py`),
+-- loaded by name (`stores/postgres/queries.py`). Tables: `migrations/*.sql`, schema `ablauf`.
+
+-- name: schema_exists
+-- Whether the migrations table exists, looked up in pg_catalog with the statement's own
+-- snapshot (not `to_regclass`: a backend's catalog cache can keep saying "no such table"
+-- after another backend created it, for the rest of a transaction that waited for that one).
+SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+               WHERE n.nspname = 'ablauf' AND c.relname = 'schema_version');
+
+-- name: schema_versions
+SELECT version FROM ablauf.schema_version;
+
+-- name: record_version
+INSERT INTO ablauf.schema_version (version) VALUES (%s);
+
+-- name: migration_lock
+-- One migrator at a time: a session advisory lock, key 0x61626C61 ("abla").
+SELECT pg_advisory_lock(1633840225);
+
+-- name: migration_unlock
+SELECT pg_advisory_unlock(1633840225);
+
+-- name: use_schema
+-- The schema's tables are the connection's default names (the statements of stores/sql.py).
+SET search_path TO ablauf, public;
+
+-- name: read_snapshot
+-- One snapshot for every SELECT of a read.
+SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY;
+
+-- name: lock_run
+-- Lock the run's row for this transaction (one restart of a run at a time): `FOR NO KEY
+-- UPDATE`, the lock an UPDATE of the row takes, excludes other restarts of the run but not
+-- the foreign-key checks of rows inserted for it (a queued result, a delta).
+SELECT id FROM ablauf.runs WHERE run_id = %s FOR NO KEY UPDATE;
+
+-- name: lock_run_api
+-- The same for a write through the API, which also needs to know whether workers serve it.
+SELECT id, on_queue FROM ablauf.runs WHERE run_id = %s FOR NO KEY UPDATE;
+
+-- name: try_lock_run_api
+-- The same without waiting: no row when another transaction holds it.
+SELECT id, on_queue FROM ablauf.runs WHERE run_id = %s FOR NO KEY UPDATE SKIP LOCKED;
+
+-- name: run_exists
+SELECT 1 FROM ablauf.runs WHERE run_id = %s;
+
+-- name: newest_write
+-- The run's newest write: its newest delta, else its snapshot.
+SELECT coalesce((SELECT max(d.seq) FROM ablauf.deltas d WHERE d.run = r.id), r.snapshot_seq)
+FROM ablauf.runs r WHERE r.run_id = %s;
+
+-- name: check_delta
+-- Fails the transaction unless it wrote delta (run, seq) itself.
+SELECT ablauf.check_delta(%s, %s);
+
+-- name: notify_finished
+-- The run finished: wake whoever waits for it (`LISTEN ablauf_runs`).
+SELECT pg_notify('ablauf_runs', %s);
+
+-- name: listen_finished
+LISTEN ablauf_runs;
+
+-- name: serving
+-- The tasks of one run by state (see `Serving`).
+SELECT count(*) FILTER (WHERE kind = 'action' AND lease_owner IS NULL AND error IS NULL),
+       count(*) FILTER (WHERE kind = 'action' AND lease_owner IS NOT NULL
+                        AND lease_until >= now() AND error IS NULL),
+       count(*) FILTER (WHERE kind = 'action' AND lease_owner IS NOT NULL
+                        AND lease_until < now() AND error IS NULL),
+       count(*) FILTER (WHERE kind = 'restart' AND error IS NULL),
+       count(*) FILTER (WHERE error IS NOT NULL),
+       array_agg(DISTINCT lease_owner) FILTER (WHERE lease_until >= now()),
+       min(error)
+FROM ablauf.tasks WHERE run_id = %s;
+
+-- name: take_off_queue
+-- An API write on a run the workers served: drop its action tasks (none of them may be
+-- performed any more), mark it driven by the caller.
+WITH dropped AS (DELETE FROM ablauf.tasks WHERE run_id = %s AND kind = 'action')
+UPDATE ablauf.runs SET on_queue = false WHERE run_id = %s;

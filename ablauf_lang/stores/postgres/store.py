@@ -1,0 +1,486 @@
+"""The PostgreSQL store: runs shared by workers on many hosts (`postgresql://...`).
+
+    store = PostgresStore.from_url("postgresql://user@host/db")
+
+`PostgresStore` is `stores.sql.SqlStore` over the PostgreSQL `Dialect`, with this module as
+its connection policy: one autocommit psycopg connection, explicit transactions, and a
+client store (the default) that reconnects when the server restarts and runs the operation
+again, settling first what became of a write whose COMMIT it sent. Every write of a run
+holds the run's row lock (`lock_run`, `FOR NO KEY UPDATE`): one restart of a run at a time,
+and an API write never interleaves with a worker's.
+
+The queue (`ablauf_lang.queue`) builds the workers' transactions from the primitives below
+(`session`, `transaction`, `snapshot`, `retrying`, and a step's `step`, `begin`, `base_for`,
+`record_locked`, `commit_step`); the store itself runs no engine code and knows of the
+queue's tables only what an API write needs (`record` on a run the workers serve).
+
+A worker process's threads share what they know of the runs they wrote (`SharedKnown`), so
+a step does not read the tree again. A step computes the new job from one base (what the
+process knew, if it is the run's newest write under the lock, else the run read again),
+pins it for its transaction and writes the delta against that same base, numbered right
+after it: a base that turns out stale is a refused write (the unique write number,
+`ablauf.check_delta`), never a write over another.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import psycopg
+
+from ablauf_lang.engine.job import Job
+from ablauf_lang.engine.nodes import Status
+from ablauf_lang.errors import InternalError, RunError, StoreError
+from ablauf_lang.stores.postgres.connection import (
+    RECONNECT_FOR,
+    ConnectionLost,
+    WriteConflict,
+    close_quietly,
+    errors,
+    redact,
+    reopen,
+)
+from ablauf_lang.stores.postgres.dialect import DIALECT
+from ablauf_lang.stores.postgres.faults import FAULTS, Faults
+from ablauf_lang.stores.postgres.known import KnownView, SharedKnown
+from ablauf_lang.stores.postgres.queries import QUERIES as Q
+from ablauf_lang.stores.postgres.schema import open_prepared
+from ablauf_lang.stores.sql import SQL_INSERT_DELTA, Known, SqlStore
+
+log = logging.getLogger("ablauf.store")
+T = TypeVar("T")
+
+
+def lock_run(conn: psycopg.Connection, run_id: str) -> int | None:
+    """Lock the run's row for this transaction (one restart of a run at a time); return
+    its key (`runs.id`), or None when there is no such run (see `queries.sql`)."""
+    row = conn.execute(Q["lock_run"], (run_id,)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def listen_finished(conn: psycopg.Connection, url: str) -> None:
+    """LISTEN on this connection for runs finishing (the payload: the run id)."""
+    with errors(url):
+        conn.execute(Q["listen_finished"])
+
+
+@dataclass(frozen=True, slots=True)
+class Serving:
+    """The tasks of one run, by state: what the workers are doing for it."""
+
+    queued: int = 0  # action tasks ready to be taken
+    running: int = 0  # action tasks leased, lease valid
+    expired: int = 0  # action tasks leased, lease expired (their worker is gone)
+    results: int = 0  # restart tasks: results waiting to be applied
+    broken: int = 0  # tasks set aside after a restart failed
+    owners: tuple[str, ...] = ()  # who holds the valid leases
+    error: str | None = None  # why the broken tasks were set aside
+
+    @property
+    def live(self) -> bool:
+        """True when workers are performing the run or will (tasks queued or leased)."""
+        return bool(self.queued or self.running or self.results)
+
+    @property
+    def empty(self) -> bool:
+        """True when the run has no task at all."""
+        return not (self.live or self.expired or self.broken)
+
+    def describe(self) -> str:
+        """The tasks in words, e.g. `2 action(s) running on host:1, 1 action(s) queued`."""
+        parts = []
+        if self.running:
+            where = f" on {', '.join(sorted({o.rsplit('/', 1)[0] for o in self.owners}))}"
+            parts.append(f"{self.running} action(s) running{where if self.owners else ''}")
+        if self.queued:
+            parts.append(f"{self.queued} action(s) queued")
+        if self.results:
+            parts.append(f"{self.results} result(s) waiting to be applied")
+        if self.expired:
+            parts.append(f"{self.expired} action(s) whose worker's lease expired")
+        if self.broken:
+            parts.append(f"{self.broken} task(s) set aside after a failed restart")
+        return ", ".join(parts) or "no tasks"
+
+
+class PostgresStore(SqlStore):
+    """Runs in a PostgreSQL database (`postgresql://...`), shared by many processes.
+
+    The `JobStore` protocol is `SqlStore`'s. A transaction opened with `transaction()` or
+    `step()` takes in the `SqlStore` operations called inside it: they run in it rather
+    than in transactions of their own.
+
+    `reconnect` (clients: on; the worker's slots, which handle it themselves: off): when
+    the connection is lost, an operation outside a caller's transaction reconnects with
+    backoff for up to `reconnect_for` seconds and runs again; a write whose COMMIT was sent
+    is first looked up, so it is never done twice nor lost.
+    """
+
+    # Tests: called as hook(point, store, run_id) at the points "based" (a step chose its
+    # base job) and "committed" (a step committed, not yet shared with other threads).
+    hook: Callable[[str, PostgresStore, str], None] | None = None
+    faults: Faults | None = FAULTS
+    loads = 0  # jobs read again because another process had written the run since
+
+    def __init__(
+        self,
+        conn: psycopg.Connection,
+        url: str,
+        *,
+        known: SharedKnown | None = None,
+        reconnect: bool = True,
+        reconnect_for: float = RECONNECT_FOR,
+    ) -> None:
+        self.known = KnownView(known if known is not None else SharedKnown())
+        super().__init__(DIALECT, self.known)
+        self.conn = conn
+        self._dsn = url
+        self.url = redact(url)
+        self.reconnect = reconnect
+        self.reconnect_for = reconnect_for
+        self.reconnects = 0
+        self._lock = threading.RLock()
+        self._defer: list[Sequence[Any]] | None = None
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, known: SharedKnown | None = None, reconnect: bool = True
+    ) -> PostgresStore:
+        """Connect, create or migrate the schema, and return the store."""
+        return cls(open_prepared(url), url, known=known, reconnect=reconnect)
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self.url!r})"
+
+    def where(self) -> str:
+        """The store's URL (password hidden), for messages."""
+        return self._where()
+
+    # ------------------------------------------------------------ reconnecting
+
+    def retrying(self, attempt: Callable[[], T], settle: Callable[[], T | None] | None = None) -> T:
+        """Run `attempt`; when the connection is lost, reconnect and run it again (see the
+        class docstring). `settle`, for a write, is called first after reconnecting: a
+        value other than None is what the write returned when it was in fact done."""
+        if not self.reconnect or self.in_transaction():
+            return attempt()
+        deadline: float | None = None
+        while True:
+            try:
+                return attempt()
+            except ConnectionLost as exc:
+                if deadline is None:
+                    deadline = time.monotonic() + self.reconnect_for
+                    log.warning("%s; reconnecting", exc.message)
+                self._reopen(deadline, exc)
+            if settle is not None:
+                done = self._settle(settle, deadline)
+                if done is not None:
+                    return done
+
+    def _settle(self, settle: Callable[[], T | None], deadline: float) -> T | None:
+        while True:
+            try:
+                return settle()
+            except ConnectionLost as exc:
+                self._reopen(deadline, exc)
+
+    def _reopen(self, deadline: float, lost: ConnectionLost) -> None:
+        """Replace the lost connection; ConnectionLost once `deadline` has passed."""
+        conn = reopen(lambda: open_prepared(self._dsn), deadline, lost, self.reconnect_for)
+        with self._lock:
+            close_quietly(self.conn)
+            self.conn = conn
+            self.reconnects += 1
+
+    # ------------------------------------------------------------ transactions
+
+    def in_transaction(self) -> bool:
+        """True while a transaction is open on the connection."""
+        status = self.conn.info.transaction_status
+        return status in (
+            psycopg.pq.TransactionStatus.INTRANS,
+            psycopg.pq.TransactionStatus.INERROR,
+        )
+
+    @contextmanager
+    def _write(self) -> Iterator[psycopg.Cursor[Any]]:
+        with self._lock, errors(self.url):
+            if self.in_transaction():  # part of the caller's transaction
+                yield self.conn.cursor()
+                return
+            self.known.begin()
+            try:
+                with self.conn.transaction():
+                    yield self.conn.cursor()
+            except BaseException:
+                self.known.rollback()
+                raise
+            self._committed()
+
+    @contextmanager
+    def _read(self) -> Iterator[psycopg.Cursor[Any]]:
+        with self._lock, errors(self.url):
+            if self.in_transaction():
+                yield self.conn.cursor()
+                return
+            with self.conn.transaction():
+                self.conn.execute(Q["read_snapshot"])
+                yield self.conn.cursor()
+
+    @contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection]:
+        """A write transaction on this store's connection (store methods called inside
+        join it); what it learned of runs is shared with other threads at its COMMIT."""
+        with self._write():
+            yield self.conn
+
+    @contextmanager
+    def snapshot(self) -> Iterator[psycopg.Connection]:
+        """A read-only transaction with one snapshot (or the caller's open transaction)."""
+        with self._read():
+            yield self.conn
+
+    @contextmanager
+    def session(self) -> Iterator[psycopg.Connection]:
+        """The connection for statements of their own (autocommit), errors in one line."""
+        with self._lock, errors(self.url):
+            yield self.conn
+
+    def _append_delta(self, params: Sequence[Any]) -> int:
+        """In a worker's step the delta row is held back and sent with the COMMIT, followed
+        by `ablauf.check_delta`: the transaction then fails unless it wrote that row itself
+        (see `commit_step`)."""
+        if self._defer is not None:
+            self._defer.append(params)
+            return 1
+        return super()._append_delta(params)
+
+    def _committed(self) -> None:
+        """After a COMMIT: count it, and share what the transaction learned."""
+        self.commits += 1
+        self.known.commit()
+
+    def _abandon(self) -> None:
+        """Roll back a transaction that failed (when the connection still works)."""
+        if self.conn.closed or not self.in_transaction():
+            return
+        try:
+            self.conn.execute("ROLLBACK")
+        except psycopg.Error as exc:
+            log.debug("%s: rollback after a failed step: %s", self.url, exc)
+
+    # ------------------------------------------------------------ a worker's step
+    #
+    # One transaction whose BEGIN travels with its first statement (`begin`) and whose
+    # COMMIT travels with its last (`commit_step`), in psycopg pipeline mode: a sequential
+    # step is one commit and two round trips.
+
+    @contextmanager
+    def step(self) -> Iterator[psycopg.Connection]:
+        """The transaction of a restart: whatever way it ends, what it learned and its
+        held-back delta are dropped unless committed; an error abandons it."""
+        with self._lock, errors(self.url):
+            self.known.begin()
+            try:
+                yield self.conn
+            except BaseException:
+                self.known.rollback()
+                self._abandon()
+                raise
+            finally:
+                self._defer = None
+                if self.known.in_transaction:  # every path ends the transaction
+                    self.known.rollback()
+
+    def begin(self, sql: str, params: Sequence[Any]) -> Any:
+        """BEGIN and a first statement in one round trip; the statement's first row. The
+        step's delta is then held back for `commit_step`."""
+        with self.conn.pipeline():
+            self.conn.execute("BEGIN")
+            cur = self.conn.execute(sql, params)
+        self._defer = []
+        return cur.fetchone()
+
+    def end(self, *, commit: bool) -> None:
+        """End the step's transaction here (nothing written, or only queue rows)."""
+        self._defer = None
+        self.conn.execute("COMMIT" if commit else "ROLLBACK")
+        if commit:
+            self._committed()
+        else:
+            self.known.rollback()
+
+    def base_for(self, run_id: str, key: int, seq: int) -> Known:
+        """The job a step of the run builds on, pinned for the transaction: what this
+        process knows, when that is the run's newest write `seq` the caller saw under the
+        lock (row `key`), else the run read again."""
+        base = self.known.get(run_id)
+        if base is None or base.seq != seq or base.key != key:
+            self.loads += 1
+            self.load(run_id)
+            base = self.known.get(run_id)
+            if base is None:
+                raise InternalError(f"run {run_id} was read but is not known")
+        self.known.pin(run_id, base)
+        self.fault("based", run_id)
+        return base
+
+    def commit_step(self, run_id: str, send: Callable[[psycopg.Connection], T]) -> T:
+        """Send the held-back delta (checked to be this transaction's), what `send` sends,
+        and COMMIT, in one round trip; what `send` returned (read its cursors after)."""
+        deferred, self._defer = self._defer or [], None
+        self.fault("commit", run_id)
+        with self.conn.pipeline():
+            for params in deferred:
+                self.conn.execute(self._q(SQL_INSERT_DELTA), params)
+                self.conn.execute(Q["check_delta"], (params[0], params[1]))
+            out = send(self.conn)
+            self.conn.execute("COMMIT")
+        self.fault("committed", run_id)
+        self._committed()
+        return out
+
+    def forget(self, run_id: str) -> None:
+        """Drop what this process knows of a run (after a failed or doubtful transaction)."""
+        self.known.drop(run_id)
+
+    # ------------------------------------------------------------ JobStore
+
+    def record(self, run_id: str, job: Job) -> None:
+        """Record a step (see `SqlStore.record`), holding the run's row lock like a
+        worker's restart: the write of a process that read an older state is refused.
+
+        This is a write through the API (the calling process drives the run). On a run the
+        workers serve it is refused while they are at work on it (tasks queued or leased),
+        except for an abort; otherwise the run is taken off the queue: its action tasks
+        are dropped (an abort's too: none of them may be performed any more), so no worker
+        performs a step whose leaf is no longer pending for that attempt.
+        """
+        base = self.known.get(run_id)
+
+        def attempt() -> bool:
+            with self._write():
+                row = self.conn.execute(Q["lock_run_api"], (run_id,)).fetchone()
+                if row is None:
+                    raise RunError(f"no run {run_id!r} in {self._where()}")
+                if row[1]:
+                    self._take_off_queue(run_id, job)
+                self.record_locked(run_id, job)
+            return True
+
+        def settle() -> bool | None:
+            newest = self._newest_write(run_id)
+            if base is not None and newest == base.seq:
+                self.load(run_id)  # not written: write again from it
+                return None
+            stored = self.load(run_id).job
+            if stored == job:
+                return True  # it was written
+            if base is None:
+                return None
+            raise self._conflict(run_id)
+
+        self.retrying(attempt, settle)
+
+    def _newest_write(self, run_id: str) -> int | None:
+        with self._read() as cur:
+            cur.execute(Q["newest_write"], (run_id,))
+            row = cur.fetchone()
+        return None if row is None else int(row[0])
+
+    def _take_off_queue(self, run_id: str, job: Job) -> None:
+        """An API write on a run the workers serve (under its lock): see `record`."""
+        serving = self.serving_locked(run_id)
+        if serving.live and job.aborted is None:
+            raise RunError(
+                f"run {run_id} is being served by the workers ({serving.describe()}): "
+                "wait for them, or abort it first"
+            )
+        self.conn.execute(Q["take_off_queue"], (run_id, run_id))
+
+    def record_locked(self, run_id: str, job: Job, base: Known | None = None) -> int:
+        """Record a step of a run this transaction locked; return its write number. A run
+        that finishes is announced (`notify_finished`). `base`: what the write is computed
+        from (pinned by `base_for`: what `record` diffs against and numbers after)."""
+        before = base if base is not None else self.known.get(run_id)
+        SqlStore.record(self, run_id, job)
+        known = self.known.get(run_id)
+        if known is None or (base is not None and known.seq != base.seq + 1):
+            raise InternalError(f"run {run_id}: a step was not written right after its base")
+        if job.status is not Status.PENDING and (before is None or before.status == Status.PENDING):
+            self.conn.execute(Q["notify_finished"], (run_id,))
+        return known.seq
+
+    def _attempt(
+        self, operation: Callable[[], T], settle: Callable[[], T | None] | None = None
+    ) -> T:
+        """The operations of the protocol reconnect like every client call (`retrying`)."""
+        return self.retrying(operation, settle)
+
+    def _conflict(self, run_id: str) -> StoreError:
+        err = super()._conflict(run_id)
+        return WriteConflict(err.message)
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
+
+    # ------------------------------------------------------------ the workers' view
+
+    def serving(self, run_id: str) -> Serving:
+        """What the workers are doing for a run (RunError for an unknown run)."""
+
+        def attempt() -> Serving:
+            with self._read() as cur:
+                cur.execute(Q["run_exists"], (run_id,))
+                if cur.fetchone() is None:
+                    raise RunError(f"no run {run_id!r} in {self._where()}")
+                return self.serving_locked(run_id)
+
+        return self.retrying(attempt)
+
+    def serving_locked(self, run_id: str) -> Serving:
+        """`serving` inside the caller's transaction."""
+        row = self.conn.execute(Q["serving"], (run_id,)).fetchone()
+        if row is None:
+            raise InternalError("an aggregate gave no row")
+        return Serving(
+            int(row[0]),
+            int(row[1]),
+            int(row[2]),
+            int(row[3]),
+            int(row[4]),
+            tuple(row[5] or ()),
+            row[6],
+        )
+
+    # ------------------------------------------------------------ faults (tests)
+
+    def fault(self, point: str, run_id: str) -> None:
+        """An injected fault at `point` ("based", "commit", "committed"), if any."""
+        if self.hook is not None:
+            self.hook(point, self, run_id)
+        faults = self.faults
+        if faults is None:
+            return
+        faults.pause()
+        if point == "commit":
+            if faults.chance(faults.rollback):
+                raise WriteConflict(f"PostgreSQL store {self.url}: injected rollback")
+            if faults.chance(faults.drop / 2):
+                self.conn.close()
+                raise ConnectionLost(f"PostgreSQL store {self.url}: injected disconnect")
+        elif point == "committed" and faults.chance(faults.drop / 2):
+            self.conn.close()  # committed, but the caller will not know it
+            raise ConnectionLost(f"PostgreSQL store {self.url}: injected disconnect after COMMIT")
+
+    def statement_delay(self) -> float:
+        """Seconds an injected fault has a delivery's statement sleep (0: none)."""
+        return 0.0 if self.faults is None else self.faults.statement_delay()

@@ -329,19 +329,13 @@ class Step:
         ):
             return  # a duplicate delivery or a stale attempt: never applied twice
         ok = result.state is LeafState.SUCCESS
-        new = Leaf(
-            leaf.id,
-            leaf.action,
-            leaf.payload,
-            leaf.idempotent,
-            leaf.augment,
+        new = leaf.with_state(
             result.state,
             result.output if ok else None,
             None if ok else result.error,
             leaf.attempt,
             leaf.dispatched_at,
             result.finished_at if result.finished_at is not None else self.now,
-            leaf.span,
             result.started_at,
             leaf.sent,
         )
@@ -444,19 +438,8 @@ class Step:
         ok, payload = self.evaluate(leaf.payload)
         if not ok:
             self.fail(leaf.id, payload)
-            return Leaf(
-                leaf.id,
-                leaf.action,
-                leaf.payload,
-                leaf.idempotent,
-                leaf.augment,
-                LeafState.FAILURE,
-                None,
-                payload,
-                attempt,
-                self.now,
-                self.now,
-                leaf.span,
+            return leaf.with_state(
+                LeafState.FAILURE, None, payload, attempt, self.now, self.now, None, None
             )
         # A payload computed at run time is kept as the value sent, beside its expression.
         sent = payload if isinstance(leaf.payload, Expr) else None
@@ -464,22 +447,7 @@ class Step:
             Dispatch(leaf.id, leaf.action, payload, leaf.idempotent, attempt, self.context)
         )
         self.touched.add(leaf.id)
-        return Leaf(
-            leaf.id,
-            leaf.action,
-            leaf.payload,
-            leaf.idempotent,
-            leaf.augment,
-            LeafState.PENDING,
-            None,
-            None,
-            attempt,
-            self.now,
-            None,
-            leaf.span,
-            None,
-            sent,
-        )
+        return leaf.with_state(LeafState.PENDING, None, None, attempt, self.now, None, None, sent)
 
     def enter(self, loc: zipper.Loc, fresh: bool) -> tuple[zipper.Loc, list[Any] | None]:
         """Visit a node: start it if it is a leaf, else return the children to visit."""

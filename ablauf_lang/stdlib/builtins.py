@@ -167,11 +167,12 @@ def _show_atom(value: Any, quoted: bool) -> str:
     return getattr(value, "show", None) or repr(value)
 
 
-def show_value(value: Any, limit: int | None = None) -> str:
+def show_value(value: Any, limit: int | None = None, *, entries: str = " ") -> str:
     """Print a value in the language's notation (`[1 "a" {:k nil}]`), without recursion.
 
     `limit`: stop after about that many characters and end with "..." (for messages), so
-    a huge value costs no more than its start.
+    a huge value costs no more than its start. `entries`: what separates a map's entries
+    (the display of runs and the REPL use ", ", as Clojure prints maps).
     """
     if not isinstance(value, list | tuple | dict):
         text = _show_atom(value, quoted=True)
@@ -192,7 +193,7 @@ def show_value(value: Any, limit: int | None = None) -> str:
             parts: list[Any] = []
             for k, v in item.items():
                 if parts:
-                    parts.append(_Lit(" "))
+                    parts.append(_Lit(entries))
                 key = _Lit(":" + k) if isinstance(k, str) and _is_keyword_name(k) else k
                 parts.extend([key, _Lit(" "), v])
             todo.extend(reversed(parts))

@@ -318,6 +318,13 @@ def _reads(method: Callable[Concatenate[S, P], T]) -> Callable[Concatenate[S, P]
     return read
 
 
+def _run_columns(job: Job) -> tuple[Any, ...]:
+    """The job's own columns of its `runs` row: status, then restarts, aborted, todo,
+    touched and the node count, as both a new run and a snapshot write them."""
+    restarts, aborted, todo, touched, n_nodes, status = run_fields(job)
+    return (status, restarts, _text(aborted), _dumps(todo), _dumps(touched), n_nodes)
+
+
 class SqlStore:
     """The JobStore protocol over a DB-API connection, built with a `Dialect` (how its SQL
     is spelled) and a `KnownRuns` (what it knows of runs). A subclass is the connection
@@ -415,17 +422,13 @@ class SqlStore:
         run_id = run_id or new_run_id()
         initial = _dumps(encode_value(job.context))
         now = time.time()
-        restarts, aborted, todo, touched, n_nodes, status = run_fields(job)
+        status, *counts = _run_columns(job)
         values = (
             run_id,
             status,
             now,
             now,
-            restarts,
-            _text(aborted),
-            _dumps(todo),
-            _dumps(touched),
-            n_nodes,
+            *counts,
             0,
             _text(source),
             _text(filename),
@@ -444,7 +447,7 @@ class SqlStore:
                 key = self.dialect.insert_run(cur, RUN_COLUMNS[1:], values)
                 self._write_all(cur, key, job)
             self.bytes_written += len(initial) + len(source or "")
-            self._known.put(run_id, Known(key, 0, 0, n_nodes, status, job))
+            self._known.put(run_id, Known(key, 0, 0, len(job.paths), status, job))
             return run_id
 
         def written() -> str | None:
@@ -568,15 +571,11 @@ class SqlStore:
     def _write_snapshot_run(
         self, cur: Any, key: int, job: Job, seq: int, now: float, expect: int | None
     ) -> None:
-        restarts, aborted, todo, touched, n_nodes, status = run_fields(job)
+        status, *counts = _run_columns(job)
         params = (
             status,
             now,
-            restarts,
-            _text(aborted),
-            _dumps(todo),
-            _dumps(touched),
-            n_nodes,
+            *counts,
             _text(run_error(job)),
             serde.VERSION,
             seq,

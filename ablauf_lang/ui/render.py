@@ -7,8 +7,6 @@ A node's label and the roles of its children come from its kind (`engine.kinds`)
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -22,7 +20,7 @@ from ablauf_lang.engine.kinds import Leaf, label_of, roles_of
 from ablauf_lang.engine.nodes import LeafState
 from ablauf_lang.engine.states import state_of
 from ablauf_lang.engine.states import states as states_of
-from ablauf_lang.values import Keyword
+from ablauf_lang.stdlib.builtins import show_value
 
 if TYPE_CHECKING:
     from ablauf_lang.api import Run
@@ -73,42 +71,12 @@ def value_width(width: int, share: int = 3) -> int:
 
 
 def format_value(value: Any, limit: int = 60) -> str:
-    """Show a payload, output or error in the language's own notation, cut at `limit`."""
-    text = _edn(value)
+    """Show a payload, output or error in the language's own notation, cut at `limit`
+    (0: whole). The notation is the language's own (`show_value`), map entries apart by ", "."""
+    text = show_value(value, limit + 3 if limit else None, entries=", ")
     if limit and len(text) > limit:
         text = text[: max(1, limit - 1)] + "…"
     return text
-
-
-def _edn(value: Any) -> str:
-    # Iterative enough for data people look at; deep data is cut by `limit` anyway.
-    if value is None:
-        return "nil"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, Keyword):
-        return ":" + str(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, float) and not math.isfinite(value):
-        return repr(value)
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, Mapping):
-        inner = ", ".join(f"{_key(k)} {_edn(v)}" for k, v in value.items())
-        return "{" + inner + "}"
-    if isinstance(value, list | tuple):
-        return "[" + " ".join(_edn(v) for v in value) + "]"
-    return repr(value)
-
-
-def _key(key: Any) -> str:
-    # Context and payload keys are strings that were keywords in the source.
-    if isinstance(key, str) and key and not any(c.isspace() or c in '"(){}[],;' for c in key):
-        return ":" + key
-    return _edn(key)
 
 
 # ---------------------------------------------------------------- nodes

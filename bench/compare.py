@@ -51,9 +51,8 @@ def main() -> None:
         for side in ("old", "new"):
             for label, value in ratios(run(getattr(args, side), args.script, extra)).items():
                 seen[side].setdefault(label, []).append(value)
-    print(
-        f"{'figure (ratio to its floor, median of ' + str(args.rounds) + ')':<60} {'old':>9} {'new':>9} {'new/old':>8}"
-    )
+    title = f"figure (ratio to its floor, median of {args.rounds})"
+    print(f"{title:<60} {'old':>9} {'new':>9} {'new/old':>8}")
     for label, olds in seen["old"].items():
         news = seen["new"].get(label)
         if not news:

@@ -16,7 +16,7 @@ import psycopg
 from ablauf_lang.codec.records import encode_result, value_text
 from ablauf_lang.engine.job import INTERRUPTED
 from ablauf_lang.engine.nodes import Dispatch, LeafState, Result
-from ablauf_lang.stores.postgres.queries import load_queries
+from ablauf_lang.stores.queries import load_queries
 
 Q = load_queries(__package__ or "ablauf_lang.queue", "queries.sql")
 

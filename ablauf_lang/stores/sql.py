@@ -6,6 +6,9 @@ and a `KnownRuns` (what it knows of runs); a subclass is only the connection pol
 (connections, transactions, error mapping).
 What the rows and deltas hold (the spec/state split of node records, the delta JSON,
 reading them back into a Job) is `codec.delta`'s: this module only runs the SQL.
+Every statement it runs is a named query of `sql.sql` (`Q`, loaded once); Python adds only
+the dynamic parts: the `?` marks of `IN (...)` lists, the listing's WHERE/ORDER/LIMIT and
+`Dialect.insert_run`'s column list.
 
 Tables (column types are the dialect's; JSON columns are text written by `json.dumps`):
 
@@ -92,6 +95,7 @@ from ablauf_lang.stores.base import (
     resolve_prefix,
     run_error,
 )
+from ablauf_lang.stores.queries import load_queries
 from ablauf_lang.values import decode as decode_value
 from ablauf_lang.values import encode as encode_value
 
@@ -151,58 +155,8 @@ RUN_COLUMNS = (
     "head_seq",
 )
 LEASE_COLUMNS = ("token", "host", "pid", "started", "heartbeat", "expires")
-# runs and leases columns for RunInfo (the deltas' and nodes' counts are asked apart).
-_INFO_SELECT = (
-    "SELECT r.id, r.run_id, r.status, r.created, r.updated, r.restarts, r.filename, r.error, "
-    "r.aborted, r.snapshot_seq, r.head_seq, r.n_nodes, "
-    + ", ".join(f"l.{c}" for c in LEASE_COLUMNS)
-    + " FROM runs r LEFT JOIN leases l ON l.run = r.id"
-)
-_LOG_SELECT = (
-    "SELECT run, count(*), min(seq), max(seq), max(updated), max(restarts) FROM deltas "
-    "WHERE run IN ({marks}) GROUP BY run"
-)
-_NODES_SELECT = "SELECT run, count(*) FROM nodes WHERE run IN ({marks}) GROUP BY run"
-_UPDATED = "COALESCE((SELECT max(d.updated) FROM deltas d WHERE d.run = r.id), r.updated)"
-SQL_INSERT_DELTA = (
-    "INSERT INTO deltas (run, seq, updated, restarts, data) SELECT ?, ?, ?, ?, ? "
-    "WHERE NOT EXISTS (SELECT 1 FROM runs WHERE id = ? AND snapshot_seq > ?) "
-    "ON CONFLICT (run, seq) DO NOTHING"
-)
-SQL_UPSERT_NODE = (
-    "INSERT INTO nodes (run, node, spec, state, children) VALUES (?, ?, ?, ?, ?) "
-    "ON CONFLICT (run, node) DO UPDATE SET spec = excluded.spec, state = excluded.state, "
-    "children = excluded.children"
-)
-SQL_UPDATE_STATE = "UPDATE nodes SET state = ? WHERE run = ? AND node = ?"
-SQL_UPSERT_CONTEXT = (
-    "INSERT INTO context (run, key, pos, value) VALUES (?, ?, ?, ?) "
-    "ON CONFLICT (run, key) DO UPDATE SET pos = excluded.pos, value = excluded.value"
-)
-SQL_SNAPSHOT_RUN = (
-    "UPDATE runs SET status = ?, updated = ?, restarts = ?, aborted = ?, todo = ?, "
-    "touched = ?, n_nodes = ?, error = ?, format = ?, snapshot_seq = ?, head_seq = ? "
-    "WHERE id = ?"
-)
-SQL_TAKE_LEASE = (
-    "INSERT INTO leases (run, token, host, pid, started, heartbeat, expires) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run) DO NOTHING"
-)
-SQL_TAKE_OVER_LEASE = (
-    "UPDATE leases SET token = ?, host = ?, pid = ?, started = ?, heartbeat = ?, expires = ? "
-    "WHERE run = ? AND token = ?"
-)
-SQL_RENEW_LEASE = (
-    "UPDATE leases SET heartbeat = ?, expires = ? "
-    "WHERE run = (SELECT id FROM runs WHERE run_id = ?) AND token = ?"
-)
-SQL_RELEASE_LEASE = (
-    "UPDATE leases SET heartbeat = ?, expires = 0 "
-    "WHERE run = (SELECT id FROM runs WHERE run_id = ?) AND token = ?"
-)
-SQL_DROP_LEASE = (
-    "DELETE FROM leases WHERE run = (SELECT id FROM runs WHERE run_id = ?) AND token = ?"
-)
+# The statements, by name (`sql.sql`), loaded once.
+Q = load_queries(__package__ or "ablauf_lang.stores", "sql.sql")
 RUN_TABLES = ("leases", "deltas", "context", "nodes")  # rows of a run, deleted before it
 
 
@@ -387,8 +341,8 @@ class SqlStore:
         return operation()
 
     def _append_delta(self, params: Sequence[Any]) -> int:
-        """Write a step's `deltas` row (`SQL_INSERT_DELTA`) as its own transaction."""
-        return self._write_one(self._q(SQL_INSERT_DELTA), params)
+        """Write a step's `deltas` row (`Q["insert_delta"]`) as its own transaction."""
+        return self._write_one(self._q(Q["insert_delta"]), params)
 
     def close(self) -> None:
         raise NotImplementedError
@@ -437,7 +391,7 @@ class SqlStore:
             _text(run_error(job)),
             0,
         )
-        exists = self._q("SELECT 1 FROM runs WHERE run_id = ?")
+        exists = self._q(Q["run_exists"])
 
         def write() -> str:
             with self._write() as cur:
@@ -482,14 +436,11 @@ class SqlStore:
             # What listings show without reading deltas: status, error, abort reason (the
             # newest delta's fields say the same; `aborted` is the snapshot's field too).
             with self._write() as cur:
-                cur.execute(self._q(SQL_INSERT_DELTA), params)
+                cur.execute(self._q(Q["insert_delta"]), params)
                 if cur.rowcount != 1:
                     raise self._conflict(run_id)
                 cur.execute(
-                    self._q(
-                        "UPDATE runs SET status = ?, error = ?, aborted = ?, updated = ? "
-                        "WHERE id = ?"
-                    ),
+                    self._q(Q["finish_step"]),
                     (status, _text(run_error(job)), _text(job.aborted), now, known.key),
                 )
         self.rows_written += 1
@@ -538,7 +489,7 @@ class SqlStore:
             keys.update(row[0] for row in change.context)
             ctx = [row for row in context_rows(job.context) if row[0] in keys] if keys else []
         with self._write() as cur:
-            cur.execute(q("SELECT count(*), max(seq) FROM deltas WHERE run = ?"), (known.key,))
+            cur.execute(q(Q["count_deltas"]), (known.key,))
             count, newest = cur.fetchone()
             if count != known.deltas or (newest or known.snapshot_seq) != known.seq:
                 raise self._conflict(run_id)
@@ -546,21 +497,21 @@ class SqlStore:
             if cur.rowcount != 1:
                 raise self._conflict(run_id)
             if n < known.snapshot_nodes:
-                cur.execute(q("DELETE FROM nodes WHERE run = ? AND node >= ?"), (known.key, n))
+                cur.execute(q(Q["delete_nodes_from"]), (known.key, n))
             if full:
                 cur.executemany(
-                    q(SQL_UPSERT_NODE),
+                    q(Q["upsert_node"]),
                     [(known.key, r.node, r.spec, r.state, r.children) for r in full],
                 )
             if state_rows:
-                cur.executemany(q(SQL_UPDATE_STATE), state_rows)
+                cur.executemany(q(Q["update_state"]), state_rows)
             if reset:
-                cur.execute(q("DELETE FROM context WHERE run = ?"), (known.key,))
+                cur.execute(q(Q["delete_context_of_run"]), (known.key,))
             ctx_rows = [(known.key, k, pos, _dumps(v)) for k, pos, v in ctx]
             if ctx_rows:
-                cur.executemany(q(SQL_UPSERT_CONTEXT), ctx_rows)
+                cur.executemany(q(Q["upsert_context"]), ctx_rows)
             if count:
-                cur.execute(q("DELETE FROM deltas WHERE run = ?"), (known.key,))
+                cur.execute(q(Q["delete_deltas_of_run"]), (known.key,))
         self.compactions += 1
         self.rows_written += 1 + len(full) + len(state_rows) + len(ctx_rows)
         self.bytes_written += sum(len(r.spec) + len(r.state) + len(r.children or "") for r in full)
@@ -583,16 +534,16 @@ class SqlStore:
             key,
         )
         if expect is None:
-            cur.execute(self._q(SQL_SNAPSHOT_RUN), params)
+            cur.execute(self._q(Q["snapshot_run"]), params)
         else:
-            cur.execute(self._q(SQL_SNAPSHOT_RUN + " AND snapshot_seq = ?"), (*params, expect))
+            cur.execute(self._q(Q["snapshot_run_after"]), (*params, expect))
 
     def _write_all(self, cur: Any, key: int, job: Job) -> None:
         rows = [(key, r.node, r.spec, r.state, r.children) for r in map(node_row, job.nodes())]
-        cur.executemany(self._q(SQL_UPSERT_NODE), rows)
+        cur.executemany(self._q(Q["upsert_node"]), rows)
         ctx = [(key, k, pos, _dumps(v)) for k, pos, v in context_rows(job.context)]
         if ctx:
-            cur.executemany(self._q(SQL_UPSERT_CONTEXT), ctx)
+            cur.executemany(self._q(Q["upsert_context"]), ctx)
         self.rows_written += 1 + len(rows) + len(ctx)
         self.bytes_written += sum(len(r[2]) + len(r[3]) + len(r[4] or "") for r in rows)
         self.bytes_written += sum(len(r[1]) + len(r[3]) for r in ctx)
@@ -602,18 +553,16 @@ class SqlStore:
         q = self._q
         now = time.time()
         with self._write() as cur:
-            cur.execute(
-                q("SELECT id, snapshot_seq, head_seq FROM runs WHERE run_id = ?"), (run_id,)
-            )
+            cur.execute(q(Q["run_seqs"]), (run_id,))
             row = cur.fetchone()
             if row is None:
                 raise RunError(f"no run {run_id!r} in {self._where()}")
             key, snapshot_seq, head_seq = row
-            cur.execute(q("SELECT max(seq) FROM deltas WHERE run = ?"), (key,))
+            cur.execute(q(Q["max_seq"]), (key,))
             newest = cur.fetchone()[0]
             seq = max(_int(snapshot_seq), _int(head_seq), _int(newest)) + 1
             for table in ("nodes", "context", "deltas"):
-                cur.execute(q(f"DELETE FROM {table} WHERE run = ?"), (key,))
+                cur.execute(q(Q[f"delete_{table}_of_run"]), (key,))
             self._write_snapshot_run(cur, key, job, seq, now, None)
             self._write_all(cur, key, job)
         self._known.put(run_id, Known(key, seq, seq, len(job.paths), str(job.status), job))
@@ -626,27 +575,19 @@ class SqlStore:
         q = self._q
         try:
             with self._read() as cur:
-                cur.execute(
-                    q(f"SELECT {', '.join(RUN_COLUMNS)} FROM runs WHERE run_id = ?"), (run_id,)
-                )
+                cur.execute(q(Q["load_run"]), (run_id,))
                 row = cur.fetchone()
                 if row is None:
                     raise RunError(f"no run {run_id!r} in {self._where()}")
                 run = dict(zip(RUN_COLUMNS, row, strict=True))
                 key = run["id"]
-                cur.execute(
-                    q("SELECT node, spec, state, children FROM nodes WHERE run = ?"), (key,)
-                )
+                cur.execute(q(Q["load_nodes"]), (key,))
                 nodes = cur.fetchall()
-                cur.execute(q("SELECT key, pos, value FROM context WHERE run = ?"), (key,))
+                cur.execute(q(Q["load_context"]), (key,))
                 context = cur.fetchall()
-                cur.execute(
-                    q("SELECT seq, updated, data FROM deltas WHERE run = ? ORDER BY seq"), (key,)
-                )
+                cur.execute(q(Q["load_deltas"]), (key,))
                 deltas = cur.fetchall()
-                cur.execute(
-                    q(f"SELECT {', '.join(LEASE_COLUMNS)} FROM leases WHERE run = ?"), (key,)
-                )
+                cur.execute(q(Q["load_lease"]), (key,))
                 lease = cur.fetchone()
         except Damaged as exc:
             raise StoreError(f"run {run_id} is damaged: {exc.message}") from None
@@ -729,7 +670,7 @@ class SqlStore:
     def exists(self, run_id: str) -> bool:
         """True when the store has this run."""
         with self._read() as cur:
-            cur.execute(self._q("SELECT 1 FROM runs WHERE run_id = ?"), (run_id,))
+            cur.execute(self._q(Q["run_exists"]), (run_id,))
             return cur.fetchone() is not None
 
     # -------------------------------------------------- listing
@@ -785,13 +726,13 @@ class SqlStore:
         """How many runs `list_runs` would give without a limit."""
         where, params = self._filters(status, filename, since)
         with self._read() as cur:
-            cur.execute(self._q("SELECT count(*) FROM runs r" + where), params)
+            cur.execute(self._q(Q["count_runs"] + where), params)
             return int(cur.fetchone()[0])
 
     def _infos(self, tail: str, params: Sequence[Any]) -> list[RunInfo]:
-        """RunInfo of the runs `_INFO_SELECT + tail` selects, each checked for damage."""
+        """RunInfo of the runs `Q["info_select"] + tail` selects, each checked for damage."""
         with self._read() as cur:
-            cur.execute(self._q(_INFO_SELECT + tail), params)
+            cur.execute(self._q(Q["info_select"] + tail), params)
             rows = cur.fetchall()
         keys = [row[0] for row in rows]
         logs: dict[int, Any] = {}
@@ -800,13 +741,13 @@ class SqlStore:
         for chunk in range(0, len(keys), 500):
             part = keys[chunk : chunk + 500]
             try:
-                logs.update(self._grouped(_LOG_SELECT, part))
-                counts.update(self._grouped(_NODES_SELECT, part))
+                logs.update(self._grouped(Q["log_select"], part))
+                counts.update(self._grouped(Q["nodes_select"], part))
             except Damaged:
                 for key in part:  # find the runs whose rows cannot be read
                     try:
-                        logs.update(self._grouped(_LOG_SELECT, [key]))
-                        counts.update(self._grouped(_NODES_SELECT, [key]))
+                        logs.update(self._grouped(Q["log_select"], [key]))
+                        counts.update(self._grouped(Q["nodes_select"], [key]))
                     except Damaged as exc:
                         broken[key] = f"its rows cannot be read ({exc.message})"
         return [
@@ -825,11 +766,11 @@ class SqlStore:
         if not prefix:
             raise RunError("a run id cannot be empty")
         with self._read() as cur:
-            cur.execute(self._q("SELECT run_id FROM runs WHERE run_id = ?"), (prefix,))
+            cur.execute(self._q(Q["run_id_exact"]), (prefix,))
             if cur.fetchone() is not None:
                 return prefix
             cur.execute(
-                self._q("SELECT run_id FROM runs WHERE substr(run_id, 1, ?) = ? LIMIT 50"),
+                self._q(Q["run_id_prefix"]),
                 (len(prefix), prefix),
             )
             found = [row[0] for row in cur.fetchall()]
@@ -840,7 +781,7 @@ class SqlStore:
     def delete_run(self, run_id: str) -> None:
         """Delete a run and all its rows; RunError when it is running."""
         with self._write() as cur:
-            cur.execute(self._q(_INFO_SELECT + " WHERE r.run_id = ?"), (run_id,))
+            cur.execute(self._q(Q["info_select"] + " WHERE r.run_id = ?"), (run_id,))
             row = cur.fetchone()
             if row is None:
                 raise RunError(f"no run {run_id!r} in {self._where()}")
@@ -855,18 +796,14 @@ class SqlStore:
             part = list(keys[chunk : chunk + 500])
             marks = ", ".join("?" for _ in part)
             for table in RUN_TABLES:
-                cur.execute(self._q(f"DELETE FROM {table} WHERE run IN ({marks})"), part)
-            cur.execute(self._q(f"DELETE FROM runs WHERE id IN ({marks})"), part)
+                cur.execute(self._q(Q[f"delete_{table}_in"].format(marks=marks)), part)
+            cur.execute(self._q(Q["delete_runs_in"].format(marks=marks)), part)
 
     def prune_runs(
         self, *, before: float, status: str | None = None, dry_run: bool = False
     ) -> tuple[list[str], list[str]]:
         """Delete runs last updated before `before` (see `JobStore.prune_runs`)."""
-        sql = (
-            "SELECT r.id, r.run_id, r.status, "
-            + ", ".join(f"l.{c}" for c in LEASE_COLUMNS)
-            + f" FROM runs r LEFT JOIN leases l ON l.run = r.id WHERE {_UPDATED} < ?"
-        )
+        sql = Q["prune_select"]
         params: list[Any] = [float(before)]
         if status is not None:
             sql += " AND r.status = ?"
@@ -901,11 +838,7 @@ class SqlStore:
             mine = (owner.token, owner.host, owner.pid, owner.started, now, now + ttl)
             with self._write() as cur:
                 cur.execute(
-                    q(
-                        "SELECT r.id, "
-                        + ", ".join(f"l.{c}" for c in LEASE_COLUMNS)
-                        + " FROM runs r LEFT JOIN leases l ON l.run = r.id WHERE r.run_id = ?"
-                    ),
+                    q(Q["lease_of_run"]),
                     (run_id,),
                 )
                 row = cur.fetchone()
@@ -913,11 +846,11 @@ class SqlStore:
                     raise RunError(f"no run {run_id!r} in {self._where()}")
                 key, held = row[0], _driver(row[1:])
                 if held is None:
-                    cur.execute(q(SQL_TAKE_LEASE), (key, *mine))
+                    cur.execute(q(Q["take_lease"]), (key, *mine))
                 else:
                     if held.token != owner.token and not force and held.is_live(now):
                         raise refuse_live(run_id, held, "driving")
-                    cur.execute(q(SQL_TAKE_OVER_LEASE), (*mine, key, held.token))
+                    cur.execute(q(Q["take_over_lease"]), (*mine, key, held.token))
                 if cur.rowcount == 1:
                     return Driver(owner.host, owner.pid, now, now + ttl, owner.started, owner.token)
         raise StoreError(f"run {run_id}: could not take its lease (it keeps changing hands)")
@@ -925,14 +858,14 @@ class SqlStore:
     def renew_lease(self, run_id: str, token: str, ttl: float) -> bool:
         """Renew our lease; False when it is not ours any more."""
         now = time.time()
-        return self._write_one(self._q(SQL_RENEW_LEASE), (now, now + ttl, run_id, token)) == 1
+        return self._write_one(self._q(Q["renew_lease"]), (now, now + ttl, run_id, token)) == 1
 
     def release_lease(self, run_id: str, token: str, *, finished: bool) -> None:
         """Give the lease back: removed when the run finished, else marked released."""
         if finished:
-            self._write_one(self._q(SQL_DROP_LEASE), (run_id, token))
+            self._write_one(self._q(Q["drop_lease"]), (run_id, token))
         else:
-            self._write_one(self._q(SQL_RELEASE_LEASE), (time.time(), run_id, token))
+            self._write_one(self._q(Q["release_lease"]), (time.time(), run_id, token))
 
 
 class Damaged(StoreError):
@@ -964,7 +897,7 @@ def _driver(lease: Sequence[Any] | None) -> Driver | None:
 def _info(
     row: Sequence[Any], log: Sequence[Any] | None, n_rows: int, broken: str | None
 ) -> RunInfo:
-    """RunInfo of an `_INFO_SELECT` row, the run's deltas (count, min and max seq, newest
+    """RunInfo of an `Q["info_select"]` row, the run's deltas (count, min and max seq, newest
     updated and restarts) and node row count; `damage` says what is wrong, if anything."""
     (_, run_id, status, created, updated, restarts, filename, error, aborted) = row[:9]
     snapshot_seq, head_seq, n_nodes = row[9:12]

@@ -51,7 +51,8 @@ from ablauf_lang.stores.postgres.faults import FAULTS, Faults
 from ablauf_lang.stores.postgres.known import KnownView, SharedKnown
 from ablauf_lang.stores.postgres.queries import QUERIES as Q
 from ablauf_lang.stores.postgres.schema import open_prepared
-from ablauf_lang.stores.sql import SQL_INSERT_DELTA, Known, SqlStore
+from ablauf_lang.stores.sql import Known, SqlStore
+from ablauf_lang.stores.sql import Q as SQL
 
 log = logging.getLogger("ablauf.store")
 T = TypeVar("T")
@@ -339,7 +340,7 @@ class PostgresStore(SqlStore):
         self.fault("commit", run_id)
         with self.conn.pipeline():
             for params in deferred:
-                self.conn.execute(self._q(SQL_INSERT_DELTA), params)
+                self.conn.execute(self._q(SQL["insert_delta"]), params)
                 self.conn.execute(Q["check_delta"], (params[0], params[1]))
             out = send(self.conn)
             self.conn.execute("COMMIT")

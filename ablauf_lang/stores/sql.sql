@@ -1,0 +1,123 @@
+-- The statements of the shared SQL store (`stores/sql.py`, SQLite and PostgreSQL), by name,
+-- loaded once by `stores.queries.load_queries`. Written with `?` placeholders: the dialect
+-- turns them into its own (`Dialect.q`). A `{marks}` is filled in by Python with one `?`
+-- per key of an `IN (...)` list; WHERE filters, ORDER BY and LIMIT of the listing are
+-- appended to `info_select` by Python.
+
+-- name: info_select
+-- runs and leases columns for RunInfo (the deltas' and nodes' counts are asked apart).
+SELECT r.id, r.run_id, r.status, r.created, r.updated, r.restarts, r.filename, r.error, r.aborted, r.snapshot_seq, r.head_seq, r.n_nodes, l.token, l.host, l.pid, l.started, l.heartbeat, l.expires FROM runs r LEFT JOIN leases l ON l.run = r.id
+
+-- name: log_select
+SELECT run, count(*), min(seq), max(seq), max(updated), max(restarts) FROM deltas WHERE run IN ({marks}) GROUP BY run
+
+-- name: nodes_select
+SELECT run, count(*) FROM nodes WHERE run IN ({marks}) GROUP BY run
+
+-- name: insert_delta
+INSERT INTO deltas (run, seq, updated, restarts, data) SELECT ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM runs WHERE id = ? AND snapshot_seq > ?) ON CONFLICT (run, seq) DO NOTHING
+
+-- name: upsert_node
+INSERT INTO nodes (run, node, spec, state, children) VALUES (?, ?, ?, ?, ?) ON CONFLICT (run, node) DO UPDATE SET spec = excluded.spec, state = excluded.state, children = excluded.children
+
+-- name: update_state
+UPDATE nodes SET state = ? WHERE run = ? AND node = ?
+
+-- name: upsert_context
+INSERT INTO context (run, key, pos, value) VALUES (?, ?, ?, ?) ON CONFLICT (run, key) DO UPDATE SET pos = excluded.pos, value = excluded.value
+
+-- name: snapshot_run
+UPDATE runs SET status = ?, updated = ?, restarts = ?, aborted = ?, todo = ?, touched = ?, n_nodes = ?, error = ?, format = ?, snapshot_seq = ?, head_seq = ? WHERE id = ?
+
+-- name: snapshot_run_after
+-- `snapshot_run`, refused unless the snapshot is still the one read.
+UPDATE runs SET status = ?, updated = ?, restarts = ?, aborted = ?, todo = ?, touched = ?, n_nodes = ?, error = ?, format = ?, snapshot_seq = ?, head_seq = ? WHERE id = ? AND snapshot_seq = ?
+
+-- name: finish_step
+UPDATE runs SET status = ?, error = ?, aborted = ?, updated = ? WHERE id = ?
+
+-- name: run_exists
+SELECT 1 FROM runs WHERE run_id = ?
+
+-- name: count_deltas
+SELECT count(*), max(seq) FROM deltas WHERE run = ?
+
+-- name: delete_nodes_from
+DELETE FROM nodes WHERE run = ? AND node >= ?
+
+-- name: delete_context_of_run
+DELETE FROM context WHERE run = ?
+
+-- name: delete_deltas_of_run
+DELETE FROM deltas WHERE run = ?
+
+-- name: delete_nodes_of_run
+DELETE FROM nodes WHERE run = ?
+
+-- name: run_seqs
+SELECT id, snapshot_seq, head_seq FROM runs WHERE run_id = ?
+
+-- name: max_seq
+SELECT max(seq) FROM deltas WHERE run = ?
+
+-- name: load_run
+SELECT id, run_id, status, created, updated, restarts, aborted, todo, touched, n_nodes, snapshot_seq, source, filename, initial_context, format, error, head_seq FROM runs WHERE run_id = ?
+
+-- name: load_nodes
+SELECT node, spec, state, children FROM nodes WHERE run = ?
+
+-- name: load_context
+SELECT key, pos, value FROM context WHERE run = ?
+
+-- name: load_deltas
+SELECT seq, updated, data FROM deltas WHERE run = ? ORDER BY seq
+
+-- name: load_lease
+SELECT token, host, pid, started, heartbeat, expires FROM leases WHERE run = ?
+
+-- name: count_runs
+SELECT count(*) FROM runs r
+
+-- name: run_id_exact
+SELECT run_id FROM runs WHERE run_id = ?
+
+-- name: run_id_prefix
+SELECT run_id FROM runs WHERE substr(run_id, 1, ?) = ? LIMIT 50
+
+-- name: delete_leases_in
+DELETE FROM leases WHERE run IN ({marks})
+
+-- name: delete_deltas_in
+DELETE FROM deltas WHERE run IN ({marks})
+
+-- name: delete_context_in
+DELETE FROM context WHERE run IN ({marks})
+
+-- name: delete_nodes_in
+DELETE FROM nodes WHERE run IN ({marks})
+
+-- name: delete_runs_in
+DELETE FROM runs WHERE id IN ({marks})
+
+-- name: prune_select
+-- Runs last updated (their newest delta, else the run row) before `?`; Python appends
+-- ` AND r.status = ?` for a status, then ` ORDER BY r.created, r.id`.
+SELECT r.id, r.run_id, r.status, l.token, l.host, l.pid, l.started, l.heartbeat, l.expires FROM runs r LEFT JOIN leases l ON l.run = r.id WHERE COALESCE((SELECT max(d.updated) FROM deltas d WHERE d.run = r.id), r.updated) < ?
+
+-- name: lease_of_run
+SELECT r.id, l.token, l.host, l.pid, l.started, l.heartbeat, l.expires FROM runs r LEFT JOIN leases l ON l.run = r.id WHERE r.run_id = ?
+
+-- name: take_lease
+INSERT INTO leases (run, token, host, pid, started, heartbeat, expires) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run) DO NOTHING
+
+-- name: take_over_lease
+UPDATE leases SET token = ?, host = ?, pid = ?, started = ?, heartbeat = ?, expires = ? WHERE run = ? AND token = ?
+
+-- name: renew_lease
+UPDATE leases SET heartbeat = ?, expires = ? WHERE run = (SELECT id FROM runs WHERE run_id = ?) AND token = ?
+
+-- name: release_lease
+UPDATE leases SET heartbeat = ?, expires = 0 WHERE run = (SELECT id FROM runs WHERE run_id = ?) AND token = ?
+
+-- name: drop_lease
+DELETE FROM leases WHERE run = (SELECT id FROM runs WHERE run_id = ?) AND token = ?

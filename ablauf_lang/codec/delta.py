@@ -212,7 +212,7 @@ def _restart_nodes(old: Job, new: Job) -> tuple[dict[int, dict[str, Any]], dict[
     starts.update(range(n_old, len(new.paths)))  # created by run-time expansion
     pairs: dict[int, tuple[Node | None, Node]] = {new.root.id: (old.root, new.root)}
     reshaped: set[int] = set()
-    links = _links(new)
+    parent, pos = new.paths.parent, new.paths.pos  # (parent id, child index) by id
     for node_id in sorted(starts):
         if node_id in pairs:
             continue
@@ -220,8 +220,8 @@ def _restart_nodes(old: Job, new: Job) -> tuple[dict[int, dict[str, Any]], dict[
         chain = []
         up = node_id
         while up not in pairs:
-            chain.append(links[1][up])
-            up = links[0][up]
+            chain.append(pos[up])
+            up = parent[up]
         o, n = pairs[up]
         # ... then down the child indices, pairing each node with its old self.
         for i in reversed(chain):
@@ -246,27 +246,6 @@ def _restart_nodes(old: Job, new: Job) -> tuple[dict[int, dict[str, Any]], dict[
             # A restart never changes what an existing node is (its spec): only its state.
             states[node_id] = node_state(n)
     return states, wholes
-
-
-def _links(job: Job) -> tuple[Sequence[int], Sequence[int]]:
-    """(parent id, child index) of every node by id: the job's path table keeps them
-    (`job.PathTable`); from a table of whole paths they are computed once, O(nodes)."""
-    table: Any = job.paths
-    parent = getattr(table, "parent", None)
-    pos = getattr(table, "pos", None)
-    if parent is not None and pos is not None:
-        return parent, pos
-    parents = [-1] * len(table)
-    places = [0] * len(table)
-    stack: list[Node] = [job.root]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, Leaf):
-            continue
-        for i, child in enumerate(node.children):
-            parents[child.id], places[child.id] = node.id, i
-            stack.append(child)
-    return parents, places
 
 
 def _walk_nodes(old: Job, new: Job) -> tuple[dict[int, dict[str, Any]], dict[int, Node]]:

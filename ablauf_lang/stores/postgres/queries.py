@@ -5,6 +5,6 @@ from __future__ import annotations
 
 from ablauf_lang.stores.queries import load_queries
 
-__all__ = ["QUERIES", "load_queries"]
+__all__ = ["QUERIES"]
 
 QUERIES = load_queries(__package__ or "ablauf_lang.stores.postgres", "queries.sql")

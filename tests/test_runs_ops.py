@@ -275,6 +275,18 @@ def test_an_aborted_run_says_so_with_its_reason(tmp_path: Path) -> None:
     assert data["aborted"] == "operator said stop"
 
 
+def drive_in_background(folder: Path, url: str) -> subprocess.Popen[bytes]:
+    """`ablauf run p.abl --actions slow.py` in `folder`, quietly, in a process of its own."""
+    cmd = [sys.executable, "-m", "ablauf_lang", "run", "p.abl", "--actions", "slow.py"]
+    return subprocess.Popen(
+        [*cmd, "--store", url, "-q"],
+        cwd=folder,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def test_show_follow_redraws_until_the_run_ends(tmp_path: Path) -> None:
     (tmp_path / "slow.py").write_text(
         "import time\n"
@@ -286,11 +298,7 @@ def test_show_follow_redraws_until_the_run_ends(tmp_path: Path) -> None:
     )
     (tmp_path / "p.abl").write_text("(do!! (action!! :t/nap 1.5) (action!! :t/nap 1.5))")
     url = "sqlite:///runs.db"
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "ablauf_lang", "run", "p.abl", "--actions", "slow.py",
-         "--store", url, "-q"],
-        cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    driver = drive_in_background(tmp_path, url)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -347,11 +355,7 @@ def test_show_follow_redraws_in_place_on_a_terminal(tmp_path: Path, tmux: Any) -
     gate = tmp_path / "gate"
     (tmp_path / "p.abl").write_text(f'(do!! (action!! :t/gate "{gate}") (log!! "after"))')
     url = f"sqlite:///{tmp_path}/runs.db"
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "ablauf_lang", "run", "p.abl", "--actions", "slow.py",
-         "--store", url, "-q"],
-        cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    driver = drive_in_background(tmp_path, url)
     try:
         deadline = time.monotonic() + 30
         runs: list[Any] = []

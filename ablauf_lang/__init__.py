@@ -21,6 +21,7 @@ from ablauf_lang.api import (
     resume_async,
     retry,
     retry_async,
+    signal,
 )
 from ablauf_lang.codec.job import install as _install_job_codec
 from ablauf_lang.engine.job import Job
@@ -35,6 +36,7 @@ from ablauf_lang.errors import (
     RunError,
     StoreError,
 )
+from ablauf_lang.runners.clock import SystemClock, VirtualClock, heartbeat
 from ablauf_lang.runners.local import Run
 from ablauf_lang.stdlib.actions import ActionFailed
 from ablauf_lang.stdlib.registry import action
@@ -61,6 +63,8 @@ __all__ = [
     "RunError",
     "Status",
     "StoreError",
+    "SystemClock",
+    "VirtualClock",
     "__version__",
     "abort",
     "abort_run",
@@ -70,6 +74,7 @@ __all__ = [
     "eval",
     "eval_async",
     "failure",
+    "heartbeat",
     "list_runs",
     "make_job",
     "open_store",
@@ -82,6 +87,7 @@ __all__ = [
     "resume_async",
     "retry",
     "retry_async",
+    "signal",
     "success",
     "timeout",
 ]

@@ -17,6 +17,8 @@ STRUCTURAL_FORMS: tuple[str, ...] = (
     "when!!",
     "doseq!!",
     "pmap!!",
+    "timeout!!",
+    "with-defaults",
 )
 
 # Leaf forms: each becomes one action.
@@ -25,7 +27,19 @@ LEAF_FORMS: tuple[str, ...] = (
     "idempotent-action!!",
     "log!!",
     "fail!!",
+    "sleep!!",
+    "sleep-until!!",
+    "await!!",
 )
+
+# Options of `action!!` and `idempotent-action!!` (`{:retry {...} :timeout 30}`).
+LEAF_OPTIONS: tuple[str, ...] = ("idempotent?", "retry", "timeout", "heartbeat")
+
+# The keys of a `:retry` policy map.
+RETRY_OPTIONS: tuple[str, ...] = ("max", "delay", "backoff", "max-delay", "jitter", "on")
+
+# Options `with-defaults` sets for the actions inside it.
+DEFAULT_OPTIONS: tuple[str, ...] = ("retry", "timeout", "heartbeat")
 
 # Compile-time declarations.
 DECLARATIONS: tuple[str, ...] = ("def", "defn", "let", "import")
@@ -118,3 +132,9 @@ def did_you_mean(name: str, candidates: Iterable[str], prefix: str = "") -> str:
         return ""
     text = " or ".join(prefix + c for c in close)
     return f"; did you mean {text}" + ("" if text.endswith("?") else "?")
+
+
+# Waits: leaves whose action a runner performs itself (never looked up among the actions).
+SLEEP = "ablauf/sleep"  # `(sleep!! d)`, `(sleep-until!! t)`, the timer of `timeout!!`
+AWAIT = "ablauf/await"  # `(await!! :name)`: a signal's value, or a timeout at the deadline
+WAIT_ACTIONS = frozenset({SLEEP, AWAIT})

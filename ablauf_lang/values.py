@@ -470,12 +470,15 @@ def _flat_size(items: Any) -> int | None:
     types -= _SIMPLE
     if not types:
         return size
+    # Only the items of the one remaining type are measured (the others, nil or a float
+    # beside strings or integers, count as one element each).
     if types == {str}:
-        return size + sum(map(len, items))
+        return size + sum(len(x) for x in items if type(x) is str)
     if types == {int}:
-        if max(map(int.bit_length, items)) < 32:
+        bits = [x.bit_length() for x in items if type(x) is int]
+        if max(bits) < 32:
             return size
-        return size + sum(b // 32 for b in map(int.bit_length, items))
+        return size + sum(b // 32 for b in bits)
     return size + sum(_scalar_size(x) - 1 for x in items)
 
 

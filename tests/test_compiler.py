@@ -233,7 +233,7 @@ ERRORS = [
     ("(fail!! 1 2)", "fail!! takes 0 to 1 arguments, got 2", 1, 1),
     ("(action!! :a)", "action!! takes 2 to 3 arguments, got 1", 1, 1),
     ("(action!! :a 1 {} 2)", "action!! takes 2 to 3 arguments, got 4", 1, 1),
-    ("(idempotent-action!! :a 1 {})", "idempotent-action!! takes 2 arguments, got 3", 1, 1),
+    ("(idempotent-action!! :a 1 {} 2)", "idempotent-action!! takes 2 to 3 arguments, got 4", 1, 1),
     (
         "(action!! foo 1)",
         "action!! needs a keyword naming the action, like :ns/name, got foo",
@@ -249,7 +249,8 @@ ERRORS = [
     ("(action!! :a 1 [:idempotent? true])", "action!! options must be a map", 1, 16),
     (
         "(action!! :a 1 {:idempotent true})",
-        "unknown option :idempotent (known: :idempotent?); did you mean :idempotent?",
+        "unknown option :idempotent (known: :idempotent?, :retry, :timeout, :heartbeat); "
+        "did you mean :idempotent?",
         1,
         17,
     ),

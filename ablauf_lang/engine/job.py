@@ -20,11 +20,13 @@ from typing import Any, Protocol
 from pyrsistent import PVector, pvector
 
 from ablauf_lang.code import Expr
-from ablauf_lang.engine import zipper
+from ablauf_lang.engine import retry, zipper
 from ablauf_lang.engine.kinds import Leaf, Node, is_branch, renumber
 from ablauf_lang.engine.kinds.base import T_EXPR, T_TREE
 from ablauf_lang.engine.nodes import ALL, NOTHING, Dispatch, LeafState, Result, Status
 from ablauf_lang.errors import AblaufError, InvariantError, JobError
+from ablauf_lang.stdlib.actions import AWAIT, SLEEP, WAIT_ACTIONS
+from ablauf_lang.stdlib.durations import parse_duration, parse_instant
 from ablauf_lang.values import assoc_in
 
 LAST_ERROR = "exec/last-error"
@@ -329,6 +331,14 @@ class Step:
         ):
             return  # a duplicate delivery or a stale attempt: never applied twice
         ok = result.state is LeafState.SUCCESS
+        if (
+            not ok
+            and leaf.retry
+            and retry.should_retry(leaf, result.state, result.error)
+            and not (isinstance(result.error, str) and result.error.startswith(INTERRUPTED))
+        ):  # an interrupted attempt's outcome is unknown: never retried by the policy
+            self.retry(loc, leaf, result)
+            return
         new = leaf.with_state(
             result.state,
             result.output if ok else None,
@@ -338,6 +348,7 @@ class Step:
             result.finished_at if result.finished_at is not None else self.now,
             result.started_at,
             leaf.sent,
+            leaf.wake,
         )
         if ok:
             if leaf.augment is not None:
@@ -347,6 +358,41 @@ class Step:
         self.root = zipper.root(zipper.replace(loc, new))
         self.touched.add(node_id)
         self.mark_dirty(ids, path)
+
+    def retry(self, loc: zipper.Loc, leaf: Leaf, result: Result) -> None:
+        """Another attempt of a leaf whose policy retries this failure, after its delay.
+
+        The leaf stays in flight (its parents see no change); the failed attempt joins its
+        record; the new one is dispatched with `due` set (a durable wait: it is recorded).
+        """
+        assert leaf.retry is not None
+        now = self.now if self.now is not None else (result.finished_at or 0.0)
+        finished = result.finished_at if result.finished_at is not None else self.now
+        wake = now + retry.delay(leaf.retry, leaf.attempt, leaf.id)
+        attempts = (
+            *leaf.attempts,
+            retry.record(leaf, result.state, result.error, result.started_at, finished),
+        )
+        attempt = leaf.attempt + 1
+        new = leaf.with_state(
+            LeafState.PENDING, None, None, attempt, now, None, None, leaf.sent, wake, attempts
+        )
+        payload = leaf.sent if isinstance(leaf.payload, Expr) else leaf.payload
+        self.dispatches.append(
+            Dispatch(
+                leaf.id,
+                leaf.action,
+                payload,
+                leaf.idempotent,
+                attempt,
+                self.context,
+                wake,
+                leaf.timeout,
+                leaf.heartbeat,
+            )
+        )
+        self.root = zipper.root(zipper.replace(loc, new))
+        self.touched.add(leaf.id)
 
     def locate(self, node_id: int) -> tuple[zipper.Loc, list[int], tuple[int, ...]]:
         """The zipper at node `node_id`, the ids of its ancestors and its path."""
@@ -381,7 +427,7 @@ class Step:
     def hand_back(self, leaf: Leaf) -> None:
         """Make a leaf in flight unset again, for the next restart to dispatch it anew."""
         loc, _, _ = self.locate(leaf.id)
-        self.root = zipper.root(zipper.replace(loc, leaf.reset()))
+        self.root = zipper.root(zipper.replace(loc, leaf.reset(keep_wake=True)))
         self.touched.add(leaf.id)
         self.redo.add(leaf.id)
 
@@ -415,6 +461,42 @@ class Step:
 
         return rebuild(node, mark)
 
+    def cut(self, node: Node, state: LeafState, error: Any) -> Node:
+        """End a subtree: its leaves in flight get `state` and `error` (late results are
+        ignored), the ones that never ran are skipped (`error` marks them: a retry of the
+        deadline that cut them runs them again)."""
+        touched = self.touched
+        now = self.now
+        failed = False
+
+        def mark(leaf: Leaf) -> Leaf:
+            nonlocal failed
+            if leaf.result is None:
+                touched.add(leaf.id)
+                return leaf.with_state(
+                    LeafState.SKIPPED, None, error, leaf.attempt, None, None, None, None
+                )
+            if leaf.result is LeafState.PENDING:
+                touched.add(leaf.id)
+                failed = failed or state is not LeafState.SKIPPED
+                return leaf.with_state(
+                    state,
+                    None,
+                    error,
+                    leaf.attempt,
+                    leaf.dispatched_at,
+                    now,
+                    None,
+                    leaf.sent,
+                    leaf.wake,
+                )
+            return leaf
+
+        out = rebuild(node, mark)
+        if failed:
+            self.context = assoc_in(self.context, (LAST_ERROR,), error)
+        return out
+
     def instantiate(self, node: Any, elements: list[Any]) -> PVector[Any]:
         """One copy of `node.template` per element, `node.var` bound, with fresh ids."""
         kids = []
@@ -436,18 +518,70 @@ class Step:
         """Dispatch an unset leaf (or fail it when its payload cannot be evaluated)."""
         attempt = leaf.attempt + 1
         ok, payload = self.evaluate(leaf.payload)
+        wake = leaf.wake  # kept when a resume handed back an attempt that had not started
+        due = wake
+        if ok and leaf.action in WAIT_ACTIONS:
+            ok, payload, wake = self.wait(leaf, payload)
+            due = wake if leaf.action == SLEEP else None
         if not ok:
             self.fail(leaf.id, payload)
             return leaf.with_state(
                 LeafState.FAILURE, None, payload, attempt, self.now, self.now, None, None
             )
         # A payload computed at run time is kept as the value sent, beside its expression.
-        sent = payload if isinstance(leaf.payload, Expr) else None
+        sent = payload if isinstance(leaf.payload, Expr) or leaf.action in WAIT_ACTIONS else None
         self.dispatches.append(
-            Dispatch(leaf.id, leaf.action, payload, leaf.idempotent, attempt, self.context)
+            Dispatch(
+                leaf.id,
+                leaf.action,
+                payload,
+                leaf.idempotent,
+                attempt,
+                self.context,
+                due,
+                leaf.timeout,
+                leaf.heartbeat,
+            )
         )
         self.touched.add(leaf.id)
-        return leaf.with_state(LeafState.PENDING, None, None, attempt, self.now, None, None, sent)
+        return leaf.with_state(
+            LeafState.PENDING, None, None, attempt, self.now, None, None, sent, wake
+        )
+
+    def wait(self, leaf: Leaf, payload: Any) -> tuple[bool, Any, float | None]:
+        """The payload a wait is dispatched with, and its time: (ok, payload or error, time).
+
+        `sleep!!`: `{"until": wake-up}` (now + the duration, or the instant given);
+        `await!!`: `{"signal": name, "until": deadline or None}`. A wait handed back by a
+        resume keeps the time it recorded: it never starts over.
+        """
+        if not isinstance(payload, dict):
+            return False, f"{leaf.action}: bad payload {payload!r:.60}", None
+        now = self.now if self.now is not None else 0.0
+        fields: dict[str, Any] = {}
+        for key, value in payload.items():
+            ok, fields[key] = self.evaluate(value)
+            if not ok:
+                return False, fields[key], None
+        try:
+            if leaf.action == AWAIT:
+                limit = fields.get("timeout")
+                until = leaf.wake
+                if until is None and limit is not None:
+                    until = now + parse_duration(limit)
+                return True, {"signal": str(fields.get("signal")), "until": until}, until
+            wake = leaf.wake
+            if wake is None:
+                if "until" in fields:
+                    wake = parse_instant(fields["until"])
+                else:
+                    wake = now + parse_duration(fields.get("seconds", 0))
+            out = {"until": wake}
+            if "seconds" in fields:
+                out["seconds"] = parse_duration(fields["seconds"])
+            return True, out, wake
+        except AblaufError as exc:
+            return False, f"{'sleep!!' if leaf.action == SLEEP else 'await!!'}: {exc.message}", None
 
     def enter(self, loc: zipper.Loc, fresh: bool) -> tuple[zipper.Loc, list[Any] | None]:
         """Visit a node: start it if it is a leaf, else return the children to visit."""
@@ -479,7 +613,7 @@ class Step:
         if nexts:
             queue = stack[-1]
             for nxt in reversed(nexts):
-                queue.append((nxt.child, True, nxt.skip))
+                queue.append((nxt.child, True, nxt if nxt.cut is not None else nxt.skip))
         return loc
 
     def advance(self) -> None:
@@ -504,7 +638,8 @@ class Step:
             child = zipper.down(loc, index)
             assert child is not None
             if skip:
-                loc = zipper.up(zipper.replace(child, self.skip(child.node)))  # type: ignore[assignment]
+                node = self.skip(child.node) if skip is True else self.cut(child.node, *skip[2:])
+                loc = zipper.up(zipper.replace(child, node))  # type: ignore[assignment]
                 continue
             child, todo = self.enter(child, fresh)
             if todo is None:

@@ -66,6 +66,9 @@ class Dispatch:
     idempotent: bool
     attempt: int
     context: Any = field(default=None, compare=False, repr=False)
+    due: float | None = None  # not before this time (a retry's wait, a sleep's wake-up)
+    timeout: float | None = None  # the limit of this attempt, in seconds
+    heartbeat: float | None = None  # the longest silence allowed between heartbeats
 
 
 @dataclass(frozen=True, slots=True)

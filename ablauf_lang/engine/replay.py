@@ -118,12 +118,20 @@ def _frozen_todo(todo: dict[int, Any]) -> dict[int, Collection[int]]:
     return {k: (v if v is ALL else frozenset(v)) for k, v in todo.items() if v}
 
 
-def prepare_replay(job: Job, *, retry_interrupted: bool = False) -> Job:
+def not_started(leaf: Leaf, now: float | None) -> bool:
+    """True for a leaf in flight whose attempt surely has not begun: a retry still in its
+    wait (a runner never starts an attempt before its time)."""
+    return bool(leaf.attempts) and leaf.wake is not None and now is not None and leaf.wake > now
+
+
+def prepare_replay(job: Job, *, retry_interrupted: bool = False, now: float | None = None) -> Job:
     """Make a job ready to go on after a crash (resume) or to be retried (a person asked).
 
-    Resume touches only the leaves in flight: an idempotent one is dispatched again by
-    the next restart (a new attempt); a non-idempotent one fails `interrupted: ...` (its
-    outcome is unknown) and the run goes on by the normal semantics, so a rescue may
+    Resume touches only the leaves in flight: an idempotent one (a wait among them) is
+    dispatched again by the next restart (a new attempt that keeps a wait's recorded time:
+    a sleep is not started over); a non-idempotent one fails `interrupted: ...` (its
+    outcome is unknown) unless it surely had not begun (a retry whose time, after `now`,
+    is still to come), and the run goes on by the normal semantics, so a rescue may
     handle it. Recorded successes, failures and skips never change.
 
     Retry (`retry_interrupted=True`) dispatches every leaf in flight again, whatever its
@@ -146,7 +154,7 @@ def prepare_replay(job: Job, *, retry_interrupted: bool = False) -> Job:
         aborted = None
     else:
         for leaf in inflight:
-            if leaf.idempotent:
+            if leaf.idempotent or not_started(leaf, now):
                 rs.hand_back(leaf)
             else:
                 error = INTERRUPTED + f"{leaf.action} was in flight and is not idempotent"

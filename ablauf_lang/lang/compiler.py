@@ -15,20 +15,26 @@ depend on the run (`ctx`, a `doseq!!` variable) are kept as `expr.Expr`.
 
 A program is a sequence of top-level forms: declarations (`def`, `defn`, `import`, see
 `TOP_LEVEL_RULES`) and workflows; its workflow is the last form.
+
+Time (`sleep!!`, `await!!`, `timeout!!`, leaf options): durations and instants written in
+the program are checked here and stored as seconds; one that uses `ctx` stays an `Expr`
+for the engine. `with-defaults` hands its options down lexically, in a `DefaultsEnv`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from pyrsistent import pvector
 
-from ablauf_lang.code import Code, Expr, Var
+from ablauf_lang.code import Code, Expr, MapCode, Var
 from ablauf_lang.engine.kinds import (
     Augment,
+    Deadline,
     Doseq,
     If,
     Leaf,
@@ -39,9 +45,10 @@ from ablauf_lang.engine.kinds import (
     Try,
     renumber,
 )
-from ablauf_lang.errors import AblaufCompileError, Span
+from ablauf_lang.errors import AblaufCompileError, AblaufError, Span
 from ablauf_lang.lang.evaluator import (
     SPECIAL_FORMS,
+    Closure,
     Env,
     Evaluator,
     describe,
@@ -51,27 +58,44 @@ from ablauf_lang.lang.forms import Form, List, Map, Symbol, Vector, span_of
 from ablauf_lang.lang.loader import ImportRefused, Loader
 from ablauf_lang.lang.printer import print_form
 from ablauf_lang.lang.reader import gc_paused, read, strip_bom
-from ablauf_lang.names import did_you_mean
-from ablauf_lang.stdlib.builtins import BUILTINS
+from ablauf_lang.names import DEFAULT_OPTIONS, LEAF_OPTIONS, RETRY_OPTIONS, did_you_mean
+from ablauf_lang.stdlib.actions import AWAIT, SLEEP
+from ablauf_lang.stdlib.builtins import BUILTINS, show_value
+from ablauf_lang.stdlib.durations import DURATION_UNITS, parse_duration, parse_instant
 from ablauf_lang.values import Keyword
 
 __all__ = [
+    "LEAF_OPTIONS",
+    "RETRY_DEFAULTS",
     "RULES",
     "TOP_LEVEL_RULES",
     "Child",
     "Compiler",
+    "DefaultsEnv",
     "Plan",
     "compile_forms",
     "compile_source",
     "head_name",
+    "leaf_defaults",
     "rule",
     "top_level_rule",
+    "with_deadline",
 ]
 
 WORKFLOW_HINT = "a workflow (do!!, dopar!!, try!!, an action...)"
 
-# Options a leaf accepts in `(action!! :ns/name payload {...})`.
-LEAF_OPTIONS: tuple[str, ...] = ("idempotent?",)
+# Options a leaf accepts in `(action!! :ns/name payload {...})`: `names.LEAF_OPTIONS`
+# (imported above, so `compiler.LEAF_OPTIONS` stays where it was).
+
+# A `:retry` policy's values where the map leaves them out (`:retry true`: all of them).
+RETRY_DEFAULTS: dict[str, Any] = {
+    "max": 3,
+    "delay": 1.0,
+    "backoff": 2.0,
+    "max-delay": None,
+    "jitter": False,
+    "on": None,
+}
 
 # ---------------------------------------------------------------------------------------
 # Plans: a node before it has an id
@@ -283,12 +307,37 @@ class Compiler:
         """Return the items of `form` from index `start` on, as children to compile."""
         return [Child(form.items[i], form.span_of(i), env) for i in range(start, len(form.items))]
 
-    def leaf(self, form: List, action: str, payload: Any, idempotent: bool = False) -> Plan:
-        """Return the plan of a leaf performing `action`."""
+    def leaf(
+        self,
+        form: List,
+        action: str,
+        payload: Any,
+        idempotent: bool = False,
+        options: dict[str, Any] | None = None,
+    ) -> Plan:
+        """Return the plan of a leaf performing `action`.
+
+        `options`: checked leaf options (`leaf_options`); `retry`, `timeout` and
+        `heartbeat` go on the leaf.
+        """
         span = form.span
+        options = options or {}
+        retry = options.get("retry")
+        timeout = options.get("timeout")
+        heartbeat = options.get("heartbeat")
 
         def build(node_id: int, _: list[Node]) -> Node:
-            return Leaf(node_id, action, payload, idempotent, span=span)
+            policy = None if retry is None else _copy_policy(retry)
+            return Leaf(
+                node_id,
+                action,
+                payload,
+                idempotent,
+                span=span,
+                retry=policy,
+                timeout=timeout,
+                heartbeat=heartbeat,
+            )
 
         return Plan("leaf", build, span)
 
@@ -476,20 +525,31 @@ def _fail(c: Compiler, form: List, env: Env) -> Plan:
     return c.leaf(form, "action/fail", reason)
 
 
-# (action!! :ns/name payload) / (action!! :ns/name payload {:idempotent? true})
+# (action!! :ns/name payload) / (action!! :ns/name payload {:idempotent? true :retry {...}})
 @rule("action!!")
 def _action(c: Compiler, form: List, env: Env) -> Plan:
     c.arity(form, 2, 3, "(action!! :ns/name payload) or (action!! :ns/name payload {...})")
     name = action_name(c, form)
-    idempotent = leaf_options(c, form, 3).get("idempotent?", False)
-    return c.leaf(form, name, c.runtime(form, 2, env, "a payload"), bool(idempotent))
+    options = with_leaf_defaults(leaf_options(c, form, 3, env), env)
+    idempotent = bool(options.get("idempotent?", False))
+    return c.leaf(form, name, c.runtime(form, 2, env, "a payload"), idempotent, options)
 
 
-# (idempotent-action!! :ns/name payload)
+# (idempotent-action!! :ns/name payload) / (idempotent-action!! :ns/name payload {...})
 @rule("idempotent-action!!")
 def _idempotent_action(c: Compiler, form: List, env: Env) -> Plan:
-    c.arity(form, 2, 2, "(idempotent-action!! :ns/name payload)")
-    return c.leaf(form, action_name(c, form), c.runtime(form, 2, env, "a payload"), True)
+    c.arity(
+        form,
+        2,
+        3,
+        "(idempotent-action!! :ns/name payload) or (idempotent-action!! :ns/name payload {...})",
+    )
+    name = action_name(c, form)
+    options = with_leaf_defaults(leaf_options(c, form, 3, env), env)
+    if options.get("idempotent?", True) is not True:
+        where = form.span_of(3)
+        raise c.error("idempotent-action!! is idempotent: drop :idempotent? false", where)
+    return c.leaf(form, name, c.runtime(form, 2, env, "a payload"), True, options)
 
 
 def action_name(c: Compiler, form: List) -> str:
@@ -503,31 +563,379 @@ def action_name(c: Compiler, form: List) -> str:
     return str(name)
 
 
-def leaf_options(c: Compiler, form: List, index: int) -> dict[str, Any]:
-    """Return the checked options map at `index` of a leaf form ({} when absent)."""
+def leaf_options(c: Compiler, form: List, index: int, env: Env) -> dict[str, Any]:
+    """Return the checked options map at `index` of a leaf form ({} when absent).
+
+    `:idempotent?` is true or false; `:retry` a policy (`retry_policy`); `:timeout` and
+    `:heartbeat` durations in seconds, more than 0 (nil: none). Values are known when
+    the program is compiled (a `def` may name them; `ctx` may not).
+    """
     if index >= len(form.items):
         return {}
     options = form.items[index]
     if not isinstance(options, Map):
         raise c.error(
-            f"{head_name(form)} options must be a map like {{:idempotent? true}}, "
-            f"got {show(options)}",
+            f"{head_name(form)} options must be a map like {{:idempotent? true}} or "
+            f"{{:retry {{:max 5}} :timeout 30}}, got {show(options)}",
             form.span_of(index),
         )
+    return option_map(c, options, LEAF_OPTIONS, env, "option")
+
+
+def option_map(
+    c: Compiler, options: Map, allowed: Sequence[str], env: Env, what: str
+) -> dict[str, Any]:
+    """The checked options of a leaf or of `with-defaults`: each key among `allowed`."""
     out: dict[str, Any] = {}
     for i, (key, value) in enumerate(options.pairs):
-        where = options.span_of(2 * i)
-        if not isinstance(key, Keyword) or key not in LEAF_OPTIONS:
-            known = ", ".join(f":{o}" for o in LEAF_OPTIONS)
-            hint = did_you_mean(str(key), LEAF_OPTIONS, prefix=":")
-            raise c.error(f"unknown option {show(key)} (known: {known}){hint}", where)
-        if key == "idempotent?" and not isinstance(value, bool | None):
-            raise c.error(
-                f":idempotent? must be true or false, got {show(value)}",
-                options.span_of(2 * i + 1),
-            )
-        out[str(key)] = value
+        where, at = options.span_of(2 * i), options.span_of(2 * i + 1)
+        if not isinstance(key, Keyword) or key not in allowed:
+            known = ", ".join(f":{o}" for o in allowed)
+            hint = did_you_mean(str(key), allowed, prefix=":")
+            raise c.error(f"unknown {what} {show(key)} (known: {known}){hint}", where)
+        name = str(key)
+        if name in out:
+            raise c.error(f"the option :{name} is given twice", where)
+        if name == "idempotent?":
+            if not isinstance(value, bool | None):
+                raise c.error(f":idempotent? must be true or false, got {show(value)}", at)
+            out[name] = value
+        elif name == "retry":
+            out[name] = retry_policy(c, value, at, env)
+        else:
+            out[name] = option_duration(c, value, at, env, f":{name}")
     return out
+
+
+def option_duration(c: Compiler, form: Form, span: Span | None, env: Env, what: str) -> Any:
+    """A `:timeout` or `:heartbeat`: seconds more than 0, or None for nil (none)."""
+    if isinstance(form, Map):
+        duration_parts(c, form, what)
+    value = known(c, form, span, env, what)
+    if value is None:
+        return None
+    return duration_of(c, value, span, what, positive=True)
+
+
+def retry_policy(c: Compiler, form: Form, span: Span | None, env: Env) -> dict[str, Any] | None:
+    """The `:retry` policy a leaf stores, with every key (`RETRY_DEFAULTS` for the rest).
+
+    `true` is the default policy; `false` and nil are no retries (they undo a default of
+    `with-defaults`). A map's keys: `:max` (attempts in all, a whole number >= 1),
+    `:delay` and `:max-delay` (durations), `:backoff` (a number >= 1), `:jitter`
+    (true or false), `:on` (a vector of error names, nil for every error).
+    """
+    entries: list[tuple[Any, Any, Span | None, Span | None]]
+    if isinstance(form, Map):
+        entries = []
+        for i, (key, value) in enumerate(form.pairs):
+            at = form.span_of(2 * i + 1)
+            if key in ("delay", "max-delay") and isinstance(value, Map):
+                duration_parts(c, value, f":retry :{key}")
+            entries.append((key, known(c, value, at, env, ":retry"), form.span_of(2 * i), at))
+    else:
+        value = known(c, form, span, env, ":retry")
+        if value is None or value is False:
+            return None
+        if value is True:
+            return _copy_policy(RETRY_DEFAULTS)
+        if not isinstance(value, dict):
+            raise c.error(
+                ":retry must be true, false or a map like {:max 5 :delay 1 :backoff 2}, "
+                f"got {describe(value)}",
+                span,
+            )
+        entries = [(k, v, span, span) for k, v in value.items()]
+    policy = _copy_policy(RETRY_DEFAULTS)
+    seen: set[str] = set()
+    for key, value, where, at in entries:
+        if not isinstance(key, str) or key not in RETRY_OPTIONS:
+            known_keys = ", ".join(f":{o}" for o in RETRY_OPTIONS)
+            hint = did_you_mean(str(key), RETRY_OPTIONS, prefix=":")
+            shown = show(key) if not isinstance(key, str) or isinstance(key, Keyword) else key
+            raise c.error(f"unknown :retry key {shown} (known: {known_keys}){hint}", where)
+        name = str(key)
+        if name in seen:
+            raise c.error(f"the :retry key :{name} is given twice", where)
+        seen.add(name)
+        policy[name] = retry_value(c, name, value, at)
+    return policy
+
+
+def retry_value(c: Compiler, name: str, value: Any, span: Span | None) -> Any:
+    """One checked value of a `:retry` map."""
+    shown = _shown(value)
+    if name == "max":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise c.error(
+                f":retry :max is the number of attempts in all (a whole number >= 1), got {shown}",
+                span,
+            )
+        return value
+    if name in ("delay", "max-delay"):
+        if value is None and name == "max-delay":
+            return None
+        return duration_of(c, value, span, f":retry :{name}")
+    if name == "backoff":
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not 1 <= value <= sys.float_info.max:
+            raise c.error(f":retry :backoff multiplies each wait, a number >= 1, got {shown}", span)
+        return float(value)
+    if name == "jitter":
+        if not isinstance(value, bool):
+            raise c.error(f":retry :jitter must be true or false, got {shown}", span)
+        return value
+    # :on
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(x, str) for x in value):
+        raise c.error(
+            ':retry :on must be a vector of error names like ["TimeoutError" "http/503"], '
+            f"got {shown}",
+            span,
+        )
+    return [str(x) for x in value]
+
+
+def _copy_policy(policy: dict[str, Any]) -> dict[str, Any]:
+    """A fresh copy of a retry policy (each leaf owns its own)."""
+    out = dict(policy)
+    if out.get("on") is not None:
+        out["on"] = list(out["on"])
+    return out
+
+
+def known(c: Compiler, form: Form, span: Span | None, env: Env, what: str) -> Any:
+    """The value of an option, known when the program is compiled (run-time code refused)."""
+    value = c.evaluate(form, span, env)
+    if isinstance(value, Code):
+        raise c.error(
+            f"{what} must be known when the program is compiled, got {show(form)}, which is "
+            "only known at run time (it uses ctx or a doseq!!/pmap!! variable)",
+            span,
+        )
+    return value
+
+
+def _shown(value: Any) -> str:
+    """A compile-time value for a message."""
+    if is_workflow(value) or isinstance(value, Closure):
+        return describe(value)
+    return show_value(value, 40)
+
+
+# ---------------------------------------------------------------------------------------
+# Time: durations, waits, deadlines and defaults
+
+
+def duration_arg(
+    c: Compiler, form: Form, span: Span | None, env: Env, what: str, *, positive: bool = False
+) -> float | Code:
+    """A duration argument: seconds, checked now, or run-time code (checked when reached).
+
+    A literal map's keys and values are checked where they are written.
+    """
+    if isinstance(form, Map):
+        duration_parts(c, form, what)
+    value = c.evaluate(form, span, env)
+    if isinstance(value, Code):
+        return value
+    return duration_of(c, value, span, what, positive=positive)
+
+
+def duration_parts(c: Compiler, form: Map, what: str) -> None:
+    """Check the keys (and literal values) of a duration map such as `{:minutes 10}`."""
+    for i, (key, value) in enumerate(form.pairs):
+        if not isinstance(key, Keyword) or key not in DURATION_UNITS:
+            units = ", ".join(f":{u}" for u in DURATION_UNITS)
+            hint = did_you_mean(str(key), DURATION_UNITS, prefix=":")
+            raise c.error(
+                f"{what}: unknown duration key {show(key)} (known: {units}){hint}",
+                form.span_of(2 * i),
+            )
+        if not isinstance(value, Symbol | List | Vector | Map):
+            try:
+                parse_duration({key: value})
+            except AblaufError as exc:
+                raise c.error(f"{what}: {exc.message}", form.span_of(2 * i + 1)) from None
+
+
+def duration_of(
+    c: Compiler, value: Any, span: Span | None, what: str, *, positive: bool = False
+) -> float:
+    """The seconds of a duration value known now; a located error otherwise."""
+    if is_workflow(value) or isinstance(value, Closure):
+        raise c.error(
+            f"{what} must be a duration (seconds, or a map like {{:minutes 10}}), "
+            f"got {describe(value)}",
+            span,
+        )
+    try:
+        seconds = parse_duration(value)
+    except AblaufError as exc:
+        raise c.error(f"{what}: {exc.message}", span) from None
+    if positive and seconds <= 0:
+        raise c.error(f"{what} must be more than 0 seconds, got {_shown(value)}", span)
+    return seconds
+
+
+def instant_arg(c: Compiler, form: Form, span: Span | None, env: Env, what: str) -> float | Code:
+    """An instant argument: epoch seconds, checked now, or run-time code."""
+    value = c.evaluate(form, span, env)
+    if isinstance(value, Code):
+        return value
+    if is_workflow(value) or isinstance(value, Closure):
+        raise c.error(
+            f'{what} must be an instant like "2026-12-24T09:00:00Z", got {describe(value)}', span
+        )
+    try:
+        return parse_instant(value)
+    except AblaufError as exc:
+        raise c.error(f"{what}: {exc.message}", span) from None
+
+
+def wait_payload(c: Compiler, pairs: list[tuple[str, Any]], span: Span | None) -> Any:
+    """A wait's payload map: data, or an `Expr` when a part is only known at run time."""
+    if not any(isinstance(value, Code) for _, value in pairs):
+        return dict(pairs)
+    flat = [part for pair in pairs for part in pair]
+    code = c.evaluator.residual(
+        lambda depth, size: MapCode(tuple(pairs), depth=depth, size=size), flat, span
+    )
+    return c.evaluator.runtime_value(code, span, "the duration")
+
+
+# (sleep!! d): d seconds, {:minutes 10}, "1h30m", or a run-time expression
+@rule("sleep!!")
+def _sleep(c: Compiler, form: List, env: Env) -> Plan:
+    c.arity(form, 1, 1, "(sleep!! seconds) or (sleep!! {:minutes 10})")
+    seconds = duration_arg(c, form.items[1], form.span_of(1), env, "sleep!!")
+    return c.leaf(form, SLEEP, wait_payload(c, [("seconds", seconds)], form.span_of(1)), True)
+
+
+# (sleep-until!! "2026-12-24T09:00:00Z")
+@rule("sleep-until!!")
+def _sleep_until(c: Compiler, form: List, env: Env) -> Plan:
+    c.arity(form, 1, 1, '(sleep-until!! "2026-12-24T09:00:00Z")')
+    until = instant_arg(c, form.items[1], form.span_of(1), env, "sleep-until!!")
+    return c.leaf(form, SLEEP, wait_payload(c, [("until", until)], form.span_of(1)), True)
+
+
+# (await!! :name) / (await!! :name {:timeout d})
+@rule("await!!")
+def _await(c: Compiler, form: List, env: Env) -> Plan:
+    c.arity(form, 1, 2, "(await!! :name) or (await!! :name {:timeout {:hours 24}})")
+    name = form.items[1]
+    if not isinstance(name, Keyword):
+        raise c.error(
+            f"await!! needs a keyword naming the signal, like :approval, got {show(name)}",
+            form.span_of(1),
+        )
+    timeout: float | Code | None = None
+    if len(form.items) > 2:
+        options = form.items[2]
+        if not isinstance(options, Map):
+            raise c.error(
+                f"await!! options must be a map like {{:timeout {{:hours 24}}}}, "
+                f"got {show(options)}",
+                form.span_of(2),
+            )
+        for i, (key, value) in enumerate(options.pairs):
+            if not isinstance(key, Keyword) or key != "timeout":
+                hint = did_you_mean(str(key), ["timeout"], prefix=":")
+                raise c.error(
+                    f"unknown await!! option {show(key)} (known: :timeout){hint}",
+                    options.span_of(2 * i),
+                )
+            if value is not None:
+                at = options.span_of(2 * i + 1)
+                timeout = duration_arg(c, value, at, env, "the :timeout of await!!")
+    payload = wait_payload(c, [("signal", str(name)), ("timeout", timeout)], form.span)
+    return c.leaf(form, AWAIT, payload, True)
+
+
+# (timeout!! d body...): [body, timer]; the body fails with `timeout` when d passes first
+@rule("timeout!!")
+def _timeout(c: Compiler, form: List, env: Env) -> Plan:
+    usage = "(timeout!! seconds node...)"
+    c.arity(form, 2, None, usage)
+    seconds = duration_arg(
+        c, form.items[1], form.span_of(1), env, "the deadline of timeout!!", positive=True
+    )
+    plans = [p for child in c.children(form, 2, env) for p in c.expand_child(child)]
+    if not plans:
+        raise c.error(f"timeout!! needs a workflow to limit: usage {usage}", form.span)
+    body = plans[0] if len(plans) == 1 else branch(Seq, form.span, plans)
+    timer = c.leaf(form, SLEEP, wait_payload(c, [("seconds", seconds)], form.span_of(1)), True)
+    span = form.span
+
+    def build(node_id: int, nodes: list[Node]) -> Node:
+        return Deadline(node_id, pvector(nodes), span=span)
+
+    return Plan(Deadline.kind, build, span, [body, timer])
+
+
+class DefaultsEnv(Env):
+    """The scope of a `with-defaults`: it binds no names, it carries leaf options."""
+
+    def __init__(self, defaults: dict[str, Any], outer: Env) -> None:
+        super().__init__(None, outer)
+        self.defaults = defaults
+
+
+def leaf_defaults(env: Env | None) -> dict[str, Any]:
+    """The options the innermost `with-defaults` around `env` sets ({} outside any)."""
+    while env is not None:
+        if isinstance(env, DefaultsEnv):
+            return env.defaults
+        env = env.outer
+    return {}
+
+
+def with_leaf_defaults(options: dict[str, Any], env: Env) -> dict[str, Any]:
+    """A leaf's options with the defaults of its scope for those it does not set."""
+    defaults = leaf_defaults(env)
+    if not defaults:
+        return options
+    return {**defaults, **options}
+
+
+# (with-defaults {:retry {...} :timeout 30 :heartbeat 10} node...)
+@rule("with-defaults")
+def _with_defaults(c: Compiler, form: List, env: Env) -> Plan:
+    usage = "(with-defaults {:retry {:max 5} :timeout 30} node...)"
+    c.arity(form, 2, None, usage)
+    options = form.items[1]
+    if not isinstance(options, Map):
+        raise c.error(
+            f"with-defaults needs a map of options like {{:retry {{:max 5}} :timeout 30}}, "
+            f"got {show(options)}: usage {usage}",
+            form.span_of(1),
+        )
+    given = option_map(c, options, DEFAULT_OPTIONS, env, "with-defaults option")
+    inner = DefaultsEnv({**leaf_defaults(env), **given}, env)
+    plans = [p for child in c.children(form, 2, inner) for p in c.expand_child(child)]
+    if not plans:
+        raise c.error(f"with-defaults needs a workflow to apply to: usage {usage}", form.span)
+    return plans[0] if len(plans) == 1 else branch(Seq, form.span, plans)
+
+
+def with_deadline(root: Node, seconds: Any) -> Node:
+    """`root` under a deadline of `seconds` (a duration): a whole run's limit.
+
+    For `eval(..., timeout=)` and `ablauf run --timeout`. The copy is numbered afresh:
+    the deadline is 0, the program's nodes follow, the timer is last. Raises AblaufError
+    for a duration that is bad or not more than 0.
+    """
+    try:
+        limit = parse_duration(seconds)
+    except AblaufError as exc:
+        raise AblaufError(f"the run's timeout: {exc.message}") from None
+    if limit <= 0:
+        raise AblaufError(f"the run's timeout must be more than 0 seconds, got {seconds!r}")
+    body, paths = renumber(root, 1)
+    timer = Leaf(1 + len(paths), SLEEP, {"seconds": limit}, True)
+    return Deadline(0, pvector([body, timer]))
 
 
 # ---------------------------------------------------------------------------------------

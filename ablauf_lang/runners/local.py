@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import heapq
 import inspect
 import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
@@ -33,9 +34,21 @@ from typing import Any
 
 from ablauf_lang import values
 from ablauf_lang.engine.job import Job, restart_job
-from ablauf_lang.engine.nodes import FAILED_STATES, Dispatch, Result, Status, failure, success
+from ablauf_lang.engine.nodes import (
+    FAILED_STATES,
+    Dispatch,
+    LeafState,
+    Result,
+    Status,
+    failure,
+    success,
+    timeout,
+)
+from ablauf_lang.engine.waits import parked
 from ablauf_lang.errors import AblaufError, InternalError
-from ablauf_lang.stdlib.actions import STDLIB_ACTIONS, ActionFailed
+from ablauf_lang.runners.clock import HEARTBEAT, SYSTEM, Clock, heartbeat
+from ablauf_lang.stdlib.actions import AWAIT, SLEEP, STDLIB_ACTIONS, WAIT_ACTIONS, ActionFailed
+from ablauf_lang.stdlib.durations import format_duration
 from ablauf_lang.stores.base import JobStore
 
 __all__ = [
@@ -49,6 +62,7 @@ __all__ = [
     "checkpoint",
     "critical",
     "guarding",
+    "heartbeat",
     "interruptible",
     "keep_awake",
     "perform",
@@ -353,16 +367,21 @@ def _started(dispatch: Dispatch, on_start: OnStart | None) -> float:
 
 
 def perform_sync(
-    dispatch: Dispatch, fn: Action | None, durable: bool, on_start: OnStart | None = None
+    dispatch: Dispatch,
+    fn: Action | None,
+    durable: bool,
+    on_start: OnStart | None = None,
+    beat: Callable[[Any], None] | None = None,
 ) -> Result:
     """Call a sync action here and now; never raises for the action's own errors.
 
     A KeyboardInterrupt is not the action's error (in the main thread it is a signal):
-    it goes through.
+    it goes through. `beat` is what `heartbeat()` calls inside the action.
     """
     if fn is None:
         return _unknown(dispatch)
     started = _started(dispatch, on_start)
+    token = HEARTBEAT.set(beat)
     try:
         output = fn(dispatch.payload, dispatch.context)
         if inspect.isawaitable(output):
@@ -372,6 +391,8 @@ def perform_sync(
             raise TypeError("a sync action returned an awaitable; declare it `async def`")
     except (Exception, SystemExit) as exc:
         return _failed(dispatch, exc, started)
+    finally:
+        HEARTBEAT.reset(token)
     return _finish(dispatch, output, started, durable)
 
 
@@ -382,13 +403,16 @@ async def perform(
     *,
     threads: ActionThreads | None = None,
     on_start: OnStart | None = None,
+    beat: Callable[[Any], None] | None = None,
 ) -> Result:
     """Perform one dispatch: async actions awaited, sync ones in a thread (of `threads`,
-    else asyncio's default executor). Never raises for the action's own errors."""
+    else asyncio's default executor). Never raises for the action's own errors. `beat`
+    is what `heartbeat()` calls inside the action."""
     if fn is None:
         return _unknown(dispatch)
     if inspect.iscoroutinefunction(fn):
         started = _started(dispatch, on_start)
+        HEARTBEAT.set(beat)  # this task's own context
         try:
             output = await fn(dispatch.payload, dispatch.context)
         except (Exception, SystemExit) as exc:
@@ -397,10 +421,13 @@ async def perform(
 
     def call() -> tuple[float, Any, BaseException | None]:
         began = _started(dispatch, on_start)
+        token = HEARTBEAT.set(beat)
         try:
             return began, fn(dispatch.payload, dispatch.context), None
         except BaseException as exc:  # in a thread: never a signal, always the action's own
             return began, None, exc
+        finally:
+            HEARTBEAT.reset(token)
 
     if threads is None:
         started, output, error = await asyncio.to_thread(call)
@@ -416,6 +443,153 @@ async def perform(
     return _finish(dispatch, output, started, durable)
 
 
+# ---------------------------------------------------------------- limits of an attempt
+
+
+class Beat:
+    """The heartbeat of one attempt: when its action last said it was alive."""
+
+    __slots__ = ("details", "last")
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+        self.details: Any = None
+
+    def __call__(self, details: Any = None) -> None:
+        self.last = time.monotonic()  # a float store: safe from an action's thread
+        self.details = details
+
+
+async def supervise(
+    dispatch: Dispatch, work: Coroutine[Any, Any, Result], beat: Beat | None
+) -> Result:
+    """Await an attempt within its limits: `timeout` for the whole attempt, `heartbeat`
+    between two heartbeats. Past either, the attempt ends as a timeout: an async action
+    is cancelled, a thread is abandoned (its late result is ignored by the engine, which
+    takes only the results of the attempt it waits for)."""
+    task = asyncio.ensure_future(work)
+    began, wall = time.monotonic(), time.time()
+    limit, silence = dispatch.timeout, dispatch.heartbeat
+    try:
+        while True:
+            ends = [began + limit] if limit is not None else []
+            if beat is not None and silence is not None:
+                ends.append(beat.last + silence)
+            wait = max(0.0, min(ends) - time.monotonic()) if ends else None
+            done, _ = await asyncio.wait({task}, timeout=wait)
+            if done:
+                return task.result()
+            now = time.monotonic()
+            if limit is not None and now >= began + limit:
+                error = f"timeout: no result within {format_duration(limit)}"
+            elif beat is not None and silence is not None and now >= beat.last + silence:
+                error = f"heartbeat: none for {format_duration(silence)}"
+            else:
+                continue
+            return timeout(dispatch, error, started_at=wall, finished_at=time.time())
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def plain(dispatch: Dispatch) -> bool:
+    """A dispatch to perform at once with no limits (the runner may call it inline)."""
+    return (
+        dispatch.due is None
+        and dispatch.timeout is None
+        and dispatch.heartbeat is None
+        and dispatch.action not in WAIT_ACTIONS
+    )
+
+
+# ---------------------------------------------------------------- what a run waits for
+
+
+class Schedule:
+    """A run's work in this process: actions running, dispatches waiting for their time
+    (a sleep, a retry's wait, an await's deadline: a heap), awaits waiting for a signal."""
+
+    def __init__(self) -> None:
+        self.running: dict[asyncio.Task[Result], Dispatch] = {}
+        self.task_of: dict[int, asyncio.Task[Result]] = {}
+        self.later: dict[int, Dispatch] = {}
+        self.awaits: dict[int, Dispatch] = {}
+        self._heap: list[tuple[float, int, int, int]] = []  # time, order, node, attempt
+        self._order = 0
+
+    def empty(self) -> bool:
+        return not (self.running or self.later or self.awaits)
+
+    def start(self, dispatch: Dispatch, task: asyncio.Task[Result]) -> None:
+        self.running[task] = dispatch
+        self.task_of[dispatch.id] = task
+
+    def finished(self, task: asyncio.Task[Result]) -> Result:
+        dispatch = self.running.pop(task)
+        self.task_of.pop(dispatch.id, None)
+        return task.result()
+
+    def at(self, when: float, dispatch: Dispatch) -> None:
+        """Act on `dispatch` at `when` (perform it, wake the sleep, end the await)."""
+        self._order += 1
+        heapq.heappush(self._heap, (when, self._order, dispatch.id, dispatch.attempt))
+        self.later[dispatch.id] = dispatch
+
+    def _live(self, node: int, attempt: int) -> Dispatch | None:
+        dispatch = self.later.get(node)
+        return dispatch if dispatch is not None and dispatch.attempt == attempt else None
+
+    def next_time(self) -> float | None:
+        """The earliest time something is to happen (None: no timer)."""
+        heap = self._heap
+        while heap and self._live(heap[0][2], heap[0][3]) is None:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def due(self, now: float) -> list[Dispatch]:
+        """The dispatches whose time has come, taken off the heap."""
+        out = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, _, node, attempt = heapq.heappop(heap)
+            dispatch = self._live(node, attempt)
+            if dispatch is not None:
+                del self.later[node]
+                out.append(dispatch)
+        return out
+
+    def drop(self, node: int) -> None:
+        """Forget node's dispatch: cancel its action, stop its timer and its await."""
+        task = self.task_of.pop(node, None)
+        if task is not None:
+            del self.running[task]
+            task.cancel()
+        self.later.pop(node, None)
+        self.awaits.pop(node, None)
+
+    def prune(self, job: Job) -> None:
+        """Drop what the last restart ended (a deadline cut it, an abort failed it)."""
+        touched = job.touched
+        known = self.task_of.keys() | self.later.keys() | self.awaits.keys()
+        if not known or not touched:
+            return
+        for node in known & touched if len(touched) > len(known) else touched & known:
+            leaf = job.node(node)
+            live = self.later.get(node) or self.awaits.get(node)
+            task = self.task_of.get(node)
+            attempt = self.running[task].attempt if task is not None else None
+            if live is not None:
+                attempt = live.attempt
+            if leaf.result is not LeafState.PENDING or leaf.attempt != attempt:
+                self.drop(node)
+
+
+def _no_signal(dispatch: Dispatch) -> Result:
+    until = dispatch.payload.get("until") if isinstance(dispatch.payload, dict) else None
+    name = dispatch.payload.get("signal") if isinstance(dispatch.payload, dict) else "?"
+    return timeout(dispatch, f"timeout: no signal {name} arrived in time", finished_at=until)
+
+
 # ---------------------------------------------------------------- the runner
 
 
@@ -426,6 +600,12 @@ class LocalRunner:
     `on_restart(job, dispatches, results)` is called after every restart and
     `on_start(dispatch, time)` when an action really begins (from an action thread for
     sync actions: keep it cheap and thread-safe).
+
+    Time: `clock` (default the system's; a `VirtualClock` skips ahead when nothing runs
+    before the next timer). Sleeps and retries' waits are timers here; an await takes its
+    signal from the store (looked for every `poll` seconds while it waits). `detach`:
+    return the job as soon as it is parked (nothing runs, only waits remain), for a worker
+    to wake it later (`ablauf run --detach`, the SQLite worker).
     """
 
     def __init__(
@@ -438,6 +618,9 @@ class LocalRunner:
         inline: bool = True,
         concurrency: int | None = None,
         on_start: OnStart | None = None,
+        clock: Clock | None = None,
+        detach: bool = False,
+        poll: float = 0.5,
     ) -> None:
         self.actions = registry(actions)
         self.store = store
@@ -449,9 +632,12 @@ class LocalRunner:
         self.concurrency = DEFAULT_CONCURRENCY if concurrency is None else int(concurrency)
         if self.concurrency < 1:
             raise AblaufError(f"concurrency must be at least 1, got {concurrency}")
+        self.clock: Clock = SYSTEM if clock is None else clock
+        self.detach = detach
+        self.poll = poll
 
     def _restart(self, job: Job, results: list[Result]) -> tuple[Job, list[Dispatch]]:
-        job, dispatches = restart_job(job, results, time.time())
+        job, dispatches = restart_job(job, results, self.clock.now())
         if self.store is not None and self.run_id is not None:
             with critical():  # an interrupt waits for the write: the store stays whole
                 self.store.record(self.run_id, job)  # persisted before anything is launched
@@ -459,21 +645,52 @@ class LocalRunner:
             self.on_restart(job, dispatches, results)
         return job, dispatches
 
+    def _signals(self, schedule: Schedule) -> list[Result]:
+        """Results of the awaits whose signal is in the run's mailbox (each taken once)."""
+        take = getattr(self.store, "take_signal", None)
+        if take is None or self.run_id is None or not schedule.awaits:
+            return []
+        out = []
+        for node, dispatch in list(schedule.awaits.items()):
+            with critical():
+                got = take(self.run_id, str(dispatch.payload.get("signal")), node)
+            if got is not None:
+                schedule.drop(node)
+                now = self.clock.now()
+                out.append(success(dispatch, got[1], started_at=now, finished_at=now))
+        return out
+
     async def run(self, job: Job) -> Job:
-        """Restart until the job is done; return the final job."""
+        """Restart until the job is done (or parked, with `detach`); return the job."""
         actions = self.actions
         threads = ActionThreads(self.concurrency)
         slots = asyncio.Semaphore(self.concurrency)
         on_start = self.on_start
+        clock = self.clock
 
         async def limited(d: Dispatch) -> Result:
             async with slots:  # waiters are served in dispatch order
-                return await perform(
-                    d, actions.get(d.action), self.durable, threads=threads, on_start=on_start
+                beat = Beat() if d.heartbeat is not None else None
+                work = perform(
+                    d,
+                    actions.get(d.action),
+                    self.durable,
+                    threads=threads,
+                    on_start=on_start,
+                    beat=beat,
                 )
+                if d.timeout is None and beat is None:
+                    return await work
+                return await supervise(d, work, beat)
+
+        def launch(d: Dispatch, now: float, ready: list[Result]) -> None:
+            if d.action == SLEEP:
+                ready.append(success(d, None, started_at=now, finished_at=now))
+            else:
+                schedule.start(d, asyncio.ensure_future(limited(d)))
 
         ticker = asyncio.ensure_future(keep_awake()) if guarding() else None
-        tasks: dict[asyncio.Task[Result], int] = {}
+        schedule = Schedule()
         try:
             job, dispatches = self._restart(job, [])
             while True:
@@ -481,7 +698,8 @@ class LocalRunner:
                 if (
                     self.inline
                     and len(dispatches) == 1
-                    and not tasks
+                    and schedule.empty()
+                    and plain(dispatches[0])
                     and not inspect.iscoroutinefunction(actions.get(dispatches[0].action))
                 ):
                     # Nothing could overlap this action: call it directly.
@@ -489,22 +707,58 @@ class LocalRunner:
                     result = perform_sync(d, actions.get(d.action), self.durable, on_start)
                     job, dispatches = self._restart(job, [result])
                     continue
+                schedule.prune(job)
+                now = clock.now()
+                ready: list[Result] = []
                 for d in dispatches:
-                    tasks[asyncio.ensure_future(limited(d))] = d.id
-                if not tasks:
+                    if d.action == AWAIT:
+                        schedule.awaits[d.id] = d
+                        until = d.payload.get("until") if isinstance(d.payload, dict) else None
+                        if until is not None:
+                            schedule.at(float(until), d)
+                    elif d.due is not None and d.due > now:
+                        schedule.at(d.due, d)
+                    else:
+                        launch(d, now, ready)
+                ready.extend(self._signals(schedule))
+                for d in schedule.due(clock.now()):
+                    if d.action == AWAIT:
+                        schedule.awaits.pop(d.id, None)
+                        ready.append(_no_signal(d))
+                    else:
+                        launch(d, clock.now(), ready)
+                if ready:
+                    job, dispatches = self._restart(job, ready)
+                    continue
+                dispatches = []
+                if schedule.empty():
                     if not job.done:
                         raise InternalError(
                             f"job stuck: not done, nothing in flight (status {job.status})"
                         )
                     return job
-                finished, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                results = []
-                for task in finished:
-                    del tasks[task]
-                    results.append(task.result())
-                job, dispatches = self._restart(job, results)
+                if job.done and not schedule.running:
+                    return job  # what is left waits for nothing (a cancelled timer)
+                if not schedule.running and self.detach and parked(job, clock.now()):
+                    return job  # parked: a worker wakes it when its time (or signal) comes
+                wake = schedule.next_time()
+                if not schedule.running and clock.virtual and wake is not None:
+                    clock.advance(max(0.0, wake - clock.now()))  # skip ahead: nothing runs
+                    continue
+                wait = None if wake is None else max(0.0, wake - clock.now())
+                if schedule.awaits:
+                    wait = self.poll if wait is None else min(wait, self.poll)
+                if not schedule.running:
+                    await asyncio.sleep(0.0 if wait is None else wait)
+                    continue
+                finished, _ = await asyncio.wait(
+                    schedule.running, timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                )
+                if finished:
+                    results = [schedule.finished(task) for task in finished]
+                    job, dispatches = self._restart(job, results)
         finally:
-            for task in tasks:
+            for task in schedule.running:
                 task.cancel()
             if ticker is not None:
                 ticker.cancel()

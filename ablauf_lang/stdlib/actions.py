@@ -1,4 +1,5 @@
-"""The standard library's actions: `action/log`, `action/fail`, `action/sleep`."""
+"""The standard library's actions: `action/log`, `action/fail`, `action/sleep`; and the
+names of the waits (`sleep!!`, `await!!`) that runners perform themselves."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import logging
 import math
 from collections.abc import Callable
 from typing import Any
+
+from ablauf_lang.names import AWAIT, SLEEP, WAIT_ACTIONS
+
+__all__ = ["AWAIT", "SLEEP", "STDLIB_ACTIONS", "WAIT_ACTIONS", "ActionFailed"]
 
 log = logging.getLogger("ablauf.action")
 

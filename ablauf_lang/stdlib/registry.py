@@ -24,7 +24,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 from ablauf_lang.errors import AblaufError
-from ablauf_lang.names import did_you_mean
+from ablauf_lang.names import WAIT_ACTIONS, did_you_mean
 
 __all__ = [
     "ACTION_ATTR",
@@ -153,7 +153,8 @@ def used_actions(root: Any) -> dict[str, Any]:
     while stack:
         node = stack.pop()
         if getattr(node, "kind", None) == "leaf":
-            found.setdefault(str(node.action), node)
+            if node.action not in WAIT_ACTIONS:  # performed by the runners themselves
+                found.setdefault(str(node.action), node)
             continue
         kids = list(getattr(node, "children", ()))
         template = getattr(node, "template", None)

@@ -20,6 +20,7 @@ from typing import Any
 from pyrsistent import pvector
 
 from ablauf_lang.engine.kinds.base import Branch, Kind, Next, Stored
+from ablauf_lang.engine.kinds.deadline import Deadline
 from ablauf_lang.engine.kinds.expansion import Doseq, Expansion, Pmap
 from ablauf_lang.engine.kinds.if_ import If
 from ablauf_lang.engine.kinds.leaf import Augment, Leaf
@@ -31,6 +32,7 @@ __all__ = [
     "KINDS",
     "Augment",
     "Branch",
+    "Deadline",
     "Doseq",
     "Expansion",
     "If",
@@ -51,10 +53,10 @@ __all__ = [
     "roles_of",
 ]
 
-Node = Leaf | Seq | Par | Try | If | Doseq | Pmap
+Node = Leaf | Seq | Par | Try | If | Doseq | Pmap | Deadline
 
 # The kinds of the language (the codec's and the display's registry, by stored name).
-KINDS: tuple[type[Kind], ...] = (Leaf, Seq, Par, Try, If, Doseq, Pmap)
+KINDS: tuple[type[Kind], ...] = (Leaf, Seq, Par, Try, If, Doseq, Pmap, Deadline)
 
 _BY_NAME: dict[str, type[Kind]] = {cls.kind: cls for cls in KINDS}
 

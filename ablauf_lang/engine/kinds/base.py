@@ -59,10 +59,17 @@ class Stored(NamedTuple):
 
 
 class Next(NamedTuple):
-    """A follow-up instruction: visit child `child` fresh, or mark its subtree skipped."""
+    """A follow-up instruction: visit child `child` fresh, or mark its subtree skipped.
+
+    With `skip`, `cut` (a LeafState) also ends the subtree's leaves in flight: they get
+    that state and `error` (a deadline's `timeout`; skipped for a cancelled timer), and
+    their late results are ignored.
+    """
 
     child: int
     skip: bool = False
+    cut: LeafState | None = None
+    error: Any = None
 
 
 class Restart(Protocol):

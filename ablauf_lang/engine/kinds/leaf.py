@@ -65,6 +65,11 @@ class Leaf(Kind):
         Stored("finished_at", STATE, T_TIME),
         Stored("started_at", STATE, T_TIME),
         Stored("sent", STATE, T_VALUE),
+        Stored("retry", SPEC, T_VALUE),
+        Stored("timeout", SPEC, T_TIME),
+        Stored("heartbeat", SPEC, T_TIME),
+        Stored("wake", STATE, T_TIME),
+        Stored("attempts", STATE, T_VALUE),
     )
     id: int
     action: str
@@ -80,6 +85,11 @@ class Leaf(Kind):
     span: Span | None = field(default=None, compare=False, repr=False)
     started_at: float | None = None  # when the runner began it (time queued excluded)
     sent: Any = None  # the payload sent, when `payload` is an expression evaluated at run time
+    retry: dict[str, Any] | None = None  # the retry policy (see `engine.retry`), or none
+    timeout: float | None = None  # the limit of one attempt, in seconds
+    heartbeat: float | None = None  # the longest silence between an action's heartbeats
+    wake: float | None = None  # when the runner acts on this attempt: start, wake-up, deadline
+    attempts: tuple[dict[str, Any], ...] = ()  # the earlier attempts (a retry's record)
 
     @property
     def done(self) -> bool:
@@ -116,6 +126,8 @@ class Leaf(Kind):
         finished_at: float | None,
         started_at: float | None,
         sent: Any,
+        wake: float | None = None,
+        attempts: tuple[dict[str, Any], ...] | None = None,
     ) -> Leaf:
         """The same action in another state: the restart's one way to move a leaf
         (positional, as the hot path wants; `dataclasses.replace` costs three times more)."""
@@ -134,12 +146,27 @@ class Leaf(Kind):
             self.span,
             started_at,
             sent,
+            self.retry,
+            self.timeout,
+            self.heartbeat,
+            wake,
+            self.attempts if attempts is None else attempts,
         )
 
-    def reset(self) -> Leaf:
-        """Unset again: the next restart dispatches it as a new attempt."""
+    def reset(self, *, keep_wake: bool = False) -> Leaf:
+        """Unset again: the next restart dispatches it as a new attempt.
+
+        `keep_wake`: an attempt handed back before it started (a resume) keeps its recorded
+        time, so a sleep or a retry's wait goes on where it was instead of starting over.
+        """
         return replace(
-            self, result=None, output=None, error=None, finished_at=None, started_at=None
+            self,
+            result=None,
+            output=None,
+            error=None,
+            finished_at=None,
+            started_at=None,
+            wake=self.wake if keep_wake else None,
         )
 
     def skipped(self) -> Leaf:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import signal as _signals
+import threading
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -13,8 +15,11 @@ from ablauf_lang.engine.kinds import Leaf, Node
 from ablauf_lang.engine.nodes import Dispatch, Result, Status
 from ablauf_lang.engine.replay import abort, check_replay, prepare_replay
 from ablauf_lang.engine.states import states
+from ablauf_lang.engine.waits import waits as run_waits
 from ablauf_lang.errors import AblaufError, RunError, StoreError
+from ablauf_lang.lang.compiler import with_deadline
 from ablauf_lang.lang.forms import Form
+from ablauf_lang.runners.clock import SYSTEM, Clock
 from ablauf_lang.runners.local import (
     Action,
     Interrupted,
@@ -34,6 +39,7 @@ from ablauf_lang.stores.base import (
     StoredRun,
     default_url,
     new_run_id,
+    signal_name,
 )
 
 __all__ = [
@@ -79,6 +85,7 @@ __all__ = [
     "run_exists",
     "serve_worker",
     "show_run",
+    "signal",
     "submit",
     "unknown_actions",
     "used_actions",
@@ -153,8 +160,16 @@ def _start(
     context: dict[str, Any] | None,
     filename: str | None,
     file_imports: bool | None = None,
+    timeout: Any = None,
 ) -> Job:
-    """The job `eval` runs: compiled from source, made from a tree, or a job as it is."""
+    """The job `eval` runs: compiled from source, made from a tree, or a job as it is
+    (a `timeout`: the program within a deadline, see `with_deadline`)."""
+    if timeout is not None:
+        if isinstance(source, Job):
+            raise AblaufError("timeout= applies to a program, not to a job already made")
+        if isinstance(source, str):
+            source = compile(source, filename, file_imports=file_imports)
+        return make_job(with_deadline(source, timeout), context, filename)
     if isinstance(source, Job):
         if context is not None:
             raise AblaufError("a job carries its own context: pass context= to make_job instead")
@@ -184,6 +199,9 @@ async def eval_async(
     concurrency: int | None = None,
     on_start: Callable[[Dispatch, float], None] | None = None,
     file_imports: bool | None = None,
+    clock: Clock | None = None,
+    timeout: Any = None,
+    detach: bool = False,
 ) -> Run:
     """Run a program to completion on the running event loop (see `eval`).
 
@@ -193,6 +211,8 @@ async def eval_async(
         "on_restart": on_restart,
         "concurrency": concurrency,
         "on_start": on_start,
+        "clock": clock,
+        "detach": detach,
     }
     backend = open_store("memory:" if store is None else store)
     try:
@@ -203,9 +223,9 @@ async def eval_async(
                 if stored.job.done:
                     lease.finished = True
                     return Run(run_id, stored.job)
-                job = prepare_replay(stored.job)
+                job = prepare_replay(stored.job, now=(clock or SYSTEM).now())
                 return lease.ended(await _drive(backend, run_id, job, actions, lease, **drive))
-        job = _start(source, context, filename, file_imports)
+        job = _start(source, context, filename, file_imports, timeout)
         text = source if isinstance(source, str) else None
         run_id = backend.create_run(job, source=text, filename=filename, run_id=run_id)
         with _leased(backend, run_id) as lease:
@@ -263,6 +283,8 @@ async def _drive(
     on_restart: Any = None,
     concurrency: int | None = None,
     on_start: Any = None,
+    clock: Clock | None = None,
+    detach: bool = False,
 ) -> Run:
     if lease is not None and lease.lease is not None:
         hook, beat = on_restart, lease.beat
@@ -279,6 +301,8 @@ async def _drive(
         on_restart=on_restart,
         concurrency=concurrency,
         on_start=on_start,
+        clock=clock,
+        detach=detach,
     )
     return Run(run_id, await runner.run(job))
 
@@ -305,6 +329,9 @@ def eval(
     *,
     concurrency: int | None = None,
     file_imports: bool | None = None,
+    clock: Clock | None = None,
+    timeout: Any = None,
+    detach: bool = False,
 ) -> Run:
     """Compile and run a program to completion; return its status, context and job.
 
@@ -317,6 +344,12 @@ def eval(
 
     `concurrency`: at most this many actions at once, sync and async alike (default 32).
     `file_imports=False`: the program may import only the standard library.
+
+    `clock`: what the run reads the time from (a `VirtualClock` skips ahead when nothing
+    runs before the next timer: thirty days of sleeps in milliseconds, for tests).
+    `timeout`: a deadline for the whole run (seconds or a duration map): past it, what is
+    in flight becomes `timeout` and the run fails. `detach=True`: return as soon as the run
+    is parked (only waits left), status pending; a worker (`ablauf worker`) wakes it.
     """
     return _sync(
         eval_async(
@@ -328,6 +361,9 @@ def eval(
             filename,
             concurrency=concurrency,
             file_imports=file_imports,
+            clock=clock,
+            timeout=timeout,
+            detach=detach,
         )
     )
 
@@ -338,11 +374,16 @@ async def resume_async(
     actions: Mapping[str, Action] | None = None,
     *,
     force: bool = False,
+    clock: Clock | None = None,
+    detach: bool = False,
 ) -> Run:
-    """Go on with an unfinished run after a crash (idempotent in-flight work runs again).
+    """Go on with an unfinished run after a crash (idempotent in-flight work runs again;
+    a sleep or a retry's wait goes on with the time it had left).
 
     RunError when another live process drives the run, unless `force` (take it over)."""
-    return await _replay(run_id, store, actions, force=force, retry=False)
+    return await _replay(
+        run_id, store, actions, force=force, retry=False, clock=clock, detach=detach
+    )
 
 
 def resume(
@@ -351,9 +392,11 @@ def resume(
     actions: Mapping[str, Action] | None = None,
     *,
     force: bool = False,
+    clock: Clock | None = None,
+    detach: bool = False,
 ) -> Run:
     """Go on with an unfinished run after a crash (see `prepare_replay`)."""
-    return _sync(resume_async(run_id, store, actions, force=force))
+    return _sync(resume_async(run_id, store, actions, force=force, clock=clock, detach=detach))
 
 
 async def retry_async(
@@ -376,16 +419,21 @@ async def _replay(
     *,
     force: bool,
     retry: bool,
+    clock: Clock | None = None,
+    detach: bool = False,
 ) -> Run:
     """Resume (`retry=False`) or retry a stored run here, holding its lease meanwhile."""
+    now = (clock or SYSTEM).now()
     with opened(store) as backend, _leased(backend, run_id, force=force) as lease:
         job = backend.load(run_id).job
         lease.finished = job.done
         check_replay(run_id, job, retry=retry)
-        job = prepare_replay(job, retry_interrupted=retry)
+        job = prepare_replay(job, retry_interrupted=retry, now=now)
         lease.finished = False
         backend.record(run_id, job)
-        return lease.ended(await _drive(backend, run_id, job, actions, lease))
+        return lease.ended(
+            await _drive(backend, run_id, job, actions, lease, clock=clock, detach=detach)
+        )
 
 
 def retry(
@@ -472,6 +520,24 @@ def load_run(run_id: str, store: str | JobStore | None = None) -> StoredRun:
         return backend.load(run_id)
 
 
+def signal(run_id: str, name: str, value: Any = None, store: str | JobStore | None = None) -> int:
+    """Send signal `name` (with `value`, any storable value) to a run; return its number
+    in the run's mailbox. The run's first `(await!! :name)` not yet given a signal takes
+    it, now or when it gets there: each signal is delivered once, in order of arrival.
+
+    RunError when the run does not exist or has finished; AblaufError when the value
+    cannot be stored. On PostgreSQL the workers serving the run are woken at once."""
+    with opened(store) as backend:
+        seq = backend.send_signal(run_id, name, value)
+        if getattr(getattr(backend, "dialect", None), "name", None) == "postgresql":
+            from ablauf_lang.queue import wake_awaits
+            from ablauf_lang.stores.postgres import PostgresStore
+
+            if isinstance(backend, PostgresStore):
+                wake_awaits(backend, run_id, signal_name(name))
+        return seq
+
+
 def find_runs(
     store: str | JobStore | None = None,
     *,
@@ -480,26 +546,25 @@ def find_runs(
     since: float | None = None,
     limit: int | None = None,
     offset: int = 0,
+    waiting: bool = False,
 ) -> tuple[list[RunInfo], int]:
     """A page of runs newest first in `state` (any `RunInfo.state`: pending, running,
-    abandoned, success, failure, aborted, damaged), and how many there are in all."""
+    abandoned, success, failure, aborted, damaged), and how many there are in all;
+    `waiting`: only runs that wait for something (a sleep, a signal, a retry's wait)."""
     status = state if state in ("pending", "success", "failure") else None
     if state in ("running", "abandoned"):
         status = "pending"
     elif state == "aborted":
         status = "failure"
+    chosen: dict[str, Any] = {"status": status, "filename": filename, "since": since}
+    if waiting:
+        chosen["waiting"] = True
     with opened(store) as backend:
         if state in (None, "pending", "success", "failure"):  # what the store keeps
-            infos = backend.list_runs(
-                limit=limit, offset=offset, status=status, filename=filename, since=since
-            )
-            return infos, backend.count_runs(status=status, filename=filename, since=since)
+            infos = backend.list_runs(limit=limit, offset=offset, **chosen)
+            return infos, backend.count_runs(**chosen)
         # a state the store does not keep: sorted out here
-        every = [
-            i
-            for i in backend.list_runs(status=status, filename=filename, since=since)
-            if i.state == state
-        ]
+        every = [i for i in backend.list_runs(**chosen) if i.state == state]
     end = None if limit is None else offset + limit
     return every[offset:end], len(every)
 
@@ -515,6 +580,8 @@ def show_run(stored: StoredRun) -> dict[str, Any]:
     data["initial_context"] = stored.initial_context
     shown = states(job.root)
     data["nodes"] = [_node_view(n, shown[n.id]) for n in job.nodes()]
+    found = run_waits(job) if job.status is Status.PENDING else []
+    data["waits"] = [w.to_dict() | {"text": w.describe()} for w in found]
     return data
 
 
@@ -533,6 +600,10 @@ def _node_view(n: Node, state: str) -> dict[str, Any]:
             dispatched_at=n.dispatched_at,
             started_at=n.started_at,
             finished_at=n.finished_at,
+            wake=n.wake,
+            # the earlier attempts ({attempt, state, error, started_at, finished_at}); the
+            # current one is the leaf's own fields
+            attempts=[dict(a) for a in n.attempts],
         )
     return data
 
@@ -597,8 +668,16 @@ def _distributed() -> Iterator[None]:
         raise StoreError(f"distributed execution is not available: {exc}") from None
 
 
-def check_worker_store(store: str) -> None:
-    """StoreError unless `store` names a PostgreSQL database (workers exist only there)."""
+def is_shared_store(store: str) -> bool:
+    """True for a PostgreSQL URL (workers on many hosts); False for a one-host store."""
+    return store.split(":", 1)[0].lower() in ("postgresql", "postgres")
+
+
+def check_worker_store(store: str, *, one_host: bool = False) -> None:
+    """StoreError unless `store` names a PostgreSQL database (or, with `one_host`, a
+    SQLite file: the one-host worker that wakes its parked runs)."""
+    if one_host and store.split(":", 1)[0].lower() == "sqlite":
+        return
     with _distributed():
         from ablauf_lang.runners import worker
     worker.check_url(store)
@@ -640,7 +719,29 @@ def serve_worker(
     poll: float,
 ) -> None:
     """Perform the runs of a PostgreSQL store in this process until SIGTERM or Ctrl-C
-    (`lease`, `poll`: seconds, see `runners.worker.run_worker`)."""
+    (`lease`, `poll`: seconds, see `runners.worker.run_worker`). On a SQLite store: wake
+    its parked runs when their timers fall due or their signals arrive (one host; see
+    `runners.sleeper`), looking at the store at least every `poll` seconds (at most 1)."""
+    if not is_shared_store(store):
+        _serve_one_host(store, actions, concurrency=concurrency, poll=min(poll, 1.0))
+        return
     with _distributed():
         from ablauf_lang.runners import worker
     worker.run_worker(store, actions, concurrency, lease=lease, poll=poll)
+
+
+def _serve_one_host(
+    store: str, actions: Mapping[str, Action], *, concurrency: int, poll: float
+) -> None:
+    from ablauf_lang.runners import sleeper
+
+    stop = threading.Event()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = _signals.signal(_signals.SIGTERM, lambda *_: stop.set())
+    try:
+        with opened(store) as backend:
+            sleeper.serve(backend, actions, stop=stop, poll=poll, concurrency=concurrency)
+    finally:
+        if previous is not None:
+            _signals.signal(_signals.SIGTERM, previous)

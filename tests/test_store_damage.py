@@ -30,6 +30,7 @@ from ablauf_lang.codec import job as serde
 from ablauf_lang.engine.job import restart_job
 from ablauf_lang.engine.nodes import success
 from ablauf_lang.errors import AblaufError
+from ablauf_lang.stores.sql import SCHEMA_VERSION
 from ablauf_lang.stores.sqlite import SqliteStore
 
 PROGRAMS = [
@@ -288,7 +289,7 @@ def test_an_older_store_is_upgraded_with_its_runs(tmp_path: Path) -> None:
     seen = exercise(path)
     assert {k: v for k, v in seen.items() if k != "list"} == originals
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 # ---------------------------------------------------------------- faults at random

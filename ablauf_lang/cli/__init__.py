@@ -1,7 +1,7 @@
-"""The `ablauf` command: run, check, repl, runs, worker, submit.
+"""The `ablauf` command: run, check, repl, runs, signal, worker, submit.
 
 One module per command group: `run` (run, check, repl), `runs` (runs list, show, resume,
-retry, abort, delete, prune), `worker` (worker, submit); `common` holds what they share
+retry, abort, delete, prune; signal), `worker` (worker, submit); `common` holds what they share
 (exit codes, error handling, options, input and output), `drive` the driving of a run in
 this process. Commands reach the package through `ablauf_lang.api` (and `ui` to show
 what it returns). Exit codes are 0, 1, 2 and 130, nothing else (see `common`).
@@ -28,7 +28,7 @@ from ablauf_lang.cli.common import (
     render_error,
 )
 from ablauf_lang.cli.run import check, repl, run
-from ablauf_lang.cli.runs import runs
+from ablauf_lang.cli.runs import runs, signal
 from ablauf_lang.cli.worker import submit, worker
 from ablauf_lang.errors import AblaufError
 
@@ -45,7 +45,7 @@ def cli() -> None:
     """
 
 
-for _command in (run, check, repl, runs, worker, submit):
+for _command in (run, check, repl, runs, signal, worker, submit):
     cli.add_command(_command)
 
 

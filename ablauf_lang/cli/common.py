@@ -224,6 +224,31 @@ def parse_context(text: str | None) -> dict[str, Any] | None:
     return decoded if isinstance(decoded, dict) else value
 
 
+def parse_signal_value(text: str | None) -> Any:
+    """`ablauf signal`'s JSON argument: any JSON value (strict: no NaN), or `@FILE` holding
+    one (`@-`: standard input); none: null."""
+    from ablauf_lang.values import from_plain_json
+
+    if text is None:
+        return None
+    where = "the signal's value"
+    if text.startswith("@"):
+        where = f"the signal's value {text}"
+        text = read_source(text[1:], "a JSON file")
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise UserError(
+            f"ablauf: error: {where} is not valid JSON ({exc.msg} at line {exc.lineno}, "
+            f'column {exc.colno}): write it as JSON, e.g. true, 42, "yes" or {{"by": "ana"}}'
+        ) from None
+    except ValueError as exc:  # NaN, Infinity; an integer too long to read
+        raise UserError(f"ablauf: error: {where} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise UserError(f"ablauf: error: {where} is nested too deeply") from None
+    return from_plain_json(value)
+
+
 def store_url(url: str | None) -> str:
     """`--store URL`, else `$ABLAUF_STORE`, else the SQLite file in the user's data dir."""
     from ablauf_lang import api

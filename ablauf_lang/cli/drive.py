@@ -18,6 +18,7 @@ import click
 
 from ablauf_lang.cli.common import (
     EXIT_INTERRUPTED,
+    EXIT_OK,
     echo_json,
     finish,
     leave,
@@ -74,7 +75,26 @@ def drive_and_finish(
         as_json=as_json,
         progress=progress,
     )
+    if str(run.status) == "pending":  # --detach: parked, for a worker to wake
+        parked(run, url, store_given, as_json)
     finish(run, as_json, None if started is None else time.monotonic() - started)
+
+
+def parked(run: Run, url: str, store_given: bool, as_json: bool) -> NoReturn:
+    """A detached run left waiting: say what it waits for and who wakes it; exit 0."""
+    from ablauf_lang.engine.waits import describe_waits, waits
+
+    found = waits(run.job)
+    what = describe_waits(found) or "waiting"
+    if as_json:
+        echo_json({**run.to_dict(), "waiting": [w.to_dict() for w in found]})
+    else:
+        store = f" --store {url}" if store_given else ""
+        click.echo(
+            f"run {run.run_id} is parked ({what}); `ablauf worker{store}` wakes it, "
+            f"`ablauf runs show {run.run_id}{store}` shows it"
+        )
+    leave(EXIT_OK)
 
 
 def drive(
@@ -197,6 +217,7 @@ class LiveProgress:
     def __rich__(self) -> RenderableType:
         from rich.text import Text
 
+        from ablauf_lang.engine.waits import describe_waits, waits
         from ablauf_lang.ui.render import job_tree, status_text
 
         job = self.job
@@ -214,6 +235,9 @@ class LiveProgress:
         )
         if self.failed:
             head.append(f"  failed {self.failed}", style="red")
+        found = waits(job, time.time()) if job.inflight else []
+        if found:
+            head.append(f"  {describe_waits(found)}", style="cyan")
         if len(job.paths) > self.max_nodes:
             head.append(f"  ({len(job.paths)} nodes)", style="dim")
             return head

@@ -41,6 +41,18 @@ if TYPE_CHECKING:
 DEFAULT_CONCURRENCY = 32
 
 
+def _duration(text: str | None, option: str) -> float | None:
+    """A duration option's seconds; a usage error (exit 2) naming the option when bad."""
+    if text is None:
+        return None
+    from ablauf_lang.stdlib.durations import parse_duration
+
+    try:
+        return parse_duration(text)
+    except AblaufError as exc:
+        raise UserError(f"ablauf: error: {option}: {exc.message}") from None
+
+
 def _unknown_actions(
     root: Node, actions: dict[str, Action] | None, spec: str | None, name: str, source: str
 ) -> list[AblaufError]:
@@ -62,6 +74,20 @@ def _unknown_actions(
     "thread of its own); the others wait their turn.",
     metavar="N",
 )
+@click.option(
+    "--timeout",
+    "deadline",
+    metavar="DURATION",
+    default=None,
+    help="A deadline for the whole run (seconds, or 90s, 10m, 2h, 1d): past it, what is "
+    "in flight becomes timeout and the run fails.",
+)
+@click.option(
+    "--detach",
+    is_flag=True,
+    help="Return as soon as the run only waits (sleep!!, await!!, a retry's wait), leaving "
+    "it to `ablauf worker` to wake (exit 0, status pending).",
+)
 def run(
     file: str,
     context: str | None,
@@ -70,17 +96,25 @@ def run(
     as_json: bool,
     quiet: bool,
     concurrency: int,
+    deadline: str | None,
+    detach: bool,
 ) -> None:
     """Run a program to completion; exit 0 on success, 1 when the workflow fails.
 
     FILE `-` reads the program from standard input. On a terminal the job tree is shown
-    live on stderr as it runs. Ctrl-C (or SIGTERM) stops it, leaving the run recorded to
-    resume later (exit 130).
+    live on stderr as it runs, with what it waits for. Ctrl-C (or SIGTERM) stops it,
+    leaving the run recorded to resume later (exit 130); a sleep goes on with the time it
+    had left.
     """
     from ablauf_lang import api
 
     source, name = read_program(file)
     ctx = parse_context(context)
+    seconds = _duration(deadline, "--timeout")
+    if detach and (store_url(store).startswith("memory:")):
+        raise UserError(
+            "ablauf: error: --detach needs a durable store (a worker wakes the run there)"
+        )
     registry = api.load_actions(actions)
     # Compile once up front: a bad program is reported before any store is opened, and so
     # are actions nobody registered.
@@ -107,6 +141,8 @@ def run(
             on_restart=on_restart,
             concurrency=concurrency,
             on_start=on_start,
+            timeout=seconds,
+            detach=detach,
         )
 
     drive_and_finish(

@@ -1,4 +1,5 @@
-"""`ablauf runs ...`: list, show, resume, retry, abort, delete and prune recorded runs."""
+"""`ablauf runs ...`: list, show, resume, retry, abort, delete and prune recorded runs;
+`ablauf signal`: send a signal to a run."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from ablauf_lang.cli.common import (
     json_option,
     leave,
     parse_age,
+    parse_signal_value,
     parse_since,
     seconds_option,
     stderr_console,
@@ -73,9 +75,10 @@ def _state_text(info: RunInfo) -> Text:
 
 
 def _note(info: RunInfo, width: int = 80) -> str:
-    """What a listing says beside a run: its damage, abort reason or error, on one line."""
+    """What a listing says beside a run: its damage, abort reason or error, else what it
+    waits for, on one line."""
     text = info.damage or (f"aborted: {info.aborted}" if info.aborted is not None else None)
-    text = text or info.error or ""
+    text = text or info.error or info.waiting or ""
     text = " ".join(str(text).split())
     return text if len(text) <= width else text[: width - 1] + "…"
 
@@ -125,6 +128,11 @@ def _when(stamp: float) -> str:
     show_default=True,
     help="Skip the newest N runs (the next page: --offset 50).",
 )
+@click.option(
+    "--waiting",
+    is_flag=True,
+    help="Only runs that wait for something: a sleep, a signal, a retry's next attempt.",
+)
 def runs_list(
     store: str | None,
     as_json: bool,
@@ -133,15 +141,24 @@ def runs_list(
     since: str | None,
     limit: int,
     offset: int,
+    waiting: bool,
 ) -> None:
-    """List runs, newest first (a page of --limit runs; a note says when there are more)."""
+    """List runs, newest first (a page of --limit runs; a note says when there are more).
+
+    The note says what a run waits for (`waiting: approval`, `sleeping until ...`)."""
     from rich.table import Table
 
     from ablauf_lang import api
 
     when = None if since is None else parse_since(since)
     infos, total = api.find_runs(
-        store_url(store), state=state, filename=filename, since=when, limit=limit, offset=offset
+        store_url(store),
+        state=state,
+        filename=filename,
+        since=when,
+        limit=limit,
+        offset=offset,
+        waiting=waiting,
     )
     more = total - offset - len(infos)
     note = (
@@ -211,7 +228,7 @@ def _show(stored: StoredRun, console: Console) -> RenderableType:
     from rich.console import Group
     from rich.text import Text
 
-    from ablauf_lang.ui.render import format_value, job_tree
+    from ablauf_lang.ui.render import format_value, job_tree, waits_lines
 
     info = stored.info
     head = Text(f"run {info.run_id}  ", style="bold")
@@ -235,6 +252,7 @@ def _show(stored: StoredRun, console: Console) -> RenderableType:
                 style="magenta",
             )
         )
+    parts.extend(waits_lines(stored.job))
     parts.append(Text("context ", style="dim") + Text(format_value(stored.job.context, 0)))
     return Group(*parts)
 
@@ -458,3 +476,34 @@ def runs_prune(
             click.echo(f"  {run_id}")
     if kept:
         click.echo(f"kept {len(kept)} running run(s): {', '.join(kept)}")
+
+
+# ---------------------------------------------------------------- signal
+
+
+@click.command("signal", context_settings={"ignore_unknown_options": True})
+@click.argument("run_id", metavar="ID")
+@click.argument("name", metavar="NAME")
+@click.argument("value", metavar="[JSON]", required=False)
+@store_option
+@json_option
+def signal(run_id: str, name: str, value: str | None, store: str | None, as_json: bool) -> None:
+    """Send signal NAME to run ID, with a JSON value (none: null).
+
+    The run's `(await!! :NAME)` takes it, now or when it gets there: each signal is
+    delivered once, in order of arrival. A run that does not exist or has finished is
+    refused (exit 2). ID may be any unambiguous prefix; JSON may be @FILE.
+
+        ablauf signal 3f0c approval '{"by": "ana"}'
+    """
+    from ablauf_lang import api
+
+    payload = parse_signal_value(value)
+    url = store_url(store)
+    with api.opened(url) as backend:
+        run_id = api.resolve_run_id(run_id, backend)
+        seq = api.signal(run_id, name, payload, store=backend)
+    if as_json:
+        echo_json({"run_id": run_id, "name": name.removeprefix(":"), "seq": seq})
+    else:
+        click.echo(f"sent signal {name.removeprefix(':')} to run {run_id} (#{seq})")

@@ -24,17 +24,20 @@ from ablauf_lang.cli.common import (
 )
 
 
-def _pg_store_url(store: str | None, command: str) -> str:
-    """`--store` of `worker` and `submit`: a PostgreSQL URL, said before anything else."""
+def _pg_store_url(store: str | None, command: str, *, one_host: bool = False) -> str:
+    """`--store` of `worker` and `submit`: a PostgreSQL URL (for `worker`, a SQLite file
+    too: `one_host`), said before anything else."""
     from ablauf_lang import api
 
     url = store or os.environ.get("ABLAUF_STORE")
     if not url:
+        if one_host:
+            return api.default_url()
         raise UserError(
             f"ablauf: error: {command} needs a PostgreSQL store: --store postgresql://... "
             "(or set $ABLAUF_STORE)"
         )
-    api.check_worker_store(url)
+    api.check_worker_store(url, one_host=one_host)
     return url
 
 
@@ -96,11 +99,14 @@ def worker(
 ) -> None:
     """Serve runs from a shared PostgreSQL store until stopped (SIGTERM or Ctrl-C).
 
+    On a SQLite store (the default one included): wake its parked runs on this host when
+    their timers fall due or their signals arrive (`ablauf run --detach` parks one).
+
     Logs on stderr, with timestamps: a banner, one line per run started and finished,
     failed actions with their error, and what log!! logs."""
     from ablauf_lang import api
 
-    url = _pg_store_url(store, "ablauf worker")
+    url = _pg_store_url(store, "ablauf worker", one_host=True)
     registry = api.load_actions(actions) or {}
     _worker_logging(verbose, log_level)
     try:

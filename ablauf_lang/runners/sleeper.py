@@ -107,19 +107,20 @@ class Sleeper:
         return count
 
     def pause(self) -> float:
-        """Seconds until the next round: the next wake-up, at most `poll`."""
+        """Seconds until the next round: the next wake-up, at most `poll`. A wake-up that
+        has passed without a run to wake (a live process drives it, or it is left for a
+        person) waits `poll`: never a busy loop."""
         wake = self.store.next_wake()
         if wake is None:
             return self.poll
-        return max(0.0, min(self.poll, wake - self.clock.now()))
+        left = wake - self.clock.now()
+        return self.poll if left <= 0 else min(self.poll, left)
 
     async def serve(self, stop: threading.Event) -> None:
         """Rounds until `stop` is set."""
         while not stop.is_set():
             if await self.round() == 0:
-                pause = self.pause()
-                if pause > 0:
-                    await asyncio.get_running_loop().run_in_executor(None, stop.wait, pause)
+                await asyncio.get_running_loop().run_in_executor(None, stop.wait, self.pause())
 
 
 def serve(
@@ -133,5 +134,8 @@ def serve(
 ) -> Sleeper:
     """Wake the store's parked runs until `stop` is set; return the sleeper (its counts)."""
     sleeper = Sleeper(store, actions, clock=clock, poll=poll, concurrency=concurrency)
+    where = getattr(store, "url", "") or "this store"
+    log.info("ablauf worker: waking the parked runs of %s on this host", where)
     asyncio.run(sleeper.serve(stop))
+    log.info("ablauf worker: stopped after waking %d run(s)", sleeper.woken)
     return sleeper

@@ -19,13 +19,15 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from ablauf_lang import values
+from ablauf_lang.codec.delta import dumps_text
 from ablauf_lang.engine.job import LAST_ERROR, Job
 from ablauf_lang.engine.nodes import Status
+from ablauf_lang.engine.waits import Wait, describe_waits
 from ablauf_lang.errors import AblaufError, RunError, StoreError
 
 ENV_VAR = "ABLAUF_STORE"
@@ -175,21 +177,25 @@ class RunInfo:
     aborted: str | None = None  # the abort reason, once aborted
     driver: Driver | None = None  # the lease of the process driving it, if one was taken
     damage: str | None = None  # why the store cannot give this run back as it was recorded
+    waiting: str | None = None  # what it waits for (`engine.waits.describe_waits`), if anything
 
     @property
     def state(self) -> str:
-        """One word for people: pending, running, abandoned, success, failure, aborted or
-        damaged (`running`: a live driver holds its lease; `abandoned`: unfinished, and
-        the process that drove it is gone or stopped)."""
+        """One word for people: pending, running, parked, abandoned, success, failure,
+        aborted or damaged (`running`: a live driver holds its lease; `parked`: no live
+        driver and it waits for a time or a signal; `abandoned`: unfinished, and the
+        process that drove it is gone or stopped)."""
         if self.damage is not None:
             return "damaged"
         if self.status is Status.SUCCESS:
             return "success"
         if self.status is Status.FAILURE:
             return "failure" if self.aborted is None else "aborted"
-        if self.driver is None:
-            return "pending"
-        return "running" if self.driver.is_live() else "abandoned"
+        if self.driver is not None and self.driver.is_live():
+            return "running"
+        if self.waiting is not None:
+            return "parked"  # only waits left: a worker (or `runs resume`) wakes it
+        return "pending" if self.driver is None else "abandoned"
 
     @property
     def live(self) -> bool:
@@ -217,6 +223,7 @@ class RunInfo:
             "aborted": self.aborted,
             "driver": None if self.driver is None else self.driver.to_dict(),
             "damage": self.damage,
+            "waiting": self.waiting,
         }
 
 
@@ -287,11 +294,12 @@ class JobStore(Protocol):
         offset: int = 0,
         filename: str | None = None,
         since: float | None = None,
+        waiting: bool = False,
     ) -> list[RunInfo]:
         """Runs, newest first: only those with `status` (pending, success, failure), whose
         file is `filename` (the name as recorded, or its last part), created at `since` or
-        later; `limit` of them after skipping `offset`. A damaged run is listed with its
-        `damage` said, never raised."""
+        later, that wait for something (`waiting`); `limit` of them after skipping
+        `offset`. A damaged run is listed with its `damage` said, never raised."""
         ...
 
     def count_runs(
@@ -300,6 +308,7 @@ class JobStore(Protocol):
         status: str | None = None,
         filename: str | None = None,
         since: float | None = None,
+        waiting: bool = False,
     ) -> int:
         """How many runs `list_runs` would give without a limit."""
         ...
@@ -337,6 +346,33 @@ class JobStore(Protocol):
         (the run shows as abandoned: resume it)."""
         ...
 
+    def send_signal(self, run_id: str, name: str, value: Any = None) -> int:
+        """Put signal `name` with `value` in the run's mailbox; return its number (the
+        run's signals are numbered 1, 2 ... in order of arrival). RunError when the run
+        does not exist or has finished; AblaufError when the value cannot be stored."""
+        ...
+
+    def take_signal(self, run_id: str, name: str, node: int) -> tuple[int, Any] | None:
+        """Atomically the earliest signal `name` not taken by another node, marked taken
+        by `node`: (its number, its value), or None. A signal taken by `node` whose result
+        was never recorded (a crash) is given to `node` again, never to another: each
+        signal is delivered exactly once."""
+        ...
+
+    def signals(self, run_id: str) -> list[dict[str, Any]]:
+        """The run's mailbox in order of arrival: seq, name, value, sent_at, consumed_by
+        (the node that took it, or None) and consumed_at."""
+        ...
+
+    def due_runs(self, now: float, limit: int = 100) -> list[str]:
+        """Pending runs with a wait whose time has come at `now`, or awaiting a signal
+        that is in their mailbox (at most `limit`, the longest due first)."""
+        ...
+
+    def next_wake(self) -> float | None:
+        """The earliest time any run waits for (a wake-up, a deadline, a retry), or None."""
+        ...
+
     def close(self) -> None:
         """Release connections and files."""
         ...
@@ -350,6 +386,42 @@ def run_error(job: Job) -> str | None:
     if not isinstance(err, str):
         err = json.dumps(values.encode(err), ensure_ascii=False)
     return " ".join(err.split())[:500]
+
+
+# ---------------------------------------------------------------- signals and waits
+
+
+def signal_name(name: Any) -> str:
+    """A signal's name as stored: a non-empty string (`:approval` and a keyword are
+    `approval`)."""
+    text = str(name).removeprefix(":") if isinstance(name, str) else ""
+    if not text.strip() or text != text.strip():
+        raise RunError(f"a signal's name must be a non-empty word such as approval, not {name!r}")
+    return text
+
+
+def signal_text(value: Any) -> str:
+    """A signal's value as stored (JSON text of `values.encode`); AblaufError when it
+    cannot be stored."""
+    try:
+        return dumps_text(values.encode(value, "the signal's value"))
+    except AblaufError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise RunError(f"the signal's value cannot be stored: {exc}") from None
+
+
+def finished_error(run_id: str, status: str, aborted: Any = None) -> RunError:
+    """The error for a signal sent to a run that finished."""
+    how = "aborted" if status == "failure" and aborted is not None else status
+    return RunError(
+        f"run {run_id} already finished ({how}): signals are only delivered to a run that waits"
+    )
+
+
+def waits_described(found: Sequence[Wait]) -> str | None:
+    """`RunInfo.waiting`: what the run waits for, in words (None: nothing)."""
+    return describe_waits(list(found)) if found else None
 
 
 def new_run_id() -> str:

@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ablauf_lang import values
 from ablauf_lang.engine.job import Job
 from ablauf_lang.engine.nodes import Status
+from ablauf_lang.engine.waits import waits
 from ablauf_lang.errors import RunError
 from ablauf_lang.stores.base import (
     Driver,
     Owner,
     RunInfo,
     StoredRun,
+    finished_error,
     new_run_id,
     refuse_live,
     resolve_prefix,
     run_error,
+    signal_name,
+    signal_text,
+    waits_described,
 )
 
 
@@ -47,6 +54,8 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._runs: dict[str, _Run] = {}
+        self._signals: dict[str, list[dict[str, Any]]] = {}  # run id -> its mailbox
+        self._mailbox = threading.Lock()  # a sender and a runner may be other threads
         self._made = 0
         self.commits = 0  # records taken (what a durable store would commit)
 
@@ -83,6 +92,7 @@ class MemoryStore:
 
     def _info(self, run_id: str, run: _Run) -> RunInfo:
         job = run.job
+        pending = job.status is Status.PENDING
         return RunInfo(
             run_id,
             job.status,
@@ -93,6 +103,8 @@ class MemoryStore:
             run_error(job),
             None if job.aborted is None else str(job.aborted),
             run.driver,
+            None,
+            waits_described(waits(job)) if pending else None,
         )
 
     def load(self, run_id: str) -> StoredRun:
@@ -109,7 +121,7 @@ class MemoryStore:
         return run_id in self._runs
 
     def _select(
-        self, status: str | None, filename: str | None, since: float | None
+        self, status: str | None, filename: str | None, since: float | None, waiting: bool = False
     ) -> Iterator[RunInfo]:
         wanted = None if status is None else Status(status)
         runs = sorted(self._runs.items(), key=lambda kv: (kv[1].created, kv[1].order), reverse=True)
@@ -120,7 +132,10 @@ class MemoryStore:
                 continue
             if wanted is not None and run.job.status is not wanted:
                 continue
-            yield self._info(run_id, run)
+            info = self._info(run_id, run)
+            if waiting and info.waiting is None:
+                continue
+            yield info
 
     def list_runs(
         self,
@@ -130,9 +145,10 @@ class MemoryStore:
         offset: int = 0,
         filename: str | None = None,
         since: float | None = None,
+        waiting: bool = False,
     ) -> list[RunInfo]:
         """Runs, newest first (see `JobStore.list_runs`)."""
-        infos = list(self._select(status, filename, since))[max(0, offset) :]
+        infos = list(self._select(status, filename, since, waiting))[max(0, offset) :]
         return infos[:limit] if limit is not None else infos
 
     def count_runs(
@@ -141,9 +157,10 @@ class MemoryStore:
         status: str | None = None,
         filename: str | None = None,
         since: float | None = None,
+        waiting: bool = False,
     ) -> int:
         """How many runs `list_runs` would give without a limit."""
-        return sum(1 for _ in self._select(status, filename, since))
+        return sum(1 for _ in self._select(status, filename, since, waiting))
 
     def resolve_run_id(self, prefix: str) -> str:
         """The one run whose id starts with `prefix`."""
@@ -155,6 +172,7 @@ class MemoryStore:
         if info.live and info.driver is not None:
             raise refuse_live(run_id, info.driver, "deleting")
         del self._runs[run_id]
+        self._signals.pop(run_id, None)
 
     def prune_runs(
         self, *, before: float, status: str | None = None, dry_run: bool = False
@@ -169,6 +187,7 @@ class MemoryStore:
         if not dry_run:
             for run_id in gone:
                 del self._runs[run_id]
+                self._signals.pop(run_id, None)
         return gone, kept
 
     def acquire_lease(
@@ -202,6 +221,85 @@ class MemoryStore:
             return
         driver = None if finished else replace(run.driver, expires=0.0)
         self._runs[run_id] = replace(run, driver=driver)
+
+    # -------------------------------------------------- signals and waits
+
+    def send_signal(self, run_id: str, name: str, value: Any = None) -> int:
+        """Put a signal in the run's mailbox; return its number (see `JobStore`)."""
+        name = signal_name(name)
+        signal_text(value)  # a value the durable stores could not keep is refused here too
+        run = self._runs.get(run_id)
+        if run is None:
+            raise RunError(f"run {run_id} does not exist")
+        job = run.job
+        if job.status is not Status.PENDING:
+            raise finished_error(run_id, str(job.status), job.aborted)
+        kept = values.decode(values.encode(value))  # a copy, as a durable store gives back
+        with self._mailbox:
+            box = self._signals.setdefault(run_id, [])
+            seq = len(box) + 1
+            box.append(
+                {
+                    "seq": seq,
+                    "name": name,
+                    "value": kept,
+                    "sent_at": time.time(),
+                    "consumed_by": None,
+                    "consumed_at": None,
+                }
+            )
+        return seq
+
+    def take_signal(self, run_id: str, name: str, node: int) -> tuple[int, Any] | None:
+        """The earliest signal `name` for `node`, marked taken by it (see `JobStore`)."""
+        if run_id not in self._runs:
+            raise RunError(f"run {run_id} does not exist")
+        with self._mailbox:
+            for signal in self._signals.get(run_id, ()):
+                if signal["name"] == name and signal["consumed_by"] in (None, node):
+                    if signal["consumed_by"] is None:
+                        signal["consumed_by"] = node
+                        signal["consumed_at"] = time.time()
+                    return signal["seq"], signal["value"]
+        return None
+
+    def signals(self, run_id: str) -> list[dict[str, Any]]:
+        """The run's mailbox in order of arrival (see `JobStore.signals`)."""
+        if run_id not in self._runs:
+            raise RunError(f"run {run_id} does not exist")
+        with self._mailbox:
+            return [dict(signal) for signal in self._signals.get(run_id, ())]
+
+    def due_runs(self, now: float, limit: int = 100) -> list[str]:
+        """Pending runs with a wait due at `now` or a signal they await in their mailbox
+        (a walk over the runs held: this store is for one process and tests)."""
+        due: list[tuple[float, str]] = []
+        for run_id, run in self._runs.items():
+            if run.job.status is not Status.PENDING:
+                continue
+            box = self._signals.get(run_id, ())
+            times = [w.until for w in waits(run.job) if w.until is not None and w.until <= now]
+            times += [
+                s["sent_at"]
+                for w in waits(run.job)
+                if w.kind == "signal"
+                for s in box
+                if s["name"] == w.name and s["consumed_by"] is None
+            ]
+            if times:
+                due.append((min(times), run_id))
+        return [run_id for _, run_id in sorted(due)[:limit]]
+
+    def next_wake(self) -> float | None:
+        """The earliest time any run waits for, or None."""
+        times = [
+            w.until
+            for run in self._runs.values()
+            if run.job.status is Status.PENDING
+            for w in waits(run.job)
+            if w.until is not None
+        ]
+        return min(times) if times else None
 
     def close(self) -> None:
         """Nothing to release."""

@@ -26,6 +26,12 @@ Tables (column types are the dialect's; JSON columns are text written by `json.d
     deltas  (run, seq) key; updated, restarts, data       writes since the snapshot
     leases  run key; token, host, pid, started, heartbeat, expires
                           the process driving the run (see `base.DriverLease`)
+    signals (run, seq) key; name, value, sent_at, consumed_by, consumed_at
+                          the run's mailbox: `send_signal` numbers them in order of
+                          arrival, `take_signal` gives each to one node (`consumed_by`)
+    waits   (run, node) key; kind, signal, until, attempt
+                          what the run waits for (`engine.waits.wait_of` of its leaves in
+                          flight): kept by `record` in the step's own transaction
 
 A node row is its record (`codec.job`) in three JSON texts: `spec`, `state` and
 `children` (see `codec.delta`). The context is one row per top-level key.
@@ -57,10 +63,11 @@ The delta JSON (`data`) is described in `codec.delta`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, Self, TypeVar
@@ -83,23 +90,30 @@ from ablauf_lang.codec.delta import column_text as _text
 from ablauf_lang.codec.delta import dumps_text as _dumps
 from ablauf_lang.codec.delta import read_json as _json
 from ablauf_lang.engine.job import Job
+from ablauf_lang.engine.kinds import Leaf, Node
 from ablauf_lang.engine.nodes import Status
+from ablauf_lang.engine.waits import Wait, wait_of
+from ablauf_lang.engine.waits import waits as waits_of
 from ablauf_lang.errors import AblaufError, RunError, StoreError
 from ablauf_lang.stores.base import (
     Driver,
     Owner,
     RunInfo,
     StoredRun,
+    finished_error,
     new_run_id,
     refuse_live,
     resolve_prefix,
     run_error,
+    signal_name,
+    signal_text,
+    waits_described,
 )
 from ablauf_lang.stores.queries import load_queries
 from ablauf_lang.values import decode as decode_value
 from ablauf_lang.values import encode as encode_value
 
-SCHEMA_VERSION = 2  # of the tables above; stores refuse a database with a larger one
+SCHEMA_VERSION = 3  # of the tables above; stores refuse a database with a larger one
 COMPACT_EVERY = 64  # deltas between two snapshots of the node rows
 COMPACT_BYTES = 256 * 1024  # or this many bytes of deltas
 
@@ -157,7 +171,8 @@ RUN_COLUMNS = (
 LEASE_COLUMNS = ("token", "host", "pid", "started", "heartbeat", "expires")
 # The statements, by name (`sql.sql`), loaded once.
 Q = load_queries(__package__ or "ablauf_lang.stores", "sql.sql")
-RUN_TABLES = ("leases", "deltas", "context", "nodes")  # rows of a run, deleted before it
+# The rows of a run, deleted before it.
+RUN_TABLES = ("waits", "signals", "leases", "deltas", "context", "nodes")
 
 
 # What changed since the snapshot, newest first: (new states by node id, ids written whole,
@@ -277,6 +292,101 @@ def _run_columns(job: Job) -> tuple[Any, ...]:
     touched and the node count, as both a new run and a snapshot write them."""
     restarts, aborted, todo, touched, n_nodes, status = run_fields(job)
     return (status, restarts, _text(aborted), _dumps(todo), _dumps(touched), n_nodes)
+
+
+# ---------------------------------------------------------------- waits
+
+WaitRow = tuple[str, str | None, float | None, int]  # kind, signal (or action), until, attempt
+
+
+def wait_row(wait: Wait) -> WaitRow:
+    """The columns of a `waits` row (after run and node) for a wait."""
+    return (wait.kind, wait.name, wait.until, wait.attempt)
+
+
+def row_wait(node: Any, kind: Any, name: Any, until: Any, attempt: Any) -> Wait:
+    """The Wait a `waits` row holds."""
+    return Wait(
+        int(node),
+        str(kind),
+        None if name is None else str(name),
+        None if until is None else float(until),
+        _int(attempt),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class WaitChange:
+    """What one write changes in a run's `waits` rows."""
+
+    upsert: dict[int, WaitRow]  # node id -> its wait now
+    delete: tuple[int, ...] = ()  # nodes that no longer wait
+    drop_from: int | None = None  # nodes with an id at least this are gone
+    clear: bool = False  # the run finished: it waits for nothing
+
+    @property
+    def empty(self) -> bool:
+        """True when the write changes no wait."""
+        return not (self.upsert or self.delete or self.clear) and self.drop_from is None
+
+
+NO_WAIT_CHANGE = WaitChange({})
+
+
+def nodes_by_id(job: Job, ids: Iterable[int]) -> dict[int, Node]:
+    """The nodes of `job` with these ids (ids it does not have are left out), walking each
+    path only from the nearest node already found: the cost is the nodes on those paths,
+    not ids x depth."""
+    parent, pos = job.paths.parent, job.paths.pos
+    n = len(job.paths)
+    found: dict[int, Node] = {job.root.id: job.root}
+    for node_id in ids:
+        if node_id in found or not 0 <= node_id < n:
+            continue
+        chain: list[int] = []
+        up = node_id
+        while up not in found:
+            chain.append(up)
+            up = parent[up]
+        node = found[up]
+        for i in reversed(chain):
+            node = node.children[pos[i]]
+            found[i] = node
+    return found
+
+
+def wait_change(old: Job, new: Job, change: Change) -> WaitChange:
+    """How the waits of a run change from `old` to `new`, looking only at the nodes the
+    write changes (`change`): O(touched), like the delta itself."""
+    if new.status is not Status.PENDING:
+        return WaitChange({}, clear=old.status is Status.PENDING)
+    ids = set(change.states)
+    ids.update(change.wholes)
+    if not ids and change.drop_from is None:
+        return NO_WAIT_CHANGE
+    now = nodes_by_id(new, ids)
+    now.update(change.wholes)
+    before = nodes_by_id(old, ids)
+    upsert: dict[int, WaitRow] = {}
+    delete: list[int] = []
+    for node_id in sorted(ids):
+        node = now.get(node_id)
+        was = before.get(node_id)
+        if node is was:
+            continue
+        wait = wait_of(node) if isinstance(node, Leaf) else None
+        prior = wait_of(was) if isinstance(was, Leaf) else None
+        row = None if wait is None else wait_row(wait)
+        if row == (None if prior is None else wait_row(prior)):
+            continue
+        if row is None:
+            delete.append(node_id)
+        else:
+            upsert[node_id] = row
+    drop = change.drop_from
+    if not upsert and not delete and drop is None:
+        return NO_WAIT_CHANGE
+    return WaitChange(upsert, tuple(delete), drop)
 
 
 class SqlStore:
@@ -420,29 +530,34 @@ class SqlStore:
             self._record_whole(run_id, job)
             return
         change = diff(known.job, job)
+        waits = wait_change(known.job, job, change)
         data = change.data(job)
         seq = known.seq + 1
         status = str(job.status)
         now = time.time()
         if known.deltas + 1 >= COMPACT_EVERY or known.delta_bytes + len(data) >= COMPACT_BYTES:
-            self._compact(run_id, known, change, job, seq, now)
+            self._compact(run_id, known, change, job, seq, now, waits)
             return
         params = (known.key, seq, now, job.restarts, data, known.key, known.seq)
-        if status == known.status and job.aborted == known.job.aborted:
+        same = status == known.status and job.aborted == known.job.aborted
+        if same and waits.empty:
             # The common step: one statement, its own transaction.
             if self._append_delta(params) != 1:
                 raise self._conflict(run_id)
         else:
             # What listings show without reading deltas: status, error, abort reason (the
-            # newest delta's fields say the same; `aborted` is the snapshot's field too).
+            # newest delta's fields say the same; `aborted` is the snapshot's field too),
+            # and what the run waits for, in the step's transaction.
             with self._write() as cur:
                 cur.execute(self._q(Q["insert_delta"]), params)
                 if cur.rowcount != 1:
                     raise self._conflict(run_id)
-                cur.execute(
-                    self._q(Q["finish_step"]),
-                    (status, _text(run_error(job)), _text(job.aborted), now, known.key),
-                )
+                if not same:
+                    cur.execute(
+                        self._q(Q["finish_step"]),
+                        (status, _text(run_error(job)), _text(job.aborted), now, known.key),
+                    )
+                self._write_waits(cur, known.key, waits)
         self.rows_written += 1
         self.bytes_written += len(data)
         history = (
@@ -468,7 +583,14 @@ class SqlStore:
         )
 
     def _compact(
-        self, run_id: str, known: Known, change: Change, job: Job, seq: int, now: float
+        self,
+        run_id: str,
+        known: Known,
+        change: Change,
+        job: Job,
+        seq: int,
+        now: float,
+        waits: WaitChange = NO_WAIT_CHANGE,
     ) -> None:
         """Fold everything changed since the snapshot into the node and context rows."""
         q = self._q
@@ -512,6 +634,7 @@ class SqlStore:
                 cur.executemany(q(Q["upsert_context"]), ctx_rows)
             if count:
                 cur.execute(q(Q["delete_deltas_of_run"]), (known.key,))
+            self._write_waits(cur, known.key, waits)
         self.compactions += 1
         self.rows_written += 1 + len(full) + len(state_rows) + len(ctx_rows)
         self.bytes_written += sum(len(r.spec) + len(r.state) + len(r.children or "") for r in full)
@@ -538,12 +661,31 @@ class SqlStore:
         else:
             cur.execute(self._q(Q["snapshot_run_after"]), (*params, expect))
 
+    def _write_waits(self, cur: Any, key: int, change: WaitChange) -> None:
+        """Bring the run's `waits` rows up to date with a write (in its transaction)."""
+        q = self._q
+        if change.clear:
+            cur.execute(q(Q["delete_waits_of_run"]), (key,))
+            return
+        if change.drop_from is not None:
+            cur.execute(q(Q["delete_waits_from"]), (key, change.drop_from))
+        if change.delete:
+            cur.executemany(q(Q["delete_wait"]), [(key, i) for i in change.delete])
+        if change.upsert:
+            cur.executemany(
+                q(Q["upsert_wait"]), [(key, i, *row) for i, row in change.upsert.items()]
+            )
+        self.rows_written += len(change.delete) + len(change.upsert)
+
     def _write_all(self, cur: Any, key: int, job: Job) -> None:
         rows = [(key, r.node, r.spec, r.state, r.children) for r in map(node_row, job.nodes())]
         cur.executemany(self._q(Q["upsert_node"]), rows)
         ctx = [(key, k, pos, _dumps(v)) for k, pos, v in context_rows(job.context)]
         if ctx:
             cur.executemany(self._q(Q["upsert_context"]), ctx)
+        found = waits_of(job) if job.status is Status.PENDING else []
+        if found:
+            cur.executemany(self._q(Q["upsert_wait"]), [(key, w.node, *wait_row(w)) for w in found])
         self.rows_written += 1 + len(rows) + len(ctx)
         self.bytes_written += sum(len(r[2]) + len(r[3]) + len(r[4] or "") for r in rows)
         self.bytes_written += sum(len(r[1]) + len(r[3]) for r in ctx)
@@ -561,7 +703,7 @@ class SqlStore:
             cur.execute(q(Q["max_seq"]), (key,))
             newest = cur.fetchone()[0]
             seq = max(_int(snapshot_seq), _int(head_seq), _int(newest)) + 1
-            for table in ("nodes", "context", "deltas"):
+            for table in ("nodes", "context", "deltas", "waits"):
                 cur.execute(q(Q[f"delete_{table}_of_run"]), (key,))
             self._write_snapshot_run(cur, key, job, seq, now, None)
             self._write_all(cur, key, job)
@@ -655,6 +797,8 @@ class SqlStore:
             run["error"],
             None if job.aborted is None else str(job.aborted),
             _driver(lease),
+            None,
+            waits_described(waits_of(job)) if job.status is Status.PENDING else None,
         )
         return StoredRun(info, job, run["source"], initial)
 
@@ -676,10 +820,12 @@ class SqlStore:
     # -------------------------------------------------- listing
 
     def _filters(
-        self, status: str | None, filename: str | None, since: float | None
+        self, status: str | None, filename: str | None, since: float | None, waiting: bool
     ) -> tuple[str, list[Any]]:
         where: list[str] = []
         params: list[Any] = []
+        if waiting:
+            where.append("EXISTS (SELECT 1 FROM waits w WHERE w.run = r.id)")
         if status is not None:
             where.append("r.status = ?")
             params.append(str(Status(status)))
@@ -701,10 +847,11 @@ class SqlStore:
         offset: int = 0,
         filename: str | None = None,
         since: float | None = None,
+        waiting: bool = False,
     ) -> list[RunInfo]:
         """Runs, newest first (see `JobStore.list_runs`); a damaged run is listed with
         what is wrong with it, the others as they are."""
-        where, params = self._filters(status, filename, since)
+        where, params = self._filters(status, filename, since, waiting)
         sql = where + " ORDER BY r.created DESC, r.id DESC"
         if limit is not None or offset:
             sql += " LIMIT " + ("?" if limit is not None else self.dialect.limit_all)
@@ -722,9 +869,10 @@ class SqlStore:
         status: str | None = None,
         filename: str | None = None,
         since: float | None = None,
+        waiting: bool = False,
     ) -> int:
         """How many runs `list_runs` would give without a limit."""
-        where, params = self._filters(status, filename, since)
+        where, params = self._filters(status, filename, since, waiting)
         with self._read() as cur:
             cur.execute(self._q(Q["count_runs"] + where), params)
             return int(cur.fetchone()[0])
@@ -738,8 +886,11 @@ class SqlStore:
         logs: dict[int, Any] = {}
         counts: dict[int, int] = {}
         broken: dict[int, str] = {}
+        found: dict[int, list[Wait]] = {}
         for chunk in range(0, len(keys), 500):
             part = keys[chunk : chunk + 500]
+            with contextlib.suppress(Damaged):  # unsaid then; its damage is found below
+                found.update(self._waits_in(part))
             try:
                 logs.update(self._grouped(Q["log_select"], part))
                 counts.update(self._grouped(Q["nodes_select"], part))
@@ -751,8 +902,30 @@ class SqlStore:
                     except Damaged as exc:
                         broken[key] = f"its rows cannot be read ({exc.message})"
         return [
-            _info(row, logs.get(row[0]), counts.get(row[0], 0), broken.get(row[0])) for row in rows
+            _info(
+                row,
+                logs.get(row[0]),
+                counts.get(row[0], 0),
+                broken.get(row[0]),
+                waits_described(found.get(row[0], ())) if row[2] == "pending" else None,
+            )
+            for row in rows
         ]
+
+    def _waits_in(self, keys: Sequence[int]) -> dict[int, list[Wait]]:
+        """The waits of the runs with these keys, by key."""
+        if not keys:
+            return {}
+        marks = ", ".join("?" for _ in keys)
+        out: dict[int, list[Wait]] = {}
+        with self._read() as cur:
+            cur.execute(self._q(Q["waits_select"].format(marks=marks)), list(keys))
+            for key, *row in cur.fetchall():
+                try:
+                    out.setdefault(key, []).append(row_wait(*row))
+                except (TypeError, ValueError):
+                    continue  # an unreadable row says nothing
+        return out
 
     def _grouped(self, sql: str, keys: Sequence[int]) -> dict[int, Any]:
         marks = ", ".join("?" for _ in keys)
@@ -867,6 +1040,129 @@ class SqlStore:
         else:
             self._write_one(self._q(Q["release_lease"]), (time.time(), run_id, token))
 
+    # -------------------------------------------------- signals and waits
+
+    def _signal_run(self, cur: Any, run_id: str) -> tuple[int, str, Any] | None:
+        """(key, status, abort reason) of the run a signal is sent to, in the write's
+        transaction (the PostgreSQL store locks its row: senders take turns)."""
+        cur.execute(self._q(Q["signal_run"]), (run_id,))
+        row = cur.fetchone()
+        return None if row is None else (int(row[0]), str(row[1]), row[2])
+
+    def send_signal(self, run_id: str, name: str, value: Any = None) -> int:
+        """Put a signal in the run's mailbox; return its number (see `JobStore`)."""
+        name = signal_name(name)
+        text = signal_text(value)
+        now = time.time()
+
+        def write() -> int:
+            with self._write() as cur:
+                found = self._signal_run(cur, run_id)
+                if found is None:
+                    raise RunError(f"run {run_id} does not exist")
+                key, status, aborted = found
+                if status != "pending":
+                    raise finished_error(run_id, status, aborted)
+                cur.execute(self._q(Q["newest_signal"]), (key,))
+                seq = _int(cur.fetchone()[0]) + 1
+                cur.execute(self._q(Q["insert_signal"]), (key, seq, name, text, now))
+            self.rows_written += 1
+            self.bytes_written += len(text)
+            return seq
+
+        def written() -> int | None:
+            with self._read() as cur:
+                cur.execute(self._q(Q["signal_sent"]), (run_id, name, now, text))
+                row = cur.fetchone()
+            return None if row is None else int(row[0])
+
+        return self._attempt(write, written)
+
+    def take_signal(self, run_id: str, name: str, node: int) -> tuple[int, Any] | None:
+        """The earliest signal `name` for `node`, marked taken by it (see `JobStore`)."""
+        q = self._q
+
+        def write() -> tuple[int, Any] | None:
+            for _ in range(10):  # another node may take it between our read and our write
+                with self._write() as cur:
+                    found = self._signal_run(cur, run_id)
+                    if found is None:
+                        raise RunError(f"run {run_id} does not exist")
+                    key = found[0]
+                    cur.execute(q(Q["next_signal"]), (key, name, node))
+                    row = cur.fetchone()
+                    if row is None:
+                        return None
+                    seq, text, taken_by = row
+                    if taken_by is None:
+                        cur.execute(q(Q["consume_signal"]), (node, time.time(), key, seq))
+                        if cur.rowcount != 1:
+                            continue
+                return int(seq), signal_value(run_id, text)
+            raise StoreError(f"run {run_id}: could not take signal {name} (it keeps being taken)")
+
+        # Taking again after a lost COMMIT answer gives the same signal: no settling needed.
+        return self._attempt(write)
+
+    @_reads
+    def signals(self, run_id: str) -> list[dict[str, Any]]:
+        """The run's mailbox in order of arrival (see `JobStore.signals`)."""
+        with self._read() as cur:
+            cur.execute(self._q(Q["run_seqs"]), (run_id,))
+            row = cur.fetchone()
+            if row is None:
+                raise RunError(f"run {run_id} does not exist")
+            cur.execute(self._q(Q["signals_of_run"]), (row[0],))
+            rows = cur.fetchall()
+        return [
+            {
+                "seq": int(seq),
+                "name": str(name),
+                "value": signal_value(run_id, text),
+                "sent_at": _float(sent_at),
+                "consumed_by": None if by is None else int(by),
+                "consumed_at": None if at is None else _float(at),
+            }
+            for seq, name, text, sent_at, by, at in rows
+        ]
+
+    @_reads
+    def run_waits(self, run_id: str) -> list[Wait]:
+        """What the run waits for, as its `waits` rows say (tree order)."""
+        with self._read() as cur:
+            cur.execute(self._q(Q["run_seqs"]), (run_id,))
+            row = cur.fetchone()
+            if row is None:
+                raise RunError(f"run {run_id} does not exist")
+            cur.execute(self._q(Q["waits_of_run"]), (row[0],))
+            return [row_wait(*r) for r in cur.fetchall()]
+
+    @_reads
+    def due_runs(self, now: float, limit: int = 100) -> list[str]:
+        """Pending runs with a wait due at `now`, or awaiting a signal in their mailbox
+        (see `JobStore.due_runs`): two index look-ups, never a walk over every run."""
+        with self._read() as cur:
+            cur.execute(self._q(Q["due_runs"]), (float(now), int(limit)))
+            return [str(row[0]) for row in cur.fetchall()]
+
+    @_reads
+    def next_wake(self) -> float | None:
+        """The earliest time any run waits for (see `JobStore.next_wake`)."""
+        with self._read() as cur:
+            cur.execute(self._q(Q["next_wake"]))
+            row = cur.fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+
+def signal_value(run_id: str, text: Any) -> Any:
+    """A stored signal's value; StoreError when its row is damaged."""
+    try:
+        return decode_value(_json(text, "a signal's value"))
+    except Damage as exc:
+        raise StoreError(f"run {run_id} is damaged: {exc}") from None
+    except AblaufError as exc:
+        raise StoreError(f"run {run_id} is damaged: {exc.message}") from None
+
 
 class Damaged(StoreError):
     """A dialect's error for rows the database itself cannot read (a damaged file)."""
@@ -895,7 +1191,11 @@ def _driver(lease: Sequence[Any] | None) -> Driver | None:
 
 
 def _info(
-    row: Sequence[Any], log: Sequence[Any] | None, n_rows: int, broken: str | None
+    row: Sequence[Any],
+    log: Sequence[Any] | None,
+    n_rows: int,
+    broken: str | None,
+    waiting: str | None = None,
 ) -> RunInfo:
     """RunInfo of an `Q["info_select"]` row, the run's deltas (count, min and max seq, newest
     updated and restarts) and node row count; `damage` says what is wrong, if anything."""
@@ -931,6 +1231,7 @@ def _info(
         aborted,
         driver,
         damage,
+        waiting,
     )
 
 

@@ -121,3 +121,68 @@ UPDATE leases SET heartbeat = ?, expires = 0 WHERE run = (SELECT id FROM runs WH
 
 -- name: drop_lease
 DELETE FROM leases WHERE run = (SELECT id FROM runs WHERE run_id = ?) AND token = ?
+
+-- ---------------------------------------------------------------- signals and waits
+
+-- name: signal_run
+-- The run a signal is sent to: its key, status and abort reason (the PostgreSQL store
+-- locks the row: one sender at a time numbers the run's signals).
+SELECT id, status, aborted FROM runs WHERE run_id = ?
+
+-- name: newest_signal
+SELECT max(seq) FROM signals WHERE run = ?
+
+-- name: insert_signal
+-- The run's next signal (numbered right after `newest_signal`, under the write lock).
+INSERT INTO signals (run, seq, name, value, sent_at) VALUES (?, ?, ?, ?, ?)
+
+-- name: next_signal
+-- The earliest signal `name` of the run not taken by another node (unconsumed, or taken
+-- by this node before a crash kept its result from being recorded).
+SELECT seq, value, consumed_by FROM signals WHERE run = ? AND name = ? AND (consumed_by IS NULL OR consumed_by = ?) ORDER BY seq LIMIT 1
+
+-- name: consume_signal
+UPDATE signals SET consumed_by = ?, consumed_at = ? WHERE run = ? AND seq = ? AND consumed_by IS NULL
+
+-- name: signal_sent
+-- Whether a signal whose COMMIT answer was lost was written (its seq).
+SELECT s.seq FROM signals s JOIN runs r ON r.id = s.run WHERE r.run_id = ? AND s.name = ? AND s.sent_at = ? AND s.value = ?
+
+-- name: signals_of_run
+SELECT seq, name, value, sent_at, consumed_by, consumed_at FROM signals WHERE run = ? ORDER BY seq
+
+-- name: upsert_wait
+-- A leaf's wait: `signal` is the signal awaited (a retry's wait: the action it runs again).
+INSERT INTO waits (run, node, kind, signal, until, attempt) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (run, node) DO UPDATE SET kind = excluded.kind, signal = excluded.signal, until = excluded.until, attempt = excluded.attempt
+
+-- name: delete_wait
+DELETE FROM waits WHERE run = ? AND node = ?
+
+-- name: delete_waits_from
+DELETE FROM waits WHERE run = ? AND node >= ?
+
+-- name: delete_waits_of_run
+DELETE FROM waits WHERE run = ?
+
+-- name: waits_select
+-- The waits of the listed runs (`{marks}`: their keys).
+SELECT run, node, kind, signal, until, attempt FROM waits WHERE run IN ({marks}) ORDER BY run, node
+
+-- name: waits_of_run
+SELECT node, kind, signal, until, attempt FROM waits WHERE run = ? ORDER BY node
+
+-- name: due_runs
+-- Pending runs with a wait due at `?` (the until index), or awaiting a signal that is in
+-- their mailbox (the index of unconsumed signals, each looked up in its run's waits), the
+-- longest due first. CROSS JOIN: the due rows first, then their runs (SQLite keeps that
+-- order; the runs are never walked).
+SELECT r.run_id FROM (SELECT w.run AS run, w.until AS due FROM waits w WHERE w.until <= ? UNION ALL SELECT s.run AS run, s.sent_at AS due FROM signals s WHERE s.consumed_by IS NULL AND EXISTS (SELECT 1 FROM waits w WHERE w.run = s.run AND w.kind = 'signal' AND w.signal = s.name)) d CROSS JOIN runs r WHERE r.id = d.run AND r.status = 'pending' GROUP BY r.run_id ORDER BY min(d.due), r.run_id LIMIT ?
+
+-- name: next_wake
+SELECT min(until) FROM waits WHERE until IS NOT NULL
+
+-- name: delete_signals_in
+DELETE FROM signals WHERE run IN ({marks})
+
+-- name: delete_waits_in
+DELETE FROM waits WHERE run IN ({marks})

@@ -103,13 +103,41 @@ CREATE TABLE leases (
     expires REAL NOT NULL
 );
 """
+    + """
+CREATE TABLE IF NOT EXISTS signals (
+    run INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    value TEXT NOT NULL,
+    sent_at REAL NOT NULL,
+    consumed_by INTEGER,
+    consumed_at REAL,
+    PRIMARY KEY (run, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS signals_unconsumed ON signals (run, name, seq) WHERE consumed_by IS NULL;
+CREATE TABLE IF NOT EXISTS waits (
+    run INTEGER NOT NULL,
+    node INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    signal TEXT,
+    until REAL,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (run, node)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS waits_until ON waits (until) WHERE until IS NOT NULL;
+"""
 )
 # Schema version 1 -> 2: the checked step log (runs.head_seq and its trigger), leases.
 UPGRADE_2 = """
 ALTER TABLE runs ADD COLUMN head_seq INTEGER NOT NULL DEFAULT 0;
 UPDATE runs SET head_seq = max(snapshot_seq,
     coalesce((SELECT max(seq) FROM deltas WHERE deltas.run = runs.id), 0));
-""" + SCHEMA[SCHEMA.index("CREATE TRIGGER") :]
+""" + SCHEMA[SCHEMA.index("CREATE TRIGGER") : SCHEMA.index("CREATE TABLE IF NOT EXISTS signals")]
+# Schema version 2 -> 3: the signals mailbox and the waits of runs (no run waited before;
+# IF NOT EXISTS: a file made by a newer schema and marked older upgrades too).
+UPGRADE_3 = SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS signals") :]
+# What brings version N up to the newest: UPGRADES[N:] (version 1 needs 2 and 3).
+UPGRADES = ("", UPGRADE_2, UPGRADE_3)
 
 
 def parse_url(url: str) -> tuple[str, dict[str, str]]:
@@ -320,8 +348,8 @@ class SqliteStore(SqlStore):
         """Bring a store of an older schema version up to this one, in one transaction."""
         with _immediate(conn):
             _, version = self._header(conn)  # another process may have just done it
-            if version == 1:
-                for statement in statements(UPGRADE_2):
+            if version < SCHEMA_VERSION:
+                for statement in statements("".join(UPGRADES[version:])):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 

@@ -20,7 +20,10 @@ from ablauf_lang.engine.kinds import Leaf, label_of, roles_of
 from ablauf_lang.engine.nodes import LeafState
 from ablauf_lang.engine.states import state_of
 from ablauf_lang.engine.states import states as states_of
+from ablauf_lang.engine.waits import waits as waits_of
+from ablauf_lang.stdlib.actions import AWAIT, SLEEP, WAIT_ACTIONS
 from ablauf_lang.stdlib.builtins import show_value
+from ablauf_lang.stdlib.durations import format_duration, format_instant
 
 if TYPE_CHECKING:
     from ablauf_lang.api import Run
@@ -30,6 +33,7 @@ __all__ = [
     "FULL_WIDTH",
     "STATE_STYLES",
     "LeafCounts",
+    "attempt_text",
     "changed_ids",
     "dispatch_text",
     "format_value",
@@ -41,6 +45,8 @@ __all__ = [
     "state_text",
     "status_text",
     "value_width",
+    "wait_form",
+    "waits_lines",
 ]
 
 # Colours of node states and run statuses.
@@ -125,11 +131,16 @@ def node_text(
     if state is None:
         state = state_of(node)
     if isinstance(node, Leaf):
-        text.append(node.action, style="bold")
-        if node.payload is not None:
-            text.append(" " + format_value(node.payload, width))
-        if node.idempotent:
-            text.append(" idempotent", style="dim")
+        form = wait_form(node, width)
+        if form is not None:  # a sleep or an await: shown as written
+            text.append(form[0], style="bold")
+            text.append(form[1])
+        else:
+            text.append(node.action, style="bold")
+            if node.payload is not None:
+                text.append(" " + format_value(node.payload, width))
+            if node.idempotent:
+                text.append(" idempotent", style="dim")
     else:
         text.append(role or label_of(node.kind), style="bold blue")
         if hasattr(node, "test"):  # (if!! test ...): the test, decided when reached
@@ -153,6 +164,10 @@ def node_text(
                 text.append(" by hand", style="dim")
         elif isinstance(began, float | int) and node.finished_at is not None:
             text.append(" " + duration_text(max(0.0, node.finished_at - began)), style="dim")
+        # A wake-up, a deadline, or a retry's next attempt that has not started yet.
+        waits = node.action in WAIT_ACTIONS or node.started_at is None
+        if node.result is LeafState.PENDING and node.wake is not None and waits:
+            text.append(" until " + format_instant(node.wake), style="yellow")
         if node.result is LeafState.SUCCESS and node.output is not None:
             text.append(" → " + format_value(node.output, width), style="green")
         elif node.result in (LeafState.FAILURE, LeafState.TIMEOUT):
@@ -163,6 +178,27 @@ def node_text(
 _HAND = object()
 
 
+def wait_form(leaf: Leaf, width: int = 40) -> tuple[str, str] | None:
+    """A wait leaf as its form: ("sleep!!", " 10m"), ("sleep-until!!", " 2026-...Z"),
+    ("await!!", " :approval {:timeout 24h}"); None for any other leaf."""
+    payload = leaf.payload if isinstance(leaf.payload, dict) else {}
+
+    def shown(value: Any, as_time: Any) -> str:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        return as_time(float(value)) if number else format_value(value, width)
+
+    if leaf.action == SLEEP:
+        if payload.get("until") is not None and "seconds" not in payload:
+            return "sleep-until!!", " " + shown(payload["until"], format_instant)
+        return "sleep!!", " " + shown(payload.get("seconds"), format_duration)
+    if leaf.action == AWAIT:
+        rest = f" :{payload.get('signal')}"
+        if payload.get("timeout") is not None:
+            rest += " {:timeout " + shown(payload["timeout"], format_duration) + "}"
+        return "await!!", rest
+    return None
+
+
 def _began(node: Any, timing: Mapping[int, float | None] | None) -> Any:
     """When an action really began: `timing`, else its recorded start, else its dispatch."""
     if timing is not None and node.id in timing:
@@ -170,6 +206,26 @@ def _began(node: Any, timing: Mapping[int, float | None] | None) -> Any:
         return _HAND if began is BY_HAND else began
     started = getattr(node, "started_at", None)  # recorded by engines that keep it
     return started if started is not None else node.dispatched_at
+
+
+def attempt_text(attempt: Mapping[str, Any], width: int = 40) -> Text:
+    """One line for an earlier attempt of a leaf (`Leaf.attempts`): its number, how it
+    ended, when it started and ended, and its error."""
+    state = str(attempt.get("state") or "?")
+    text = Text(no_wrap=True, overflow="ellipsis")
+    text.append(f"attempt {attempt.get('attempt', '?')} ", style="dim")
+    text.append_text(state_text(state))
+    started, finished = attempt.get("started_at"), attempt.get("finished_at")
+    if isinstance(started, int | float):
+        text.append(f" {format_instant(started)}", style="dim")
+        if isinstance(finished, int | float):
+            text.append(f" – {format_instant(finished)}", style="dim")
+            text.append(f" ({duration_text(max(0.0, finished - started))})", style="dim")
+    elif isinstance(finished, int | float):
+        text.append(f" ended {format_instant(finished)}", style="dim")
+    if attempt.get("error") is not None:
+        text.append(" → " + format_value(attempt["error"], width), style="red")
+    return text
 
 
 def duration_text(seconds: float) -> str:
@@ -263,6 +319,9 @@ def _tree(
             state=None if in_template else state_words.get(node.id),
         )
         branch = parent.add(line)
+        if states and not in_template:
+            for attempt in getattr(node, "attempts", None) or ():
+                branch.add(attempt_text(attempt, width))
         kids = list(getattr(node, "children", ()))
         roles: tuple[str | None, ...] = roles_of(node.kind)
         if len(roles) != len(kids):
@@ -293,6 +352,17 @@ def changed_ids(before: Job | None, after: Job) -> set[int]:
     old = states_of(before.root)
     new = states_of(after.root)
     return {i for i, state in new.items() if old.get(i) != state}
+
+
+def waits_lines(job: Job) -> list[Text]:
+    """One line per wait of an unfinished job: `#3 waiting: approval (until ...)`,
+    `#1 sleeping until ...`, `#5 retrying :x/y (attempt 3 at ...)` (none once done)."""
+    if job.done:
+        return []
+    return [
+        Text(f"#{wait.node} ", style="dim") + Text(wait.describe(), style="yellow")
+        for wait in waits_of(job)
+    ]
 
 
 # ---------------------------------------------------------------- counts

@@ -81,3 +81,8 @@ FROM ablauf.tasks WHERE run_id = %s;
 -- performed any more), mark it driven by the caller.
 WITH dropped AS (DELETE FROM ablauf.tasks WHERE run_id = %s AND kind = 'action')
 UPDATE ablauf.runs SET on_queue = false WHERE run_id = %s;
+
+-- name: signal_run
+-- The run a signal is sent to or taken from, its row locked: senders number the run's
+-- signals one at a time, and a signal is taken between two steps of the run, never during.
+SELECT id, status, aborted FROM ablauf.runs WHERE run_id = %s FOR NO KEY UPDATE;

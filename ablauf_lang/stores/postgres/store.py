@@ -419,6 +419,12 @@ class PostgresStore(SqlStore):
             self.conn.execute(Q["notify_finished"], (run_id,))
         return known.seq
 
+    def _signal_run(self, cur: Any, run_id: str) -> tuple[int, str, Any] | None:
+        """The run a signal is sent to or taken from, its row locked (`signal_run`)."""
+        cur.execute(Q["signal_run"], (run_id,))
+        row = cur.fetchone()
+        return None if row is None else (int(row[0]), str(row[1]), row[2])
+
     def _attempt(
         self, operation: Callable[[], T], settle: Callable[[], T | None] | None = None
     ) -> T:

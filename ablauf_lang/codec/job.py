@@ -155,8 +155,30 @@ def encode_spec(node: Node) -> dict[str, Any]:
 
 
 def encode_state(node: Node) -> dict[str, Any]:
-    """What happened to a node (its STATE fields): O(1) however many children it has."""
-    return _fill({}, node, _plans(node)[2])
+    """What happened to a node (its STATE fields): O(1) however many children it has.
+
+    A field that is not required and holds nothing (null, or an empty record of attempts)
+    is left out: it decodes to its default, and a state is always written whole (a store
+    replaces a node's state, never merges it), so leaving it out loses nothing.
+    """
+    out = _fill({}, node, _plans(node)[2])
+    for name in _optional_state(type(node)):
+        value = out.get(name, 0)
+        if value is None or value == _EMPTY_TUPLE:
+            del out[name]
+    return out
+
+
+_EMPTY_TUPLE = {"$tuple": []}
+_OPTIONAL: dict[type, tuple[str, ...]] = {}
+
+
+def _optional_state(cls: type) -> tuple[str, ...]:
+    names = _OPTIONAL.get(cls)
+    if names is None:
+        stored = getattr(cls, "stored", ())
+        names = _OPTIONAL[cls] = tuple(f.name for f in stored if f.part == STATE and not f.required)
+    return names
 
 
 def encode_tree(root: Node) -> list[dict[str, Any]]:
@@ -251,7 +273,8 @@ _LEAF_STATES = frozenset(str(s) for s in LeafState)
 
 
 def _dec_value(rec: dict[str, Any], name: str, n_kids: int) -> Any:
-    return values.decode(rec.get(name))
+    value = rec.get(name, _MISSING)
+    return value if value is _MISSING else values.decode(value)  # absent: the default
 
 
 def _dec_str(rec: dict[str, Any], name: str, n_kids: int) -> Any:

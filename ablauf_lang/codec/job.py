@@ -169,7 +169,7 @@ def encode_state(node: Node) -> dict[str, Any]:
     return out
 
 
-_EMPTY_TUPLE = {"$tuple": []}
+_EMPTY_TUPLE: dict[str, list[Any]] = {"$tuple": []}
 _OPTIONAL: dict[type, tuple[str, ...]] = {}
 
 

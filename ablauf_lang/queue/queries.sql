@@ -15,24 +15,41 @@ SELECT clock_timestamp();
 
 -- name: claim
 -- Take the oldest ready tasks: restarts, and actions among those given (all when NULL);
--- lease the actions (one statement, autocommit). Params: actions, actions, limit, owner,
--- lease seconds.
-WITH t AS (SELECT task_id, run_id, kind FROM ablauf.tasks
-           WHERE lease_owner IS NULL AND error IS NULL
+-- lease the actions (one statement, autocommit). Ready: no due time (index tasks_ready),
+-- or a due time that has come (index tasks_due); a task due later is never looked at.
+-- Params: actions, actions, limit, actions, actions, limit, limit, owner, lease seconds.
+WITH r AS (SELECT task_id FROM ablauf.tasks
+           WHERE lease_owner IS NULL AND error IS NULL AND not_before IS NULL
            AND (kind = 'restart' OR %s::text[] IS NULL OR action = ANY(%s::text[]))
            ORDER BY task_id LIMIT %s FOR UPDATE SKIP LOCKED),
+     d AS (SELECT task_id FROM ablauf.tasks
+           WHERE lease_owner IS NULL AND error IS NULL AND not_before <= now()
+           AND (kind = 'restart' OR %s::text[] IS NULL OR action = ANY(%s::text[]))
+           ORDER BY not_before LIMIT %s FOR UPDATE SKIP LOCKED),
+     t AS (SELECT task_id, run_id, kind FROM ablauf.tasks
+           WHERE task_id IN (SELECT task_id FROM r UNION ALL SELECT task_id FROM d)
+           ORDER BY task_id LIMIT %s),
      a AS (UPDATE ablauf.tasks k SET lease_owner = %s,
            lease_until = now() + %s * interval '1 second', tries = k.tries + 1 FROM t
            WHERE k.task_id = t.task_id AND t.kind = 'action'
-           RETURNING k.task_id, k.node, k.attempt, k.action, k.idempotent, k.payload, k.context)
+           RETURNING k.task_id, k.node, k.attempt, k.action, k.idempotent, k.payload, k.context,
+                     k.woken, k.timeout, k.heartbeat)
 SELECT t.task_id, t.run_id, t.kind, a.node, a.attempt, a.action, a.idempotent,
-       a.payload, a.context
+       a.payload, a.context, a.woken, a.timeout, a.heartbeat
 FROM t LEFT JOIN a ON a.task_id = t.task_id;
 
+-- name: next_due
+-- Seconds until the next task that is due later falls due (none: NULL), among the actions
+-- given (all when NULL); an await with no deadline ('infinity') never falls due. One
+-- index probe (tasks_due). Params: actions, actions.
+SELECT extract(epoch FROM min(not_before) - now())::float8 FROM ablauf.tasks
+WHERE lease_owner IS NULL AND error IS NULL AND not_before > now()
+AND not_before < 'infinity' AND (%s::text[] IS NULL OR action = ANY(%s::text[]));
+
 -- name: take_task
--- Lock the oldest task no one holds, or none.
+-- Lock the oldest ready task no one holds (no due time, or one that has come), or none.
 SELECT task_id, run_id, kind FROM ablauf.tasks
-WHERE lease_owner IS NULL AND error IS NULL
+WHERE lease_owner IS NULL AND error IS NULL AND (not_before IS NULL OR not_before <= now())
 ORDER BY task_id LIMIT 1 FOR UPDATE SKIP LOCKED;
 
 -- name: run_state
@@ -120,24 +137,32 @@ VALUES (%s, %s, %s, %s, %s, coalesce(%s, clock_timestamp()), clock_timestamp());
 
 -- name: enqueue_action
 -- One action task, leased to the owner when `mine`. Params: run_id, node, attempt, action,
--- idempotent, payload, context, owner or NULL, mine, lease seconds, tries.
+-- idempotent, payload, context, owner or NULL, mine, lease seconds, tries, not before
+-- (epoch seconds or NULL: at once), signal (an await's), timeout, heartbeat.
 INSERT INTO ablauf.tasks (run_id, kind, node, attempt, action, idempotent, payload, context,
-                          lease_owner, lease_until, tries)
+                          lease_owner, lease_until, tries, not_before, signal, timeout,
+                          heartbeat)
 VALUES (%s, 'action', %s, %s, %s, %s, %s, %s, %s,
-        CASE WHEN %s THEN now() + %s * interval '1 second' END, %s)
+        CASE WHEN %s THEN now() + %s * interval '1 second' END, %s,
+        to_timestamp(%s::float8), %s, %s, %s)
 RETURNING task_id, node, lease_owner IS NOT NULL;
 
 -- name: enqueue_actions
 -- Many action tasks at once (arrays). Params: run_id, owner, lease seconds, nodes, attempts,
--- actions, idempotent flags, payloads, contexts, mine flags.
+-- actions, idempotent flags, payloads, contexts, mine flags, not befores, signals, timeouts,
+-- heartbeats.
 INSERT INTO ablauf.tasks (run_id, kind, node, attempt, action, idempotent, payload, context,
-                          lease_owner, lease_until, tries)
+                          lease_owner, lease_until, tries, not_before, signal, timeout,
+                          heartbeat)
 SELECT %s, 'action', u.node, u.attempt, u.action, u.idempotent, u.payload, u.context,
        CASE WHEN u.mine THEN %s END,
        CASE WHEN u.mine THEN now() + %s * interval '1 second' END,
-       CASE WHEN u.mine THEN 1 ELSE 0 END
-FROM unnest(%s::int[], %s::int[], %s::text[], %s::bool[], %s::text[], %s::text[], %s::bool[])
-     AS u(node, attempt, action, idempotent, payload, context, mine)
+       CASE WHEN u.mine THEN 1 ELSE 0 END,
+       to_timestamp(u.due), u.signal, u.timeout, u.heartbeat
+FROM unnest(%s::int[], %s::int[], %s::text[], %s::bool[], %s::text[], %s::text[], %s::bool[],
+            %s::float8[], %s::text[], %s::float8[], %s::float8[])
+     AS u(node, attempt, action, idempotent, payload, context, mine, due, signal, timeout,
+          heartbeat)
 RETURNING task_id, node, lease_owner IS NOT NULL;
 
 -- name: enqueue_restart
@@ -212,6 +237,7 @@ ORDER BY r.id LIMIT %s;
 SELECT t.action, count(*), extract(epoch FROM now() - min(t.created))
 FROM ablauf.tasks t WHERE t.run_id = %s AND t.kind = 'action'
 AND t.lease_owner IS NULL AND t.error IS NULL
+AND (t.not_before IS NULL OR t.not_before <= now())
 AND t.created < now() - %s * interval '1 second'
 AND NOT EXISTS (SELECT 1 FROM ablauf.workers w WHERE w.expires > now()
                 AND t.action = ANY(w.actions))
@@ -221,8 +247,10 @@ GROUP BY t.action ORDER BY t.action;
 SELECT on_queue FROM ablauf.runs WHERE run_id = %s;
 
 -- name: counts
--- Tasks by state: ready, leased, broken.
-SELECT count(*) FILTER (WHERE lease_owner IS NULL AND error IS NULL),
+-- Tasks by state: ready (due: tasks waiting for a later time are not counted), leased,
+-- broken.
+SELECT count(*) FILTER (WHERE lease_owner IS NULL AND error IS NULL
+                        AND (not_before IS NULL OR not_before <= now())),
        count(*) FILTER (WHERE lease_owner IS NOT NULL),
        count(*) FILTER (WHERE error IS NOT NULL)
 FROM ablauf.tasks;
@@ -241,3 +269,30 @@ DELETE FROM ablauf.workers WHERE name = %s OR expires < now() - interval '1 day'
 
 -- name: live_workers
 SELECT name, actions FROM ablauf.workers WHERE expires > now() ORDER BY name;
+
+-- name: park_await
+-- An await leased to this worker that found no signal, under its row lock (a wake-up by
+-- `wake_awaits` waits for this transaction): the wake-ups it had when taken, and whether
+-- its deadline passed. Params: deadline (epoch seconds or NULL: none), task id, owner.
+SELECT woken, coalesce(to_timestamp(%s::float8) <= now(), false)
+FROM ablauf.tasks WHERE task_id = %s AND lease_owner = %s FOR UPDATE;
+
+-- name: sleep_await
+-- Put the await back to sleep until its deadline ('infinity': none). Params: deadline
+-- (epoch seconds or NULL), task id.
+UPDATE ablauf.tasks SET lease_owner = NULL, lease_until = NULL,
+       not_before = coalesce(to_timestamp(%s::float8), 'infinity')
+WHERE task_id = %s;
+
+-- name: wake_awaits
+-- A signal arrived: the run's awaits of that name are due now (and count the wake-up).
+-- Params: run_id, signal name.
+UPDATE ablauf.tasks SET not_before = now(), woken = woken + 1
+WHERE run_id = %s AND signal = %s AND kind = 'action' AND error IS NULL;
+
+-- name: drop_settled
+-- Action tasks not taken yet of leaves a step settled without their result (a deadline
+-- passed, a timer no longer needed): nothing they would do counts. Params: run_id, nodes.
+DELETE FROM ablauf.tasks WHERE run_id = %s AND kind = 'action' AND node = ANY(%s::int[])
+AND lease_owner IS NULL;
+

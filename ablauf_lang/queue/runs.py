@@ -1,5 +1,6 @@
 """Runs and the queue: submit a run to the workers, hand one back (requeue, the janitor's
-repair), and what a person should know of a run's tasks (notes, counts).
+repair), wake a run's awaits when a signal arrives, and what a person should know of a
+run's tasks (notes, counts).
 
 The engine is not called here: a replay comes from the callable the caller passes (the
 worker module passes `prepare_replay` with the replay policy).
@@ -13,7 +14,15 @@ from collections.abc import Callable
 
 from ablauf_lang.engine.job import Job
 from ablauf_lang.errors import RunError, StoreError
-from ablauf_lang.queue.tasks import Q, StepLog, clock, hand_to_workers, process_name, recover_leases
+from ablauf_lang.queue.tasks import (
+    Q,
+    StepLog,
+    clock,
+    hand_to_workers,
+    process_name,
+    recover_leases,
+    wake,
+)
 from ablauf_lang.stores.base import new_run_id
 from ablauf_lang.stores.postgres.connection import ConnectionLost
 from ablauf_lang.stores.postgres.queries import QUERIES as STORE_Q
@@ -179,6 +188,19 @@ def notes(
                 "janitor of a live worker hands them back to the workers"
             )
         return out
+
+    return store.retrying(attempt)
+
+
+def wake_awaits(store: PostgresStore, run_id: str, name: str) -> int:
+    """A signal `name` was sent to the run (`send_signal`): its awaits of that name are due
+    now and the idle workers are woken (NOTIFY), so one of them delivers it at once.
+    Returns how many awaits were woken (0: the run does not wait for it yet; its first
+    await of that name finds the signal in the mailbox). Safe to call twice."""
+
+    def attempt() -> int:
+        with store.transaction() as conn:
+            return wake(conn, run_id, name)
 
     return store.retrying(attempt)
 

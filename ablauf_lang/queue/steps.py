@@ -17,9 +17,17 @@ import psycopg
 
 from ablauf_lang.codec.records import decode_result, encode_result, text_value
 from ablauf_lang.engine.job import Job
-from ablauf_lang.engine.nodes import Dispatch, Result
+from ablauf_lang.engine.kinds import Leaf
+from ablauf_lang.engine.nodes import DONE_STATES, Dispatch, LeafState, Result
 from ablauf_lang.errors import InternalError
-from ablauf_lang.queue.tasks import Q, StepLog, leased, log_step, notify, send_actions
+from ablauf_lang.queue.tasks import (
+    Q,
+    StepLog,
+    drop_settled,
+    leased,
+    log_step,
+    send_actions,
+)
 from ablauf_lang.stores.postgres.queries import QUERIES as STORE_Q
 from ablauf_lang.stores.postgres.store import PostgresStore
 
@@ -36,6 +44,7 @@ class Claimed:
     run_id: str
     kind: str
     dispatch: Dispatch | None
+    woken: int = 0  # an await: how many times a signal woke it (see `tasks.park_await`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +76,7 @@ class _Applied:
     dispatches: list[Dispatch]
     task_ids: list[int]
     log: StepLog
+    settled: list[int]  # leaves in flight before, settled without their result
 
     def step(self, claimed: list[tuple[int, Dispatch]]) -> Step:
         return Step(self.job, self.log.seq, self.log.results or 0, self.task_ids, claimed)
@@ -84,8 +94,9 @@ def claim(
     `owner` and returned with their dispatch; restart tasks (any worker can run them)
     are only named (run them with `run_restart`), in queue order."""
     names = None if actions is None else sorted(actions)
+    params = (names, names, limit, names, names, limit, limit, owner, lease)
     with store.session() as conn:
-        rows = conn.execute(Q["claim"], (names, names, limit, owner, lease)).fetchall()
+        rows = conn.execute(Q["claim"], params).fetchall()
     out = []
     for row in sorted(rows):
         task_id, run_id, kind = int(row[0]), str(row[1]), str(row[2])
@@ -99,8 +110,10 @@ def claim(
             bool(row[6]),
             int(row[4]),
             text_value(row[8]),
+            timeout=None if row[10] is None else float(row[10]),
+            heartbeat=None if row[11] is None else float(row[11]),
         )
-        out.append(Claimed(task_id, run_id, kind, dispatch))
+        out.append(Claimed(task_id, run_id, kind, dispatch, int(row[9] or 0)))
     return out
 
 
@@ -138,7 +151,27 @@ def _apply(
     new, dispatches = advance(base.job, results)
     written = store.record_locked(run_id, new, base)
     log = StepLog(written, worker, len(results), started)
-    return _Applied(new, list(dispatches), [t for t, _ in queued], log)
+    settled = settled_leaves(base.job, new, results)
+    return _Applied(new, list(dispatches), [t for t, _ in queued], log, settled)
+
+
+def settled_leaves(old: Job, new: Job, results: Sequence[Result]) -> list[int]:
+    """Leaves in flight in `old` that a step settled without a result of theirs (a
+    `timeout!!` whose time passed, its timer once the body is done): their queued tasks
+    (a parked timer, a retry's wait, an await) must not run. O(touched x depth)."""
+    applied = {r.id for r in results}
+    out = []
+    for node_id in new.touched:
+        if node_id in applied or node_id >= len(new.paths):
+            continue
+        leaf = new.node(node_id)
+        if not isinstance(leaf, Leaf) or leaf.result not in DONE_STATES:
+            continue
+        if node_id < len(old.paths):
+            before = old.node(node_id)
+            if isinstance(before, Leaf) and before.result is LeafState.PENDING:
+                out.append(node_id)
+    return sorted(out)
 
 
 def _finish(
@@ -157,10 +190,10 @@ def _finish(
 
     def send(conn: psycopg.Connection) -> psycopg.Cursor[Any] | None:
         log_step(conn, run_id, applied.log, len(dispatches))
-        cur, mine = send_actions(
+        drop_settled(conn, run_id, applied.settled)
+        cur, _ = send_actions(
             conn, run_id, dispatches, claim=claim, owner=owner, lease=lease, serves=serves
         )
-        notify(conn, len(dispatches) - mine)
         return cur
 
     cur = store.commit_step(run_id, send)

@@ -16,6 +16,7 @@ import psycopg
 from ablauf_lang.codec.records import encode_result, value_text
 from ablauf_lang.engine.job import INTERRUPTED
 from ablauf_lang.engine.nodes import Dispatch, LeafState, Result
+from ablauf_lang.stdlib.actions import AWAIT
 from ablauf_lang.stores.queries import load_queries
 
 Q = load_queries(__package__ or "ablauf_lang.queue", "queries.sql")
@@ -26,10 +27,19 @@ def process_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+DUE = "due"  # the NOTIFY payload saying a task was queued for a later time
+
+
 def notify(conn: psycopg.Connection, count: int) -> None:
     """Wake idle workers: `count` tasks are ready."""
     if count:
         conn.execute(Q["notify"], (str(count),))
+
+
+def notify_due(conn: psycopg.Connection) -> None:
+    """Tell the workers' listeners that a task is due at a later time (they look at the
+    next due time again; no slot is woken)."""
+    conn.execute(Q["notify"], (DUE,))
 
 
 def clock(conn: psycopg.Connection) -> datetime | None:
@@ -59,6 +69,21 @@ def log_step(conn: psycopg.Connection, run_id: str, entry: StepLog, dispatches: 
     )
 
 
+def not_before(d: Dispatch, now: float) -> float | None:
+    """When a dispatch's task may be taken (epoch seconds), None: at once. A due time
+    that has come is at once; an await is taken at once (a signal may be waiting), and
+    put back to sleep until its deadline when there is none (`sleep_await`)."""
+    return None if d.due is None or d.due <= now else float(d.due)
+
+
+def signal_of(d: Dispatch) -> str | None:
+    """The signal name an await waits for (None for any other action)."""
+    if d.action != AWAIT or not isinstance(d.payload, dict):
+        return None
+    name = d.payload.get("signal")
+    return None if name is None else str(name)
+
+
 def send_actions(
     conn: psycopg.Connection,
     run_id: str,
@@ -69,16 +94,22 @@ def send_actions(
     lease: float = 30.0,
     serves: Collection[str] | None = None,
 ) -> tuple[psycopg.Cursor[Any] | None, int]:
-    """Execute the INSERT of one action task per dispatch; the first `claim` whose action
-    is in `serves` (None: any) are leased to `owner`. Returns the cursor (rows: task_id,
-    node, leased?; None when there was nothing to insert, see `leased`) and how many are
-    leased; the caller NOTIFYs for the others. Pipeline-safe: read the cursor after it."""
+    """Execute the INSERT of one action task per dispatch; the first `claim` that are due
+    now and whose action is in `serves` (None: any) are leased to `owner`. A dispatch
+    with a later `due` is queued with that time (`tasks.not_before`). NOTIFYs for the
+    tasks ready and not leased (idle workers take them), and once for tasks due later
+    (the listeners look at the next due time again). Returns the cursor (rows: task_id,
+    node, leased?; None when there was nothing to insert, see `leased`) and how many
+    are leased. Pipeline-safe: read the cursor after it."""
     if not dispatches:
         return None, 0
+    now = time.time()
+    dues = [not_before(d, now) for d in dispatches]
+    later = sum(due is not None for due in dues)
     mine: list[bool] = []
     left = claim
-    for d in dispatches:
-        take = left > 0 and (serves is None or d.action in serves)
+    for d, due in zip(dispatches, dues, strict=True):
+        take = left > 0 and due is None and (serves is None or d.action in serves)
         mine.append(take)
         left -= take
     contexts: dict[int, str] = {}  # dispatches of one restart share their context object
@@ -105,8 +136,13 @@ def send_actions(
                 mine[0],
                 lease,
                 1 if mine[0] else 0,
+                dues[0],
+                signal_of(d),
+                d.timeout,
+                d.heartbeat,
             ),
         )
+        _announce(conn, len(dispatches) - later - sum(mine), later)
         return cur, sum(mine)
     cur = conn.execute(
         Q["enqueue_actions"],
@@ -121,9 +157,20 @@ def send_actions(
             [value_text(d.payload) for d in dispatches],
             [context_text(d) for d in dispatches],
             mine,
+            dues,
+            [signal_of(d) for d in dispatches],
+            [d.timeout for d in dispatches],
+            [d.heartbeat for d in dispatches],
         ),
     )
+    _announce(conn, len(dispatches) - later - sum(mine), later)
     return cur, sum(mine)
+
+
+def _announce(conn: psycopg.Connection, ready: int, later: int) -> None:
+    notify(conn, ready)
+    if later:
+        notify_due(conn)
 
 
 def leased(
@@ -169,9 +216,55 @@ class Task:
 
 
 def take_task(conn: psycopg.Connection) -> Task | None:
-    """Lock the oldest task no one holds (`FOR UPDATE SKIP LOCKED`), or None."""
+    """Lock the oldest ready task no one holds (`FOR UPDATE SKIP LOCKED`), or None; a
+    task due later is not ready."""
     row = conn.execute(Q["take_task"]).fetchone()
     return None if row is None else Task(int(row[0]), row[1], row[2])
+
+
+def next_due(conn: psycopg.Connection, actions: Collection[str] | None = None) -> float | None:
+    """Seconds until the next task due later falls due (None: none is), among tasks of
+    `actions` (None: any): what an idle worker waits for besides NOTIFY."""
+    names = None if actions is None else sorted(actions)
+    row = conn.execute(Q["next_due"], (names, names)).fetchone()
+    return None if row is None or row[0] is None else max(0.0, float(row[0]))
+
+
+def park_await(
+    conn: psycopg.Connection, task_id: int, owner: str, until: float | None, woken: int
+) -> tuple[str, int]:
+    """An await leased to `owner` found no signal, `woken` wake-ups after it was queued:
+    put it back to sleep until `until` (None: no deadline), in the caller's transaction
+    (which holds the task's row until it ends, so a wake-up meanwhile waits and then
+    wakes it again). Returns the outcome and the task's wake-ups now: "parked"; "woken"
+    (a signal came since: look again, the task stays leased); "expired" (the deadline
+    passed: it times out, still leased); "lost" (the lease was lost)."""
+    row = conn.execute(Q["park_await"], (until, task_id, owner)).fetchone()
+    if row is None:
+        return "lost", woken
+    now = int(row[0])
+    if now != woken:
+        return "woken", now
+    if row[1]:
+        return "expired", now
+    conn.execute(Q["sleep_await"], (until, task_id))
+    if until is not None:
+        notify_due(conn)
+    return "parked", now
+
+
+def wake(conn: psycopg.Connection, run_id: str, name: str) -> int:
+    """The run's awaits of signal `name` are due now, and counted woken; wake the idle
+    workers. Returns how many awaits."""
+    count = conn.execute(Q["wake_awaits"], (run_id, name)).rowcount
+    notify(conn, count)
+    return count
+
+
+def drop_settled(conn: psycopg.Connection, run_id: str, nodes: Sequence[int]) -> None:
+    """Delete the untaken action tasks of leaves settled without their result."""
+    if nodes:
+        conn.execute(Q["drop_settled"], (run_id, list(nodes)))
 
 
 def renew_leases(

@@ -26,6 +26,13 @@ idempotent action runs again; a non-idempotent one becomes a failure whose error
 with `interrupted: `, which `ablauf_lang.retry` or `requeue(..., retry=True)` runs again).
 A slot that loses its connection reconnects with backoff and delivers what it holds.
 
+Waits are tasks with a due time (`tasks.not_before`): a sleep is taken when it falls due
+and is over; a retry's next attempt is taken when its wait is over; an await is taken at
+once, when a signal wakes it (`queue.wake_awaits`) and at its deadline, and delivers the
+signal from the run's mailbox, a timeout, or goes back to sleep. The listener wakes idle
+slots when the next due time comes (`queue.next_due`), so a parked run costs nothing. An
+attempt with a `timeout` or `heartbeat` runs under `runners.local.supervise`.
+
 A worker takes only the action tasks whose action it has (restart tasks: any), and says
 which actions it serves in `ablauf.workers` (renewed by its janitor's heartbeat), so a run
 needing another action waits for a worker that has it and `runs show` can say so. The
@@ -58,11 +65,29 @@ from types import FrameType
 from typing import Any
 
 from ablauf_lang.engine.job import Job, restart_job
-from ablauf_lang.engine.nodes import FAILED_STATES, Dispatch, Result, Status, failure
+from ablauf_lang.engine.nodes import (
+    FAILED_STATES,
+    Dispatch,
+    LeafState,
+    Result,
+    Status,
+    failure,
+    success,
+    timeout,
+)
 from ablauf_lang.engine.replay import check_replay, inflight_leaves, prepare_replay
 from ablauf_lang.errors import AblaufError, StoreError
-from ablauf_lang.runners.local import Action, Run, perform, perform_sync, registry
-from ablauf_lang.stdlib.actions import STDLIB_ACTIONS
+from ablauf_lang.runners.local import (
+    Action,
+    ActionThreads,
+    Beat,
+    Run,
+    perform,
+    perform_sync,
+    registry,
+    supervise,
+)
+from ablauf_lang.stdlib.actions import AWAIT, SLEEP, STDLIB_ACTIONS, WAIT_ACTIONS
 from ablauf_lang.stores.base import run_error
 
 try:  # psycopg: needed only when workers are used (said then, see `_require`)
@@ -82,6 +107,9 @@ QUICK = 0.005  # an action quicker than this lets a slot take more at once
 BATCH_TIME = 0.05  # tasks of a batch not started by then go back to the queue
 POLL = 5.0  # safety poll of an idle slot (NOTIFY wakes it at once)
 MAX_BACKOFF = 5.0  # longest wait between two reconnection attempts
+LISTEN_TICK = 0.5  # the listener's longest wait for a NOTIFY (it checks for stopping)
+DUE_RECHECK = 0.05  # after NOTIFYs, the listener looks at the next due time at most this often
+ABANDONED = 256  # threads for actions with a time limit (one abandoned at its limit stays)
 
 
 INSTALL = (
@@ -295,6 +323,7 @@ class _Slot:
     batch: int = 1  # how many action tasks to take at once (grows while actions are quick)
     taken_at: float = 0.0  # when the current batch was taken
     slow: bool = False  # an action of the current batch was not quick
+    woken: dict[int, int] = field(default_factory=dict)  # awaits leased: wake-ups when taken
 
 
 class Worker:
@@ -320,7 +349,8 @@ class Worker:
         self.actions: dict[str, Action] = registry(actions)
         if self.actions.get("action/log") is STDLIB_ACTIONS["action/log"]:
             self.actions["action/log"] = _log_action  # logged by the worker, with its run
-        self.serves = frozenset(self.actions)
+        # The waits (sleep!!, await!!) are performed by every worker itself.
+        self.serves = frozenset(self.actions) | WAIT_ACTIONS
         self.concurrency = concurrency
         self.stop = stop or threading.Event()
         self.lease = lease
@@ -335,6 +365,8 @@ class Worker:
         self.stats = {"actions": 0, "restarts": 0, "fast": 0, "queued_results": 0, "lost": 0}
         self.stats.update(conflicts=0, repaired=0)
         self.reported: set[str] = set()  # runs the janitor could not repair (said once)
+        self.stats.update(sleeps=0, signals=0, parked=0, timeouts=0)
+        self.limited = ActionThreads(ABANDONED)  # sync actions with a timeout or heartbeat
 
     # ------------------------------------------------------------ lifecycle
 
@@ -375,6 +407,7 @@ class Worker:
             self.finished.set()
             for t in helpers:
                 t.join(timeout=10)
+            self.limited.close()
             log.info("worker %s stopped", self.name)
 
     # ------------------------------------------------------------ the slots
@@ -470,6 +503,7 @@ class Worker:
         # step uses an entry only if it is the run's newest write under the lock.
         self._unhold([task_id for task_id, _, _ in slot.todo])  # released on reconnection
         slot.todo.clear()
+        slot.woken.clear()
 
     def _iterate(self, slot: _Slot) -> bool:
         """One step of a slot; False when it should stop."""
@@ -496,7 +530,14 @@ class Worker:
                 del slot.todo[1:]
                 slot.slow = True
             task_id, dispatch, run_id = slot.todo.pop(0)
-            result = self._perform(slot, dispatch, run_id)
+            if dispatch.action == AWAIT:
+                got = self._await(slot, task_id, dispatch, run_id)
+                if got is None:  # parked again, or its lease was lost: nothing to deliver
+                    self._unhold([task_id])
+                    return True
+                result = got
+            else:
+                result = self._perform(slot, dispatch, run_id)
             if not slot.done:
                 slot.done_run, slot.done_since = run_id, time.monotonic()
             slot.done.append((task_id, result))
@@ -528,6 +569,9 @@ class Worker:
         if not taken:
             return False
         actions = [(c.task_id, c.dispatch, c.run_id) for c in taken if c.dispatch is not None]
+        for c in taken:
+            if c.dispatch is not None and c.dispatch.action == AWAIT:
+                slot.woken[c.task_id] = c.woken
         if actions:
             self._hold([t for t, _, _ in actions])
             slot.todo.extend(actions)
@@ -581,13 +625,70 @@ class Worker:
             else:
                 log.warning("run %s finished: failure: %s", run_id, run_error(job))
 
+    def _await(self, slot: _Slot, task_id: int, dispatch: Dispatch, run_id: str) -> Result | None:
+        """An await taken (at once when queued, when a signal woke it, at its deadline):
+        the first signal of its name in the run's mailbox is its output; none and the
+        deadline passed: a timeout; none yet: back to sleep until the deadline (None: no
+        result to deliver, the task is no longer this slot's)."""
+        store = self._store(slot)
+        payload = dispatch.payload if isinstance(dispatch.payload, dict) else {}
+        name = str(payload.get("signal"))
+        raw = payload.get("until")
+        until = None if raw is None else float(raw)
+        take = getattr(store, "take_signal", None)
+        if take is None:
+            raise StoreError("this store has no signals mailbox (take_signal): upgrade it")
+        woken = slot.woken.pop(task_id, 0)
+        while True:
+            try:
+                got = take(run_id, name, dispatch.id)
+            except AblaufError as exc:
+                if self._lost(exc):
+                    raise
+                now = time.time()  # a signal that cannot be read fails the await, once
+                return failure(
+                    dispatch,
+                    f"signal {name} could not be taken: {_message(exc)}",
+                    started_at=now,
+                    finished_at=now,
+                )
+            if got is not None:
+                now = time.time()
+                self.stats["signals"] += 1
+                log.debug("run %s: step %d received signal %s", run_id, dispatch.id, name)
+                return success(dispatch, got[1], started_at=now, finished_at=now)
+            with store.transaction() as conn:
+                outcome, woken = queue.park_await(conn, task_id, slot.owner, until, woken)
+            if outcome == "woken":
+                continue  # a signal came meanwhile: look again
+            if outcome == "expired":
+                now = time.time()
+                self.stats["timeouts"] += 1
+                return timeout(
+                    dispatch,
+                    f"timeout: no signal {name} arrived in time",
+                    started_at=now,
+                    finished_at=now,
+                )
+            if outcome == "parked":
+                self.stats["parked"] += 1
+            return None
+
     def _perform(self, slot: _Slot, dispatch: Dispatch, run_id: str = "") -> Result:
-        """Perform an action here, outside any transaction; never raises for its errors."""
+        """Perform an action here, outside any transaction; never raises for its errors.
+        A sleep taken when due is over; an attempt with a `timeout` or `heartbeat` runs
+        under `supervise` (cancelled or abandoned at its limit: a timeout result)."""
+        if dispatch.action == SLEEP:
+            now = time.time()
+            self.stats["sleeps"] += 1
+            return success(dispatch, None, started_at=now, finished_at=now)
         fn = self.actions.get(dispatch.action)
         self.stats["actions"] += 1
         started = time.monotonic()
         try:
-            if fn is not None and inspect.iscoroutinefunction(fn):
+            if fn is not None and (dispatch.timeout is not None or dispatch.heartbeat is not None):
+                result = self._limited(slot, dispatch, fn)
+            elif fn is not None and inspect.iscoroutinefunction(fn):
                 if slot.loop is None:
                     slot.loop = asyncio.new_event_loop()
                 result = slot.loop.run_until_complete(perform(dispatch, fn, True))
@@ -613,6 +714,20 @@ class Worker:
                 dispatch.action,
                 time.monotonic() - started,
             )
+        return result
+
+    def _limited(self, slot: _Slot, dispatch: Dispatch, fn: Action) -> Result:
+        """An attempt within its `timeout` and `heartbeat`, on the slot's event loop: an
+        async action is cancelled at the limit, a sync one (in a daemon thread) abandoned;
+        `ablauf_lang.heartbeat()` inside it says it is alive (the janitor renews the
+        task's lease meanwhile, as for every action in hand)."""
+        if slot.loop is None:
+            slot.loop = asyncio.new_event_loop()
+        beat = Beat() if dispatch.heartbeat is not None else None
+        work = perform(dispatch, fn, True, threads=self.limited, beat=beat)
+        result = slot.loop.run_until_complete(supervise(dispatch, work, beat))
+        if result.state is LeafState.TIMEOUT:
+            self.stats["timeouts"] += 1
         return result
 
     def _deliver(self, slot: _Slot, run_id: str, items: list[tuple[int, Result]]) -> None:
@@ -678,6 +793,8 @@ class Worker:
         with self._store(slot).transaction() as conn:
             queue.release_leases(conn, slot.owner, task_ids)
         self._unhold(task_ids)
+        for task_id in task_ids:
+            slot.woken.pop(task_id, None)
 
     def _set_aside(self, slot: _Slot, run_id: str | None, exc: Exception) -> None:
         """A restart that cannot be performed (a bug, a damaged run): keep its tasks out of
@@ -692,9 +809,14 @@ class Worker:
     # ------------------------------------------------------------ listener and janitor
 
     def _listen(self) -> None:
-        """LISTEN for new tasks and wake idle slots; reconnect when the connection drops."""
+        """LISTEN for new tasks and wake idle slots; wake them too when the next task due
+        later falls due (`queue.next_due`, looked at again after a `due` NOTIFY, which says
+        a task due later was queued, and every `poll` seconds); reconnect when the
+        connection drops."""
         backoff = _Backoff()
         conn = None
+        due: float | None = None  # monotonic time the next task falls due
+        look = 0.0  # when to look at the next due time again
         while not self.finished.is_set():
             try:
                 if conn is None:
@@ -702,8 +824,25 @@ class Worker:
                     queue.listen(conn)
                     backoff.reset()
                     self.wake.bump()  # tasks may have come while it was away
-                for _ in postgres.notifications(conn, self.url, 0.5):
-                    self.wake.bump()
+                    look = 0.0
+                now = time.monotonic()
+                if due is not None and now >= due:
+                    self.wake.bump()  # a task fell due: idle slots take it
+                    due, look = None, 0.0
+                if now >= look:
+                    left = queue.next_due(conn, self.serves)
+                    now = time.monotonic()
+                    due = None if left is None else now + left
+                    look = now + self.poll
+                wait = min(LISTEN_TICK, look - now)
+                if due is not None:
+                    wait = min(wait, due - now)
+                # Back as soon as NOTIFYs come (every one of the packet is read: none lost).
+                for note in conn.notifies(timeout=max(0.0, wait), stop_after=1):
+                    if note.payload == queue.DUE:  # a task due later: maybe before `due`
+                        look = min(look, time.monotonic() + DUE_RECHECK)
+                    else:  # tasks are ready: idle slots take them
+                        self.wake.bump()
             except Exception as exc:  # the connection, or a bug: start again
                 if conn is not None:
                     log.warning("listener lost its connection (%s); reconnecting", _message(exc))

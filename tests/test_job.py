@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from ablauf_lang.engine.job import INTERRUPTED, LAST_ERROR, Job, make_job, rebuild, restart_job
+from ablauf_lang.engine.job import INTERRUPTED, LAST_ERROR, Job, make_job, restart_job
 from ablauf_lang.engine.kinds import renumber
+from ablauf_lang.engine.kinds.base import rebuild
 from ablauf_lang.engine.nodes import LeafState, Result, Status, failure, success, timeout
 from ablauf_lang.engine.replay import abort, prepare_replay
 from ablauf_lang.errors import AblaufError, InvariantError, JobError

@@ -150,7 +150,7 @@ def test_crashes_and_replays_still_finish(tree: Node, data: st.DataObject) -> No
 
 
 def _all_idempotent(tree: Node) -> Node:
-    from ablauf_lang.engine.job import rebuild
+    from ablauf_lang.engine.kinds.base import rebuild
 
     return rebuild(tree, lambda leaf: leaf.__class__(leaf.id, leaf.action, leaf.payload, True))
 

@@ -22,7 +22,7 @@ from pyrsistent import PVector, pvector
 from ablauf_lang.code import Expr
 from ablauf_lang.engine import retry, zipper
 from ablauf_lang.engine.kinds import Leaf, Node, is_branch, renumber
-from ablauf_lang.engine.kinds.base import T_EXPR, T_TREE
+from ablauf_lang.engine.kinds.base import T_EXPR, T_TREE, rebuild
 from ablauf_lang.engine.nodes import ALL, NOTHING, Dispatch, LeafState, Result, Status
 from ablauf_lang.errors import AblaufError, InvariantError, JobError
 from ablauf_lang.stdlib.actions import AWAIT, SLEEP, WAIT_ACTIONS
@@ -199,40 +199,6 @@ def index_paths(root: Node) -> PathTable:
     return PathTable(pvector(found[i][0] for i in range(n)), pvector(found[i][1] for i in range(n)))
 
 
-def rebuild(root: Node, leaf_fn: Any, branch_fn: Any = None) -> Node:
-    """Rebuild the tree bottom-up with `leaf_fn` applied to leaves, summaries recomputed.
-
-    Iterative, so deep trees never hit the recursion limit; untouched subtrees are shared.
-    """
-    out: list[Node] = []
-    stack: list[list[Any]] = [[root, 0, 0]]  # node, next child, len(out) at entry
-    while stack:
-        frame = stack[-1]
-        node = frame[0]
-        if not is_branch(node):
-            stack.pop()
-            out.append(leaf_fn(node))
-            continue
-        kids = node.children
-        if frame[1] == 0:
-            frame[2] = len(out)
-        if frame[1] < len(kids):
-            frame[1] += 1
-            stack.append([kids[frame[1] - 1], 0, 0])
-            continue
-        stack.pop()
-        new_kids = out[frame[2] :]
-        del out[frame[2] :]
-        if any(a is not b for a, b in zip(new_kids, kids, strict=True)):
-            node = replace(node, children=pvector(new_kids)).summarize()
-        else:
-            node = node.summarize() if branch_fn is None else node
-        if branch_fn is not None:
-            node = branch_fn(node)
-        out.append(node)
-    return out[0]
-
-
 def copy_numbered(root: Node, first_id: int, fn: Any) -> tuple[Node, list[tuple[int, ...]]]:
     """Copy a tree with fresh pre-order ids from `first_id`, applying `fn` to every node.
 
@@ -378,19 +344,7 @@ class Step:
             LeafState.PENDING, None, None, attempt, now, None, None, leaf.sent, wake, attempts
         )
         payload = leaf.sent if isinstance(leaf.payload, Expr) else leaf.payload
-        self.dispatches.append(
-            Dispatch(
-                leaf.id,
-                leaf.action,
-                payload,
-                leaf.idempotent,
-                attempt,
-                self.context,
-                wake,
-                leaf.timeout,
-                leaf.heartbeat,
-            )
-        )
+        self.dispatch(leaf, payload, attempt, wake)
         self.root = zipper.root(zipper.replace(loc, new))
         self.touched.add(leaf.id)
 
@@ -459,7 +413,8 @@ class Step:
                 return leaf.skipped()
             return leaf
 
-        return rebuild(node, mark)
+        skipped: Node = rebuild(node, mark)
+        return skipped
 
     def cut(self, node: Node, state: LeafState, error: Any) -> Node:
         """End a subtree: its leaves in flight get `state` and `error` (late results are
@@ -492,7 +447,7 @@ class Step:
                 )
             return leaf
 
-        out = rebuild(node, mark)
+        out: Node = rebuild(node, mark)
         if failed:
             self.context = assoc_in(self.context, (LAST_ERROR,), error)
         return out
@@ -530,6 +485,14 @@ class Step:
             )
         # A payload computed at run time is kept as the value sent, beside its expression.
         sent = payload if isinstance(leaf.payload, Expr) or leaf.action in WAIT_ACTIONS else None
+        self.dispatch(leaf, payload, attempt, due)
+        self.touched.add(leaf.id)
+        return leaf.with_state(
+            LeafState.PENDING, None, None, attempt, self.now, None, None, sent, wake
+        )
+
+    def dispatch(self, leaf: Leaf, payload: Any, attempt: int, due: float | None) -> None:
+        """Ask the runner to perform attempt `attempt` of `leaf` (not before `due`)."""
         self.dispatches.append(
             Dispatch(
                 leaf.id,
@@ -542,10 +505,6 @@ class Step:
                 leaf.timeout,
                 leaf.heartbeat,
             )
-        )
-        self.touched.add(leaf.id)
-        return leaf.with_state(
-            LeafState.PENDING, None, None, attempt, self.now, None, None, sent, wake
         )
 
     def wait(self, leaf: Leaf, payload: Any) -> tuple[bool, Any, float | None]:

@@ -14,8 +14,9 @@ from dataclasses import replace
 from typing import Any
 
 from ablauf_lang.engine import zipper
-from ablauf_lang.engine.job import INTERRUPTED, LAST_ERROR, REDO, ROOT, Job, Step, rebuild
+from ablauf_lang.engine.job import INTERRUPTED, LAST_ERROR, REDO, ROOT, Job, Step
 from ablauf_lang.engine.kinds import Leaf, Node
+from ablauf_lang.engine.kinds.base import rebuild
 from ablauf_lang.engine.nodes import ALL, LeafState, Result, Status
 from ablauf_lang.errors import RunError
 from ablauf_lang.values import assoc_in

@@ -21,7 +21,7 @@ every kind and never listed in `stored`.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
 
 from pyrsistent import PVector, pvector
@@ -248,3 +248,38 @@ def next_in_sequence(node: Any, index: int) -> int | None:
     if index != node.cursor or not child.done or child.failed:
         return None
     return index + 1
+
+
+def rebuild(root: Any, leaf_fn: Any, branch_fn: Any = None) -> Any:
+    """Rebuild the tree bottom-up with `leaf_fn` applied to leaves, summaries recomputed.
+
+    Iterative, so deep trees never hit the recursion limit; untouched subtrees are shared.
+    """
+    out: list[Any] = []
+    stack: list[list[Any]] = [[root, 0, 0]]  # node, next child, len(out) at entry
+    while stack:
+        frame = stack[-1]
+        node = frame[0]
+        if not isinstance(node, Branch):
+            stack.pop()
+            out.append(leaf_fn(node))
+            continue
+        kids = node.children
+        if frame[1] == 0:
+            frame[2] = len(out)
+        if frame[1] < len(kids):
+            frame[1] += 1
+            stack.append([kids[frame[1] - 1], 0, 0])
+            continue
+        stack.pop()
+        new_kids = out[frame[2] :]
+        del out[frame[2] :]
+        if any(a is not b for a, b in zip(new_kids, kids, strict=True)):
+            changed: Any = node  # a dataclass: every kind is one
+            node = replace(changed, children=pvector(new_kids)).summarize()
+        else:
+            node = node.summarize() if branch_fn is None else node
+        if branch_fn is not None:
+            node = branch_fn(node)
+        out.append(node)
+    return out[0]

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from pyrsistent import PVector, pvector
 
-from ablauf_lang.engine.kinds.base import STATE, T_BOOL, Branch, Next, Stored
+from ablauf_lang.engine.kinds.base import STATE, T_BOOL, Branch, Next, Stored, rebuild
 from ablauf_lang.engine.kinds.leaf import Leaf
 from ablauf_lang.engine.nodes import ALL, LeafState
 from ablauf_lang.errors import Span
@@ -112,25 +112,9 @@ class Deadline(Branch):
 
 def _uncut(root: Any) -> Any:
     """The subtree with the leaves a deadline cut (and failed ones) unset again."""
-    out: list[Any] = []
-    stack: list[list[Any]] = [[root, 0, 0]]
-    while stack:
-        frame = stack[-1]
-        node = frame[0]
-        if isinstance(node, Leaf):
-            stack.pop()
-            cut = node.result is LeafState.SKIPPED and node.error is not None
-            out.append(node.reset() if node.failed or cut else node)
-            continue
-        kids = node.children
-        if frame[1] == 0:
-            frame[2] = len(out)
-        if frame[1] < len(kids):
-            frame[1] += 1
-            stack.append([kids[frame[1] - 1], 0, 0])
-            continue
-        stack.pop()
-        new_kids = out[frame[2] :]
-        del out[frame[2] :]
-        out.append(replace(node, children=pvector(new_kids)).summarize())
-    return out[0]
+
+    def unset(leaf: Leaf) -> Leaf:
+        cut = leaf.result is LeafState.SKIPPED and leaf.error is not None
+        return leaf.reset() if leaf.failed or cut else leaf
+
+    return rebuild(root, unset)

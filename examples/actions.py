@@ -172,3 +172,41 @@ async def email_receipt(payload: dict[str, Any], context: dict[str, Any]) -> dic
         "to": order["customer"],
         "subject": f"Your order {order['order-id']}: {context['paid']:.2f} EUR",
     }
+
+
+# ---------------------------------------------------------------- approval.abl
+
+_ATTEMPTS: dict[str, int] = {}  # smoke tests so far, by service (this process)
+
+
+@action("build/compile")
+def compile_service(payload: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
+    """Build an artifact for the service's version."""
+    time.sleep(_delay(0.5))
+    service, version = payload["service"], payload["version"]
+    return {"artifact": f"{service}-{version}-{_token('build', service, version)}.tar.gz"}
+
+
+@action("test/smoke")
+def smoke_test(payload: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
+    """A flaky check: fails the first `fail-times` calls for a service, then passes."""
+    time.sleep(_delay(0.2))
+    service = payload["service"]
+    _ATTEMPTS[service] = _ATTEMPTS.get(service, 0) + 1
+    if _ATTEMPTS[service] <= int(payload.get("fail-times", 0)):
+        raise ConnectionError(
+            f"smoke test of {service}: connection reset (try {_ATTEMPTS[service]})"
+        )
+    return {"service": service, "passed": True, "tries": _ATTEMPTS[service]}
+
+
+@action("deploy/rollout")
+async def rollout(payload: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
+    """Roll the artifact out; says who approved it."""
+    await asyncio.sleep(_delay())
+    approval = context.get("approval") or {}
+    return {
+        "service": payload["service"],
+        "artifact": payload["artifact"],
+        "approved-by": approval.get("by"),
+    }

@@ -303,7 +303,14 @@ def test_completion() -> None:
     assert {"do!!", "dopar!!", "doseq!!"} <= set(completions("(do"))
     assert "log!!" in completions("(do!! (lo")
     assert completions("(action!! :gi") == [":git/create-repo"]
-    assert completions("(action!! :") == [":chat/post", ":git/create-repo", ":idempotent?"]
+    assert completions("(action!! :") == [
+        ":chat/post",
+        ":git/create-repo",
+        ":idempotent?",
+        ":retry",
+        ":timeout",
+        ":heartbeat",
+    ]
     assert completions(":s") == [":step", ":save"]
     assert completions(":ok ") == ["3", "14"]
     assert completions(":fail 1") == ["14"]

@@ -37,6 +37,8 @@ from ablauf_lang.repl.commands import COMMANDS, QuitRepl, find_command
 from ablauf_lang.repl.completer import AblaufCompleter
 from ablauf_lang.repl.stepper import ReplInterrupted, Stepper
 from ablauf_lang.repl.validator import AblaufValidator, is_command, is_incomplete
+from ablauf_lang.runners.clock import Clock
+from ablauf_lang.stdlib.durations import format_duration, format_instant
 from ablauf_lang.ui.highlight import AblaufLexer
 from ablauf_lang.ui.render import FULL_WIDTH, LeafCounts, format_value, job_tree, leaf_counts
 
@@ -93,8 +95,9 @@ class Repl:
         input: Input | None = None,
         output: Output | None = None,
         history: History | None = None,
+        clock: Clock | None = None,
     ) -> None:
-        self.stepper = Stepper(actions)
+        self.stepper = Stepper(actions, clock=clock)
         self.context = dict(context or {})
         self.console = console or Console(highlight=False)
         # Not a terminal (a transcript): values and lines in full, never cut.
@@ -113,7 +116,12 @@ class Repl:
                 message=[("class:prompt", PROMPT)],
                 lexer=PygmentsLexer(AblaufLexer),
                 completer=AblaufCompleter(
-                    self._command_names, self._action_names, self._waiting, self._defined_names
+                    self._command_names,
+                    self._action_names,
+                    self._waiting,
+                    self._defined_names,
+                    signals=self.stepper.awaited,
+                    wakes=self._wakes,
                 ),
                 complete_while_typing=False,
                 validator=AblaufValidator(frozenset(COMMANDS)),
@@ -289,8 +297,31 @@ class Repl:
         queued = len(self.stepper.current.queued)
         if queued:
             parts.append(("class:bottom-toolbar.dim", f"  · {queued} result(s) queued"))
+        wait = self.next_wait()
+        if wait:
+            parts.append(("class:bottom-toolbar.dim", "  · "))
+            parts.append(("class:bottom-toolbar.status-pending", wait))
         parts.append(("class:bottom-toolbar.dim", "  · F5 :step "))
         return parts
+
+    def next_wait(self) -> str | None:
+        """The toolbar's next wake-up: `sleeping until ... (in 30d)`, `next: approval
+        (until ...)`, `retrying t/x (attempt 2 at ...)`; None when the job waits for
+        nothing."""
+        found = self.stepper.waits()
+        if not found:
+            return None
+        wait, now = found[0], self.stepper.now()
+        when = "" if wait.until is None else format_instant(wait.until)
+        gap = "" if wait.until is None else f", in {format_duration(max(0.0, wait.until - now))}"
+        if wait.kind == "sleep":
+            text = f"sleeping until {when}{gap.replace(', ', ' (')}{')' if gap else ''}"
+        elif wait.kind == "signal":
+            text = f"next: {wait.name}" + (f" (until {when}{gap})" if when else "")
+        else:
+            text = f"retrying {wait.name} (attempt {wait.attempt} at {when}{gap})"
+        more = len(found) - 1
+        return text + (f" (+{more} more)" if more else "")
 
     # ------------------------------------------------------------ helpers
 
@@ -314,6 +345,15 @@ class Repl:
 
     def _action_names(self) -> list[str]:
         return list(self.stepper.actions)
+
+    def _wakes(self) -> list[tuple[str, str]]:
+        """Durations for `:advance`: the gap to each wait's time, with what it ends."""
+        now, out = self.stepper.now(), []
+        for wait in self.stepper.waits():
+            if wait.until is not None and wait.until > now:
+                gap = format_duration(wait.until - now).replace(" ", "")
+                out.append((gap, f"#{wait.node} {wait.kind} until {format_instant(wait.until)}"))
+        return out
 
     def _waiting(self) -> list[tuple[int, str]]:
         return [(leaf.id, leaf.action) for leaf in self.stepper.waiting()]

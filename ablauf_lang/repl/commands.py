@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 from rich.text import Text
 
 from ablauf_lang.errors import AblaufError
-from ablauf_lang.repl.stepper import ReplError, ReplInterrupted, StepReport
+from ablauf_lang.repl.stepper import ReplError, ReplInterrupted, StepReport, wait_text
+from ablauf_lang.stdlib.durations import format_duration, format_instant, parse_duration
 from ablauf_lang.ui.render import (
     changed_ids,
     dispatch_text,
@@ -27,7 +28,14 @@ from ablauf_lang.ui.render import (
 if TYPE_CHECKING:
     from ablauf_lang.repl.app import Repl
 
-__all__ = ["COMMANDS", "Command", "QuitRepl", "find_command", "parse_value"]
+__all__ = [
+    "COMMANDS",
+    "Command",
+    "QuitRepl",
+    "find_command",
+    "parse_signal_value",
+    "parse_value",
+]
 
 
 class QuitRepl(Exception):
@@ -97,17 +105,40 @@ def print_report(
         out.print(_result_line(result, _action_of(before, result.id), "by hand", limit))
     for dispatch, result in report.performed:
         out.print(_result_line(result, dispatch.action, "", limit))
+    for dispatch, result in report.woke:
+        out.print(_woke_line(dispatch, result, limit))
     for dispatch in report.dispatched:
         line = Text("  ")
         line.append(f"{'dispatch':<9}", style="yellow")
         line.append_text(dispatch_text(dispatch, limit))
         out.print(line)
-    if not (report.fed or report.performed or report.dispatched):
+    if not (report.fed or report.performed or report.dispatched or report.woke):
         out.print(Text("  nothing changed", style="dim"))
     if tree:
         out.print(repl.tree(report.after, changed_ids(before, report.after)))
     if finished:
         _print_finished(repl, report)
+
+
+def _woke_line(dispatch: Any, result: Any, limit: int) -> Text:
+    """A wait that ended: `woke #1 sleep!!`, `signal #2 await!! :approval → {...}`."""
+    payload = dispatch.payload if isinstance(dispatch.payload, dict) else {}
+    text = Text("  ")
+    if dispatch.action == "ablauf/sleep":
+        text.append(f"{'woke':<9}", style="green")
+        text.append(f"#{result.id} ", style="bold")
+        text.append("sleep!!", style="bold")
+        until = payload.get("until")
+        if isinstance(until, int | float):
+            text.append(f"  (slept until {format_instant(until)})", style="dim")
+        return text
+    ok = result.ok
+    text.append(f"{'signal' if ok else str(result.state):<9}", style="green" if ok else "bold red")
+    text.append(f"#{result.id} ", style="bold")
+    text.append(f"await!! :{payload.get('signal')}", style="bold")
+    value = result.output if ok else result.error
+    text.append(" → " + format_value(value, limit), style="green" if ok else "red")
+    return text
 
 
 def _print_finished(repl: Repl, report: StepReport) -> None:
@@ -145,6 +176,18 @@ def parse_value(text: str, default: Any) -> Any:
     except AblaufError:
         return text
     return to_data(forms[0]) if len(forms) == 1 else text
+
+
+def parse_signal_value(text: str) -> Any:
+    """A signal's value: JSON (`{"ok": true}`), else one ablauf form as data, else the
+    text; nothing is nil."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return parse_value(text, None)
 
 
 def _node_id(text: str, usage: str) -> tuple[int, str]:
@@ -195,6 +238,10 @@ def _run(repl: Repl, arg: str) -> None:
         repl.console.print(
             Text(f"job finished after {len(reports)} steps: ") + status_text(after.status)
         )
+    elif repl.stepper.waits():
+        repl.console.print(
+            Text(f"stopped after {len(reports)} steps: {repl.stepper.blocked()}", style="yellow")
+        )
     else:
         waiting = " ".join(f"#{leaf.id}" for leaf in repl.stepper.waiting())
         repl.console.print(
@@ -209,7 +256,12 @@ def _run(repl: Repl, arg: str) -> None:
 @command(":tree", "", "the job tree with ids and each node's status")
 def _tree(repl: Repl, arg: str) -> None:
     repl.console.print(repl.tree(repl.stepper.require_job()))
-    waiting = repl.stepper.waiting()
+    now = repl.stepper.now()
+    found = repl.stepper.waits()
+    for wait in found:
+        repl.console.print(Text(wait_text(wait, now), style="yellow"))
+    waited = {w.node for w in found}
+    waiting = [leaf for leaf in repl.stepper.waiting() if leaf.id not in waited]
     if waiting:
         ids = " ".join(f"#{leaf.id}" for leaf in waiting)
         repl.console.print(Text(f"waiting for results of {ids}", style="dim"))
@@ -218,6 +270,99 @@ def _tree(repl: Repl, arg: str) -> None:
         ids = " ".join(f"#{i}" for i in held)
         repl.console.print(
             Text(f"interrupted (held until :retry, :ok or :fail): {ids}", style="yellow")
+        )
+
+
+@command(":clock", "", "the REPL clock's time and what the job waits for (the next wake-up)")
+def _clock(repl: Repl, arg: str) -> None:
+    stepper = repl.stepper
+    now = stepper.now()
+    how = "live: the system's" if stepper.live else "stands still between steps: :advance moves it"
+    repl.console.print(Text(f"clock {format_instant(now)}  ({how})"))
+    found = stepper.waits()
+    if not found:
+        repl.console.print(Text("nothing waits for a time or a signal", style="dim"))
+    for wait in found:
+        repl.console.print(Text("  " + wait_text(wait, now), style="yellow"))
+    wake = stepper.next_wake()
+    if wake is not None:
+        gap = max(0.0, wake - now)
+        repl.console.print(
+            Text(f"next wake-up {format_instant(wake)} (in {format_duration(gap)})", style="dim")
+        )
+    _print_mailbox(repl)
+
+
+def _print_mailbox(repl: Repl) -> None:
+    for sig in repl.stepper.mailbox():
+        repl.console.print(
+            Text(
+                f"mailbox: signal {sig.name} #{sig.seq} → {format_value(sig.value)} "
+                "(the next await!! of that name takes it)",
+                style="dim",
+            )
+        )
+
+
+@command(":advance", "[DURATION]", "move the clock (10m, 1h30m, 2d; none: to the next wake-up)")
+def _advance(repl: Repl, arg: str) -> None:
+    stepper = repl.stepper
+    text = arg.strip()
+    if text:
+        try:
+            seconds = parse_duration(text)
+        except AblaufError as exc:
+            raise ReplError(f"{exc.message}; usage: :advance DURATION (10m, 1h30m, 2d)") from None
+        reports = stepper.advance(seconds)
+    else:
+        seconds, reports = stepper.advance_to_next()
+    repl.console.print(
+        Text(f"clock → {format_instant(stepper.now())} (+{format_duration(seconds)})", style="dim")
+    )
+    _print_deliveries(repl, reports)
+    if not reports:
+        job = stepper.job
+        note = (
+            "nothing was due"
+            if job is None or job.done
+            else f"nothing was due: {stepper.blocked()}"
+        )
+        repl.console.print(Text(note, style="dim"))
+
+
+def _print_deliveries(repl: Repl, reports: list[StepReport]) -> None:
+    if not reports:
+        return
+    start = reports[0].before
+    for report in reports:
+        print_report(repl, report, tree=False, finished=False)
+    after = reports[-1].after
+    repl.console.print(repl.tree(after, changed_ids(start, after)))
+    if after.done:
+        repl.console.print(Text("job finished: ") + status_text(after.status))
+
+
+@command(":signal", "NAME [VALUE]", "send a signal to the job (VALUE: ablauf data or JSON)")
+def _signal(repl: Repl, arg: str) -> None:
+    name, _, rest = arg.strip().partition(" ")
+    if not name:
+        if not repl.stepper.mailbox():
+            repl.console.print(
+                Text("usage: :signal NAME [VALUE]; the mailbox is empty", style="dim")
+            )
+        _print_mailbox(repl)
+        return
+    sent, reports = repl.stepper.signal(name, parse_signal_value(rest))
+    if reports:
+        repl.console.print(Text(f"signal {sent.name} #{sent.seq} sent", style="dim"))
+        _print_deliveries(repl, reports)
+    else:
+        repl.console.print(
+            Text(
+                f"signal {sent.name} #{sent.seq} → {format_value(sent.value)} kept in the "
+                f"mailbox: the next await!! :{sent.name} takes it",
+                style="dim",
+            )
         )
 
 

@@ -13,6 +13,7 @@ from ablauf_lang.names import (
     CONSTANTS,
     DECLARATIONS,
     LEAF_FORMS,
+    LEAF_OPTIONS,
     SPECIAL_FORMS,
     STRUCTURAL_FORMS,
 )
@@ -31,7 +32,7 @@ _SYMBOLS: tuple[tuple[str, str], ...] = (
     *((name, "constant") for name in CONSTANTS),
 )
 
-_LEAF_OPTIONS: tuple[str, ...] = (":idempotent?",)
+_LEAF_OPTIONS: tuple[str, ...] = tuple(":" + name for name in LEAF_OPTIONS)
 
 
 class AblaufCompleter(Completer):
@@ -39,6 +40,7 @@ class AblaufCompleter(Completer):
 
     - a `:word` at the start of the line: REPL commands;
     - after `:load ` / `:save `: file paths;  after `:ok ` / `:fail ` / `:retry `: waiting ids;
+    - after `:signal `: the signals awaited;  after `:advance `: the time to each wake-up;
     - a `:word` inside a form: registered action names (and leaf options);
     - any other word: names the session defined, forms, builtins and constants.
     """
@@ -49,11 +51,16 @@ class AblaufCompleter(Completer):
         actions: Callable[[], Iterable[str]],
         waiting: Callable[[], Iterable[tuple[int, str]]],
         defined: Callable[[], Iterable[str]] = lambda: (),
+        *,
+        signals: Callable[[], Iterable[str]] = lambda: (),
+        wakes: Callable[[], Iterable[tuple[str, str]]] = lambda: (),
     ) -> None:
         self.commands = commands  # (name, help) pairs
         self.actions = actions  # registered action names, without the colon
         self.waiting = waiting  # (node id, action) of leaves waiting for a result
         self.defined = defined  # names the session defined (def, defn, import)
+        self.signals = signals  # names of the signals the job's awaits wait for
+        self.wakes = wakes  # (duration text, what ends then) for `:advance`
         self.paths = PathCompleter(expanduser=True)
 
     def get_completions(
@@ -101,3 +108,13 @@ class AblaufCompleter(Completer):
                 text = str(node_id)
                 if text.startswith(typed.lstrip("#")):
                     yield Completion(text, -len(typed), display_meta=action)
+        elif name == ":signal" and " " not in rest.lstrip():
+            typed = rest.lstrip()
+            for signal in dict.fromkeys(self.signals()):
+                if signal.startswith(typed.lstrip(":")):
+                    yield Completion(signal, -len(typed), display_meta="awaited")
+        elif name == ":advance" and " " not in rest.lstrip():
+            typed = rest.lstrip()
+            for text, meta in self.wakes():
+                if text.startswith(typed):
+                    yield Completion(text, -len(typed), display_meta=meta)

@@ -1,7 +1,8 @@
 """The REPL's model: a job driven one restart at a time, with undo.
 
 Jobs are immutable values, so a snapshot is just the job plus what the REPL holds beside
-it (the dispatches in flight, results fed by hand); `:back` pops the previous snapshot.
+it (the dispatches in flight, results fed by hand, the signals sent, the clock's time);
+`:back` pops the previous snapshot.
 
 One step (`:step`): perform the dispatches in flight (auto mode only; in manual mode
 results come from `:ok` / `:fail`), then restart the job with every result at hand,
@@ -12,6 +13,14 @@ Ctrl-C while a step performs actions stops it at once: the results that arrived 
 is unknown, so no later step performs them again until the person says so (`:retry ID`)
 or gives their result (`:ok` / `:fail`). Their threads are abandoned (daemon threads: the
 REPL can always quit).
+
+Time is the REPL's own clock (a frozen `VirtualClock` that starts at the real time, unless
+the REPL is given another): it stands still between steps, moves by the time actions take
+while a step performs them, and jumps by `advance`. Every restart gets the clock's `now`,
+so sleeps, retries' waits and awaits' deadlines are times on that clock. Waits are not
+actions: a sleep ends once the clock reaches its wake-up, an await takes a signal from the
+session's mailbox (`signal`) or times out at its deadline, and a retry's next attempt is
+performed once its time has come.
 """
 
 from __future__ import annotations
@@ -26,21 +35,37 @@ from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import Any
 
+from ablauf_lang import values
 from ablauf_lang.api import Dispatch, Job, Result, restart_job
 from ablauf_lang.code import Expr
 from ablauf_lang.engine.kinds import Leaf, label_of
-from ablauf_lang.engine.nodes import LeafState
+from ablauf_lang.engine.nodes import LeafState, success, timeout
+from ablauf_lang.engine.waits import Wait, waits
 from ablauf_lang.errors import AblaufError
+from ablauf_lang.runners.clock import Clock, VirtualClock
 from ablauf_lang.runners.local import (
     DEFAULT_CONCURRENCY,
     ActionThreads,
+    Beat,
     keep_awake,
     perform,
     registry,
+    supervise,
 )
+from ablauf_lang.stdlib.actions import AWAIT, SLEEP, WAIT_ACTIONS
+from ablauf_lang.stdlib.durations import format_duration, format_instant
+from ablauf_lang.stores.base import signal_name
 from ablauf_lang.ui.render import BY_HAND
 
-__all__ = ["ReplError", "ReplInterrupted", "Snapshot", "StepReport", "Stepper"]
+__all__ = [
+    "ReplError",
+    "ReplInterrupted",
+    "Signal",
+    "Snapshot",
+    "StepReport",
+    "Stepper",
+    "wait_text",
+]
 
 # `:run` stops after this many restarts (a guard: every finite tree finishes far sooner).
 MAX_RUN_STEPS = 100_000
@@ -52,6 +77,17 @@ class ReplError(AblaufError):
 
 class ReplInterrupted(ReplError):
     """Ctrl-C stopped a step or a run; the message says what was kept and what is held."""
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """A signal sent with `:signal`: in the session's mailbox until an await takes it."""
+
+    seq: int  # 1, 2 ... in order of arrival
+    name: str
+    value: Any
+    sent_at: float  # the REPL clock's time
+    taken_by: int | None = None  # the await (node id) that took it
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +103,8 @@ class Snapshot:
     held: frozenset[int] = frozenset()  # interrupted in flight: never performed again unasked
     # action id -> when it really began (its duration counts from there), or BY_HAND.
     timing: Mapping[int, float | None] = field(default_factory=dict)
+    mailbox: tuple[Signal, ...] = ()  # the signals sent, taken or not, in order of arrival
+    now: float | None = None  # the clock's time in this snapshot (`:back` turns it back)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +116,7 @@ class StepReport:
     performed: tuple[tuple[Dispatch, Result], ...]  # actions run by this step
     fed: tuple[Result, ...]  # results given by hand (:ok / :fail)
     dispatched: tuple[Dispatch, ...]  # what the restart asked for next
+    woke: tuple[tuple[Dispatch, Result], ...] = ()  # waits that ended: sleeps, awaits
 
 
 class _StepInterrupted(Exception):
@@ -93,9 +132,11 @@ class Stepper:
         actions: Mapping[str, Callable[..., Any]] | None = None,
         *,
         concurrency: int = DEFAULT_CONCURRENCY,
+        clock: Clock | None = None,
     ) -> None:
         self.actions = registry(actions)
-        self.current = Snapshot()
+        self.clock: Clock = VirtualClock(frozen=True) if clock is None else clock
+        self.current = Snapshot(now=self.clock.now())
         self.history: list[Snapshot] = []
         self.manual = False
         self.concurrency = concurrency
@@ -114,6 +155,15 @@ class Stepper:
     def timing(self) -> Mapping[int, float | None]:
         """When each action performed here really began (BY_HAND: its result was fed)."""
         return self.current.timing
+
+    @property
+    def live(self) -> bool:
+        """True when the clock is the system's (it cannot be advanced)."""
+        return not self.clock.virtual
+
+    def now(self) -> float:
+        """The clock's time."""
+        return self.clock.now()
 
     def require_job(self) -> Job:
         """The current job; ReplError when there is none."""
@@ -134,11 +184,55 @@ class Stepper:
         """Ids of the actions a Ctrl-C interrupted, waiting for `:retry` or a result."""
         return sorted(self.current.held)
 
+    def waits(self) -> list[Wait]:
+        """What the unfinished job waits for (sleeps, signals, retries' waits), the
+        earliest wake-up first (signals without a deadline last)."""
+        job = self.current.job
+        if job is None or job.done:
+            return []
+        found = waits(job, self.now())
+        return sorted(found, key=lambda w: (w.until is None, w.until or 0.0))
+
+    def next_wake(self) -> float | None:
+        """The earliest time the job waits for (None: nothing, or only signals)."""
+        times = [w.until for w in self.waits() if w.until is not None]
+        return min(times) if times else None
+
+    def mailbox(self) -> list[Signal]:
+        """The signals sent in this session that no await has taken yet."""
+        return [s for s in self.current.mailbox if s.taken_by is None]
+
+    def awaited(self) -> list[str]:
+        """The names of the signals the job's awaits in flight wait for."""
+        return [w.name for w in self.waits() if w.kind == "signal" and w.name is not None]
+
+    def blocked(self) -> str:
+        """Why nothing can happen now, in words, with what the person can do."""
+        snap = self.current
+        now = self.now()
+        parts = [wait_text(w, now) for w in self.waits() if not _ready(w, now)]
+        if snap.held:
+            parts.append(
+                f"{_id_list(snap.held)} {'was' if len(snap.held) == 1 else 'were'} "
+                "interrupted (outcome unknown): give the result with :ok ID VALUE or "
+                ":fail ID ERROR, or :retry ID to perform it again"
+            )
+        waited = {w.node for w in self.waits()}
+        results = [
+            leaf for leaf in self.waiting() if leaf.id not in waited and leaf.id not in snap.held
+        ]
+        if results:
+            parts.append(
+                f"waiting for results of {_ids(results)} "
+                "(:ok ID VALUE or :fail ID ERROR, or :auto to perform them)"
+            )
+        return "; ".join(parts) or "nothing is in flight"
+
     # ------------------------------------------------------------ changing
 
     def _push(self, snapshot: Snapshot) -> None:
         self.history.append(self.current)
-        self.current = snapshot
+        self.current = replace(snapshot, now=self.clock.now())
 
     def start(self, job: Job, name: str | None = None) -> None:
         """Make `job` the current job (undoable)."""
@@ -146,11 +240,63 @@ class Stepper:
         self._push(Snapshot(job, name, inflight, ()))
 
     def back(self) -> Snapshot:
-        """Undo the last step (or load); return the snapshot now current."""
+        """Undo the last step (or load); return the snapshot now current. The clock goes
+        back to that snapshot's time too (a virtual clock)."""
         if not self.history:
             raise ReplError("nothing to undo")
         self.current = self.history.pop()
+        self._set_clock(self.current.now)
         return self.current
+
+    def _set_clock(self, when: float | None) -> None:
+        clock = self.clock
+        if when is None or not clock.virtual or not isinstance(clock, VirtualClock):
+            return
+        if when >= clock.now():
+            clock.advance_to(when)
+        else:
+            self.clock = VirtualClock(when, frozen=clock.frozen)
+
+    def advance(self, seconds: float) -> list[StepReport]:
+        """Move the clock forward by `seconds`, then deliver every timer now due."""
+        if self.live:
+            raise ReplError(
+                "the clock is the system's (a live session): it cannot be moved; "
+                "waits end at their real time"
+            )
+        self.clock.advance(seconds)
+        self.current = replace(self.current, now=self.clock.now())
+        return self.deliver()
+
+    def advance_to_next(self) -> tuple[float, list[StepReport]]:
+        """Move the clock to the next wake-up and deliver what is due: (seconds, steps)."""
+        wake = self.next_wake()
+        if wake is None:
+            raise ReplError(
+                "nothing waits for a time: usage :advance DURATION (10m, 1h30m, 2d, 45s)"
+            )
+        gap = max(0.0, wake - self.now())
+        return gap, self.advance(gap)
+
+    def signal(self, name: str, value: Any = None) -> tuple[Signal, list[StepReport]]:
+        """Put a signal in the session run's mailbox; deliver it at once to an await that
+        waits for it (as a step), else keep it for a later await."""
+        job = self.require_job()
+        if job.done:
+            raise ReplError(
+                f"the job already finished ({job.status}): signals are only delivered to "
+                "a job that waits (:back to step back, or enter a new form)"
+            )
+        try:
+            name = signal_name(name)
+            values.encode(value, "the signal's value")
+        except AblaufError as exc:
+            raise ReplError(exc.message) from None
+        snap = self.current
+        sent = Signal(len(snap.mailbox) + 1, name, value, self.now())
+        self.current = replace(snap, mailbox=(*snap.mailbox, sent))
+        reports = self.deliver() if name in self.awaited() else []
+        return sent, reports
 
     def feed(self, node_id: int, ok: bool, value: Any) -> Result:
         """Queue a result for pending leaf `node_id`; the next step applies it."""
@@ -167,7 +313,7 @@ class Stepper:
                 f"#{node_id} is not waiting for a result (it is {state}); "
                 f"waiting: {_ids(self.waiting()) or 'nothing'}"
             )
-        now = time.time()
+        now = self.now()
         result = (
             Result(node_id, leaf.attempt, LeafState.SUCCESS, value, None, now, now)
             if ok
@@ -201,37 +347,93 @@ class Stepper:
         with self._guard():
             return self._step()
 
-    def _step(self) -> StepReport:
+    def deliver(self) -> list[StepReport]:
+        """Steps that deliver only what the clock and the mailbox make due: sleeps that
+        end, awaits that take a signal or time out, retries' attempts whose time came
+        (auto mode). Other actions in flight wait for `:step`. Stops when nothing is due."""
+        reports: list[StepReport] = []
+        with self._guard():
+            while len(reports) < MAX_RUN_STEPS:
+                job = self.current.job
+                if job is None or job.done or self._stop:
+                    break
+                snap, now = self.current, self.now()
+                woke, _ = self._woken(snap, now)
+                if not woke and not self._todo(snap, now, waits_only=True):
+                    break
+                reports.append(self._step(waits_only=True))
+        return reports
+
+    def _woken(
+        self, snap: Snapshot, now: float
+    ) -> tuple[list[tuple[Dispatch, Result]], tuple[Signal, ...]]:
+        """The waits in flight that end at `now` (sleeps due, awaits that find their
+        signal or pass their deadline), and the mailbox with the signals they take."""
+        job = snap.job
+        out: list[tuple[Dispatch, Result]] = []
+        mailbox = list(snap.mailbox)
+        if job is None:
+            return out, snap.mailbox
+        answered = {r.id for r in snap.queued} | {d.id for d, _ in snap.finished}
+        for node, d in sorted(snap.inflight.items()):
+            if node in answered or node in snap.held or d.action not in WAIT_ACTIONS:
+                continue
+            if d.action == SLEEP:
+                if d.due is None or d.due <= now:
+                    out.append((d, success(d, None, started_at=now, finished_at=now)))
+                continue
+            payload = d.payload if isinstance(d.payload, dict) else {}
+            name = str(payload.get("signal"))
+            for i, sig in enumerate(mailbox):
+                if sig.name == name and sig.taken_by in (None, node):
+                    mailbox[i] = replace(sig, taken_by=node)
+                    out.append((d, success(d, sig.value, started_at=now, finished_at=now)))
+                    break
+            else:
+                until = payload.get("until")
+                if isinstance(until, int | float) and until <= now:
+                    error = f"timeout: no signal {name} {_within(job, node)}"
+                    out.append((d, timeout(d, error, started_at=now, finished_at=now)))
+        return out, tuple(mailbox)
+
+    def _todo(self, snap: Snapshot, now: float, *, waits_only: bool = False) -> list[Dispatch]:
+        """The actions a step performs now (auto mode): in flight, not answered, not
+        held, not waiting for their time; `waits_only`: just retries whose time came."""
+        if self.manual:
+            return []
+        answered = {r.id for r in snap.queued} | {d.id for d, _ in snap.finished}
+        return [
+            d
+            for i, d in snap.inflight.items()
+            if i not in answered
+            and i not in snap.held
+            and d.action not in WAIT_ACTIONS
+            and (d.due is None or d.due <= now)
+            and (not waits_only or d.due is not None)
+        ]
+
+    def _step(self, waits_only: bool = False) -> StepReport:
         snap = self.current
         job = self.require_job()
         if job.done:
             raise ReplError(
                 f"the job is done ({job.status}): :back to step back, or enter a new form"
             )
-        fed = snap.queued
-        answered = {r.id for r in fed} | {d.id for d, _ in snap.finished}
-        todo = [d for i, d in snap.inflight.items() if i not in answered and i not in snap.held]
-        performed: list[tuple[Dispatch, Result]] = list(snap.finished)
-        if todo and not self.manual:
+        now = self.now()
+        woke, mailbox = self._woken(snap, now)
+        fed = () if waits_only else snap.queued
+        todo = self._todo(snap, now, waits_only=waits_only)
+        performed: list[tuple[Dispatch, Result]] = [] if waits_only else list(snap.finished)
+        if todo:
             try:
                 results = self._perform(todo)
             except _StepInterrupted as stop:
                 self._interrupted(snap, todo, stop.results)
             performed.extend(zip(todo, results, strict=True))
-        results_in = [*fed, *(r for _, r in performed)]
+        results_in = [*fed, *(r for _, r in performed), *(r for _, r in woke)]
         if not results_in and job.restarts > 0 and not job.todo:
-            if snap.held:
-                raise ReplError(
-                    f"nothing to do: {_id_list(snap.held)} "
-                    f"{'was' if len(snap.held) == 1 else 'were'} interrupted (outcome "
-                    "unknown): give the result with :ok ID VALUE or :fail ID ERROR, or "
-                    ":retry ID to perform it again"
-                )
-            raise ReplError(
-                f"nothing to do: waiting for results of {_ids(self.waiting())} "
-                "(:ok ID VALUE or :fail ID ERROR, or :auto to perform them)"
-            )
-        new, dispatches = restart_job(job, results_in, time.time())
+            raise ReplError(f"nothing to do: {self.blocked()}")
+        new, dispatches = restart_job(job, results_in, self.now())
         # Leaves that got their result are no longer pending: they leave `inflight`.
         inflight = {i: d for i, d in snap.inflight.items() if _is_pending(new, i)}
         inflight.update((d.id, d) for d in dispatches)
@@ -241,8 +443,10 @@ class Stepper:
         for _, r in performed:
             timing[r.id] = r.started_at
         held = frozenset(i for i in snap.held if i in inflight)
-        self._push(Snapshot(new, snap.name, inflight, (), (), held, timing))
-        return StepReport(job, new, tuple(performed), fed, tuple(dispatches))
+        queued = snap.queued if waits_only else ()
+        finished = snap.finished if waits_only else ()
+        self._push(Snapshot(new, snap.name, inflight, queued, finished, held, timing, mailbox))
+        return StepReport(job, new, tuple(performed), fed, tuple(dispatches), tuple(woke))
 
     def _interrupted(
         self, snap: Snapshot, todo: list[Dispatch], results: dict[int, Result]
@@ -250,7 +454,12 @@ class Stepper:
         """Keep what finished, hold what was in flight, and say so (raises)."""
         done = tuple((d, results[d.id]) for d in todo if d.id in results)
         lost = frozenset(d.id for d in todo if d.id not in results)
-        self.current = replace(snap, finished=(*snap.finished, *done), held=snap.held | lost)
+        self.current = replace(
+            snap,
+            finished=(*snap.finished, *done),
+            held=snap.held | lost,
+            now=self.clock.now(),
+        )
         parts = []
         if done:
             kept = _id_list(d.id for d, _ in done)
@@ -265,7 +474,8 @@ class Stepper:
         raise ReplInterrupted("interrupted: " + "; ".join(parts or ["nothing was lost"]))
 
     def run(self, on_step: Callable[[StepReport], None] | None = None) -> list[StepReport]:
-        """Step until the job is done (or, in manual mode, waits for results by hand)."""
+        """Step until the job is done, or nothing can happen now: it waits for results by
+        hand (manual mode), for interrupted actions, for a signal or for the clock."""
         reports: list[StepReport] = []
         job = self.require_job()
         if job.done:
@@ -279,13 +489,15 @@ class Stepper:
                 job = self.require_job()
                 if job.done:
                     break
-                snap = self.current
+                snap, now = self.current, self.now()
                 waiting_only = not snap.queued and not snap.finished and not job.todo
-                if job.restarts > 0 and waiting_only:
-                    if self.manual:
-                        break
-                    if set(snap.inflight) <= snap.held:
-                        break  # only interrupted actions are left: the person decides
+                if (
+                    job.restarts > 0
+                    and waiting_only
+                    and not self._woken(snap, now)[0]
+                    and not self._todo(snap, now)
+                ):
+                    break  # the person decides, or the clock or a signal has to come
                 report = self._step()
                 reports.append(report)
                 if on_step is not None:
@@ -316,14 +528,23 @@ class Stepper:
             self._guarded, self._stop = False, False
 
     def _perform(self, dispatches: Sequence[Dispatch]) -> list[Result]:
-        """Perform dispatches at the same time (sync actions in daemon threads); never
-        raises for an action's error. Ctrl-C: _StepInterrupted with what finished."""
+        """Perform dispatches at the same time (sync actions in daemon threads), each
+        within its `:timeout` and `:heartbeat`; never raises for an action's error.
+        Ctrl-C: _StepInterrupted with what finished.
+
+        On a virtual clock the results' times are the clock's (the real durations kept),
+        and a frozen clock moves on by the time the actions took."""
         actions = self.actions
         results: dict[int, Result] = {}
         threads = ActionThreads(self.concurrency)
 
         async def one(d: Dispatch) -> None:
-            results[d.id] = await perform(d, actions.get(d.action), False, threads=threads)
+            beat = Beat() if d.heartbeat is not None else None
+            work = perform(d, actions.get(d.action), False, threads=threads, beat=beat)
+            if d.timeout is None and beat is None:
+                results[d.id] = await work
+            else:
+                results[d.id] = await supervise(d, work, beat)
 
         async def all_of() -> None:
             ticker = asyncio.ensure_future(keep_awake())  # lets a Ctrl-C handler run promptly
@@ -340,6 +561,7 @@ class Stepper:
                 loop.call_soon_threadsafe(main.cancel)
 
         self._on_interrupt = cancel
+        began, real = self.clock.now(), time.time()
         try:
             if self._stop:
                 main.cancel()
@@ -354,17 +576,82 @@ class Stepper:
                 loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
             loop.close()
             threads.close()
+            self._clock_times(results, began, real)
         if len(results) < len(dispatches) or self._stop:
             raise _StepInterrupted(results)
         return [results[d.id] for d in dispatches]
 
+    def _clock_times(self, results: dict[int, Result], began: float, real: float) -> None:
+        """Put the results' real times on the virtual clock; move a frozen clock on."""
+        if not self.clock.virtual:
+            return
+        shift = began - real
+
+        def moved(t: float | None) -> float | None:
+            return None if t is None else t + shift
+
+        for node, r in results.items():
+            results[node] = replace(
+                r, started_at=moved(r.started_at), finished_at=moved(r.finished_at)
+            )
+        if getattr(self.clock, "frozen", False):
+            self.clock.advance(max(0.0, time.time() - real))
+
     @staticmethod
     def _redispatch(job: Job, leaf: Leaf) -> Dispatch:
-        """A dispatch for a leaf already pending (a job loaded from a snapshot)."""
-        payload = leaf.payload
+        """A dispatch for a leaf already pending (a job loaded from a snapshot): a wait
+        keeps the payload and the time it was dispatched with."""
+        payload = leaf.sent if leaf.action in WAIT_ACTIONS else leaf.payload
+        if payload is None:
+            payload = leaf.payload
         if isinstance(payload, Expr):
             payload = payload.evaluate(job.context)
-        return Dispatch(leaf.id, leaf.action, payload, leaf.idempotent, leaf.attempt, job.context)
+        due = None if leaf.action == AWAIT else leaf.wake
+        return Dispatch(
+            leaf.id,
+            leaf.action,
+            payload,
+            leaf.idempotent,
+            leaf.attempt,
+            job.context,
+            due,
+            leaf.timeout,
+            leaf.heartbeat,
+        )
+
+
+def wait_text(wait: Wait, now: float) -> str:
+    """A wait for people, with what ends it: `#1 sleeps until ... (in 30d): :advance 30d`,
+    `#2 waits for the signal approval (until ..., in 1d): :signal approval VALUE`."""
+    when = "" if wait.until is None else format_instant(wait.until)
+    gap = None if wait.until is None else wait.until - now
+    if gap is None:
+        left = ""
+    elif gap <= 0:
+        left = "due now"
+    else:
+        left = f"in {format_duration(gap)}"
+    hint = f": :advance {format_duration(gap).replace(' ', '')}" if gap and gap > 0 else ""
+    if wait.kind == "sleep":
+        return f"#{wait.node} sleeps until {when} ({left}){hint}"
+    if wait.kind == "signal":
+        until = f" (until {when}, {left})" if when else ""
+        return f"#{wait.node} waits for the signal {wait.name}{until}: :signal {wait.name} VALUE"
+    return f"#{wait.node} {wait.name} retries at {when} (attempt {wait.attempt}, {left}){hint}"
+
+
+def _ready(wait: Wait, now: float) -> bool:
+    return wait.kind != "signal" and wait.until is not None and wait.until <= now
+
+
+def _within(job: Job, node: int) -> str:
+    """`within 24h` for an await with a literal timeout, else `arrived in time`."""
+    leaf = job.node(node)
+    payload = leaf.payload if isinstance(leaf, Leaf) and isinstance(leaf.payload, dict) else {}
+    limit = payload.get("timeout")
+    if isinstance(limit, int | float) and not isinstance(limit, bool):
+        return f"within {format_duration(float(limit))}"
+    return "arrived in time"
 
 
 def _is_pending(job: Job, node_id: int) -> bool:

@@ -156,8 +156,11 @@ def node_text(
             text.append(" → " + format_value(node.error, width), style="red")
     else:
         # Attempts and duration first: a long output may be cut at the terminal's edge.
-        if node.attempt > 1:
-            text.append(f" attempt {node.attempt}", style="dim")
+        policy = getattr(node, "retry", None)
+        most = policy.get("max") if isinstance(policy, dict) else None
+        if node.attempt > 1 or (most is not None and node.attempt >= 1):
+            of = f" of {most}" if most is not None else ""
+            text.append(f" attempt {node.attempt}{of}", style="dim")
         began = _began(node, timing)
         if began is _HAND:
             if node.done:

@@ -29,7 +29,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ablauf_lang
-from ablauf_lang import values
+from ablauf_lang import VirtualClock, values
 from ablauf_lang.codec import job as serde
 from ablauf_lang.engine.job import Job
 from ablauf_lang.engine.kinds import Node
@@ -166,7 +166,16 @@ def exercise(source: str, filename: str | None, *, run: bool = True, store: Any 
     if not run or _size(root) > 400:
         return
     try:
-        result = ablauf_lang.eval(root, actions=ACTIONS, context=dict(CONTEXT), store=store)
+        # A mutated program may wait (a long sleep, an await no one signals): on a virtual
+        # clock within a week-long deadline, every wait ends at once.
+        result = ablauf_lang.eval(
+            root,
+            actions=ACTIONS,
+            context=dict(CONTEXT),
+            store=store,
+            clock=VirtualClock(frozen=True),
+            timeout=7 * 86400,
+        )
     except AblaufError as exc:
         _check_error(exc)
         return

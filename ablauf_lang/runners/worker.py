@@ -231,6 +231,7 @@ def wait(run_id: str, store_url: str, timeout: float | None = None) -> Run:
                     listener = None
                     time.sleep(min(left, 0.2))
                     continue
+                continue  # listening now: look again (it may have finished meanwhile)
             try:
                 for payload in postgres.notifications(listener, store.url, left):
                     if payload == run_id:

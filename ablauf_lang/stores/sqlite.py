@@ -285,7 +285,7 @@ class SqliteStore(SqlStore):
                 where, timeout=self.timeout, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open store {where}: {exc}") from None
+            raise StoreError(f"cannot open store {where}: {' '.join(str(exc).split())}") from None
         conn.text_factory = decode_text  # text that is not UTF-8 is damage, said per run
         deadline = time.monotonic() + self.timeout
         while True:
@@ -371,7 +371,7 @@ class SqliteStore(SqlStore):
         """One line saying what went wrong with the file (never a driver traceback)."""
         if isinstance(exc, UnicodeDecodeError):  # SQLite's own message held damaged bytes
             return Damaged(f"store {self.path} is damaged: SQLite reports damage it cannot name")
-        text = str(exc)
+        text = " ".join(str(exc).split())  # one line: SQLite may quote a schema statement
         low = text.lower()
         if "locked" in low or "busy" in low:
             return StoreError(

@@ -132,3 +132,14 @@ def test_api_eval_detach_needs_nothing_else_to_wake_later(tmp_path: Path) -> Non
         assert store.next_wake() == pytest.approx(time.time() + 3 * 86400, abs=5)
         assert store.due_runs(time.time()) == []
         assert store.due_runs(time.time() + 3 * 86400 + 1) == [run.run_id]
+
+
+def test_repl_live_uses_the_real_clock() -> None:
+    script = "(do!! (sleep!! 0) (log!! :woke))\n:step\n:step\n:step\n:clock\n:advance 1m\n"
+    done = subprocess.run(
+        [*ABLAUF, "repl", "--live"], input=script, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "job finished: success" in done.stdout
+    assert "live: the system's" in done.stdout
+    assert "cannot be moved" in done.stdout + done.stderr

@@ -231,21 +231,29 @@ def check(files: tuple[str, ...], actions: str | None, tree: bool, as_json: bool
 @click.argument("file", required=False, metavar="[FILE.abl]")
 @actions_option
 @context_option
-def repl(file: str | None, actions: str | None, context: str | None) -> None:
+@click.option(
+    "--live",
+    is_flag=True,
+    help="Waits use the real clock (default: a clock that moves only by :advance).",
+)
+def repl(file: str | None, actions: str | None, context: str | None, live: bool) -> None:
     """Step through workflows interactively (see :help inside).
 
     Enter a workflow form (or load FILE.abl) and step through it with :step, feed results
     by hand with :manual, :ok and :fail, undo with :back. A plain expression such as
-    (+ 1 2) or (ctx :k) prints its value.
+    (+ 1 2) or (ctx :k) prints its value. Waits: :clock, :advance 10m, :signal NAME VALUE.
     """
     from ablauf_lang import api
     from ablauf_lang.repl.app import Repl
+    from ablauf_lang.runners.clock import SYSTEM
 
     registry = api.load_actions(actions)
     ctx = parse_context(context)
     if file is not None:
         read_source(file)  # a missing file is a usage error before the session starts
-    app = Repl(actions=registry, context=ctx, console=stdout_console())
+    app = Repl(
+        actions=registry, context=ctx, console=stdout_console(), clock=SYSTEM if live else None
+    )
     if file is not None:
         app.handle(f":load {file}")
     if sys.stdin.isatty():

@@ -259,7 +259,7 @@ def _tree(repl: Repl, arg: str) -> None:
     now = repl.stepper.now()
     found = repl.stepper.waits()
     for wait in found:
-        repl.console.print(Text(wait_text(wait, now), style="yellow"))
+        repl.console.print(Text(wait_text(wait, now, repl.stepper.live), style="yellow"))
     waited = {w.node for w in found}
     waiting = [leaf for leaf in repl.stepper.waiting() if leaf.id not in waited]
     if waiting:
@@ -283,7 +283,7 @@ def _clock(repl: Repl, arg: str) -> None:
     if not found:
         repl.console.print(Text("nothing waits for a time or a signal", style="dim"))
     for wait in found:
-        repl.console.print(Text("  " + wait_text(wait, now), style="yellow"))
+        repl.console.print(Text("  " + wait_text(wait, now, stepper.live), style="yellow"))
     wake = stepper.next_wake()
     if wake is not None:
         gap = max(0.0, wake - now)

@@ -210,7 +210,7 @@ class Stepper:
         """Why nothing can happen now, in words, with what the person can do."""
         snap = self.current
         now = self.now()
-        parts = [wait_text(w, now) for w in self.waits() if not _ready(w, now)]
+        parts = [wait_text(w, now, self.live) for w in self.waits() if not _ready(w, now)]
         if snap.held:
             parts.append(
                 f"{_id_list(snap.held)} {'was' if len(snap.held) == 1 else 'were'} "
@@ -620,7 +620,7 @@ class Stepper:
         )
 
 
-def wait_text(wait: Wait, now: float) -> str:
+def wait_text(wait: Wait, now: float, live: bool = False) -> str:
     """A wait for people, with what ends it: `#1 sleeps until ... (in 30d): :advance 30d`,
     `#2 waits for the signal approval (until ..., in 1d): :signal approval VALUE`."""
     when = "" if wait.until is None else format_instant(wait.until)
@@ -631,7 +631,10 @@ def wait_text(wait: Wait, now: float) -> str:
         left = "due now"
     else:
         left = f"in {format_duration(gap)}"
-    hint = f": :advance {format_duration(gap).replace(' ', '')}" if gap and gap > 0 else ""
+    if live:  # the real clock: nothing to move, a :step after that time ends it
+        hint = ": :step once it is due" if gap and gap > 0 else ""
+    else:
+        hint = f": :advance {format_duration(gap).replace(' ', '')}" if gap and gap > 0 else ""
     if wait.kind == "sleep":
         return f"#{wait.node} sleeps until {when} ({left}){hint}"
     if wait.kind == "signal":

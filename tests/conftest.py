@@ -6,8 +6,9 @@ import os
 
 from hypothesis import HealthCheck, settings
 
-# A throwaway PostgreSQL server (`pg_server`, `pg_url`) and a real terminal (`tmux`).
-pytest_plugins = ["tests.pg", "tests.terminal"]
+# A throwaway PostgreSQL server (`pg_server`, `pg_url`), a Kafka-protocol broker
+# (`kafka_broker`, `kafka_bootstrap`) and a real terminal (`tmux`).
+pytest_plugins = ["tests.pg", "tests.kafka", "tests.terminal"]
 
 settings.register_profile(
     "ci",

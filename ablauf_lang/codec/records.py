@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from ablauf_lang.codec.delta import dumps_text as _dumps
-from ablauf_lang.engine.nodes import LeafState, Result
+from ablauf_lang.engine.nodes import Dispatch, LeafState, Result
 from ablauf_lang.errors import AblaufError
 from ablauf_lang.values import decode as decode_value
 from ablauf_lang.values import encode as encode_value
@@ -52,3 +52,129 @@ def value_text(value: Any) -> str:
 def text_value(text: str) -> Any:
     """Invert `value_text`."""
     return decode_value(json.loads(text))
+
+
+# ---------------------------------------------------------------- messages between processes
+# What a runner on a message broker sends (issue 14's Kafka topics): a dispatch to perform,
+# and a result to apply, each with its run id, as versioned JSON (never pickle). Decoding is
+# strict: anything that is not what `encode_*_message` wrote is a `MessageError` naming the
+# problem, so a consumer can set a malformed message aside with one log line.
+
+MESSAGE_VERSION = 1
+
+
+class MessageError(AblaufError):
+    """A message that is not one this codec wrote (or a newer version of it)."""
+
+
+def encode_dispatch_message(run_id: str, dispatch: Dispatch) -> bytes:
+    """A dispatch as a message: run id, node, attempt, action, payload, context, limits."""
+    data = {
+        "v": MESSAGE_VERSION,
+        "type": "dispatch",
+        "run_id": run_id,
+        "id": dispatch.id,
+        "attempt": dispatch.attempt,
+        "action": dispatch.action,
+        "idempotent": dispatch.idempotent,
+        "payload": encode_value(dispatch.payload, "the payload"),
+        "context": encode_value(dispatch.context, "the context"),
+        "due": dispatch.due,
+        "timeout": dispatch.timeout,
+        "heartbeat": dispatch.heartbeat,
+    }
+    return _dumps(data).encode()
+
+
+def encode_result_message(run_id: str, result: Result) -> bytes:
+    """A result as a message (an output JSON cannot hold becomes a failure, as stored)."""
+    data = json.loads(encode_result(result))
+    data.update(v=MESSAGE_VERSION, type="result", run_id=run_id)
+    return _dumps(data).encode()
+
+
+def _message(raw: bytes | str, kind: str) -> dict[str, Any]:
+    try:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        data = json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise MessageError(f"not a {kind} message: not JSON text ({exc})") from None
+    if not isinstance(data, dict):
+        raise MessageError(f"not a {kind} message: not a JSON object")
+    version = data.get("v")
+    if version != MESSAGE_VERSION:
+        raise MessageError(f"not a {kind} message of version {MESSAGE_VERSION}: v={version!r:.20}")
+    if data.get("type") != kind:
+        raise MessageError(f"not a {kind} message: type {data.get('type')!r:.40}")
+    if not isinstance(data.get("run_id"), str) or not data["run_id"]:
+        raise MessageError(f"{kind} message without a run id")
+    return data
+
+
+def _int(data: dict[str, Any], key: str, kind: str, least: int) -> int:
+    value = data.get(key)
+    if type(value) is not int or value < least:
+        raise MessageError(f"{kind} message with a bad {key}: {value!r:.40}")
+    return value
+
+
+def _time(data: dict[str, Any], key: str, kind: str) -> float | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise MessageError(f"{kind} message with a bad {key}: {value!r:.40}")
+    return float(value)
+
+
+def _value(data: dict[str, Any], key: str, kind: str) -> Any:
+    try:
+        return decode_value(data.get(key))
+    except (AblaufError, ValueError, TypeError, RecursionError) as exc:
+        raise MessageError(f"{kind} message with a bad {key}: {exc}") from None
+
+
+def decode_dispatch_message(raw: bytes | str) -> tuple[str, Dispatch]:
+    """(run id, dispatch) of a message `encode_dispatch_message` wrote; MessageError else."""
+    kind = "dispatch"
+    data = _message(raw, kind)
+    action = data.get("action")
+    if not isinstance(action, str) or not action:
+        raise MessageError(f"{kind} message without an action")
+    if not isinstance(data.get("idempotent"), bool):
+        raise MessageError(f"{kind} message with a bad idempotent flag")
+    dispatch = Dispatch(
+        _int(data, "id", kind, 0),
+        action,
+        _value(data, "payload", kind),
+        data["idempotent"],
+        _int(data, "attempt", kind, 1),
+        _value(data, "context", kind),
+        _time(data, "due", kind),
+        _time(data, "timeout", kind),
+        _time(data, "heartbeat", kind),
+    )
+    return data["run_id"], dispatch
+
+
+_RESULT_STATES = {str(s): s for s in (LeafState.SUCCESS, LeafState.FAILURE, LeafState.TIMEOUT)}
+
+
+def decode_result_message(raw: bytes | str) -> tuple[str, Result]:
+    """(run id, result) of a message `encode_result_message` wrote; MessageError else."""
+    kind = "result"
+    data = _message(raw, kind)
+    state = _RESULT_STATES.get(str(data.get("state")))
+    if state is None:
+        raise MessageError(f"{kind} message with a bad state: {data.get('state')!r:.40}")
+    attempt = None if data.get("attempt") is None else _int(data, "attempt", kind, 1)
+    result = Result(
+        _int(data, "id", kind, 0),
+        attempt,
+        state,
+        _value(data, "output", kind),
+        _value(data, "error", kind),
+        _time(data, "started_at", kind),
+        _time(data, "finished_at", kind),
+    )
+    return data["run_id"], result

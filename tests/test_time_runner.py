@@ -350,3 +350,31 @@ def test_random_timed_programs_survive_a_crash_at_any_restart(
         for leaf in final.leaves():
             if leaf.action == "t/flaky":  # not idempotent: at most one call per attempt
                 assert calls.get(leaf.payload, 0) <= leaf.attempt
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "memory", "postgres"])
+def test_a_worker_that_starts_wakes_a_signal_taken_but_not_recorded(
+    tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
+    """A process that died after taking a signal and before recording the await's result
+    leaves the signal taken by the await, which still waits (nothing unconsumed: no round
+    finds it): the one-host worker finds such runs when it starts, and the await gets the
+    same signal again."""
+    urls = {"sqlite": f"sqlite:///{tmp_path / 'runs.db'}", "memory": "memory:"}
+    url = urls[kind] if kind in urls else request.getfixturevalue("pg_url")
+    store = open_store(url)
+    try:
+        run = ablauf_lang.eval("(with-augment [[] [:got]] (await!! :go))", store=store, detach=True)
+        (leaf,) = run.job.leaves()
+        ablauf_lang.signal(run.run_id, "go", "first", store=store)
+        assert store.take_signal(run.run_id, "go", leaf.id) == (1, "first")  # then "died"
+        assert store.due_runs(time.time()) == []
+        assert store.taken_unrecorded() == [run.run_id]
+        assert asyncio.run(Sleeper(store).recover()) == 1
+        final = store.load(run.run_id).job
+        assert final.status == "success"
+        assert final.context["got"] == "first"
+        assert store.taken_unrecorded() == []
+        assert [s["consumed_by"] for s in store.signals(run.run_id)] == [leaf.id]
+    finally:
+        store.close()

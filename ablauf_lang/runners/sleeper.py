@@ -116,8 +116,20 @@ class Sleeper:
         left = wake - self.clock.now()
         return self.poll if left <= 0 else min(self.poll, left)
 
+    async def recover(self) -> int:
+        """Wake the runs whose await took a signal that was never recorded (a worker that
+        died between the two): the await gets the same signal again. Asked once, at start."""
+        count = 0
+        for run_id in self.store.taken_unrecorded():
+            try:
+                count += await self.wake(run_id)
+            except AblaufError as exc:
+                log.error("run %s: %s", run_id, exc)
+        return count
+
     async def serve(self, stop: threading.Event) -> None:
-        """Rounds until `stop` is set."""
+        """Rounds until `stop` is set (after waking what a crash left half delivered)."""
+        await self.recover()
         while not stop.is_set():
             if await self.round() == 0:
                 await asyncio.get_running_loop().run_in_executor(None, stop.wait, self.pause())

@@ -369,6 +369,12 @@ class JobStore(Protocol):
         that is in their mailbox (at most `limit`, the longest due first)."""
         ...
 
+    def taken_unrecorded(self) -> list[str]:
+        """Pending runs with an await that took a signal from the mailbox but whose result
+        was never recorded (the process died between the two): a worker wakes them when
+        it starts, and the await gets the same signal again."""
+        ...
+
     def next_wake(self) -> float | None:
         """The earliest time any run waits for (a wake-up, a deadline, a retry), or None."""
         ...

@@ -290,6 +290,17 @@ class MemoryStore:
                 due.append((min(times), run_id))
         return [run_id for _, run_id in sorted(due)[:limit]]
 
+    def taken_unrecorded(self) -> list[str]:
+        """Pending runs whose await took a signal but never recorded it."""
+        out = []
+        for run_id, run in self._runs.items():
+            if run.job.status is not Status.PENDING:
+                continue
+            nodes = {w.node for w in waits(run.job) if w.kind == "signal"}
+            if any(s["consumed_by"] in nodes for s in self._signals.get(run_id, ())):
+                out.append(run_id)
+        return sorted(out)
+
     def next_wake(self) -> float | None:
         """The earliest time any run waits for, or None."""
         times = [

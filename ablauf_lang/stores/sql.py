@@ -1146,6 +1146,14 @@ class SqlStore:
             return [str(row[0]) for row in cur.fetchall()]
 
     @_reads
+    def taken_unrecorded(self) -> list[str]:
+        """Pending runs whose await took a signal but never recorded it (see
+        `JobStore.taken_unrecorded`)."""
+        with self._read() as cur:
+            cur.execute(self._q(Q["taken_unrecorded"]))
+            return [str(row[0]) for row in cur.fetchall()]
+
+    @_reads
     def next_wake(self) -> float | None:
         """The earliest time any run waits for (see `JobStore.next_wake`)."""
         with self._read() as cur:

@@ -181,6 +181,12 @@ SELECT r.run_id FROM (SELECT w.run AS run, w.until AS due FROM waits w WHERE w.u
 -- name: next_wake
 SELECT min(until) FROM waits WHERE until IS NOT NULL
 
+-- name: taken_unrecorded
+-- Pending runs with an await that took a signal whose result was never recorded (the
+-- process died between the two): the await still waits and the signal is marked taken by
+-- it. One walk over the waits for signals: a worker asks once, when it starts.
+SELECT DISTINCT r.run_id FROM waits w JOIN signals s ON s.run = w.run AND s.consumed_by = w.node JOIN runs r ON r.id = w.run WHERE w.kind = 'signal' AND r.status = 'pending' ORDER BY r.run_id
+
 -- name: delete_signals_in
 DELETE FROM signals WHERE run IN ({marks})
 

@@ -414,7 +414,9 @@ def test_results_arriving_together_are_one_commit(tmp_path: Path) -> None:
         before = store.commits
         final = asyncio.run(LocalRunner({"t/act": act}, store=store, run_id=run_id).run(job))
         assert final.status is Status.SUCCESS
-        assert store.commits - before < n / 10
+        # Batched: about n / 32 commits (the concurrency), at times up to 3x that on a busy
+        # machine; one commit per result would be n.
+        assert store.commits - before < n / 5
 
 
 # ---------------------------------------------------------------- listing

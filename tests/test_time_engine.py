@@ -64,13 +64,15 @@ def test_resume_keeps_a_sleeps_recorded_wake_time() -> None:
     resumed = prepare_replay(job, now=2000.0)
     resumed, (again,) = restart_job(resumed, [], 2000.0)
     assert again.due == 3700.0
-    assert again.attempt == d.attempt + 1
-    # The old attempt's late wake-up is ignored; the new one ends the sleep.
-    same, none = restart_job(resumed, [success(d)], 3700.0)
-    assert none == []
-    assert same.inflight == 1
-    done, _ = restart_job(resumed, [success(again)], 3700.0)
+    # A wait that never began keeps its attempt number: a hand-over uses nothing up, and
+    # either wake-up (the old timer's or the new one's) ends the sleep, once.
+    assert again.attempt == d.attempt
+    done, ds = restart_job(resumed, [success(d)], 3700.0)
     assert done.node(1).result is LeafState.SUCCESS
+    assert [x.action for x in ds] == ["action/log"]
+    twice, none = restart_job(done, [success(again)], 3700.0)
+    assert none == []
+    assert twice.node(1) == done.node(1)
 
 
 def test_retry_waits_grow_by_backoff_up_to_max_delay() -> None:

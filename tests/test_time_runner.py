@@ -378,3 +378,39 @@ def test_a_worker_that_starts_wakes_a_signal_taken_but_not_recorded(
         assert [s["consumed_by"] for s in store.signals(run.run_id)] == [leaf.id]
     finally:
         store.close()
+
+
+def test_detach_keeps_a_non_idempotent_retry_and_hands_over_an_idempotent_one(
+    tmp_path: Path,
+) -> None:
+    """A run is handed over only as it can be taken over: a retry's next attempt of an
+    action that is not idempotent is performed by the process that scheduled it (a later
+    taker could not tell it from an attempt begun before a crash: it would be
+    `interrupted`); an idempotent one is handed over in its wait and finished by the
+    worker."""
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    calls: list[int] = []
+
+    def flaky(payload: Any, context: Any) -> str:
+        calls.append(payload)
+        if calls.count(payload) == 1:
+            raise ConnectionError("once")
+        return "ok"
+
+    clock = VirtualClock(start=0.0, frozen=True)
+    for head, payload in (("action!!", 1), ("idempotent-action!!", 2)):
+        src = f"(do!! ({head} :t/flaky {payload} {{:retry {{:max 3 :delay 60}}}}) (await!! :go))"
+        run = ablauf_lang.eval(src, {"t/flaky": flaky}, store=url, detach=True, clock=clock)
+        assert run.status == "pending"
+        (wait,) = waits(run.job)
+        assert wait.kind == ("signal" if payload == 1 else "retry")
+        with open_store(url) as store:
+            if payload == 2:
+                clock.advance(60)
+                assert asyncio.run(Sleeper(store, {"t/flaky": flaky}, clock=clock).round()) == 1
+            ablauf_lang.signal(run.run_id, "go", store=store)
+            asyncio.run(Sleeper(store, {"t/flaky": flaky}, clock=clock).round())
+            final = store.load(run.run_id).job
+        assert final.status == "success"
+        assert final.node(1).attempts[0]["error"] == "ConnectionError: once"
+    assert calls == [1, 1, 2, 2]  # nothing ran twice, nothing was called interrupted

@@ -378,10 +378,15 @@ class Step:
             self.root = zipper.root(zipper.replace(loc, self.start_leaf(leaf)))
             self.mark_dirty(ids, path)
 
-    def hand_back(self, leaf: Leaf) -> None:
-        """Make a leaf in flight unset again, for the next restart to dispatch it anew."""
+    def hand_back(self, leaf: Leaf, *, same_attempt: bool = False) -> None:
+        """Make a leaf in flight unset again, for the next restart to dispatch it anew: as a
+        new attempt, or (`same_attempt`: an attempt that never began, a wait) as the same
+        one, so a hand-over does not use up a retry policy's attempts."""
         loc, _, _ = self.locate(leaf.id)
-        self.root = zipper.root(zipper.replace(loc, leaf.reset(keep_wake=True)))
+        new = leaf.reset(keep_wake=True)
+        if same_attempt and new.attempt > 0:
+            new = replace(new, attempt=new.attempt - 1)  # the next start numbers it again
+        self.root = zipper.root(zipper.replace(loc, new))
         self.touched.add(leaf.id)
         self.redo.add(leaf.id)
 

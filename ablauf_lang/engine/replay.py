@@ -19,6 +19,7 @@ from ablauf_lang.engine.kinds import Leaf, Node
 from ablauf_lang.engine.kinds.base import rebuild
 from ablauf_lang.engine.nodes import ALL, LeafState, Result, Status
 from ablauf_lang.errors import RunError
+from ablauf_lang.names import WAIT_ACTIONS
 from ablauf_lang.values import assoc_in
 
 
@@ -155,8 +156,9 @@ def prepare_replay(job: Job, *, retry_interrupted: bool = False, now: float | No
         aborted = None
     else:
         for leaf in inflight:
-            if leaf.idempotent or not_started(leaf, now):
-                rs.hand_back(leaf)
+            fresh = not_started(leaf, now) or leaf.action in WAIT_ACTIONS
+            if leaf.idempotent or fresh:
+                rs.hand_back(leaf, same_attempt=fresh)
             else:
                 error = INTERRUPTED + f"{leaf.action} was in flight and is not idempotent"
                 rs.apply(Result(leaf.id, leaf.attempt, LeafState.FAILURE, error=error))

@@ -3,6 +3,7 @@
     waits      :: Job -> [Wait]         O(leaves in flight x depth)
     wait_of    :: Leaf -> Wait | None
     parked     :: Job -> bool           every leaf in flight is a wait (nothing runs)
+    detachable :: Job -> bool           parked, and safe to hand over as it is
 
 Read from the job alone (the leaves in flight and the times they recorded), so stores,
 listings and runners agree on it without any state of their own.
@@ -17,7 +18,7 @@ from ablauf_lang.engine.job import Job
 from ablauf_lang.engine.kinds import Leaf
 from ablauf_lang.engine.nodes import LeafState
 from ablauf_lang.engine.replay import inflight_leaves
-from ablauf_lang.stdlib.actions import AWAIT, SLEEP
+from ablauf_lang.stdlib.actions import AWAIT, SLEEP, WAIT_ACTIONS
 from ablauf_lang.stdlib.durations import format_instant
 
 SLEEPING = "sleep"
@@ -90,6 +91,17 @@ def parked(job: Job, now: float | None = None) -> bool:
         return False
     leaves = inflight_leaves(job.root)
     return bool(leaves) and all(wait_of(leaf, now) is not None for leaf in leaves)
+
+
+def detachable(job: Job, now: float | None = None) -> bool:
+    """True when the run is parked and a process may hand it over as it is: its waits are
+    sleeps and awaits, or retries of idempotent actions. A retry of an action that is not
+    idempotent stays with the process that scheduled it: whoever took it over later could
+    not tell an attempt that never began from one that began before a crash, so it would
+    have to fail it as interrupted."""
+    if not parked(job, now):
+        return False
+    return all(leaf.idempotent or leaf.action in WAIT_ACTIONS for leaf in inflight_leaves(job.root))
 
 
 def next_wake(found: list[Wait]) -> float | None:

@@ -83,13 +83,17 @@ __all__ = [
     "retry",
     "retry_async",
     "run_exists",
+    "serve_kafka",
     "serve_worker",
     "show_run",
     "signal",
     "submit",
+    "submit_kafka",
     "unknown_actions",
     "used_actions",
     "wait",
+    "wait_any",
+    "wake_kafka",
 ]
 
 T = TypeVar("T")
@@ -745,3 +749,116 @@ def _serve_one_host(
     finally:
         if previous is not None:
             _signals.signal(_signals.SIGTERM, previous)
+
+
+# ---------------------------------------------------------------- Kafka (issue 14)
+# The Kafka runner (`ablauf_lang.kafka`) is imported only here, inside the functions: a
+# program that never names Kafka never loads it, nor the client library.
+
+
+def kafka_settings(
+    bootstrap: str,
+    *,
+    prefix: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    session_timeout: float | None = None,
+) -> Any:
+    """The settings of the Kafka runner: the broker, the topic prefix, librdkafka options."""
+    from ablauf_lang.kafka.runs import settings_from
+
+    return settings_from(bootstrap, prefix=prefix, options=options, session_timeout=session_timeout)
+
+
+def _kafka(kafka: Any) -> Any:
+    return kafka_settings(kafka) if isinstance(kafka, str) else kafka
+
+
+def submit_kafka(
+    source: str,
+    store: str | JobStore | None,
+    kafka: Any,
+    *,
+    context: dict[str, Any] | None = None,
+    filename: str | None = None,
+    run_id: str | None = None,
+) -> str:
+    """Record a program as a new run and start it on the Kafka workers; its id at once.
+
+    `kafka`: "HOST:PORT" or `kafka_settings(...)`. AblaufError (one line) for a bad
+    program, an unreachable broker, or actions no worker serves yet (their topics do not
+    exist: start the action workers first)."""
+    from ablauf_lang.kafka import runs
+    from ablauf_lang.lang.compiler import compile_source
+
+    settings = _kafka(kafka)
+    root = compile_source(source, filename)
+    runs.check_served(settings, used_actions(root))
+    job = _job.make_job(root, context)
+    with opened(store) as backend:
+        return runs.submit(settings, backend, job, source=source, filename=filename, run_id=run_id)
+
+
+def wake_kafka(
+    run_id: str, store: str | JobStore | None, kafka: Any, *, retry: bool = False
+) -> str:
+    """Hand a run back to the Kafka workers: resume it (its restarter reads it again and
+    dispatches what is in flight, the same attempts: nothing runs twice), or with `retry`
+    first make its failed steps ready to run again (`prepare_replay`). Returns the run id.
+    RunError when there is nothing to do (by the rules of `resume` and `retry`)."""
+    from ablauf_lang.kafka import runs
+
+    settings = _kafka(kafka)
+    with opened(store) as backend:
+        job = backend.load(run_id).job
+        check_replay(run_id, job, retry=retry)
+        if retry:
+            backend.record(run_id, prepare_replay(job, retry_interrupted=True))
+    runs.wake(settings, run_id)
+    return run_id
+
+
+def wait_any(run_id: str, store: str, timeout: float | None = None, poll: float = 0.2) -> Run:
+    """The run once it is done, on any store (PostgreSQL: woken by NOTIFY; others: looked
+    at every `poll` seconds), or as it is after `timeout` seconds."""
+    if is_shared_store(store):
+        return wait(run_id, store, timeout)
+    import time
+
+    ends = None if timeout is None else time.monotonic() + timeout
+    with opened(store) as backend:
+        while backend.info(run_id).status is Status.PENDING:
+            if ends is not None and time.monotonic() >= ends:
+                break
+            time.sleep(poll)
+        return Run(run_id, backend.load(run_id).job)
+
+
+def serve_kafka(
+    kafka: Any,
+    store: str,
+    *,
+    role: str,
+    actions: Mapping[str, Action] | None = None,
+    only: list[str] | None = None,
+    concurrency: int = 4,
+    lease: float = 30.0,
+    poll: float = 1.0,
+    stop: threading.Event | None = None,
+) -> None:
+    """Serve a Kafka role until SIGTERM or Ctrl-C (or `stop`): "restarter" (restart runs,
+    record them in `store`, dispatch), "actions" (perform dispatches; a non-idempotent
+    one is claimed in `store` first) or "all" (both). An unreachable broker is tried
+    again with backoff, logged."""
+    from ablauf_lang.kafka import runs
+
+    runs.serve(
+        _kafka(kafka),
+        lambda: open_store(store),
+        role=role,
+        actions=actions,
+        only=only,
+        concurrency=concurrency,
+        lease=lease,
+        poll=poll,
+        stop=stop,
+    )

@@ -155,6 +155,64 @@ def seconds_option(name: str, default: float, least: float, help: str) -> Callab
     )
 
 
+def kafka_options(command: F) -> F:
+    """`--kafka BOOTSTRAP`, `--kafka-prefix`, `--kafka-option KEY=VALUE` (repeatable)."""
+    for decorate in reversed(
+        (
+            click.option(
+                "--kafka",
+                "kafka",
+                metavar="BOOTSTRAP",
+                default=None,
+                help="Use the Kafka runner: the brokers, HOST:PORT[,HOST:PORT...] "
+                "[default: $ABLAUF_KAFKA]",
+            ),
+            click.option(
+                "--kafka-prefix",
+                "kafka_prefix",
+                metavar="PREFIX",
+                default=None,
+                help="The prefix of the topics: PREFIX.restarter, PREFIX.action.NS.NAME "
+                "[default: $ABLAUF_KAFKA_PREFIX, else ablauf]",
+            ),
+            click.option(
+                "--kafka-option",
+                "kafka_option",
+                metavar="KEY=VALUE",
+                multiple=True,
+                help="A librdkafka client setting (security.protocol=SASL_SSL, ...), repeatable.",
+            ),
+        )
+    ):
+        command = decorate(command)
+    return command
+
+
+def kafka_settings(kafka: str | None, prefix: str | None, option: tuple[str, ...]) -> Any:
+    """The Kafka settings the options give, or None when no broker is named."""
+    from ablauf_lang import api
+
+    bootstrap = kafka if kafka is not None else os.environ.get("ABLAUF_KAFKA")
+    if bootstrap is None:
+        if option or prefix:
+            raise UserError("ablauf: error: --kafka-prefix and --kafka-option need --kafka")
+        return None
+    options: dict[str, str] = {}
+    for item in option:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise UserError(f"ablauf: error: --kafka-option {item!r}: expected KEY=VALUE")
+        options[key.strip()] = value
+    try:
+        return api.kafka_settings(
+            bootstrap,
+            prefix=prefix or os.environ.get("ABLAUF_KAFKA_PREFIX") or None,
+            options=options,
+        )
+    except AblaufError as exc:
+        raise UserError(exc) from None
+
+
 # ---------------------------------------------------------------- input
 
 

@@ -21,6 +21,8 @@ from ablauf_lang.cli.common import (
     echo_json,
     exit_for,
     json_option,
+    kafka_options,
+    kafka_settings,
     leave,
     parse_age,
     parse_signal_value,
@@ -322,6 +324,7 @@ def _again_options(command: F) -> F:
                 help="Take the run over even if another live process drives it (that "
                 "process's next write is then refused).",
             ),
+            kafka_options,
         )
     ):
         command = decorate(command)
@@ -336,11 +339,24 @@ def _run_again(
     queue: bool,
     retry: bool,
     force: bool,
+    kafka: Any = None,
 ) -> NoReturn:
     from ablauf_lang import api
 
     url = store_url(store)
     run_id = _resolved(run_id, url)
+    if kafka is not None:
+        if actions is not None or queue:
+            raise UserError(
+                "ablauf: error: --actions and --queue are not used with --kafka: the Kafka "
+                "workers perform the run"
+            )
+        api.wake_kafka(run_id, url, kafka, retry=retry)
+        if as_json:
+            echo_json({"run_id": run_id, "status": "pending"})
+        else:
+            click.echo(run_id)
+        sys.exit(EXIT_OK)
     if queue:
         if actions is not None:
             raise UserError(
@@ -367,9 +383,18 @@ def _again_command(name: str, retry: bool, doc: str) -> None:
     @runs.command(name, help=doc)
     @_again_options
     def command(
-        run_id: str, actions: str | None, store: str | None, as_json: bool, queue: bool, force: bool
+        run_id: str,
+        actions: str | None,
+        store: str | None,
+        as_json: bool,
+        queue: bool,
+        force: bool,
+        kafka: str | None,
+        kafka_prefix: str | None,
+        kafka_option: tuple[str, ...],
     ) -> None:
-        _run_again(run_id, actions, store, as_json, queue, retry=retry, force=force)
+        settings = kafka_settings(kafka, kafka_prefix, kafka_option)
+        _run_again(run_id, actions, store, as_json, queue, retry=retry, force=force, kafka=settings)
 
 
 _REFUSED = """

@@ -1,4 +1,5 @@
-"""`ablauf worker` and `ablauf submit`: distributed execution over a PostgreSQL store."""
+"""`ablauf worker` and `ablauf submit`: distributed execution over a PostgreSQL store, or
+over Kafka topics (`--kafka`) with any store."""
 
 from __future__ import annotations
 
@@ -17,10 +18,13 @@ from ablauf_lang.cli.common import (
     echo_json,
     finish,
     json_option,
+    kafka_options,
+    kafka_settings,
     leave,
     parse_context,
     read_source,
     seconds_option,
+    store_url,
 )
 
 
@@ -88,6 +92,22 @@ pg_store_option = click.option(
     default=None,
     help="What the worker logs on stderr [default: info; debug with -v].",
 )
+@kafka_options
+@click.option(
+    "--role",
+    type=click.Choice(["restarter", "actions", "all"]),
+    default=None,
+    help="With --kafka: consume the restarter topic (restart runs, record them in the "
+    "store, dispatch), the action topics (perform), or both [default: all].",
+)
+@click.option(
+    "--only",
+    "only",
+    metavar="ACTION",
+    multiple=True,
+    help="With --kafka: serve only this action (repeatable) [default: every action "
+    "of --actions and the standard library].",
+)
 def worker(
     store: str | None,
     actions: str | None,
@@ -96,16 +116,42 @@ def worker(
     poll: float,
     verbose: int,
     log_level: str | None,
+    kafka: str | None,
+    kafka_prefix: str | None,
+    kafka_option: tuple[str, ...],
+    role: str | None,
+    only: tuple[str, ...],
 ) -> None:
     """Serve runs from a shared PostgreSQL store until stopped (SIGTERM or Ctrl-C).
 
     On a SQLite store (the default one included): wake its parked runs on this host when
     their timers fall due or their signals arrive (`ablauf run --detach` parks one).
 
+    With --kafka BOOTSTRAP: a Kafka worker (`--role restarter|actions|all`) beside any
+    store (SQLite on one host, PostgreSQL across hosts); see docs/distributed.md.
+
     Logs on stderr, with timestamps: a banner, one line per run started and finished,
     failed actions with their error, and what log!! logs."""
     from ablauf_lang import api
 
+    settings = kafka_settings(kafka, kafka_prefix, kafka_option)
+    if settings is None:
+        if role is not None or only:
+            raise UserError("ablauf: error: --role and --only need --kafka")
+    else:
+        _serve_kafka(
+            settings,
+            store,
+            actions,
+            role or "all",
+            list(only),
+            concurrency,
+            lease,
+            poll,
+            verbose,
+            log_level,
+        )
+        return
     url = _pg_store_url(store, "ablauf worker", one_host=True)
     registry = api.load_actions(actions) or {}
     _worker_logging(verbose, log_level)
@@ -115,9 +161,50 @@ def worker(
         click.echo("ablauf: worker stopped", err=True)
 
 
+def _serve_kafka(
+    settings: object,
+    store: str | None,
+    actions: str | None,
+    role: str,
+    only: list[str],
+    concurrency: int,
+    lease: float,
+    poll: float,
+    verbose: int,
+    log_level: str | None,
+) -> None:
+    from ablauf_lang import api
+
+    url = store_url(store)
+    registry = api.load_actions(actions) or {}
+    if role == "restarter" and (actions or only):
+        raise UserError("ablauf: error: --actions and --only are for --role actions or all")
+    _worker_logging(verbose, log_level)
+    try:
+        api.serve_kafka(
+            settings,
+            url,
+            role=role,
+            actions=registry,
+            only=only or None,
+            concurrency=concurrency,
+            lease=lease,
+            poll=min(poll, 1.0),
+        )
+    except KeyboardInterrupt:
+        click.echo("ablauf: worker stopped", err=True)
+
+
 @click.command()
 @click.argument("file", metavar="FILE.abl")
-@pg_store_option
+@click.option(
+    "--store",
+    "store",
+    metavar="URL",
+    default=None,
+    help="Where the run is recorded: postgresql://user@host/db, the database the workers "
+    "share (with --kafka: the store the Kafka workers use) [default: $ABLAUF_STORE]",
+)
 @context_option
 @json_option
 @click.option(
@@ -126,18 +213,33 @@ def worker(
     help="Wait until the run ends, print its outcome as `run` does, and exit with its code "
     "(0 success, 1 failure).",
 )
-def submit(file: str, store: str | None, context: str | None, as_json: bool, wait: bool) -> None:
-    """Queue a program for the workers of a shared PostgreSQL store; print its run id."""
+@kafka_options
+def submit(
+    file: str,
+    store: str | None,
+    context: str | None,
+    as_json: bool,
+    wait: bool,
+    kafka: str | None,
+    kafka_prefix: str | None,
+    kafka_option: tuple[str, ...],
+) -> None:
+    """Queue a program for the workers of a shared PostgreSQL store, or with --kafka for
+    the Kafka workers; print its run id."""
     from ablauf_lang import api
 
-    url = _pg_store_url(store, "ablauf submit")
+    settings = kafka_settings(kafka, kafka_prefix, kafka_option)
+    url = store_url(store) if settings is not None else _pg_store_url(store, "ablauf submit")
     source = read_source(file)
     ctx = parse_context(context)
-    run_id = api.submit(source, url, context=ctx, filename=file)
+    if settings is not None:
+        run_id = api.submit_kafka(source, url, settings, context=ctx, filename=file)
+    else:
+        run_id = api.submit(source, url, context=ctx, filename=file)
     if wait:
         started = time.monotonic()
         try:
-            result = api.wait(run_id, url)
+            result = api.wait_any(run_id, url)
         except KeyboardInterrupt:  # Ctrl-C stops waiting only
             click.echo(
                 f"ablauf: stopped waiting; run {run_id} goes on with the workers "

@@ -178,3 +178,31 @@ def decode_result_message(raw: bytes | str) -> tuple[str, Result]:
         _time(data, "finished_at", kind),
     )
     return data["run_id"], result
+
+
+# What else arrives on the restarter topic: a new run to start, and a wake-up (a person
+# resumed or retried the run in the store: read it again and dispatch what is in flight).
+CONTROL_KINDS = ("start", "wake")
+
+
+def encode_control_message(kind: str, run_id: str) -> bytes:
+    """A `start` or `wake` message for a run."""
+    if kind not in CONTROL_KINDS:
+        raise ValueError(f"not a control message kind: {kind!r}")
+    return _dumps({"v": MESSAGE_VERSION, "type": kind, "run_id": run_id}).encode()
+
+
+def decode_restarter_message(raw: bytes | str) -> tuple[str, str, Result | None]:
+    """What a restarter consumes: ("result", run id, result), or ("start" | "wake", run
+    id, None). MessageError for anything else."""
+    try:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        data = json.loads(text)
+        kind = data.get("type") if isinstance(data, dict) else None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        kind = None
+    if kind in CONTROL_KINDS:
+        run_id = _message(raw, str(kind))["run_id"]
+        return str(kind), run_id, None
+    run_id, result = decode_result_message(raw)
+    return "result", run_id, result

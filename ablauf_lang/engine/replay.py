@@ -2,6 +2,7 @@
 
     abort          :: Job -> Job        fail what is in flight, start nothing new
     prepare_replay :: Job -> Job        resume after a crash, or retry what failed
+    inflight_dispatches :: Job -> [Dispatch]   what is in flight, as it was sent (take-over)
     check_replay   :: the policy: RunError unless a resume (or retry) would do something
 
 Pure functions over jobs, as `restart_job` is; the API and the worker both call them.
@@ -13,13 +14,14 @@ from collections.abc import Collection
 from dataclasses import replace
 from typing import Any
 
+from ablauf_lang.code import Expr
 from ablauf_lang.engine import zipper
 from ablauf_lang.engine.job import INTERRUPTED, LAST_ERROR, REDO, ROOT, Job, Step
 from ablauf_lang.engine.kinds import Leaf, Node
 from ablauf_lang.engine.kinds.base import rebuild
-from ablauf_lang.engine.nodes import ALL, LeafState, Result, Status
+from ablauf_lang.engine.nodes import ALL, Dispatch, LeafState, Result, Status
 from ablauf_lang.errors import RunError
-from ablauf_lang.names import WAIT_ACTIONS
+from ablauf_lang.names import AWAIT, SLEEP, WAIT_ACTIONS
 from ablauf_lang.values import assoc_in
 
 
@@ -69,6 +71,44 @@ def inflight_leaves(root: Node) -> list[Leaf]:
         elif node.inflight:
             stack.extend(reversed(node.children))
     return out
+
+
+def leaf_dispatch(leaf: Leaf, context: Any) -> Dispatch:
+    """The dispatch of a leaf in flight, as its attempt was sent (the payload computed then,
+    its wake-up or next attempt's time as `due`); `context` is the one to send with it."""
+    sent = isinstance(leaf.payload, Expr) or leaf.action in WAIT_ACTIONS
+    due = leaf.wake if leaf.action == SLEEP or (leaf.attempts and leaf.action != AWAIT) else None
+    return Dispatch(
+        leaf.id,
+        leaf.action,
+        leaf.sent if sent else leaf.payload,
+        leaf.idempotent,
+        leaf.attempt,
+        context,
+        due,
+        leaf.timeout,
+        leaf.heartbeat,
+    )
+
+
+def inflight_dispatches(job: Job) -> list[Dispatch]:
+    """The dispatches of the leaves in flight, the same attempts (the job is unchanged):
+    for a runner that takes a run over and cannot know which of them reached a worker
+    (the Kafka restarter after a crash). Sent with the job's context as it is now."""
+    return [leaf_dispatch(leaf, job.context) for leaf in inflight_leaves(job.root)]
+
+
+def accepts(job: Job, result: Result) -> bool:
+    """True when `restart_job` would apply `result` (its leaf waits for that attempt);
+    False for a duplicate, a stale attempt or a node that is not an action."""
+    if not 0 <= result.id < len(job.paths):
+        return False
+    leaf = job.node(result.id)
+    return (
+        isinstance(leaf, Leaf)
+        and leaf.result is LeafState.PENDING
+        and (result.attempt is None or result.attempt == leaf.attempt)
+    )
 
 
 def failure_causes(root: Node) -> list[Node]:

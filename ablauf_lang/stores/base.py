@@ -160,6 +160,29 @@ def refuse_live(run_id: str, driver: Driver, doing: str) -> RunError:
     return RunError(f"{head}: not {doing} it; wait for it to end or stop that process first")
 
 
+# ---------------------------------------------------------------- attempts of actions
+
+
+CLAIM_STATES = ("new", "running", "abandoned", "finished", "gone")
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What a claim of an action's attempt (`JobStore.begin_attempts`) found.
+
+    new        no one claimed it before: the caller owns it now (perform it)
+    running    claimed by `owner` (maybe the caller), lease live, no result yet
+    abandoned  claimed by `owner`, whose lease ran out without a result: the caller
+               owns it now, but the action may have begun (do not perform it again)
+    finished   performed: `result` is the text `finish_attempts` kept
+    gone       the run finished, or the store does not have it
+    """
+
+    state: str
+    owner: str | None = None
+    result: str | None = None  # codec.records.encode_result text, when finished
+
+
 # ---------------------------------------------------------------- runs
 
 
@@ -377,6 +400,31 @@ class JobStore(Protocol):
 
     def next_wake(self) -> float | None:
         """The earliest time any run waits for (a wake-up, a deadline, a retry), or None."""
+        ...
+
+    def begin_attempts(
+        self, items: Sequence[tuple[str, int, int]], owner: str, ttl: float
+    ) -> list[Claim]:
+        """Claim attempts (run id, node, attempt) for `owner`, one transaction for the
+        batch: a Claim per item, in order (see `Claim`). A new claim holds a lease of
+        `ttl` seconds; one whose lease ran out without a result is taken over."""
+        ...
+
+    def renew_attempts(self, items: Sequence[tuple[str, int, int]], owner: str, ttl: float) -> int:
+        """Extend the leases of `owner`'s claims of these attempts that have no result
+        yet by `ttl` seconds from now; return how many were renewed."""
+        ...
+
+    def finish_attempts(self, items: Sequence[tuple[str, int, int, str]]) -> None:
+        """Keep the result text (run id, node, attempt, result) of claimed attempts and
+        end their leases; a later claim gets it back. The first result kept stays."""
+        ...
+
+    def clear_wait(self, run_id: str, node: int, attempt: int) -> None:
+        """Forget the run's retry wait of `node` for `attempt` (its dispatch was sent):
+        `due_runs` and `next_wake` no longer give it, and a later `record` brings it back
+        only when the leaf changed. An unknown run, or a wait of another kind or attempt,
+        is left as it is."""
         ...
 
     def close(self) -> None:

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from ablauf_lang import values
 from ablauf_lang.engine.job import Job
 from ablauf_lang.engine.nodes import Status
-from ablauf_lang.engine.waits import waits
+from ablauf_lang.engine.waits import RETRY, Wait, waits
 from ablauf_lang.errors import RunError
 from ablauf_lang.stores.base import (
+    Claim,
     Driver,
     Owner,
     RunInfo,
@@ -41,6 +42,14 @@ class _Run:
     driver: Driver | None = None
 
 
+@dataclass(slots=True)
+class _Attempt:
+    owner: str
+    lease_until: float | None
+    started_at: float
+    result: str | None = None
+
+
 def matches_file(recorded: str | None, wanted: str) -> bool:
     """`--file`: the name as recorded, or its last part (`deploy.abl` for `ops/deploy.abl`)."""
     return recorded is not None and (recorded == wanted or recorded.endswith("/" + wanted))
@@ -57,6 +66,9 @@ class MemoryStore:
         self._signals: dict[str, list[dict[str, Any]]] = {}  # run id -> its mailbox
         self._mailbox = threading.Lock()  # a sender and a runner may be other threads
         self._made = 0
+        self._attempts: dict[tuple[str, int, int], _Attempt] = {}  # claims of attempts
+        self._cleared: dict[str, set[Wait]] = {}  # run id -> retry waits whose dispatch went
+        self._claims = threading.Lock()
         self.commits = 0  # records taken (what a durable store would commit)
 
     def __repr__(self) -> str:
@@ -83,6 +95,13 @@ class MemoryStore:
         """Keep the job (a reference: jobs never change)."""
         self._runs[run_id] = replace(self._get(run_id), job=job, updated=time.time())
         self.commits += 1
+        cleared = self._cleared.get(run_id)
+        if cleared:
+            # A cleared wait stays cleared while the leaf keeps it (the SQL stores' rows,
+            # kept per changed leaf, do the same); a changed leaf waits anew.
+            cleared.intersection_update(waits(job) if job.status is Status.PENDING else ())
+            if not cleared:
+                del self._cleared[run_id]
 
     def _get(self, run_id: str) -> _Run:
         try:
@@ -172,7 +191,15 @@ class MemoryStore:
         if info.live and info.driver is not None:
             raise refuse_live(run_id, info.driver, "deleting")
         del self._runs[run_id]
+        self._forget(run_id)
+
+    def _forget(self, run_id: str) -> None:
+        """Drop what is kept besides the run: its mailbox, claims and cleared waits."""
         self._signals.pop(run_id, None)
+        self._cleared.pop(run_id, None)
+        with self._claims:
+            for key in [k for k in self._attempts if k[0] == run_id]:
+                del self._attempts[key]
 
     def prune_runs(
         self, *, before: float, status: str | None = None, dry_run: bool = False
@@ -187,7 +214,7 @@ class MemoryStore:
         if not dry_run:
             for run_id in gone:
                 del self._runs[run_id]
-                self._signals.pop(run_id, None)
+                self._forget(run_id)
         return gone, kept
 
     def acquire_lease(
@@ -278,7 +305,9 @@ class MemoryStore:
             if run.job.status is not Status.PENDING:
                 continue
             box = self._signals.get(run_id, ())
-            times = [w.until for w in waits(run.job) if w.until is not None and w.until <= now]
+            times = [
+                w.until for w in self._waits(run_id, run) if w.until is not None and w.until <= now
+            ]
             times += [
                 s["sent_at"]
                 for w in waits(run.job)
@@ -305,12 +334,76 @@ class MemoryStore:
         """The earliest time any run waits for, or None."""
         times = [
             w.until
-            for run in self._runs.values()
+            for run_id, run in self._runs.items()
             if run.job.status is Status.PENDING
-            for w in waits(run.job)
+            for w in self._waits(run_id, run)
             if w.until is not None
         ]
         return min(times) if times else None
+
+    def _waits(self, run_id: str, run: _Run) -> list[Wait]:
+        """The run's waits but the retries whose dispatch was sent (`clear_wait`)."""
+        found = waits(run.job)
+        cleared = self._cleared.get(run_id)
+        return [w for w in found if w not in cleared] if cleared else found
+
+    def clear_wait(self, run_id: str, node: int, attempt: int) -> None:
+        """Forget the run's retry wait of `node` for `attempt` (see `JobStore.clear_wait`)."""
+        run = self._runs.get(run_id)
+        if run is None or run.job.status is not Status.PENDING:
+            return
+        for w in waits(run.job):
+            if w.node == node and w.kind == RETRY and w.attempt == attempt:
+                self._cleared.setdefault(run_id, set()).add(w)
+
+    # -------------------------------------------------- attempts of actions
+
+    def begin_attempts(
+        self, items: Sequence[tuple[str, int, int]], owner: str, ttl: float
+    ) -> list[Claim]:
+        """Claim attempts for `owner`, the batch at once (see `JobStore.begin_attempts`)."""
+        now = time.time()
+        out: list[Claim] = []
+        with self._claims:
+            for run_id, node, attempt in items:
+                run = self._runs.get(run_id)
+                if run is None or run.job.status is not Status.PENDING:
+                    out.append(Claim("gone"))
+                    continue
+                key = (run_id, int(node), int(attempt))
+                row = self._attempts.get(key)
+                if row is None:
+                    self._attempts[key] = _Attempt(owner, now + ttl, now)
+                    out.append(Claim("new"))
+                elif row.result is not None:
+                    out.append(Claim("finished", row.owner, row.result))
+                elif row.lease_until is not None and row.lease_until > now:
+                    out.append(Claim("running", row.owner))
+                else:
+                    out.append(Claim("abandoned", row.owner))
+                    self._attempts[key] = _Attempt(owner, now + ttl, now)
+        return out
+
+    def renew_attempts(self, items: Sequence[tuple[str, int, int]], owner: str, ttl: float) -> int:
+        """Extend `owner`'s leases of these attempts (see `JobStore.renew_attempts`)."""
+        until = time.time() + ttl
+        renewed = 0
+        with self._claims:
+            for key in {(r, int(n), int(a)) for r, n, a in items}:
+                row = self._attempts.get(key)
+                if row is not None and row.owner == owner and row.result is None:
+                    row.lease_until = until
+                    renewed += 1
+        return renewed
+
+    def finish_attempts(self, items: Sequence[tuple[str, int, int, str]]) -> None:
+        """Keep the results of claimed attempts (see `JobStore.finish_attempts`)."""
+        with self._claims:
+            for run_id, node, attempt, result in items:
+                row = self._attempts.get((run_id, int(node), int(attempt)))
+                if row is not None and row.result is None:
+                    row.result = str(result)
+                    row.lease_until = None
 
     def close(self) -> None:
         """Nothing to release."""

@@ -32,6 +32,11 @@ Tables (column types are the dialect's; JSON columns are text written by `json.d
     waits   (run, node) key; kind, signal, until, attempt
                           what the run waits for (`engine.waits.wait_of` of its leaves in
                           flight): kept by `record` in the step's own transaction
+                          (`clear_wait` deletes a retry's wait once its dispatch is sent)
+    attempts (run, node, attempt) key; owner, lease_until, started_at, taken_from,
+                          result, finished_at: the claims of non-idempotent actions'
+                          attempts (`begin_attempts`), so a redelivered dispatch is never
+                          performed twice
 
 A node row is its record (`codec.job`) in three JSON texts: `spec`, `state` and
 `children` (see `codec.delta`). The context is one row per top-level key.
@@ -92,10 +97,11 @@ from ablauf_lang.codec.delta import read_json as _json
 from ablauf_lang.engine.job import Job
 from ablauf_lang.engine.kinds import Leaf, Node
 from ablauf_lang.engine.nodes import Status
-from ablauf_lang.engine.waits import Wait, wait_of
+from ablauf_lang.engine.waits import RETRY, Wait, wait_of
 from ablauf_lang.engine.waits import waits as waits_of
 from ablauf_lang.errors import AblaufError, RunError, StoreError
 from ablauf_lang.stores.base import (
+    Claim,
     Driver,
     Owner,
     RunInfo,
@@ -113,7 +119,7 @@ from ablauf_lang.stores.queries import load_queries
 from ablauf_lang.values import decode as decode_value
 from ablauf_lang.values import encode as encode_value
 
-SCHEMA_VERSION = 3  # of the tables above; stores refuse a database with a larger one
+SCHEMA_VERSION = 4  # of the tables above; stores refuse a database with a larger one
 COMPACT_EVERY = 64  # deltas between two snapshots of the node rows
 COMPACT_BYTES = 256 * 1024  # or this many bytes of deltas
 
@@ -172,7 +178,7 @@ LEASE_COLUMNS = ("token", "host", "pid", "started", "heartbeat", "expires")
 # The statements, by name (`sql.sql`), loaded once.
 Q = load_queries(__package__ or "ablauf_lang.stores", "sql.sql")
 # The rows of a run, deleted before it.
-RUN_TABLES = ("waits", "signals", "leases", "deltas", "context", "nodes")
+RUN_TABLES = ("attempts", "waits", "signals", "leases", "deltas", "context", "nodes")
 
 
 # What changed since the snapshot, newest first: (new states by node id, ids written whole,
@@ -677,13 +683,16 @@ class SqlStore:
             )
         self.rows_written += len(change.delete) + len(change.upsert)
 
-    def _write_all(self, cur: Any, key: int, job: Job) -> None:
+    def _write_all(self, cur: Any, key: int, job: Job, cleared: Iterable[Wait] = ()) -> None:
+        """Write every row of the job (nodes, context, waits but those `cleared`)."""
         rows = [(key, r.node, r.spec, r.state, r.children) for r in map(node_row, job.nodes())]
         cur.executemany(self._q(Q["upsert_node"]), rows)
         ctx = [(key, k, pos, _dumps(v)) for k, pos, v in context_rows(job.context)]
         if ctx:
             cur.executemany(self._q(Q["upsert_context"]), ctx)
         found = waits_of(job) if job.status is Status.PENDING else []
+        skip = set(cleared)
+        found = [w for w in found if w not in skip] if skip else found
         if found:
             cur.executemany(self._q(Q["upsert_wait"]), [(key, w.node, *wait_row(w)) for w in found])
         self.rows_written += 1 + len(rows) + len(ctx)
@@ -703,11 +712,52 @@ class SqlStore:
             cur.execute(q(Q["max_seq"]), (key,))
             newest = cur.fetchone()[0]
             seq = max(_int(snapshot_seq), _int(head_seq), _int(newest)) + 1
+            cleared = self._cleared_waits(cur, run_id, key, job)
             for table in ("nodes", "context", "deltas", "waits"):
                 cur.execute(q(Q[f"delete_{table}_of_run"]), (key,))
             self._write_snapshot_run(cur, key, job, seq, now, None)
-            self._write_all(cur, key, job)
+            self._write_all(cur, key, job, cleared)
         self._known.put(run_id, Known(key, seq, seq, len(job.paths), str(job.status), job))
+
+    def _cleared_waits(self, cur: Any, run_id: str, key: int, job: Job) -> set[Wait]:
+        """The retry waits of `job` whose dispatch was sent (`clear_wait`): the stored run
+        has the same wait, but no row for it. A whole write keeps them cleared, as a delta
+        does (the leaf did not change). Read only when a retry wait lacks its row; a stored
+        run that cannot be read clears nothing."""
+        if job.status is not Status.PENDING:
+            return set()
+        cur.execute(self._q(Q["waits_of_run"]), (key,))
+        rows = {int(row[0]) for row in cur.fetchall()}
+        missing = {w for w in waits_of(job) if w.kind == RETRY and w.node not in rows}
+        if not missing:
+            return set()
+        stored = self._stored_job(cur, run_id)
+        if stored is None or stored.status is not Status.PENDING:
+            return set()
+        return missing.intersection(waits_of(stored))
+
+    def _stored_job(self, cur: Any, run_id: str) -> Job | None:
+        """The run's job as stored, read in the caller's transaction; None when its rows
+        do not make one (a damaged run: `load` says what is wrong)."""
+        q = self._q
+        try:
+            cur.execute(q(Q["load_run"]), (run_id,))
+            row = cur.fetchone()
+            if row is None:
+                return None
+            run = dict(zip(RUN_COLUMNS, row, strict=True))
+            cur.execute(q(Q["load_nodes"]), (run["id"],))
+            nodes = cur.fetchall()
+            cur.execute(q(Q["load_context"]), (run["id"],))
+            context = cur.fetchall()
+            cur.execute(q(Q["load_deltas"]), (run["id"],))
+            deltas = cur.fetchall()
+            parts = snapshot_parts(run, nodes, context)
+            for seq, _, data in deltas:
+                replay(parts, data, seq)
+            return job_from_parts(run_id, parts, run["format"])
+        except (Damage, AblaufError, RecursionError, TypeError, ValueError, KeyError):
+            return None
 
     @_reads
     def load(self, run_id: str) -> StoredRun:
@@ -1160,6 +1210,147 @@ class SqlStore:
             cur.execute(self._q(Q["next_wake"]))
             row = cur.fetchone()
         return None if row is None or row[0] is None else float(row[0])
+
+    # -------------------------------------------------- attempts of actions
+
+    def _claim_runs(self, cur: Any, run_ids: Sequence[str]) -> dict[str, tuple[int, str]]:
+        """Key and status of the runs named (those the store has), in the write's
+        transaction (the PostgreSQL store keeps them from being deleted meanwhile)."""
+        out: dict[str, tuple[int, str]] = {}
+        for chunk in range(0, len(run_ids), 500):
+            part = list(run_ids[chunk : chunk + 500])
+            marks = ", ".join("?" for _ in part)
+            cur.execute(self._q(Q["attempt_runs"].format(marks=marks)), part)
+            for key, run_id, status in cur.fetchall():
+                out[str(run_id)] = (int(key), str(status))
+        return out
+
+    def _claims_sql(self, count: int) -> str:
+        """`attempts_select` for `count` keys (the PostgreSQL store locks the rows)."""
+        return self._q(Q["attempts_select"].format(marks=", ".join(["(?, ?, ?)"] * count)))
+
+    def begin_attempts(
+        self, items: Sequence[tuple[str, int, int]], owner: str, ttl: float
+    ) -> list[Claim]:
+        """Claim attempts for `owner`, the batch in one transaction (see `JobStore`)."""
+        wanted = [(str(r), int(n), int(a)) for r, n, a in items]
+        if not wanted:
+            return []
+        owner = str(owner)
+        now = time.time()
+        until = now + float(ttl)
+
+        def write() -> list[Claim]:
+            with self._write() as cur:
+                runs = self._claim_runs(cur, sorted({r for r, _, _ in wanted}))
+                keys: dict[tuple[str, int, int], tuple[int, int, int]] = {}
+                for run_id, node, attempt in wanted:
+                    found = runs.get(run_id)
+                    if found is not None and found[1] == "pending":
+                        keys[(run_id, node, attempt)] = (found[0], node, attempt)
+                rows = sorted(set(keys.values()))
+                cur.executemany(
+                    self._q(Q["insert_attempt"]),
+                    [(k, n, a, owner, until, now) for k, n, a in rows],
+                )
+                claims: dict[tuple[int, int, int], Claim] = {}
+                taken: list[tuple[Any, ...]] = []
+                for chunk in range(0, len(rows), 1000):
+                    part = rows[chunk : chunk + 1000]
+                    cur.execute(self._claims_sql(len(part)), [x for row in part for x in row])
+                    for key, node, attempt, held, lease, began, was, result in cur.fetchall():
+                        row = (int(key), int(node), int(attempt))
+                        claim, take = _claim(owner, now, held, lease, began, was, result)
+                        if take:
+                            taken.append((owner, until, now, str(held), *row))
+                        claims[row] = claim
+                if taken:
+                    cur.executemany(self._q(Q["take_over_attempt"]), taken)
+            self.rows_written += len(rows)
+            out: list[Claim] = []
+            seen: set[tuple[int, int, int]] = set()
+            for item in wanted:
+                at = keys.get(item)
+                if at is None:
+                    out.append(Claim("gone"))
+                    continue
+                claim = claims.get(at, Claim("gone"))
+                if at in seen and claim.state in ("new", "abandoned"):
+                    claim = Claim("running", owner)  # the same attempt twice in the batch
+                seen.add(at)
+                out.append(claim)
+            return out
+
+        # Run again after a lost COMMIT answer, this write's own claims are told apart by
+        # their start (`now`, see `_claim`): the same answers again.
+        return self._attempt(write)
+
+    def renew_attempts(self, items: Sequence[tuple[str, int, int]], owner: str, ttl: float) -> int:
+        """Extend `owner`'s leases of these attempts (see `JobStore.renew_attempts`)."""
+        wanted = [(str(r), int(n), int(a)) for r, n, a in items]
+        if not wanted:
+            return 0
+
+        def write() -> int:
+            until = time.time() + float(ttl)
+            renewed = 0
+            with self._write() as cur:
+                runs = self._claim_runs(cur, sorted({r for r, _, _ in wanted}))
+                rows = sorted({(runs[r][0], n, a) for r, n, a in wanted if r in runs})
+                for chunk in range(0, len(rows), 1000):
+                    part = rows[chunk : chunk + 1000]
+                    marks = ", ".join(["(?, ?, ?)"] * len(part))
+                    cur.execute(
+                        self._q(Q["renew_attempts"].format(marks=marks)),
+                        [until, str(owner), *(x for row in part for x in row)],
+                    )
+                    renewed += max(0, int(cur.rowcount))
+            self.rows_written += renewed
+            return renewed
+
+        return self._attempt(write)
+
+    def finish_attempts(self, items: Sequence[tuple[str, int, int, str]]) -> None:
+        """Keep the results of claimed attempts (see `JobStore.finish_attempts`)."""
+        now = time.time()
+        rows = [(str(t), now, str(r), int(n), int(a)) for r, n, a, t in items]
+        if not rows:
+            return
+
+        def write() -> None:
+            with self._write() as cur:
+                cur.executemany(self._q(Q["finish_attempt"]), rows)
+            self.rows_written += len(rows)
+            self.bytes_written += sum(len(row[0]) for row in rows)
+
+        # Writing the results again is harmless: the first result kept stays.
+        self._attempt(write)
+
+    def clear_wait(self, run_id: str, node: int, attempt: int) -> None:
+        """Delete the run's retry wait of `node` for `attempt` (see `JobStore.clear_wait`).
+
+        A later write leaves it deleted unless the leaf changed: a delta or a compaction
+        looks only at changed leaves (`wait_change`); a whole snapshot (`_record_whole`, a
+        store object that never read the run) skips a retry wait the stored run has too
+        but without its row (`_cleared_waits`)."""
+        sql = self._q(Q["clear_wait"])
+        self._attempt(lambda: self._write_one(sql, (str(run_id), int(node), int(attempt))))
+
+
+def _claim(
+    owner: str, now: float, held: Any, lease: Any, began: Any, was: Any, result: Any
+) -> tuple[Claim, bool]:
+    """What an `attempts` row tells a claim by `owner` at `now`, and whether the claim
+    takes the row over (its lease ran out). This write's own claims are those of `owner`
+    begun at `now`: inserted, or taken over from `was` (a write run again after a lost
+    COMMIT answer finds them so)."""
+    if result is not None:
+        return Claim("finished", str(held), str(result)), False
+    if held == owner and began is not None and float(began) == now:
+        return (Claim("new") if was is None else Claim("abandoned", str(was))), False
+    if lease is not None and float(lease) > now:
+        return Claim("running", str(held)), False
+    return Claim("abandoned", str(held)), True
 
 
 def signal_value(run_id: str, text: Any) -> Any:

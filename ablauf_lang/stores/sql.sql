@@ -192,3 +192,35 @@ DELETE FROM signals WHERE run IN ({marks})
 
 -- name: delete_waits_in
 DELETE FROM waits WHERE run IN ({marks})
+
+-- ---------------------------------------------------------------- attempts of actions
+
+-- name: attempt_runs
+-- The runs of a batch of claims: key, public id, status (`{marks}`: their public ids).
+SELECT id, run_id, status FROM runs WHERE run_id IN ({marks})
+
+-- name: insert_attempt
+-- A claim of an attempt no one claimed before (one already there is left as it is).
+INSERT INTO attempts (run, node, attempt, owner, lease_until, started_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (run, node, attempt) DO NOTHING
+
+-- name: attempts_select
+-- The claims of a batch (`{marks}`: one `(?, ?, ?)` per run key, node, attempt).
+SELECT run, node, attempt, owner, lease_until, started_at, taken_from, result FROM attempts WHERE (run, node, attempt) IN (VALUES {marks})
+
+-- name: take_over_attempt
+-- A claim whose lease ran out without a result, taken over (`taken_from`: its old owner).
+UPDATE attempts SET owner = ?, lease_until = ?, started_at = ?, taken_from = ? WHERE run = ? AND node = ? AND attempt = ? AND result IS NULL
+
+-- name: renew_attempts
+UPDATE attempts SET lease_until = ? WHERE owner = ? AND result IS NULL AND (run, node, attempt) IN (VALUES {marks})
+
+-- name: finish_attempt
+-- The first result kept stays (a later one is a redelivery's).
+UPDATE attempts SET result = ?, lease_until = NULL, finished_at = ? WHERE run = (SELECT id FROM runs WHERE run_id = ?) AND node = ? AND attempt = ? AND result IS NULL
+
+-- name: clear_wait
+-- A retry's wait whose dispatch was sent: due_runs and next_wake no longer give it.
+DELETE FROM waits WHERE run = (SELECT id FROM runs WHERE run_id = ?) AND node = ? AND kind = 'retry' AND attempt = ?
+
+-- name: delete_attempts_in
+DELETE FROM attempts WHERE run IN ({marks})

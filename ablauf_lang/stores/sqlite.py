@@ -126,6 +126,20 @@ CREATE TABLE IF NOT EXISTS waits (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS waits_until ON waits (until) WHERE until IS NOT NULL;
 """
+    + """
+CREATE TABLE IF NOT EXISTS attempts (
+    run INTEGER NOT NULL,
+    node INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    owner TEXT NOT NULL,
+    lease_until REAL,
+    started_at REAL NOT NULL,
+    taken_from TEXT,
+    result TEXT,
+    finished_at REAL,
+    PRIMARY KEY (run, node, attempt)
+) WITHOUT ROWID;
+"""
 )
 # Schema version 1 -> 2: the checked step log (runs.head_seq and its trigger), leases.
 UPGRADE_2 = """
@@ -135,9 +149,15 @@ UPDATE runs SET head_seq = max(snapshot_seq,
 """ + SCHEMA[SCHEMA.index("CREATE TRIGGER") : SCHEMA.index("CREATE TABLE IF NOT EXISTS signals")]
 # Schema version 2 -> 3: the signals mailbox and the waits of runs (no run waited before;
 # IF NOT EXISTS: a file made by a newer schema and marked older upgrades too).
-UPGRADE_3 = SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS signals") :]
-# What brings version N up to the newest: UPGRADES[N:] (version 1 needs 2 and 3).
-UPGRADES = ("", UPGRADE_2, UPGRADE_3)
+UPGRADE_3 = SCHEMA[
+    SCHEMA.index("CREATE TABLE IF NOT EXISTS signals") : SCHEMA.index(
+        "CREATE TABLE IF NOT EXISTS attempts"
+    )
+]
+# Schema version 3 -> 4: the claims of actions' attempts (the Kafka action workers').
+UPGRADE_4 = SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS attempts") :]
+# What brings version N up to the newest: UPGRADES[N:] (version 1 needs 2, 3 and 4).
+UPGRADES = ("", UPGRADE_2, UPGRADE_3, UPGRADE_4)
 
 
 def parse_url(url: str) -> tuple[str, dict[str, str]]:

@@ -86,3 +86,16 @@ UPDATE ablauf.runs SET on_queue = false WHERE run_id = %s;
 -- The run a signal is sent to or taken from, its row locked: senders number the run's
 -- signals one at a time, and a signal is taken between two steps of the run, never during.
 SELECT id, status, aborted FROM ablauf.runs WHERE run_id = %s FOR NO KEY UPDATE;
+
+-- name: attempt_runs
+-- The runs of a batch of claims (`{marks}`: their public ids), kept from being deleted
+-- until the claims are written (`FOR KEY SHARE`: a restart of the run is not held up).
+SELECT id, run_id, status FROM ablauf.runs WHERE run_id IN ({marks}) FOR KEY SHARE;
+
+-- name: attempts_select
+-- The claims of a batch (`{marks}`: one `(%s, %s, %s)` per run key, node, attempt), locked
+-- until the claim's transaction ends (in key order, as the claims were inserted: two batches
+-- never wait for each other in a circle): one claimer takes over an abandoned attempt.
+SELECT run, node, attempt, owner, lease_until, started_at, taken_from, result
+FROM ablauf.attempts WHERE (run, node, attempt) IN (VALUES {marks})
+ORDER BY run, node, attempt FOR UPDATE;

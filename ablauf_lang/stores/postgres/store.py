@@ -425,6 +425,20 @@ class PostgresStore(SqlStore):
         row = cur.fetchone()
         return None if row is None else (int(row[0]), str(row[1]), row[2])
 
+    def _claim_runs(self, cur: Any, run_ids: Sequence[str]) -> dict[str, tuple[int, str]]:
+        """The runs of a batch of claims, kept from being deleted meanwhile (`attempt_runs`)."""
+        out: dict[str, tuple[int, str]] = {}
+        for chunk in range(0, len(run_ids), 500):
+            part = list(run_ids[chunk : chunk + 500])
+            cur.execute(Q["attempt_runs"].format(marks=", ".join(["%s"] * len(part))), part)
+            for key, run_id, status in cur.fetchall():
+                out[str(run_id)] = (int(key), str(status))
+        return out
+
+    def _claims_sql(self, count: int) -> str:
+        """The claims of a batch, locked (`attempts_select`)."""
+        return Q["attempts_select"].format(marks=", ".join(["(%s, %s, %s)"] * count))
+
     def _attempt(
         self, operation: Callable[[], T], settle: Callable[[], T | None] | None = None
     ) -> T:

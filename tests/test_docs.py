@@ -45,6 +45,7 @@ CHANGING = [
     (re.compile(r"\brestarts \d+\b"), "restarts <N>"),
 ]
 PG_URL = re.compile(r"postgres(?:ql)?://[^\s'\"`]+")
+KAFKA = re.compile(r"--kafka 127\.0\.0\.1:9092")  # the pages' broker: a test broker instead
 PROMPT = "ablauf> "
 CONTINUATION = "...> "
 
@@ -132,9 +133,10 @@ def repl_inputs(shown: list[str]) -> str:
 class Session:
     """Runs a page's commands one after the other in one directory."""
 
-    def __init__(self, folder: Path, pg_url: str | None) -> None:
+    def __init__(self, folder: Path, pg_url: str | None, kafka: str | None = None) -> None:
         self.folder = folder
         self.pg_url = pg_url
+        self.kafka = kafka
         (folder / "examples").symlink_to(ROOT / "examples")
         self.env = {
             **{k: v for k, v in os.environ.items() if k != "COLUMNS"},
@@ -157,6 +159,8 @@ class Session:
                 text = text.replace(doc_id, self.real_ids[self.doc_ids.index(doc_id)])
         if self.pg_url is not None:
             text = PG_URL.sub(self.pg_url, text)
+        if self.kafka is not None:
+            text = KAFKA.sub(f"--kafka {self.kafka}", text)
         return text
 
     def run(self, command: Command) -> None:
@@ -179,6 +183,8 @@ class Session:
                 )
             )
             time.sleep(1.0)  # let it start (a worker listening) before the next command
+            if self.kafka is not None and "--kafka" in text:
+                _wait_for_action_topics(self.kafka)
             return
         is_repl = shlex.split(text)[:2] == ["ablauf", "repl"]
         done = subprocess.run(
@@ -222,6 +228,20 @@ class Session:
                 proc.wait()
 
 
+def _wait_for_action_topics(bootstrap: str, seconds: float = 30.0) -> None:
+    """A Kafka worker started in the background has made its action topics (those of
+    examples/actions.py, which the pages use)."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    ends = time.monotonic() + seconds
+    while time.monotonic() < ends:
+        if "ablauf.action.git.create-repo" in admin.list_topics(timeout=5).topics:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no action topics on {bootstrap} after {seconds:g}s")
+
+
 def _page_id(page: Path) -> str:
     return page.relative_to(ROOT).as_posix()
 
@@ -242,7 +262,10 @@ def test_every_command_a_page_shows_prints_what_the_page_says(
     pg_url = None
     if any(PG_URL.search(c.text) for c in shown):
         pg_url = request.getfixturevalue("pg_url")
-    session = Session(tmp_path, pg_url)
+    kafka = None
+    if any(KAFKA.search(c.text) for c in shown):
+        kafka = request.getfixturevalue("kafka_broker").bootstrap
+    session = Session(tmp_path, pg_url, kafka)
     try:
         for command in shown:
             session.run(command)

@@ -6,6 +6,8 @@ aside. The many-process fault tests are in test_kafka_faults.py."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -289,3 +291,71 @@ def test_an_unreachable_broker_is_one_clear_error(tmp_path: Path) -> None:
         api.submit_kafka("(log!! 1)", f"sqlite:///{tmp_path / 'r.db'}", settings)
     assert time.monotonic() - started < 15
     assert not open_store(f"sqlite:///{tmp_path / 'r.db'}").list_runs()  # nothing recorded
+
+
+def _cli(*args: str, without_client: bool = False) -> subprocess.CompletedProcess[str]:
+    prelude = "import sys; sys.modules['confluent_kafka'] = None; " if without_client else ""
+    code = prelude + "from ablauf_lang.cli import main; main()"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parent.parent,
+    )
+
+
+def test_the_command_line_says_what_is_wrong_in_one_line(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'r.db'}"
+    cases = [
+        (
+            ["worker", "--kafka", "127.0.0.1:1", "--store", store],
+            True,
+            "needs the confluent-kafka client: pip install 'ablauf_lang[kafka]'",
+        ),
+        (
+            ["submit", "examples/hello.abl", "--kafka", "127.0.0.1:1", "--store", store],
+            True,
+            "pip install 'ablauf_lang[kafka]'",
+        ),
+        (["worker", "--role", "actions", "--store", store], False, "need --kafka"),
+        (
+            ["worker", "--kafka", "127.0.0.1:1", "--only", "nope/x", "--store", store],
+            False,
+            "--only nope/x: no such action",
+        ),
+        (
+            ["submit", "examples/hello.abl", "--kafka", "127.0.0.1:1", "--store", store],
+            False,
+            "cannot reach the Kafka broker at 127.0.0.1:1",
+        ),
+        (
+            ["worker", "--kafka", "x:1", "--kafka-option", "nokey", "--store", store],
+            False,
+            "expected KEY=VALUE",
+        ),
+        (["submit", "examples/hello.abl", "--kafka-prefix", "p"], False, "need --kafka"),
+    ]
+    for args, without, words in cases:
+        done = _cli(*args, without_client=without)
+        assert done.returncode == 2, (args, done.stderr)
+        assert words in done.stderr, (args, done.stderr)
+        assert "Traceback" not in done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr
+
+
+def test_submit_and_wait_on_the_command_line(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start()
+    program = tmp_path / "p.abl"
+    program.write_text("(do!! (action!! :t/act 1) (log!! (ctx :x)))")
+    args = ["--kafka", cluster.settings.bootstrap, "--kafka-prefix", cluster.prefix]
+    done = _cli(
+        "submit", str(program), "--store", cluster.url, *args, "--context", '{"x": 5}', "--wait"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "success" in done.stdout
+    missing = tmp_path / "m.abl"
+    missing.write_text("(action!! :t/other 1)")
+    refused = _cli("submit", str(missing), "--store", cluster.url, *args)
+    assert refused.returncode == 2
+    assert "no worker serves t/other" in refused.stderr

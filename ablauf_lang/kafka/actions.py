@@ -237,12 +237,14 @@ class ActionWorker:
         else:
             if self._paused:
                 await self._io_call(self._pause, False)
-            wait = 0.0 if self.done else (0.02 if self.running or self.held else 0.5)
+            if self.running:
+                # A result is reported the moment its action ends; new messages are looked
+                # for between (every 20 ms at most while actions run).
+                await self._wait_running(0.0 if self.done else 0.02)
+            wait = 0.0 if self.done or self.running else (0.02 if self.held else 0.5)
             messages = await self._io_call(self._consume, min(room * 2, self.batch), wait)
             if messages:
                 await self._take(messages)
-            elif self.running:
-                await self._wait_running(0.0)
         await self._recheck()
         await self._renew()
         await self._report()

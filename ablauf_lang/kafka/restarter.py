@@ -96,6 +96,7 @@ class Restarter:
         self._missing: dict[str, float] = {}  # action topic -> when it was found missing
         self._clear: list[tuple[str, int, int]] = []  # retry waits dispatched, to clear
         self._next_tick = 0.0
+        self._recover = False  # partitions came: look for signals taken but not recorded
 
     # ------------------------------------------------------------ the loop
 
@@ -130,6 +131,7 @@ class Restarter:
     def _assigned(self, consumer: Any, partitions: list[Any]) -> None:
         got = {p.partition for p in partitions}
         self.assigned |= got
+        self._recover = True
         log.info("restarter: partitions %s assigned", sorted(got))
 
     def _revoked(self, consumer: Any, partitions: list[Any]) -> None:
@@ -435,6 +437,13 @@ class Restarter:
         now = self.clock.now()
         handled = 0
         try:
+            if self._recover:
+                # An await whose signal a dead restarter took but never recorded: it takes
+                # the same signal again (the store marks it taken by that node).
+                self._recover = False
+                for run_id in self.store.taken_unrecorded():
+                    if partition_of(run_id, self.partitions) in self.assigned:
+                        self.step(run_id, [(TICK, None)], now)
             for run_id in self.store.due_runs(now, self.batch):
                 if partition_of(run_id, self.partitions) in self.assigned:
                     self.step(run_id, [(TICK, None)], now)

@@ -20,7 +20,7 @@ from ablauf_lang.engine.job import Job
 from ablauf_lang.errors import AblaufError
 from ablauf_lang.kafka import actions as action_worker
 from ablauf_lang.kafka import restarter
-from ablauf_lang.kafka.client import KafkaError, KafkaSettings, Outbox, connect
+from ablauf_lang.kafka.client import KafkaError, KafkaSettings, Outbox, connect, require
 from ablauf_lang.kafka.topics import partition_of, restarter_topic
 from ablauf_lang.runners.local import Action, registry
 from ablauf_lang.stores.base import JobStore
@@ -183,7 +183,9 @@ def settings_from(
     partitions: int | None = None,
     session_timeout: float | None = None,
 ) -> KafkaSettings:
-    """Settings from command-line values (None: the defaults)."""
+    """Settings from command-line values (None: the defaults); KafkaError at once when
+    the client library (the `kafka` extra) is missing."""
+    require()
     kwargs: dict[str, Any] = {"bootstrap": bootstrap, "options": dict(options or {})}
     if prefix is not None:
         kwargs["prefix"] = prefix

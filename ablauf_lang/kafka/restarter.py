@@ -95,6 +95,7 @@ class Restarter:
         self.consumer: Any = None
         self._missing: dict[str, float] = {}  # action topic -> when it was found missing
         self._clear: list[tuple[str, int, int]] = []  # retry waits dispatched, to clear
+        self._retried: dict[str, set[tuple[int, int]]] = {}  # run -> retries produced
         self._next_tick = 0.0
         self._recover = False  # partitions came: look for signals taken but not recorded
 
@@ -140,6 +141,7 @@ class Restarter:
         for run_id in [r for r in self.seen if partition_of(r, self.partitions) in gone]:
             self.seen.discard(run_id)
             self.jobs.pop(run_id, None)
+            self._retried.pop(run_id, None)
         log.info("restarter: partitions %s revoked", sorted(gone))
 
     def serve(self, stop: threading.Event) -> None:
@@ -264,6 +266,8 @@ class Restarter:
     def _keep(self, run_id: str, job: Job) -> None:
         if job.done:
             self.jobs.pop(run_id, None)
+            self.seen.discard(run_id)
+            self._retried.pop(run_id, None)
             return
         self.jobs[run_id] = job
         self.jobs.move_to_end(run_id)
@@ -290,9 +294,9 @@ class Restarter:
         job = self._job(run_id, WAKE in kinds)
         if job is None:
             return
-        self.seen.add(run_id)
         if job.done:
             return  # results for a finished run (a duplicate, or an aborted run's): ignored
+        self.seen.add(run_id)
         results = [r for _, r in items if r is not None]
         fresh = [r for r in results if accepts(job, r)]
         start = START in kinds and job.restarts == 0
@@ -302,7 +306,7 @@ class Restarter:
         timed: list[Result] = []
         due: list[Dispatch] = []
         if redo or TICK in kinds or first:
-            timed, due = self._due(run_id, job, now)
+            timed, due = self._due(run_id, job, now, again=redo or first)
         todo = fresh + timed
         dispatches: list[Dispatch] = []
         if todo or start or WAKE in kinds:
@@ -330,9 +334,13 @@ class Restarter:
             log.info("run %s finished: %s", run_id, job.status)
         return job, dispatches
 
-    def _due(self, run_id: str, job: Job, now: float) -> tuple[list[Result], list[Dispatch]]:
+    def _due(
+        self, run_id: str, job: Job, now: float, *, again: bool
+    ) -> tuple[list[Result], list[Dispatch]]:
         """What the run's waits ask for now: sleeps that woke, awaits that took their signal
-        or ran out of time (results), retries whose next attempt is due (dispatches)."""
+        or ran out of time (results), retries whose next attempt is due (dispatches; those
+        this process produced already only when taking the run over, `again`)."""
+        sent = self._retried.get(run_id, set())
         results: list[Result] = []
         dispatches: list[Dispatch] = []
         for leaf in inflight_leaves(job.root):
@@ -345,7 +353,12 @@ class Restarter:
                     results.append(got)
                 elif leaf.wake is not None and leaf.wake <= now:
                     results.append(_expired(leaf, now))
-            elif leaf.attempts and leaf.wake is not None and leaf.wake <= now:
+            elif (
+                leaf.attempts
+                and leaf.wake is not None
+                and leaf.wake <= now
+                and (again or (leaf.id, leaf.attempt) not in sent)
+            ):
                 dispatches.append(leaf_dispatch(leaf, job.context))
         return results, dispatches
 
@@ -408,6 +421,7 @@ class Restarter:
             self.counts.dispatched += 1
             if d.due is not None and d.action not in WAIT_ACTIONS:
                 self._clear.append((run_id, d.id, d.attempt))
+                self._retried.setdefault(run_id, set()).add((d.id, d.attempt))
         return ready
 
     def _soon(self, seconds: float) -> None:

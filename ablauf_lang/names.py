@@ -117,6 +117,7 @@ REPL_COMMANDS: tuple[str, ...] = (
     ":back",
     ":load",
     ":save",
+    ":graph",
     ":clock",
     ":advance",
     ":signal",

@@ -3,7 +3,9 @@
 #   - the PostgreSQL server binaries (initdb, pg_ctl), for the tests and benchmarks that
 #     start a throwaway server, and the unprivileged `postgres` user to run it as when
 #     the tests run as root (initdb refuses root);
-#   - tmux, for the tests that drive the REPL and `ablauf run` in a real terminal.
+#   - tmux, for the tests that drive the REPL and `ablauf run` in a real terminal;
+#   - Chromium and its driver (Debian's chromium, chromium-driver), for the dashboard's
+#     end-to-end tests in a real headless browser.
 # Idempotent and quiet when everything is there; installs what is missing with apt-get
 # (CI runs as root on a fresh Debian/Ubuntu machine). `pygmentize` comes with the
 # `pygments` Python package that `pip install -e '.[test]'` installs.
@@ -20,6 +22,9 @@ have_initdb() {
 missing=()
 have_initdb || missing+=(postgresql)
 command -v tmux >/dev/null 2>&1 || missing+=(tmux)
+have_chromium() { [ -x /usr/bin/chromium ] || command -v chromium >/dev/null 2>&1; }
+have_chromium || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 
 if [ "${#missing[@]}" -gt 0 ]; then
     if ! command -v apt-get >/dev/null 2>&1; then
@@ -42,6 +47,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
     fi
     if ! command -v tmux >/dev/null 2>&1; then
         echo "ensure-test-tools: tmux was installed but is still missing" >&2
+        exit 1
+    fi
+    if ! have_chromium || ! command -v chromedriver >/dev/null 2>&1; then
+        echo "ensure-test-tools: chromium was installed but chromium or chromedriver is still missing" >&2
         exit 1
     fi
     # The package starts a cluster of its own on port 5432; the tests do not need it.

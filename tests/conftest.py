@@ -7,8 +7,9 @@ import os
 from hypothesis import HealthCheck, settings
 
 # A throwaway PostgreSQL server (`pg_server`, `pg_url`), a Kafka-protocol broker
-# (`kafka_broker`, `kafka_bootstrap`) and a real terminal (`tmux`).
-pytest_plugins = ["tests.pg", "tests.kafka", "tests.terminal"]
+# (`kafka_broker`, `kafka_bootstrap`, `kafka_s3_broker`), a real terminal (`tmux`) and a
+# headless Chromium (`browser`).
+pytest_plugins = ["tests.pg", "tests.kafka", "tests.terminal", "tests.browser"]
 
 settings.register_profile(
     "ci",

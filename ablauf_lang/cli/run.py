@@ -169,17 +169,29 @@ def run(
 @click.option(
     "--tree", is_flag=True, help="Print each program's compiled tree (run-time parts as source)."
 )
+@click.option(
+    "--graph",
+    "graph",
+    metavar="FILE.svg|FILE.png",
+    default=None,
+    help="Draw the program's tree as a picture (SVG; PNG when cairosvg is installed).",
+)
 @json_option
-def check(files: tuple[str, ...], actions: str | None, tree: bool, as_json: bool) -> None:
+def check(
+    files: tuple[str, ...], actions: str | None, tree: bool, graph: str | None, as_json: bool
+) -> None:
     """Check programs without running them; exit 2 when any has an error.
 
-    A FILE `-` reads a program from standard input.
+    A FILE `-` reads a program from standard input. With --graph, the one program given
+    is also drawn (nothing is written when it has an error).
     """
     from rich.text import Text
 
     from ablauf_lang import api
     from ablauf_lang.ui.render import program_tree, value_width
 
+    if graph is not None:
+        _picture_path(graph, len(files))
     registry = api.load_actions(actions)
     console = stdout_console()
     reports: list[dict[str, Any]] = []
@@ -209,11 +221,21 @@ def check(files: tuple[str, ...], actions: str | None, tree: bool, as_json: bool
                 for error in unknown:
                     click.echo(render_error(error), err=True)
             continue
+        if graph is not None:
+            from ablauf_lang.ui.graph import program_svg, write_picture
+
+            try:
+                write_picture(program_svg(root, title=report["file"]), graph)
+            except AblaufError as exc:
+                raise UserError(exc) from None
+            report["graph"] = graph
         report["ok"] = True
         if tree:
             report["tree"] = nodes
         if not as_json:
             click.echo(f"{report['file']}: ok ({len(nodes)} nodes)")
+            if graph is not None:
+                click.echo(f"wrote {graph}")
             if tree:
                 label = Text(report["file"], style="bold")
                 console.print(
@@ -225,6 +247,19 @@ def check(files: tuple[str, ...], actions: str | None, tree: bool, as_json: bool
         echo_json({"ok": failed == 0, "files": reports})
     if failed:
         leave(EXIT_USAGE)
+
+
+def _picture_path(path: str, programs: int) -> None:
+    """Refuse `check --graph` for more than one program, or a picture it cannot write
+    (a name other than .svg/.png, a PNG without cairosvg): exit 2, before any work."""
+    from ablauf_lang.ui.graph import picture_format
+
+    if programs != 1:
+        raise UserError("ablauf: error: --graph draws one program: give one FILE.abl")
+    try:
+        picture_format(path)
+    except AblaufError as exc:
+        raise UserError(exc) from None
 
 
 @click.command()

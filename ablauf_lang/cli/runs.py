@@ -532,3 +532,59 @@ def signal(run_id: str, name: str, value: str | None, store: str | None, as_json
         echo_json({"run_id": run_id, "name": name.removeprefix(":"), "seq": seq})
     else:
         click.echo(f"sent signal {name.removeprefix(':')} to run {run_id} (#{seq})")
+
+
+# ---------------------------------------------------------------- graph
+
+
+@runs.command("graph")
+@click.argument("run_id", metavar="ID")
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    metavar="FILE.svg|FILE.png",
+    required=True,
+    help="Where to write the picture (`-`: the SVG on standard output).",
+)
+@click.option(
+    "--fold",
+    type=click.IntRange(min=0),
+    default=50,
+    show_default=True,
+    help="Draw a branch with more children than this as its first few and their counts "
+    "by state (0: never).",
+)
+@store_option
+def runs_graph(run_id: str, output: str, fold: int, store: str | None) -> None:
+    """Draw a run as a picture: its job tree, each node coloured by its state.
+
+    SVG needs nothing more; PNG needs cairosvg (pip install cairosvg).
+
+        ablauf runs graph 3f0c -o run.svg
+    """
+    from ablauf_lang import api
+    from ablauf_lang.ui.graph import picture_format, run_svg, write_picture
+
+    if output != "-":
+        try:
+            picture_format(output)  # a bad name fails before the store is opened
+        except AblaufError as exc:
+            raise UserError(exc) from None
+    with api.opened(store_url(store)) as backend:
+        run_id = api.resolve_run_id(run_id, backend)
+        stored = api.load_run(run_id, backend)
+    job = stored.job
+    title = f"run {run_id} · {stored.info.filename or '<program>'} · {job.status}"
+    title += f" · restarts {job.restarts}"
+    if job.aborted is not None:
+        title += f" · aborted: {job.aborted}"
+    svg = run_svg(job, title=title, fold=fold)
+    if output == "-":
+        click.echo(svg, nl=False)
+        return
+    try:
+        write_picture(svg, output)
+    except AblaufError as exc:
+        raise UserError(exc) from None
+    click.echo(f"wrote {output}")

@@ -489,6 +489,22 @@ def _save(repl: Repl, arg: str) -> None:
     repl.console.print(Text(f"saved job to {path}", style="dim"))
 
 
+@command(":graph", "FILE", "draw the job with its states as FILE.svg (.png: needs cairosvg)")
+def _graph(repl: Repl, arg: str) -> None:
+    from ablauf_lang.ui.graph import run_svg, write_picture
+
+    path = os.path.expanduser(arg.strip())
+    if not path:
+        raise ReplError("usage: :graph FILE.svg")
+    job = repl.stepper.require_job()
+    title = f"{repl.stepper.current.name or 'job'} · {job.status} · restarts {job.restarts}"
+    try:
+        write_picture(run_svg(job, title=title), path)
+    except AblaufError as exc:
+        raise ReplError(exc.message) from None
+    repl.console.print(Text(f"wrote {path}", style="dim"))
+
+
 @command(":actions", "", "the registered actions")
 def _actions(repl: Repl, arg: str) -> None:
     for name in sorted(repl.stepper.actions):

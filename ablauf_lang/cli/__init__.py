@@ -29,6 +29,7 @@ from ablauf_lang.cli.common import (
 )
 from ablauf_lang.cli.run import check, repl, run
 from ablauf_lang.cli.runs import runs, signal
+from ablauf_lang.cli.ui import ui
 from ablauf_lang.cli.worker import submit, worker
 from ablauf_lang.errors import AblaufError
 
@@ -45,7 +46,7 @@ def cli() -> None:
     """
 
 
-for _command in (run, check, repl, runs, signal, worker, submit):
+for _command in (run, check, repl, runs, signal, worker, submit, ui):
     cli.add_command(_command)
 
 

@@ -153,7 +153,7 @@ class ActionWorker:
         self._lock = threading.Lock()
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ablauf-kafka")
         self._threads = ActionThreads(concurrency)
-        self._paused = False
+        self.backlog: list[Any] = []  # messages read, waiting for a free slot
         self._next_renew = 0.0
 
     async def _io_call(self, fn: Callable[..., T], *args: Any) -> T:
@@ -189,8 +189,6 @@ class ActionWorker:
         with self._lock:
             for p in partitions:
                 self.offsets.setdefault((p.topic, p.partition), Offsets())
-        if self._paused:
-            consumer.pause(partitions)
 
     def _revoked(self, consumer: Any, partitions: list[Any]) -> None:
         self._commit_now(sync=True)
@@ -199,6 +197,8 @@ class ActionWorker:
                 self.offsets.pop((p.topic, p.partition), None)
             gone = {(p.topic, p.partition) for p in partitions}
             self.held = [i for i in self.held if i.where not in gone]
+            # read but not started: the partition's next owner reads them again
+            self.backlog = [m for m in self.backlog if (m.topic(), m.partition()) not in gone]
 
     def close(self) -> None:
         if self.consumer is not None:
@@ -227,35 +227,33 @@ class ActionWorker:
             await self._io_call(self.close)
 
     async def once(self) -> None:
-        """Take what there is room for, start it, report what finished."""
+        """Take what there is room for, start it, report what finished.
+
+        Partitions are never paused (librdkafka keeps a pause across a rebalance, and
+        a pause asked for while partitions are being assigned is lost): a worker whose
+        slots are all busy keeps polling, to stay in its group and serve rebalances, and
+        what the poll returns waits in `backlog` (read, not yet counted for a commit)."""
         room = self.concurrency - len(self.running)
         if room <= 0:
-            if not self._paused:
-                await self._io_call(self._pause, True)
             await self._wait_running(0.5)
-            await self._io_call(self.consumer.poll, 0)  # rebalances are served in poll
+            self.backlog.extend(await self._io_call(self._consume, 1, 0.0))
         else:
-            if self._paused:
-                await self._io_call(self._pause, False)
             if self.running:
                 # A result is reported the moment its action ends; new messages are looked
                 # for between (every 20 ms at most while actions run).
                 await self._wait_running(0.0 if self.done else 0.02)
-            wait = 0.0 if self.done or self.running else (0.02 if self.held else 0.5)
-            messages = await self._io_call(self._consume, min(room * 2, self.batch), wait)
-            if messages:
-                await self._take(messages)
+            if len(self.backlog) < room:
+                idle = not (self.done or self.running or self.backlog)
+                wait = (0.02 if self.held else 0.5) if idle else 0.0
+                most = min(room * 2, self.batch)
+                self.backlog.extend(await self._io_call(self._consume, most, wait))
+            with self._lock:
+                taken, self.backlog = self.backlog[:room], self.backlog[room:]
+            if taken:
+                await self._take(taken)
         await self._recheck()
         await self._renew()
         await self._report()
-
-    def _pause(self, on: bool) -> None:
-        parts = self.consumer.assignment()
-        if on:
-            self.consumer.pause(parts)
-        else:
-            self.consumer.resume(parts)
-        self._paused = on
 
     def _consume(self, most: int, wait: float) -> list[Any]:
         first = self.consumer.poll(wait)
@@ -327,6 +325,9 @@ class ActionWorker:
                 self.counts.resent += 1
                 self.done.append((item, decode_result(claim.result)))
             elif claim.state == "abandoned":
+                # The claim is this worker's now: the interrupted result is recorded with
+                # it, so a later delivery sends the same result again.
+                item.claimed = True
                 self.counts.interrupted += 1
                 now = time.time()
                 error = (

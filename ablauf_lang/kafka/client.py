@@ -66,6 +66,7 @@ class KafkaSettings:
             "bootstrap.servers": self.bootstrap,
             "logger": client_log,
             "log.connection.close": False,
+            "error_cb": _client_error,
         }
         out.update(self.options)
         return out
@@ -91,6 +92,19 @@ class KafkaSettings:
         }
         out.update(self.common())
         return out
+
+
+_said: dict[str, float] = {}  # a client error's text -> when it was last logged
+
+
+def _client_error(err: Any) -> None:
+    """librdkafka's errors (a broker that went away, all brokers down): one warning per
+    kind of error every 10 s, while the client keeps trying by itself."""
+    text = err.str() if hasattr(err, "str") else str(err)
+    now = time.monotonic()
+    if now - _said.get(text, -1e9) >= 10.0:
+        _said[text] = now
+        log.warning("Kafka: %s; trying again", text)
 
 
 def _error_text(exc: BaseException) -> str:

@@ -89,6 +89,10 @@ class KafkaSettings:
             "heartbeat.interval.ms": max(100, ms // 10),
             "max.poll.interval.ms": max(ms, 300000),
             "topic.metadata.refresh.interval.ms": 5000,
+            # How long the broker may hold an empty fetch. A broker that answers only when
+            # the wait ends (Tansu) makes this the latency of every hop; Kafka answers as
+            # soon as a record arrives, so there it only sets how often an idle consumer asks.
+            "fetch.wait.max.ms": 100,
         }
         out.update(self.common())
         return out

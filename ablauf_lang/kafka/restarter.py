@@ -446,7 +446,10 @@ class Restarter:
 
     def timers(self) -> None:
         """Handle the due runs of this restarter's partitions (at most every `poll` s)."""
-        if time.monotonic() < self._next_tick or not self.assigned:
+        if time.monotonic() < self._next_tick:
+            return
+        if not self.assigned:  # no partition (yet): look again after `poll`, never spin
+            self._next_tick = time.monotonic() + self.poll
             return
         now = self.clock.now()
         handled = 0

@@ -7,12 +7,9 @@ serve(settings, open_store, role=)   restarter, actions, or all (both, one proce
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from types import FrameType
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ablauf_lang.codec.records import encode_control_message
@@ -22,7 +19,7 @@ from ablauf_lang.kafka import actions as action_worker
 from ablauf_lang.kafka import restarter
 from ablauf_lang.kafka.client import KafkaError, KafkaSettings, Outbox, connect, require
 from ablauf_lang.kafka.topics import partition_of, restarter_topic
-from ablauf_lang.runners.local import Action, registry
+from ablauf_lang.runners.local import Action, registry, stopping
 from ablauf_lang.stores.base import JobStore
 
 log = logging.getLogger("ablauf.kafka")
@@ -92,28 +89,6 @@ def wake(settings: KafkaSettings, run_id: str) -> None:
     _send(settings, "wake", run_id, _partitions(settings))
 
 
-@contextlib.contextmanager
-def stopping(stop: threading.Event) -> Iterator[None]:
-    """SIGTERM and SIGINT set `stop` (in the main thread; elsewhere nothing changes)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        if stop.is_set():
-            log.warning("already stopping: finishing the actions in hand")
-        else:
-            log.info("%s: finishing what is in hand, then stopping", signal.Signals(signum).name)
-        stop.set()
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
 def serve(
     settings: KafkaSettings,
     open_store: Callable[[], JobStore],
@@ -145,7 +120,7 @@ def serve(
         finally:
             store.close()
 
-    with stopping(stop):
+    with stopping(stop, log):
         if role == "restarter":
             restarts()
         else:

@@ -22,6 +22,7 @@ import asyncio
 import concurrent.futures
 import heapq
 import inspect
+import logging
 import queue
 import signal
 import threading
@@ -196,6 +197,29 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     # Raised wherever the main thread is. Where Python cannot raise it (a weakref callback,
     # a __del__) it is lost: `checkpoint()` raises it again at the runner's next step.
     raise Interrupted(signum)
+
+
+@contextmanager
+def stopping(stop: threading.Event, log: logging.Logger) -> Iterator[None]:
+    """SIGTERM and SIGINT set `stop`, for a worker that finishes what it has in hand
+    (from the main thread only; elsewhere nothing changes). A second signal is logged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            log.warning("already stopping: finishing what is in hand")
+        else:
+            log.info("%s: finishing what is in hand, then stopping", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def checkpoint() -> None:

@@ -55,13 +55,11 @@ import contextlib
 import inspect
 import logging
 import random
-import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import Any
 
 from ablauf_lang.engine.job import Job, restart_job
@@ -85,6 +83,7 @@ from ablauf_lang.runners.local import (
     perform,
     perform_sync,
     registry,
+    stopping,
     supervise,
 )
 from ablauf_lang.stdlib.actions import AWAIT, SLEEP, STDLIB_ACTIONS, WAIT_ACTIONS
@@ -931,28 +930,6 @@ def _message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-@contextlib.contextmanager
-def _signals(stop: threading.Event) -> Iterator[None]:
-    """SIGTERM and SIGINT set `stop` (from the main thread only; elsewhere: nothing)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        if stop.is_set():
-            log.warning("already stopping: finishing the actions in hand")
-        else:
-            log.info("%s: finishing the tasks in hand, then stopping", signal.Signals(signum).name)
-        stop.set()
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
 def run_worker(
     store_url: str,
     actions: Mapping[str, Callable[..., Any]],
@@ -972,7 +949,7 @@ def run_worker(
     are retried with backoff.
     """
     worker = Worker(store_url, actions, concurrency, stop=stop, lease=lease, poll=poll)
-    with _signals(worker.stop):
+    with stopping(worker.stop, log):
         worker.run()
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import signal as _signals
 import threading
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any, TypeVar
 
+from ablauf_lang.codec.history import HistoryStep, RunHistory
 from ablauf_lang.engine import job as _job
+from ablauf_lang.engine.fork import ForkError, fork_point, graft
 from ablauf_lang.engine.job import Job, preorder
 from ablauf_lang.engine.kinds import Leaf, Node
 from ablauf_lang.engine.nodes import Dispatch, Result, Status
@@ -17,7 +20,7 @@ from ablauf_lang.engine.replay import abort, check_replay, prepare_replay
 from ablauf_lang.engine.states import states
 from ablauf_lang.engine.waits import waits as run_waits
 from ablauf_lang.errors import AblaufError, RunError, StoreError
-from ablauf_lang.lang.compiler import with_deadline
+from ablauf_lang.lang.compiler import with_breaks, with_deadline
 from ablauf_lang.lang.forms import Form
 from ablauf_lang.runners.clock import SYSTEM, Clock
 from ablauf_lang.runners.local import (
@@ -39,7 +42,9 @@ from ablauf_lang.stores.base import (
     StoredRun,
     default_url,
     new_run_id,
+    run_error,
     signal_name,
+    waits_described,
 )
 
 __all__ = [
@@ -47,12 +52,15 @@ __all__ = [
     # and the REPL need besides: their one door to what lies below
     "Action",
     "Dispatch",
+    "ForkError",
+    "HistoryStep",
     "Interrupted",
     "Job",
     "JobStore",
     "Node",
     "Result",
     "Run",
+    "RunHistory",
     "RunInfo",
     "Status",
     "StoredRun",
@@ -65,7 +73,9 @@ __all__ = [
     "eval",
     "eval_async",
     "find_runs",
+    "fork",
     "interruptible",
+    "job_at",
     "list_runs",
     "load_actions",
     "load_run",
@@ -82,7 +92,9 @@ __all__ = [
     "resume_async",
     "retry",
     "retry_async",
+    "run_at",
     "run_exists",
+    "run_history",
     "serve_kafka",
     "serve_worker",
     "show_run",
@@ -94,6 +106,7 @@ __all__ = [
     "wait",
     "wait_any",
     "wake_kafka",
+    "with_breaks",
 ]
 
 T = TypeVar("T")
@@ -165,9 +178,17 @@ def _start(
     filename: str | None,
     file_imports: bool | None = None,
     timeout: Any = None,
+    breaks: Sequence[str] = (),
 ) -> Job:
     """The job `eval` runs: compiled from source, made from a tree, or a job as it is
-    (a `timeout`: the program within a deadline, see `with_deadline`)."""
+    (a `timeout`: the program within a deadline, see `with_deadline`; `breaks`: parked
+    before those actions, see `with_breaks`)."""
+    if breaks:
+        if isinstance(source, Job):
+            raise AblaufError("breaks= applies to a program, not to a job already made")
+        if isinstance(source, str):
+            source = compile(source, filename, file_imports=file_imports)
+        source = with_breaks(source, breaks)
     if timeout is not None:
         if isinstance(source, Job):
             raise AblaufError("timeout= applies to a program, not to a job already made")
@@ -206,6 +227,7 @@ async def eval_async(
     clock: Clock | None = None,
     timeout: Any = None,
     detach: bool = False,
+    breaks: Sequence[str] = (),
 ) -> Run:
     """Run a program to completion on the running event loop (see `eval`).
 
@@ -229,8 +251,8 @@ async def eval_async(
                     return Run(run_id, stored.job)
                 job = prepare_replay(stored.job, now=(clock or SYSTEM).now())
                 return lease.ended(await _drive(backend, run_id, job, actions, lease, **drive))
-        job = _start(source, context, filename, file_imports, timeout)
         text = source if isinstance(source, str) else None
+        job = _start(source, context, filename, file_imports, timeout, breaks)
         run_id = backend.create_run(job, source=text, filename=filename, run_id=run_id)
         with _leased(backend, run_id) as lease:
             return lease.ended(await _drive(backend, run_id, job, actions, lease, **drive))
@@ -336,6 +358,7 @@ def eval(
     clock: Clock | None = None,
     timeout: Any = None,
     detach: bool = False,
+    breaks: Sequence[str] = (),
 ) -> Run:
     """Compile and run a program to completion; return its status, context and job.
 
@@ -354,6 +377,8 @@ def eval(
     `timeout`: a deadline for the whole run (seconds or a duration map): past it, what is
     in flight becomes `timeout` and the run fails. `detach=True`: return as soon as the run
     is parked (only waits left), status pending; a worker (`ablauf worker`) wakes it.
+    `breaks`: action names the run parks before, as for an `await!!` of the signal
+    `ablauf/break` (`ablauf run --break`; `signal(run_id, "ablauf/break")` lets one go on).
     """
     return _sync(
         eval_async(
@@ -368,6 +393,7 @@ def eval(
             clock=clock,
             timeout=timeout,
             detach=detach,
+            breaks=breaks,
         )
     )
 
@@ -524,6 +550,76 @@ def load_run(run_id: str, store: str | JobStore | None = None) -> StoredRun:
         return backend.load(run_id)
 
 
+def run_history(run_id: str, store: str | JobStore | None = None) -> RunHistory:
+    """Every write kept of a run, described (`codec.history.RunHistory`): the results
+    each restart applied, the dispatches it made, the context it changed, when; and the
+    job after any restart (`.job_at(n)`)."""
+    with opened(store) as backend:
+        return backend.history(run_id)
+
+
+def job_at(run_id: str, restart: int, store: str | JobStore | None = None) -> Job:
+    """The job of a run as it was after restart `restart` (RunError when out of range)."""
+    return run_history(run_id, store).job_at(restart)
+
+
+def run_at(run_id: str, restart: int, store: str | JobStore | None = None) -> StoredRun:
+    """A run as it was after restart `restart`: its job then, its summary as it was (no
+    driver, the status and error of then)."""
+    with opened(store) as backend:
+        stored = backend.load(run_id)
+        history = backend.history(run_id)
+    index = history.index_at(restart)
+    job = history.job_after(index)
+    info = replace(
+        stored.info,
+        status=job.status,
+        updated=history.steps[index].updated,
+        restarts=job.restarts,
+        error=run_error(job),
+        aborted=job.aborted,
+        driver=None,
+        damage=None,
+        waiting=waits_described(run_waits(job)) if job.status is Status.PENDING else None,
+    )
+    return replace(stored, info=info, job=job)
+
+
+def fork(
+    run_id: str,
+    at: int | None = None,
+    *,
+    program: str | None = None,
+    filename: str | None = None,
+    store: str | JobStore | None = None,
+) -> str:
+    """Record a new run whose state is run `run_id`'s after restart `at` (its latest
+    without `at`); return its id. What was in flight then is handed back to be performed
+    again. With `program` (an edit of the run's program) the part not started by then
+    comes from the edit; ForkError names the first started node the edit changes.
+
+    The new run records its parent and the restart; it is not driven: `resume` (or
+    `ablauf runs resume ID`, or workers) takes it on from there."""
+    with opened(store) as backend:
+        stored = backend.load(run_id)
+        history = backend.history(run_id)
+        step = history.restarts[1] if at is None else int(at)
+        job = history.job_at(step)
+        source, name = stored.source, stored.info.filename
+        if program is not None:
+            job = graft(job, make_job(compile(program, filename)).root)
+            source, name = program, filename or name
+        job = fork_point(job)
+        if job.done:
+            raise RunError(
+                f"run {run_id} had finished ({job.status}) by restart {step}: a fork of it "
+                "has nothing to do (fork at an earlier restart)"
+            )
+        return backend.create_run(
+            job, source=source, filename=name, parent=run_id, parent_step=step
+        )
+
+
 def signal(run_id: str, name: str, value: Any = None, store: str | JobStore | None = None) -> int:
     """Send signal `name` (with `value`, any storable value) to a run; return its number
     in the run's mailbox. The run's first `(await!! :name)` not yet given a signal takes
@@ -551,10 +647,12 @@ def find_runs(
     limit: int | None = None,
     offset: int = 0,
     waiting: bool = False,
+    forks_of: str | None = None,
 ) -> tuple[list[RunInfo], int]:
     """A page of runs newest first in `state` (any `RunInfo.state`: pending, running,
     abandoned, success, failure, aborted, damaged), and how many there are in all;
-    `waiting`: only runs that wait for something (a sleep, a signal, a retry's wait)."""
+    `waiting`: only runs that wait for something (a sleep, a signal, a retry's wait);
+    `forks_of`: only runs forked from that run."""
     status = state if state in ("pending", "success", "failure") else None
     if state in ("running", "abandoned"):
         status = "pending"
@@ -563,6 +661,8 @@ def find_runs(
     chosen: dict[str, Any] = {"status": status, "filename": filename, "since": since}
     if waiting:
         chosen["waiting"] = True
+    if forks_of is not None:
+        chosen["forks_of"] = forks_of
     with opened(store) as backend:
         if state in (None, "pending", "success", "failure"):  # what the store keeps
             infos = backend.list_runs(limit=limit, offset=offset, **chosen)
@@ -693,11 +793,13 @@ def submit(
     *,
     context: dict[str, Any] | None = None,
     filename: str | None = None,
+    breaks: Sequence[str] = (),
 ) -> str:
-    """Record a program as a new run queued for the workers of a PostgreSQL store; its id."""
+    """Record a program as a new run queued for the workers of a PostgreSQL store; its id.
+    `breaks`: actions the run parks before (`ablauf submit --break`)."""
     with _distributed():
         from ablauf_lang.runners import worker
-    return worker.submit(source, store, context=context, filename=filename)
+    return worker.submit(source, store, context=context, filename=filename, breaks=breaks)
 
 
 def wait(run_id: str, store: str, timeout: float | None = None) -> Run:

@@ -112,6 +112,14 @@ store_option = click.option(
     help="Where runs are recorded: memory:, sqlite:///path or postgresql://... "
     "[default: $ABLAUF_STORE, else SQLite in the user data directory]",
 )
+break_option = click.option(
+    "--break",
+    "breaks",
+    metavar="ACTION",
+    multiple=True,
+    help="Park the run before dispatching this action (repeatable): it waits for the "
+    "signal ablauf/break (`ablauf runs continue ID`); `runs list` shows it waiting.",
+)
 json_option = click.option(
     "--json", "as_json", is_flag=True, help="Print the result as JSON on stdout, and nothing else."
 )

@@ -16,6 +16,7 @@ from ablauf_lang.cli.common import (
     STDIN_NAME,
     UserError,
     actions_option,
+    break_option,
     concurrency_option,
     context_option,
     echo_json,
@@ -88,6 +89,7 @@ def _unknown_actions(
     help="Return as soon as the run only waits (sleep!!, await!!, a retry's wait), leaving "
     "it to `ablauf worker` to wake (exit 0, status pending).",
 )
+@break_option
 def run(
     file: str,
     context: str | None,
@@ -98,6 +100,7 @@ def run(
     concurrency: int,
     deadline: str | None,
     detach: bool,
+    breaks: tuple[str, ...],
 ) -> None:
     """Run a program to completion; exit 0 on success, 1 when the workflow fails.
 
@@ -119,6 +122,8 @@ def run(
     # Compile once up front: a bad program is reported before any store is opened, and so
     # are actions nobody registered.
     root = api.compile(source, name)
+    if breaks:
+        api.with_breaks(root, breaks)  # an action the program does not use: exit 2 now
     unknown = _unknown_actions(root, registry, actions, name, source)
     if unknown:
         for error in unknown:
@@ -143,6 +148,7 @@ def run(
             on_start=on_start,
             timeout=seconds,
             detach=detach,
+            breaks=breaks,
         )
 
     drive_and_finish(

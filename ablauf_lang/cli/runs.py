@@ -34,6 +34,7 @@ from ablauf_lang.cli.common import (
     store_url,
 )
 from ablauf_lang.cli.drive import drive_and_finish
+from ablauf_lang.cli.history import runs_continue, runs_fork, runs_history
 from ablauf_lang.errors import AblaufError
 
 if TYPE_CHECKING:
@@ -81,6 +82,9 @@ def _note(info: RunInfo, width: int = 80) -> str:
     waits for, on one line."""
     text = info.damage or (f"aborted: {info.aborted}" if info.aborted is not None else None)
     text = text or info.error or info.waiting or ""
+    if info.parent is not None:
+        fork = f"fork of {info.parent} at {info.parent_step}"
+        text = f"{fork}; {text}" if text else fork
     text = " ".join(str(text).split())
     return text if len(text) <= width else text[: width - 1] + "…"
 
@@ -135,6 +139,13 @@ def _when(stamp: float) -> str:
     is_flag=True,
     help="Only runs that wait for something: a sleep, a signal, a retry's next attempt.",
 )
+@click.option(
+    "--forks-of",
+    "forks_of",
+    metavar="ID",
+    default=None,
+    help="Only the runs forked from run ID (`runs fork`).",
+)
 def runs_list(
     store: str | None,
     as_json: bool,
@@ -144,6 +155,7 @@ def runs_list(
     limit: int,
     offset: int,
     waiting: bool,
+    forks_of: str | None,
 ) -> None:
     """List runs, newest first (a page of --limit runs; a note says when there are more).
 
@@ -153,14 +165,18 @@ def runs_list(
     from ablauf_lang import api
 
     when = None if since is None else parse_since(since)
+    url = store_url(store)
+    if forks_of is not None:
+        forks_of = _resolved(forks_of, url)
     infos, total = api.find_runs(
-        store_url(store),
+        url,
         state=state,
         filename=filename,
         since=when,
         limit=limit,
         offset=offset,
         waiting=waiting,
+        forks_of=forks_of,
     )
     more = total - offset - len(infos)
     note = (
@@ -206,12 +222,35 @@ def runs_list(
     help="Redraw as the run goes on, until it ends; then exit 0 on success, 1 otherwise.",
 )
 @seconds_option("--interval", 0.5, 0.05, "How often --follow reads the store.")
-def runs_show(run_id: str, store: str | None, as_json: bool, follow: bool, interval: float) -> None:
+@click.option(
+    "--at",
+    "at",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="N",
+    help="The run as it was after restart N (`runs history` lists them).",
+)
+def runs_show(
+    run_id: str, store: str | None, as_json: bool, follow: bool, interval: float, at: int | None
+) -> None:
     """Show a run: its state, its job tree with each node's state, its context."""
     from ablauf_lang import api
 
+    if at is not None and follow:
+        raise UserError("ablauf: error: --at shows a past state: it cannot --follow")
     with api.opened(store_url(store)) as backend:
         run_id = api.resolve_run_id(run_id, backend)
+        if at is not None:
+            try:
+                stored = api.run_at(run_id, at, backend)
+            except AblaufError as exc:
+                raise UserError(exc) from None
+            if as_json:
+                echo_json({**api.show_run(stored), "at": at})
+            else:
+                console = stdout_console()
+                console.print(_show(stored, console, at=at), soft_wrap=True)
+            return
         stored = api.load_run(run_id, backend)
         drawn = False  # the live view's last frame already shows the end
         if follow:
@@ -224,9 +263,9 @@ def runs_show(run_id: str, store: str | None, as_json: bool, follow: bool, inter
         exit_for(stored.job.status)
 
 
-def _show(stored: StoredRun, console: Console) -> RenderableType:
+def _show(stored: StoredRun, console: Console, at: int | None = None) -> RenderableType:
     """A run as text: a head line (state, times, file), its abort reason or error, the
-    job tree and the context."""
+    job tree and the context (`at`: as it was after that restart)."""
     from rich.console import Group
     from rich.text import Text
 
@@ -242,12 +281,16 @@ def _show(stored: StoredRun, console: Console) -> RenderableType:
     )
     if info.filename:
         head.append(f"  {info.filename}", style="dim")
+    if info.parent is not None:
+        head.append(f"  forked from {info.parent} at restart {info.parent_step}", style="dim")
+    if at is not None:
+        head.append(f"  as after restart {at}", style="bold cyan")
     parts: list[Any] = [job_tree(stored.job, label=head, width=max(16, console.width // 3))]
     if info.aborted is not None:
         parts.append(Text("aborted: ", style="bold red") + Text(str(info.aborted)))
     elif info.error and info.state == "failure":
         parts.append(Text("error: ", style="red") + Text(info.error))
-    if info.state == "abandoned":
+    if info.state == "abandoned" and at is None:
         parts.append(
             Text(
                 f"nobody is driving it: go on with `ablauf runs resume {info.run_id}`",
@@ -406,6 +449,11 @@ _again_command(
     "resume", False, "Go on with an unfinished run (after a crash or an interrupt)." + _REFUSED
 )
 _again_command("retry", True, "Run a failed run's failed steps again and go on." + _REFUSED)
+
+
+runs.add_command(runs_history)
+runs.add_command(runs_fork)
+runs.add_command(runs_continue)
 
 
 @runs.command("abort")

@@ -13,6 +13,7 @@ from ablauf_lang.cli.common import (
     EXIT_INTERRUPTED,
     UserError,
     actions_option,
+    break_option,
     concurrency_option,
     context_option,
     echo_json,
@@ -213,6 +214,7 @@ def _serve_kafka(
     help="Wait until the run ends, print its outcome as `run` does, and exit with its code "
     "(0 success, 1 failure).",
 )
+@break_option
 @kafka_options
 def submit(
     file: str,
@@ -220,6 +222,7 @@ def submit(
     context: str | None,
     as_json: bool,
     wait: bool,
+    breaks: tuple[str, ...],
     kafka: str | None,
     kafka_prefix: str | None,
     kafka_option: tuple[str, ...],
@@ -233,9 +236,11 @@ def submit(
     source = read_source(file)
     ctx = parse_context(context)
     if settings is not None:
+        if breaks:
+            raise UserError("ablauf: error: --break is not supported with --kafka yet")
         run_id = api.submit_kafka(source, url, settings, context=ctx, filename=file)
     else:
-        run_id = api.submit(source, url, context=ctx, filename=file)
+        run_id = api.submit(source, url, context=ctx, filename=file, breaks=breaks)
     if wait:
         started = time.monotonic()
         try:

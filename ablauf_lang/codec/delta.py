@@ -466,7 +466,11 @@ def snapshot_parts(
 def replay(parts: Parts, data: str, seq: int | None = None) -> None:
     """Apply one delta (`deltas.data`) to `parts`; Damage when it does not fit them."""
     what = "a write" if seq is None else f"write {seq}"
-    delta = read_json(data, what)
+    replay_delta(parts, read_json(data, what), what)
+
+
+def replay_delta(parts: Parts, delta: Any, what: str) -> None:
+    """Apply one delta already read from its JSON text; Damage when it does not fit."""
     if not isinstance(delta, dict):
         raise Damage(f"{what} is not an object")
     try:

@@ -938,6 +938,47 @@ def with_deadline(root: Node, seconds: Any) -> Node:
     return Deadline(0, pvector([body, timer]))
 
 
+BREAK_SIGNAL = "ablauf/break"  # what a breakpoint of `with_breaks` awaits
+
+
+def with_breaks(root: Node, actions: Sequence[str]) -> Node:
+    """`root` with a breakpoint before every leaf whose action is one of `actions`
+    (`ablauf run --break ACTION`): the leaf becomes `(do!! (await!! :ablauf/break) leaf)`,
+    so the run parks there, waiting as for any signal (`runs list` says
+    `waiting: ablauf/break`), until it is sent `ablauf/break` (`ablauf runs continue`):
+    one signal lets one parked leaf go on. Templates of `doseq!!`/`pmap!!` get them too.
+    The copy is numbered afresh."""
+    wanted = {str(a).removeprefix(":") for a in actions}
+    if not wanted:
+        return root
+    found = False
+
+    def gate(node: Any) -> Any:
+        nonlocal found
+        if isinstance(node, Leaf):
+            if node.action not in wanted:
+                return node
+            found = True
+            wait = Leaf(0, AWAIT, {"signal": BREAK_SIGNAL, "timeout": None}, True, span=node.span)
+            return Seq(0, pvector([wait, node]), span=node.span)
+        changes: dict[str, Any] = {}
+        template = getattr(node, "template", None)
+        if template is not None:
+            changes["template"] = renumber(gate(template), 0)[0]
+        kids = getattr(node, "children", ())
+        if kids:
+            changes["children"] = pvector(gate(c) for c in kids)
+        return dataclasses.replace(node, **changes) if changes else node
+
+    gated = gate(root)
+    if not found:
+        raise AblaufError(
+            f"--break {', '.join(sorted(wanted))}: the program has no such action "
+            "(a breakpoint would never stop)"
+        )
+    return renumber(gated, 0)[0]
+
+
 # ---------------------------------------------------------------------------------------
 # Branches
 

@@ -194,13 +194,15 @@ def submit(
     context: dict[str, Any] | None = None,
     filename: str | None = None,
     run_id: str | None = None,
+    breaks: Sequence[str] = (),
 ) -> str:
     """Compile `source`, record it as a new run and queue it for the workers; return its id
-    at once (the workers run it). AblaufError for a bad program, StoreError for the store."""
+    at once (the workers run it). AblaufError for a bad program, StoreError for the store.
+    `breaks`: actions to park before (`lang.compiler.with_breaks`)."""
     from ablauf_lang.engine.job import make_job
-    from ablauf_lang.lang.compiler import compile_source
+    from ablauf_lang.lang.compiler import compile_source, with_breaks
 
-    job = make_job(compile_source(source, filename), context)
+    job = make_job(with_breaks(compile_source(source, filename), breaks), context)
     store = _open(store_url)
     try:
         return queue.submit(store, job, source=source, filename=filename, run_id=run_id)

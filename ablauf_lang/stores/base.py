@@ -25,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from ablauf_lang import values
 from ablauf_lang.codec.delta import dumps_text
+from ablauf_lang.codec.history import RunHistory
 from ablauf_lang.engine.job import LAST_ERROR, Job
 from ablauf_lang.engine.nodes import Status
 from ablauf_lang.engine.waits import Wait, describe_waits
@@ -201,6 +202,8 @@ class RunInfo:
     driver: Driver | None = None  # the lease of the process driving it, if one was taken
     damage: str | None = None  # why the store cannot give this run back as it was recorded
     waiting: str | None = None  # what it waits for (`engine.waits.describe_waits`), if anything
+    parent: str | None = None  # a fork: the run it was forked from
+    parent_step: int | None = None  # and the restart it was forked at
 
     @property
     def state(self) -> str:
@@ -247,6 +250,8 @@ class RunInfo:
             "driver": None if self.driver is None else self.driver.to_dict(),
             "damage": self.damage,
             "waiting": self.waiting,
+            "parent": self.parent,
+            "parent_step": self.parent_step,
         }
 
 
@@ -280,8 +285,11 @@ class JobStore(Protocol):
         source: str | None = None,
         filename: str | None = None,
         run_id: str | None = None,
+        parent: str | None = None,
+        parent_step: int | None = None,
     ) -> str:
-        """Record a new run (its program, initial context and job); return its id.
+        """Record a new run (its program, initial context and job); return its id. A fork
+        names the run it was forked from (`parent`) and at which restart.
 
         RunError when `run_id` is given and already taken.
         """
@@ -318,11 +326,13 @@ class JobStore(Protocol):
         filename: str | None = None,
         since: float | None = None,
         waiting: bool = False,
+        forks_of: str | None = None,
     ) -> list[RunInfo]:
         """Runs, newest first: only those with `status` (pending, success, failure), whose
         file is `filename` (the name as recorded, or its last part), created at `since` or
-        later, that wait for something (`waiting`); `limit` of them after skipping
-        `offset`. A damaged run is listed with its `damage` said, never raised."""
+        later, that wait for something (`waiting`), forked from run `forks_of`; `limit` of
+        them after skipping `offset`. A damaged run is listed with its `damage` said,
+        never raised."""
         ...
 
     def count_runs(
@@ -332,8 +342,14 @@ class JobStore(Protocol):
         filename: str | None = None,
         since: float | None = None,
         waiting: bool = False,
+        forks_of: str | None = None,
     ) -> int:
         """How many runs `list_runs` would give without a limit."""
+        ...
+
+    def history(self, run_id: str) -> RunHistory:
+        """Every write kept of the run, described (`codec.history`): `ablauf runs
+        history`, `runs show --at`, fork. RunError when there is no such run."""
         ...
 
     def resolve_run_id(self, prefix: str) -> str:

@@ -9,6 +9,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ablauf_lang import values
+from ablauf_lang.codec.delta import diff
+from ablauf_lang.codec.history import RunHistory, build_history, whole_data
+from ablauf_lang.codec.job import VERSION
 from ablauf_lang.engine.job import Job
 from ablauf_lang.engine.nodes import Status
 from ablauf_lang.engine.waits import RETRY, Wait, waits
@@ -40,6 +43,8 @@ class _Run:
     updated: float
     order: int  # creation order: ties of `created` still list newest first
     driver: Driver | None = None
+    parent: str | None = None
+    parent_step: int | None = None
 
 
 @dataclass(slots=True)
@@ -70,6 +75,7 @@ class MemoryStore:
         self._cleared: dict[str, set[Wait]] = {}  # run id -> retry waits whose dispatch went
         self._claims = threading.Lock()
         self.commits = 0  # records taken (what a durable store would commit)
+        self._history: dict[str, list[tuple[float, Job]]] = {}  # run id -> every write
 
     def __repr__(self) -> str:
         return "MemoryStore()"
@@ -81,6 +87,8 @@ class MemoryStore:
         source: str | None = None,
         filename: str | None = None,
         run_id: str | None = None,
+        parent: str | None = None,
+        parent_step: int | None = None,
     ) -> str:
         """Record a new run; return its id."""
         run_id = run_id or new_run_id()
@@ -88,12 +96,25 @@ class MemoryStore:
             raise RunError(f"run {run_id!r} already exists in memory:")
         now = time.time()
         self._made += 1
-        self._runs[run_id] = _Run(job, source, filename, dict(job.context), now, now, self._made)
+        self._runs[run_id] = _Run(
+            job,
+            source,
+            filename,
+            dict(job.context),
+            now,
+            now,
+            self._made,
+            parent=parent,
+            parent_step=None if parent is None else int(parent_step or 0),
+        )
+        self._history[run_id] = [(now, job)]
         return run_id
 
     def record(self, run_id: str, job: Job) -> None:
-        """Keep the job (a reference: jobs never change)."""
-        self._runs[run_id] = replace(self._get(run_id), job=job, updated=time.time())
+        """Keep the job (a reference: jobs never change, and share what they did not)."""
+        now = time.time()
+        self._runs[run_id] = replace(self._get(run_id), job=job, updated=now)
+        self._history.setdefault(run_id, []).append((now, job))
         self.commits += 1
         cleared = self._cleared.get(run_id)
         if cleared:
@@ -124,7 +145,21 @@ class MemoryStore:
             run.driver,
             None,
             waits_described(waits(job)) if pending else None,
+            run.parent,
+            run.parent_step,
         )
+
+    def history(self, run_id: str) -> RunHistory:
+        """Every write of the run (see `JobStore.history`)."""
+        self._get(run_id)
+        kept = self._history.get(run_id, [])
+        rows: list[tuple[int, float, str]] = []
+        previous: Job | None = None
+        for seq, (when, job) in enumerate(kept):
+            data = whole_data(job) if previous is None else diff(previous, job).data(job)
+            rows.append((seq, when, data))
+            previous = job
+        return build_history(run_id, rows, VERSION)
 
     def load(self, run_id: str) -> StoredRun:
         """The run with its current job."""
@@ -140,11 +175,18 @@ class MemoryStore:
         return run_id in self._runs
 
     def _select(
-        self, status: str | None, filename: str | None, since: float | None, waiting: bool = False
+        self,
+        status: str | None,
+        filename: str | None,
+        since: float | None,
+        waiting: bool = False,
+        forks_of: str | None = None,
     ) -> Iterator[RunInfo]:
         wanted = None if status is None else Status(status)
         runs = sorted(self._runs.items(), key=lambda kv: (kv[1].created, kv[1].order), reverse=True)
         for run_id, run in runs:
+            if forks_of is not None and run.parent != forks_of:
+                continue
             if since is not None and run.created < since:
                 continue
             if filename is not None and not matches_file(run.filename, filename):
@@ -165,9 +207,10 @@ class MemoryStore:
         filename: str | None = None,
         since: float | None = None,
         waiting: bool = False,
+        forks_of: str | None = None,
     ) -> list[RunInfo]:
         """Runs, newest first (see `JobStore.list_runs`)."""
-        infos = list(self._select(status, filename, since, waiting))[max(0, offset) :]
+        infos = list(self._select(status, filename, since, waiting, forks_of))[max(0, offset) :]
         return infos[:limit] if limit is not None else infos
 
     def count_runs(
@@ -177,9 +220,10 @@ class MemoryStore:
         filename: str | None = None,
         since: float | None = None,
         waiting: bool = False,
+        forks_of: str | None = None,
     ) -> int:
         """How many runs `list_runs` would give without a limit."""
-        return sum(1 for _ in self._select(status, filename, since, waiting))
+        return sum(1 for _ in self._select(status, filename, since, waiting, forks_of))
 
     def resolve_run_id(self, prefix: str) -> str:
         """The one run whose id starts with `prefix`."""
@@ -197,6 +241,7 @@ class MemoryStore:
         """Drop what is kept besides the run: its mailbox, claims and cleared waits."""
         self._signals.pop(run_id, None)
         self._cleared.pop(run_id, None)
+        self._history.pop(run_id, None)
         with self._claims:
             for key in [k for k in self._attempts if k[0] == run_id]:
                 del self._attempts[key]

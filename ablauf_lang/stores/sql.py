@@ -83,6 +83,7 @@ from ablauf_lang.codec.delta import (
     BadText,
     Change,
     Damage,
+    NodeRow,
     context_rows,
     diff,
     job_from_parts,
@@ -94,6 +95,7 @@ from ablauf_lang.codec.delta import (
 from ablauf_lang.codec.delta import column_text as _text
 from ablauf_lang.codec.delta import dumps_text as _dumps
 from ablauf_lang.codec.delta import read_json as _json
+from ablauf_lang.codec.history import RunHistory, build_history, whole_data
 from ablauf_lang.engine.job import Job
 from ablauf_lang.engine.kinds import Leaf, Node
 from ablauf_lang.engine.nodes import Status
@@ -119,7 +121,7 @@ from ablauf_lang.stores.queries import load_queries
 from ablauf_lang.values import decode as decode_value
 from ablauf_lang.values import encode as encode_value
 
-SCHEMA_VERSION = 4  # of the tables above; stores refuse a database with a larger one
+SCHEMA_VERSION = 5  # of the tables above; stores refuse a database with a larger one
 COMPACT_EVERY = 64  # deltas between two snapshots of the node rows
 COMPACT_BYTES = 256 * 1024  # or this many bytes of deltas
 
@@ -178,7 +180,17 @@ LEASE_COLUMNS = ("token", "host", "pid", "started", "heartbeat", "expires")
 # The statements, by name (`sql.sql`), loaded once.
 Q = load_queries(__package__ or "ablauf_lang.stores", "sql.sql")
 # The rows of a run, deleted before it.
-RUN_TABLES = ("attempts", "waits", "signals", "leases", "deltas", "context", "nodes")
+RUN_TABLES = (
+    "attempts",
+    "waits",
+    "signals",
+    "leases",
+    "forks",
+    "history",
+    "deltas",
+    "context",
+    "nodes",
+)
 
 
 # What changed since the snapshot, newest first: (new states by node id, ids written whole,
@@ -487,8 +499,11 @@ class SqlStore:
         source: str | None = None,
         filename: str | None = None,
         run_id: str | None = None,
+        parent: str | None = None,
+        parent_step: int | None = None,
     ) -> str:
-        """Record a new run: its program, initial context and a snapshot of its job."""
+        """Record a new run: its program, initial context and a snapshot of its job (and,
+        for a fork, the run and restart it was forked from)."""
         run_id = run_id or new_run_id()
         initial = _dumps(encode_value(job.context))
         now = time.time()
@@ -515,8 +530,12 @@ class SqlStore:
                 if cur.fetchone() is not None:
                     raise RunError(f"run {run_id!r} already exists in {self._where()}")
                 key = self.dialect.insert_run(cur, RUN_COLUMNS[1:], values)
-                self._write_all(cur, key, job)
-            self.bytes_written += len(initial) + len(source or "")
+                rows = self._write_all(cur, key, job)
+                first = whole_data(job, rows)
+                cur.execute(self._q(Q["insert_history"]), (key, 0, now, job.restarts, first))
+                if parent is not None:
+                    cur.execute(self._q(Q["insert_fork"]), (key, parent, int(parent_step or 0)))
+            self.bytes_written += len(initial) + len(source or "") + len(first)
             self._known.put(run_id, Known(key, 0, 0, len(job.paths), status, job))
             return run_id
 
@@ -542,7 +561,7 @@ class SqlStore:
         status = str(job.status)
         now = time.time()
         if known.deltas + 1 >= COMPACT_EVERY or known.delta_bytes + len(data) >= COMPACT_BYTES:
-            self._compact(run_id, known, change, job, seq, now, waits)
+            self._compact(run_id, known, change, job, seq, now, waits, data)
             return
         params = (known.key, seq, now, job.restarts, data, known.key, known.seq)
         same = status == known.status and job.aborted == known.job.aborted
@@ -597,8 +616,10 @@ class SqlStore:
         seq: int,
         now: float,
         waits: WaitChange = NO_WAIT_CHANGE,
+        data: str | None = None,
     ) -> None:
-        """Fold everything changed since the snapshot into the node and context rows."""
+        """Fold everything changed since the snapshot into the node and context rows; the
+        step log's writes and this one (`data`, its delta) go to the run's history."""
         q = self._q
         n = len(job.paths)
         states, wholes, keys, dropped = known.since()
@@ -639,7 +660,10 @@ class SqlStore:
             if ctx_rows:
                 cur.executemany(q(Q["upsert_context"]), ctx_rows)
             if count:
+                cur.execute(q(Q["archive_deltas"]), (known.key,))
                 cur.execute(q(Q["delete_deltas_of_run"]), (known.key,))
+            delta = data if data is not None else change.data(job)
+            cur.execute(q(Q["insert_history"]), (known.key, seq, now, job.restarts, delta))
             self._write_waits(cur, known.key, waits)
         self.compactions += 1
         self.rows_written += 1 + len(full) + len(state_rows) + len(ctx_rows)
@@ -683,9 +707,13 @@ class SqlStore:
             )
         self.rows_written += len(change.delete) + len(change.upsert)
 
-    def _write_all(self, cur: Any, key: int, job: Job, cleared: Iterable[Wait] = ()) -> None:
-        """Write every row of the job (nodes, context, waits but those `cleared`)."""
-        rows = [(key, r.node, r.spec, r.state, r.children) for r in map(node_row, job.nodes())]
+    def _write_all(
+        self, cur: Any, key: int, job: Job, cleared: Iterable[Wait] = ()
+    ) -> list[NodeRow]:
+        """Write every row of the job (nodes, context, waits but those `cleared`); return
+        the node rows."""
+        made = [node_row(n) for n in job.nodes()]
+        rows = [(key, r.node, r.spec, r.state, r.children) for r in made]
         cur.executemany(self._q(Q["upsert_node"]), rows)
         ctx = [(key, k, pos, _dumps(v)) for k, pos, v in context_rows(job.context)]
         if ctx:
@@ -698,6 +726,7 @@ class SqlStore:
         self.rows_written += 1 + len(rows) + len(ctx)
         self.bytes_written += sum(len(r[2]) + len(r[3]) + len(r[4] or "") for r in rows)
         self.bytes_written += sum(len(r[1]) + len(r[3]) for r in ctx)
+        return made
 
     def _record_whole(self, run_id: str, job: Job) -> None:
         """Write a whole snapshot of a run this store object never read (O(tree))."""
@@ -713,10 +742,13 @@ class SqlStore:
             newest = cur.fetchone()[0]
             seq = max(_int(snapshot_seq), _int(head_seq), _int(newest)) + 1
             cleared = self._cleared_waits(cur, run_id, key, job)
+            cur.execute(q(Q["archive_deltas"]), (key,))
             for table in ("nodes", "context", "deltas", "waits"):
                 cur.execute(q(Q[f"delete_{table}_of_run"]), (key,))
             self._write_snapshot_run(cur, key, job, seq, now, None)
-            self._write_all(cur, key, job, cleared)
+            rows = self._write_all(cur, key, job, cleared)
+            whole = whole_data(job, rows)
+            cur.execute(q(Q["insert_history"]), (key, seq, now, job.restarts, whole))
         self._known.put(run_id, Known(key, seq, seq, len(job.paths), str(job.status), job))
 
     def _cleared_waits(self, cur: Any, run_id: str, key: int, job: Job) -> set[Wait]:
@@ -781,6 +813,8 @@ class SqlStore:
                 deltas = cur.fetchall()
                 cur.execute(q(Q["load_lease"]), (key,))
                 lease = cur.fetchone()
+                cur.execute(q(Q["load_fork"]), (key,))
+                fork = cur.fetchone()
         except Damaged as exc:
             raise StoreError(f"run {run_id} is damaged: {exc.message}") from None
         try:
@@ -849,8 +883,41 @@ class SqlStore:
             _driver(lease),
             None,
             waits_described(waits_of(job)) if job.status is Status.PENDING else None,
+            None if fork is None else str(fork[0]),
+            None if fork is None else int(fork[1]),
         )
         return StoredRun(info, job, run["source"], initial)
+
+    @_reads
+    def history(self, run_id: str) -> RunHistory:
+        """Every write kept of a run (`codec.history`): write 0, the run as created, and
+        each write after it. A run made by a store of an older version kept no writes
+        before its last fold: its history begins at that snapshot (`partial`)."""
+        q = self._q
+        with self._read() as cur:
+            cur.execute(q(Q["load_run"]), (run_id,))
+            row = cur.fetchone()
+            if row is None:
+                raise RunError(f"no run {run_id!r} in {self._where()}")
+            run = dict(zip(RUN_COLUMNS, row, strict=True))
+            key = run["id"]
+            cur.execute(q(Q["load_history"]), (key, key))
+            rows = [(int(seq), float(updated), str(data)) for seq, updated, data in cur.fetchall()]
+            if rows and rows[0][0] == 0:
+                return build_history(run_id, rows, run["format"])
+            cur.execute(q(Q["load_nodes"]), (key,))
+            nodes = cur.fetchall()
+            cur.execute(q(Q["load_context"]), (key,))
+            context = cur.fetchall()
+        try:
+            snapshot = snapshot_parts(run, nodes, context)
+        except Damage as exc:
+            raise StoreError(f"run {run_id} is damaged: {exc}") from None
+        job = job_from_parts(run_id, snapshot, run["format"])
+        base = int(run["snapshot_seq"])
+        live = [r for r in rows if r[0] > base]
+        first = (base, float(run["updated"]), whole_data(job))
+        return build_history(run_id, [first, *live], run["format"], partial=True)
 
     @_reads
     def info(self, run_id: str) -> RunInfo:
@@ -870,10 +937,18 @@ class SqlStore:
     # -------------------------------------------------- listing
 
     def _filters(
-        self, status: str | None, filename: str | None, since: float | None, waiting: bool
+        self,
+        status: str | None,
+        filename: str | None,
+        since: float | None,
+        waiting: bool,
+        forks_of: str | None = None,
     ) -> tuple[str, list[Any]]:
         where: list[str] = []
         params: list[Any] = []
+        if forks_of is not None:
+            where.append("EXISTS (SELECT 1 FROM forks p WHERE p.run = r.id AND p.parent = ?)")
+            params.append(forks_of)
         if waiting:
             where.append("EXISTS (SELECT 1 FROM waits w WHERE w.run = r.id)")
         if status is not None:
@@ -898,10 +973,11 @@ class SqlStore:
         filename: str | None = None,
         since: float | None = None,
         waiting: bool = False,
+        forks_of: str | None = None,
     ) -> list[RunInfo]:
         """Runs, newest first (see `JobStore.list_runs`); a damaged run is listed with
         what is wrong with it, the others as they are."""
-        where, params = self._filters(status, filename, since, waiting)
+        where, params = self._filters(status, filename, since, waiting, forks_of)
         sql = where + " ORDER BY r.created DESC, r.id DESC"
         if limit is not None or offset:
             sql += " LIMIT " + ("?" if limit is not None else self.dialect.limit_all)
@@ -920,9 +996,10 @@ class SqlStore:
         filename: str | None = None,
         since: float | None = None,
         waiting: bool = False,
+        forks_of: str | None = None,
     ) -> int:
         """How many runs `list_runs` would give without a limit."""
-        where, params = self._filters(status, filename, since, waiting)
+        where, params = self._filters(status, filename, since, waiting, forks_of)
         with self._read() as cur:
             cur.execute(self._q(Q["count_runs"] + where), params)
             return int(cur.fetchone()[0])
@@ -1008,7 +1085,7 @@ class SqlStore:
             row = cur.fetchone()
             if row is None:
                 raise RunError(f"no run {run_id!r} in {self._where()}")
-            driver = _driver(row[12:])
+            driver = _driver(row[12:18])
             if row[2] == "pending" and driver is not None and driver.is_live():
                 raise refuse_live(run_id, driver, "deleting")
             self._delete(cur, [row[0]])
@@ -1400,7 +1477,8 @@ def _info(
     updated and restarts) and node row count; `damage` says what is wrong, if anything."""
     (_, run_id, status, created, updated, restarts, filename, error, aborted) = row[:9]
     snapshot_seq, head_seq, n_nodes = row[9:12]
-    driver = _driver(row[12:])
+    driver = _driver(row[12:18])
+    parent, parent_step = row[18:20] if len(row) >= 20 else (None, None)
     damage = broken
     try:
         state = Status(status)
@@ -1431,6 +1509,8 @@ def _info(
         driver,
         damage,
         waiting,
+        None if parent is None else str(parent),
+        None if parent_step is None else int(parent_step),
     )
 
 

@@ -5,8 +5,8 @@
 -- appended to `info_select` by Python.
 
 -- name: info_select
--- runs and leases columns for RunInfo (the deltas' and nodes' counts are asked apart).
-SELECT r.id, r.run_id, r.status, r.created, r.updated, r.restarts, r.filename, r.error, r.aborted, r.snapshot_seq, r.head_seq, r.n_nodes, l.token, l.host, l.pid, l.started, l.heartbeat, l.expires FROM runs r LEFT JOIN leases l ON l.run = r.id
+-- runs, leases and forks columns for RunInfo (the deltas' and nodes' counts are asked apart).
+SELECT r.id, r.run_id, r.status, r.created, r.updated, r.restarts, r.filename, r.error, r.aborted, r.snapshot_seq, r.head_seq, r.n_nodes, l.token, l.host, l.pid, l.started, l.heartbeat, l.expires, f.parent, f.parent_step FROM runs r LEFT JOIN leases l ON l.run = r.id LEFT JOIN forks f ON f.run = r.id
 
 -- name: log_select
 SELECT run, count(*), min(seq), max(seq), max(updated), max(restarts) FROM deltas WHERE run IN ({marks}) GROUP BY run
@@ -224,3 +224,27 @@ DELETE FROM waits WHERE run = (SELECT id FROM runs WHERE run_id = ?) AND node = 
 
 -- name: delete_attempts_in
 DELETE FROM attempts WHERE run IN ({marks})
+
+-- name: insert_history
+-- One write kept in the run's history (write 0: the whole job as created).
+INSERT INTO history (run, seq, updated, restarts, data) VALUES (?, ?, ?, ?, ?)
+
+-- name: archive_deltas
+-- At a fold: the step log's writes move to the history (deleted from `deltas` after).
+INSERT INTO history (run, seq, updated, restarts, data) SELECT run, seq, updated, restarts, data FROM deltas WHERE run = ?
+
+-- name: load_history
+-- Every write kept of a run, oldest first: the history, then the live step log.
+SELECT seq, updated, data FROM history WHERE run = ? UNION ALL SELECT seq, updated, data FROM deltas WHERE run = ? ORDER BY seq
+
+-- name: delete_history_in
+DELETE FROM history WHERE run IN ({marks})
+
+-- name: insert_fork
+INSERT INTO forks (run, parent, parent_step) VALUES (?, ?, ?)
+
+-- name: delete_forks_in
+DELETE FROM forks WHERE run IN ({marks})
+
+-- name: load_fork
+SELECT parent, parent_step FROM forks WHERE run = ?

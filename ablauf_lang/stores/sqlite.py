@@ -140,6 +140,22 @@ CREATE TABLE IF NOT EXISTS attempts (
     PRIMARY KEY (run, node, attempt)
 ) WITHOUT ROWID;
 """
+    + """
+CREATE TABLE IF NOT EXISTS history (
+    run INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    updated REAL NOT NULL,
+    restarts INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (run, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS forks (
+    run INTEGER PRIMARY KEY,
+    parent TEXT NOT NULL,
+    parent_step INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS forks_by_parent ON forks (parent);
+"""
 )
 # Schema version 1 -> 2: the checked step log (runs.head_seq and its trigger), leases.
 UPGRADE_2 = """
@@ -155,9 +171,16 @@ UPGRADE_3 = SCHEMA[
     )
 ]
 # Schema version 3 -> 4: the claims of actions' attempts (the Kafka action workers').
-UPGRADE_4 = SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS attempts") :]
-# What brings version N up to the newest: UPGRADES[N:] (version 1 needs 2, 3 and 4).
-UPGRADES = ("", UPGRADE_2, UPGRADE_3, UPGRADE_4)
+UPGRADE_4 = SCHEMA[
+    SCHEMA.index("CREATE TABLE IF NOT EXISTS attempts") : SCHEMA.index(
+        "CREATE TABLE IF NOT EXISTS history"
+    )
+]
+# Schema version 4 -> 5: the history of runs (the writes folded out of the step log; a
+# run's older writes were not kept) and the lineage of forked runs.
+UPGRADE_5 = SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS history") :]
+# What brings version N up to the newest: UPGRADES[N:] (version 1 needs 2, 3, 4 and 5).
+UPGRADES = ("", UPGRADE_2, UPGRADE_3, UPGRADE_4, UPGRADE_5)
 
 
 def parse_url(url: str) -> tuple[str, dict[str, str]]:

@@ -883,17 +883,18 @@ def submit_kafka(
     context: dict[str, Any] | None = None,
     filename: str | None = None,
     run_id: str | None = None,
+    breaks: Sequence[str] = (),
 ) -> str:
     """Record a program as a new run and start it on the Kafka workers; its id at once.
 
     `kafka`: "HOST:PORT" or `kafka_settings(...)`. AblaufError (one line) for a bad
     program, an unreachable broker, or actions no worker serves yet (their topics do not
-    exist: start the action workers first)."""
+    exist: start the action workers first). `breaks`: see `eval`."""
     from ablauf_lang.kafka import runs
     from ablauf_lang.lang.compiler import compile_source
 
     settings = _kafka(kafka)
-    root = compile_source(source, filename)
+    root = with_breaks(compile_source(source, filename), breaks)
     runs.check_served(settings, used_actions(root))
     job = _job.make_job(root, context)
     with opened(store) as backend:

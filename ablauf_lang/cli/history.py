@@ -3,7 +3,7 @@ run from any of them (`runs show --at N` is in `cli.runs`)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import click
 
@@ -17,11 +17,6 @@ from ablauf_lang.cli.common import (
     store_url,
 )
 from ablauf_lang.errors import AblaufError
-
-if TYPE_CHECKING:
-    from ablauf_lang.api import HistoryStep, RunInfo
-
-TEXT_WIDTH = 40  # of an output, error or payload in a history line
 
 
 @click.command("history")
@@ -55,13 +50,17 @@ def runs_history(run_id: str, store: str | None, as_json: bool) -> None:
     from rich.table import Table
     from rich.text import Text
 
+    from ablauf_lang.ui.render import step_line
+
     console = stdout_console()
     table = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("restart", "time", "what"):
         justify: Literal["left", "right"] = "right" if col == "restart" else "left"
         table.add_column(col, no_wrap=col != "what", justify=justify)
     for step in history.steps:
-        table.add_row(str(step.restart), _clock(step.updated), step_text(step, info))
+        table.add_row(
+            str(step.restart), _clock(step.updated), step_line(step, info.parent, info.parent_step)
+        )
     console.print(table)
     if history.partial:
         console.print(
@@ -70,49 +69,6 @@ def runs_history(run_id: str, store: str | None, as_json: bool) -> None:
                 style="dim",
             )
         )
-
-
-def step_text(step: HistoryStep, info: RunInfo | None = None) -> str:
-    """A step in one line: `ok 1 :t/echo -> 1; sent 2 :t/echo 2; ctx :x = 1`."""
-    from ablauf_lang.ui.render import format_value
-
-    parts: list[str] = []
-    if step.kind == "start":
-        if info is not None and info.parent is not None and step.seq == 0:
-            parts.append(f"forked from {info.parent} at restart {info.parent_step}")
-        else:
-            parts.append("created")
-    elif step.kind == "abort":
-        parts.append(f"aborted: {step.aborted}")
-    elif step.kind == "replay":
-        parts.append("resumed or retried: leaves handed back")
-    elif step.kind == "whole":
-        parts.append("written whole")
-    for r in step.results:
-        if r.state == "success":
-            parts.append(f"ok {r.node} :{r.action} -> {format_value(r.output, TEXT_WIDTH)}")
-        else:
-            parts.append(f"{r.state} {r.node} :{r.action}: {format_value(r.error, TEXT_WIDTH)}")
-    for d in step.dispatches:
-        again = f" (attempt {d.attempt})" if d.attempt > 1 else ""
-        parts.append(f"sent {d.node} :{d.action} {format_value(d.payload, TEXT_WIDTH)}{again}")
-    if step.context and step.kind not in ("start", "whole"):
-        keys = ", ".join(
-            f"{_key(key)} = {format_value(value, TEXT_WIDTH)}"
-            for key, value in step.context.items()
-        )
-        parts.append(f"ctx {keys}")
-    if step.dropped:
-        parts.append("ctx dropped " + ", ".join(_key(k) for k in step.dropped))
-    if step.status != "pending" and step.kind != "start":
-        parts.append(f"run {step.status}")
-    return "; ".join(parts) or "nothing changed"
-
-
-def _key(key: object) -> str:
-    from ablauf_lang.ui.render import format_value
-
-    return key if isinstance(key, str) else format_value(key, TEXT_WIDTH)
 
 
 def _clock(stamp: float) -> str:

@@ -236,9 +236,7 @@ def submit(
     source = read_source(file)
     ctx = parse_context(context)
     if settings is not None:
-        if breaks:
-            raise UserError("ablauf: error: --break is not supported with --kafka yet")
-        run_id = api.submit_kafka(source, url, settings, context=ctx, filename=file)
+        run_id = api.submit_kafka(source, url, settings, context=ctx, filename=file, breaks=breaks)
     else:
         run_id = api.submit(source, url, context=ctx, filename=file, breaks=breaks)
     if wait:

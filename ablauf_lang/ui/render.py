@@ -27,6 +27,7 @@ from ablauf_lang.stdlib.durations import format_duration, format_instant
 
 if TYPE_CHECKING:
     from ablauf_lang.api import Run
+    from ablauf_lang.codec.history import HistoryStep
 
 __all__ = [
     "BY_HAND",
@@ -433,3 +434,51 @@ def outcome(run: Run, elapsed: float | None, width: int) -> Group:
             Text("context ", style="dim") + Text(format_value(run.context, 0 if full else 400))
         )
     return Group(*lines)
+
+
+# ---------------------------------------------------------------- history
+
+TEXT_WIDTH = 40  # of an output, error or payload in a history line
+
+
+def step_line(step: HistoryStep, parent: str | None = None, parent_step: int | None = None) -> str:
+    """One write of a run's history in a line: `ok 1 :t/echo -> 1; sent 2 :t/echo 2; ctx
+    x = 1` (`runs history`, the REPL's `:history`, the dashboard). `parent`: the run it
+    was forked from, for its first line."""
+    parts: list[str] = []
+    if step.kind == "start":
+        if parent is not None:
+            parts.append(f"forked from {parent} at restart {parent_step}")
+        else:
+            parts.append("created")
+    elif step.kind == "abort":
+        parts.append(f"aborted: {step.aborted}")
+    elif step.kind == "replay":
+        parts.append("resumed or retried: leaves handed back")
+    elif step.kind == "whole":
+        parts.append("written whole")
+    for r in step.results:
+        if r.state == "success":
+            parts.append(f"ok {r.node} :{r.action} -> {format_value(r.output, TEXT_WIDTH)}")
+        else:
+            parts.append(f"{r.state} {r.node} :{r.action}: {format_value(r.error, TEXT_WIDTH)}")
+    for d in step.dispatches:
+        again = f" (attempt {d.attempt})" if d.attempt > 1 else ""
+        parts.append(f"sent {d.node} :{d.action} {format_value(d.payload, TEXT_WIDTH)}{again}")
+    if step.context and step.kind not in ("start", "whole"):
+        keys = ", ".join(
+            f"{_key_text(key)} = {format_value(value, TEXT_WIDTH)}"
+            for key, value in step.context.items()
+        )
+        parts.append(f"ctx {keys}")
+    if step.dropped:
+        parts.append("ctx dropped " + ", ".join(_key_text(k) for k in step.dropped))
+    if step.status != "pending" and step.kind != "start":
+        parts.append(f"run {step.status}")
+    return "; ".join(parts) or "nothing changed"
+
+
+def _key_text(key: object) -> str:
+    from ablauf_lang.ui.render import format_value
+
+    return key if isinstance(key, str) else format_value(key, TEXT_WIDTH)

@@ -2,6 +2,8 @@
 
     GET  /                          the runs (status and text filters, newest first, pages)
     GET  /runs/{id}                 a run: its graph, node details, context, waits, timeline
+    GET  /runs/{id}/history         its history: one line per write, each linked to
+    GET  /runs/{id}/at/{n}          the run as it was after restart n (graph, context)
     GET  /runs/{id}/svg             the run's picture (`ui.graph.run_svg`; ?unfold=ID,ID)
     GET  /partials/runs             the runs table alone (the live list redraws it)
     GET  /partials/runs/{id}        the run's live part alone (the live page redraws it)
@@ -56,6 +58,7 @@ from starlette.staticfiles import StaticFiles
 from ablauf_lang import api
 from ablauf_lang.errors import AblaufError, RunError
 from ablauf_lang.ui.graph import run_states, run_svg
+from ablauf_lang.ui.render import step_line
 from ablauf_lang.values import dumps_json
 from ablauf_lang.web import live
 
@@ -65,6 +68,7 @@ STATES = ("pending", "running", "abandoned", "success", "failure", "aborted", "d
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 TIMELINE_MAX = 200  # leaves the timeline shows (the latest dispatched)
+HISTORY_MAX = 500  # writes the history page shows (the latest)
 STARTED_WAIT = 1.5  # seconds an action waits for a refusal before it says "started"
 FORM_MAX = 256 * 1024  # bytes of a posted form
 VALUE_MAX = 20_000  # characters of a value shown in a node's details
@@ -405,6 +409,66 @@ def create_app(
         data = await call(run_context, run_id, unfold)
         return page(request, "_run_live.html", **data)
 
+    def history_context(run_id: str) -> dict[str, Any]:
+        info = api.load_run(run_id, board.url).info
+        history = api.run_history(run_id, board.url)
+        steps = list(history.steps)
+        shown = steps[-HISTORY_MAX:]
+        rows = [
+            {
+                "restart": step.restart,
+                "seq": step.seq,
+                "updated": step.updated,
+                "kind": step.kind,
+                "status": step.status,
+                "what": step_line(step, info.parent, info.parent_step)
+                if step is steps[0]
+                else step_line(step),
+                "last": i == len(shown) - 1 or shown[i + 1].restart != step.restart,
+            }
+            for i, step in enumerate(shown)
+        ]
+        return {
+            "run_id": run_id,
+            "info": info,
+            "rows": rows,
+            "total": len(steps),
+            "partial": history.partial,
+        }
+
+    async def history_page(request: Request) -> Response:
+        run_id = await call(_resolved, board.url, request.path_params["run_id"])
+        data = await call(history_context, run_id)
+        return page(request, "history.html", **data)
+
+    async def history_json(request: Request) -> Response:
+        run_id = await call(_resolved, board.url, request.path_params["run_id"])
+        history = await call(api.run_history, run_id, board.url)
+        steps = [step.to_dict() for step in history.steps]
+        return Response(
+            dumps_json({"run_id": run_id, "partial": history.partial, "steps": steps}),
+            media_type="application/json",
+        )
+
+    def at_context(run_id: str, at: int) -> dict[str, Any]:
+        stored = api.run_at(run_id, at, board.url)
+        job = stored.job
+        title = f"run {run_id} · as after restart {at} · {job.status}"
+        return {
+            "run_id": run_id,
+            "at": at,
+            "info": stored.info,
+            "job": job,
+            "svg": run_svg(job, title=title),
+            "context_text": _json(job.context),
+        }
+
+    async def at_page(request: Request) -> Response:
+        run_id = await call(_resolved, board.url, request.path_params["run_id"])
+        at = _int(request.path_params["at"], 0, 0)
+        data = await call(at_context, run_id, at)
+        return page(request, "at.html", **data)
+
     async def run_svg_route(request: Request) -> Response:
         run_id = await call(_resolved, board.url, request.path_params["run_id"])
         unfold = _unfold(request.query_params.get("unfold"))
@@ -572,6 +636,7 @@ def create_app(
     async def on_error(request: Request, exc: Exception) -> Response:
         if isinstance(exc, RunError):
             missing = isinstance(exc, _NoSuch) or exc.message.startswith("no run")
+            missing = missing or "is out of range" in exc.message
             status = 404 if missing else 409
             return problem(request, exc, status)
         if isinstance(exc, AblaufError):
@@ -587,6 +652,9 @@ def create_app(
         Route("/partials/runs/{run_id}", run_partial),
         Route("/runs/{run_id}", run_page),
         Route("/runs/{run_id}/svg", run_svg_route),
+        Route("/runs/{run_id}/history", history_page),
+        Route("/runs/{run_id}/at/{at}", at_page),
+        Route("/api/runs/{run_id}/history", history_json),
         Route("/runs/{run_id}/{action}", action, methods=["POST"]),
         Route("/api/runs", runs_json),
         Route("/api/events", runs_events),

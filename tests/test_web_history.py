@@ -33,8 +33,9 @@ def test_history_and_the_run_after_any_restart(tmp_path: Path) -> None:
     page = client.get(f"/runs/{run.run_id}/history")
     assert page.status_code == 200
     text = page.text
-    assert 'sent 1 :action/log &#34;build&#34;' in text
-    assert "&lt;b&gt;test&lt;/b&gt;" in text and "<b>test</b>" not in text  # escaped
+    assert "sent 1 :action/log &#34;build&#34;" in text
+    assert "&lt;b&gt;test&lt;/b&gt;" in text
+    assert "<b>test</b>" not in text
     for n in range(5):
         assert f'href="/runs/{run.run_id}/at/{n}"' in text
 
@@ -42,7 +43,8 @@ def test_history_and_the_run_after_any_restart(tmp_path: Path) -> None:
     assert at.status_code == 200
     assert "as after restart 2" in at.text
     assert f"ablauf runs fork {run.run_id} --at 2" in at.text
-    assert 'data-node="3"' in at.text and "unset" in at.text  # not started then
+    assert 'data-node="3"' in at.text
+    assert "unset" in at.text
 
     assert client.get(f"/runs/{run.run_id}/at/9").status_code == 404
     assert "restart 9 is out of range" in client.get(f"/runs/{run.run_id}/at/9").text
@@ -53,6 +55,6 @@ def test_history_and_the_run_after_any_restart(tmp_path: Path) -> None:
     assert data["steps"][2]["results"][0]["output"] == "build"
 
     forked = client.get(f"/runs/{fork}")
-    assert f"forked from <a class=\"id\" href=\"/runs/{run.run_id}\">" in forked.text
+    assert f'forked from <a class="id" href="/runs/{run.run_id}">' in forked.text
     history = client.get(f"/runs/{fork}/history").text
     assert f"forked from {run.run_id} at restart 2" in history

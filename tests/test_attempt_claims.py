@@ -375,7 +375,7 @@ def test_a_version_3_sqlite_store_is_upgraded_with_its_runs(tmp_path: Path) -> N
         assert store.begin_attempts([(run_id, 1, 2)], "w1", 30) == [Claim("new")]
         store.clear_wait(run_id, 1, 2)
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == sqlbase.SCHEMA_VERSION == 4
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == sqlbase.SCHEMA_VERSION == 5
     conn.close()
     with SqliteStore(str(path)) as store:
         assert store.begin_attempts([(run_id, 1, 2)], "w2", 30) == [Claim("running", "w1")]

@@ -110,6 +110,8 @@ RUNS: dict[str, tuple[Any, Any, dict[str, Any]]] = {
         {},
     ),
     "approval": (ACTIONS, None, {"detach": True, "clock": VirtualClock()}),
+    "release": (ACTIONS, None, {}),
+    "release-canary": (ACTIONS, None, {}),
 }
 
 

@@ -350,5 +350,5 @@ def test_a_version_2_sqlite_store_is_upgraded_with_its_runs(tmp_path: Path) -> N
         assert store.send_signal(run_id, "approval") == 1
         assert store.due_runs(T0 + 10) == [run_id]
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == sqlbase.SCHEMA_VERSION == 4
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == sqlbase.SCHEMA_VERSION == 5
     conn.close()

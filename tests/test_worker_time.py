@@ -233,6 +233,34 @@ def test_an_await_is_woken_by_a_signal_and_costs_nothing_while_parked(dsn: str) 
     assert query(url, "SELECT consumed_by FROM ablauf.signals") == [(1,)]
 
 
+def test_a_run_submitted_with_a_break_parks_on_the_workers_until_continued(dsn: str) -> None:
+    url = dsn
+    calls: list[Any] = []
+
+    def push(payload: Any, context: Any) -> Any:
+        calls.append(payload)
+        return payload
+
+    source = "(do!! (action!! :t/push 1) (action!! :t/other 2) (action!! :t/push 3))"
+    actions = {"t/push": push, "t/other": push}
+    with in_process(url, actions):
+        run_id = worker.submit(source, url, breaks=["t/push"])
+        with PostgresStore.from_url(url) as store:
+
+            def waiting() -> str | None:
+                return store.info(run_id).waiting
+
+            wait_for(lambda: waiting() == "waiting: ablauf/break", 10, what="the break")
+            assert calls == []
+            send(url, run_id, "ablauf/break")
+            wait_for(lambda: calls == [1, 2] and waiting() is not None, 10, what="the 2nd")
+            assert waiting() == "waiting: ablauf/break"
+            send(url, run_id, "ablauf/break")
+            run = worker.wait(run_id, url, timeout=10)
+    assert run.status is Status.SUCCESS, run.to_dict()
+    assert calls == [1, 2, 3]
+
+
 def test_a_signal_sent_before_the_await_is_waiting_in_the_mailbox(dsn: str) -> None:
     url = dsn
     source = '(do!! (action!! :test/slow {:seconds 1}) (await!! :go) (log!! "went"))'

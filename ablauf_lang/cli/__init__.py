@@ -1,6 +1,6 @@
-"""The `ablauf` command: run, check, repl, runs, signal, worker, submit.
+"""The `ablauf` command: run, check, plan, repl, runs, signal, worker, submit, ui.
 
-One module per command group: `run` (run, check, repl), `runs` (runs list, show, resume,
+One module per command group: `run` (run, check, repl), `plan`, `runs` (runs list, show, resume,
 retry, abort, delete, prune; signal), `worker` (worker, submit); `common` holds what they share
 (exit codes, error handling, options, input and output), `drive` the driving of a run in
 this process. Commands reach the package through `ablauf_lang.api` (and `ui` to show
@@ -27,6 +27,7 @@ from ablauf_lang.cli.common import (
     internal_error,
     render_error,
 )
+from ablauf_lang.cli.plan import plan
 from ablauf_lang.cli.run import check, repl, run
 from ablauf_lang.cli.runs import runs, signal
 from ablauf_lang.cli.ui import ui
@@ -46,7 +47,7 @@ def cli() -> None:
     """
 
 
-for _command in (run, check, repl, runs, signal, worker, submit, ui):
+for _command in (run, check, plan, repl, runs, signal, worker, submit, ui):
     cli.add_command(_command)
 
 

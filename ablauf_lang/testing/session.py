@@ -1,0 +1,387 @@
+"""Recorded stepping sessions as regression tests (`:record FILE`, `ablauf test FILE`).
+
+A session file (`*.abltest`, JSON) holds the program, the initial context and, for every
+restart of the session, the results it applied (fed by hand, returned by actions, or the
+end of a wait) and the dispatches it made; then the status and context at the end:
+
+    {"ablauf-test": 1, "kind": "session", "name": "...", "program": "...source...",
+     "filename": "deploy.abl", "context": {...},
+     "steps": [{"restart": 1, "now": 1700000000.0,
+                "results": [{"node": 2, "attempt": 1, "state": "success", "output": ...}],
+                "dispatches": [{"node": 3, "attempt": 1, "action": "deploy/push",
+                                "payload": {...}}]},
+               ...],
+     "end": {"status": "success", "context": {...}}}
+
+Values are in the value codec's JSON (`values.encode`), so keywords and maps with other
+keys survive. `check_session` replays the file: it compiles the program as it is now,
+feeds each restart the recorded results through the pure reducer (with the recorded
+time), and compares what the restart dispatches (node, attempt, action, payload) with
+what was recorded; then the status and context at the end. The first restart that
+differs is shown side by side, each dispatch with its source line. A recorded result for
+a node that is not in flight when it is fed is a difference too (the program no longer
+dispatches it there). A program that no longer compiles fails the test (exit 1: the
+program changed) with the compile error; a file that is not a test file is broken
+(`TestFileError`, exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from itertools import zip_longest
+from pathlib import Path
+from typing import Any
+
+from ablauf_lang import values
+from ablauf_lang.api import compile as compile_program
+from ablauf_lang.api import make_job, restart_job
+from ablauf_lang.engine.job import Job
+from ablauf_lang.engine.kinds import Leaf
+from ablauf_lang.engine.nodes import Dispatch, LeafState, Result
+from ablauf_lang.errors import AblaufError
+from ablauf_lang.testing.outcome import (
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    SUFFIX,
+    TestFileError,
+    TestOutcome,
+)
+from ablauf_lang.ui.render import format_value
+
+__all__ = [
+    "KIND",
+    "Recording",
+    "check_session",
+    "default_name",
+    "load_test",
+]
+
+KIND = "session"
+KINDS = ("session", "faults")
+_RESULT_STATES = {s.value: s for s in (LeafState.SUCCESS, LeafState.FAILURE, LeafState.TIMEOUT)}
+
+
+def _result_data(r: Result) -> dict[str, Any]:
+    data: dict[str, Any] = {"node": r.id, "attempt": r.attempt, "state": str(r.state)}
+    if r.state is LeafState.SUCCESS:
+        data["output"] = values.encode(r.output, "an action's output")
+    else:
+        data["error"] = values.encode(r.error, "an action's error")
+    return data
+
+
+def _dispatch_data(d: Dispatch) -> dict[str, Any]:
+    return {
+        "node": d.id,
+        "attempt": d.attempt,
+        "action": d.action,
+        "payload": values.encode(d.payload, "a payload"),
+    }
+
+
+@dataclass
+class Recording:
+    """A stepping session being recorded (the REPL's `:record FILE` builds one): the
+    program, the initial context, and each restart's results and dispatches."""
+
+    program: str
+    filename: str | None
+    context: dict[str, Any]
+    name: str | None = None
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    end: dict[str, Any] | None = None
+
+    def add_step(
+        self,
+        fed: Sequence[Result],
+        performed: Sequence[tuple[Dispatch, Result]],
+        dispatched: Sequence[Dispatch],
+        after: Job,
+        *,
+        woke: Sequence[tuple[Dispatch, Result]] = (),
+        now: float | None = None,
+    ) -> None:
+        """Record one restart: the results it applied in the order the reducer got them
+        (fed by hand, then performed, then waits that ended), what it dispatched, and the
+        job after it (its status and context are the end so far)."""
+        results = [*fed, *(r for _, r in performed), *(r for _, r in woke)]
+        self.steps.append(
+            {
+                "restart": after.restarts,
+                "now": now,
+                "results": [_result_data(r) for r in results],
+                "dispatches": [_dispatch_data(d) for d in dispatched],
+            }
+        )
+        self.end = {
+            "status": str(after.status),
+            "context": values.encode(after.context, "the context"),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            FORMAT_KEY: FORMAT_VERSION,
+            "kind": KIND,
+            "name": self.name or default_name(self.filename),
+            "program": self.program,
+            "filename": self.filename,
+            "context": values.encode(self.context, "the context"),
+            "steps": self.steps,
+            "end": self.end,
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the file (whole, through a temporary file: a crash leaves the old one)."""
+        target = Path(path)
+        if target.suffix != SUFFIX:
+            target = target.with_name(target.name + SUFFIX)
+        text = dumps(self.to_dict())
+        temporary = target.with_name(target.name + ".tmp")
+        temporary.write_text(text, encoding="utf-8")
+        temporary.replace(target)
+        return target
+
+
+def dumps(data: dict[str, Any]) -> str:
+    """A test file's text: indented, one step per block, so a diff of two reads well."""
+    head = {k: v for k, v in data.items() if k not in ("steps", "end")}
+    lines = ["{"]
+    for key, value in head.items():
+        lines.append(f"  {json.dumps(key)}: {json.dumps(value, ensure_ascii=False)},")
+    lines.append('  "steps": [')
+    steps = data.get("steps") or []
+    for i, step in enumerate(steps):
+        comma = "," if i < len(steps) - 1 else ""
+        lines.append(f"    {json.dumps(step, ensure_ascii=False)}{comma}")
+    lines.append("  ],")
+    lines.append(f'  "end": {json.dumps(data.get("end"), ensure_ascii=False)}')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def default_name(filename: str | None) -> str:
+    """A test's default name: its program's file name without the suffix."""
+    if not filename:
+        return "session"
+    return Path(filename).stem
+
+
+# ---------------------------------------------------------------- reading a file
+
+
+def _broken(path: str, message: str) -> TestFileError:
+    return TestFileError(f"{path}: {message}")
+
+
+def load_test(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A test file's data; TestFileError naming the problem when it cannot be read or
+    is not a test file (missing, not JSON, another version, another kind, keys missing)."""
+    name = os.fspath(path)
+    try:
+        text = Path(name).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise _broken(name, "no such file") from None
+    except IsADirectoryError:
+        raise _broken(name, "is a directory") from None
+    except UnicodeDecodeError as exc:
+        raise _broken(name, f"not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise _broken(name, exc.strerror or str(exc)) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _broken(
+            name, f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
+        ) from None
+    except (ValueError, RecursionError) as exc:
+        raise _broken(name, f"not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or FORMAT_KEY not in data:
+        raise _broken(name, f'not an ablauf test file (no "{FORMAT_KEY}" key)')
+    if data[FORMAT_KEY] != FORMAT_VERSION:
+        raise _broken(
+            name,
+            f"test file format {data[FORMAT_KEY]!r} is not supported "
+            f"(this ablauf reads version {FORMAT_VERSION})",
+        )
+    kind = data.get("kind")
+    if kind not in KINDS:
+        raise _broken(name, f"unknown kind {kind!r} (one of: {', '.join(KINDS)})")
+    needed = ("program", "steps", "end") if kind == KIND else ("program",)
+    missing = [k for k in needed if k not in data]
+    if missing:
+        raise _broken(name, f"missing {', '.join(missing)}")
+    if not isinstance(data["program"], str):
+        raise _broken(name, '"program" must be the program\'s source text')
+    return data
+
+
+def _results(path: str, index: int, raw: Any) -> list[Result]:
+    if not isinstance(raw, list):
+        raise _broken(path, f"step {index}: results must be a list")
+    out = []
+    for item in raw:
+        try:
+            state = _RESULT_STATES[item["state"]]
+            node, attempt = int(item["node"]), item.get("attempt")
+            output = values.decode(item.get("output"))
+            error = values.decode(item.get("error"))
+        except (KeyError, TypeError, ValueError, AblaufError) as exc:
+            raise _broken(
+                path, f"step {index}: a damaged result {str(item)[:80]} ({exc})"
+            ) from None
+        out.append(Result(node, None if attempt is None else int(attempt), state, output, error))
+    return out
+
+
+def _dispatches(path: str, index: int, raw: Any) -> list[tuple[int, int, str, Any]]:
+    if not isinstance(raw, list):
+        raise _broken(path, f"step {index}: dispatches must be a list")
+    out = []
+    for item in raw:
+        try:
+            out.append(
+                (
+                    int(item["node"]),
+                    int(item["attempt"]),
+                    str(item["action"]),
+                    values.decode(item.get("payload")),
+                )
+            )
+        except (KeyError, TypeError, ValueError, AblaufError) as exc:
+            raise _broken(
+                path, f"step {index}: a damaged dispatch {str(item)[:80]} ({exc})"
+            ) from None
+    return out
+
+
+# ---------------------------------------------------------------- replaying
+
+
+def _where(job: Job | None, node: int, home: str | None = None) -> str:
+    if job is None:
+        return ""
+    try:
+        span = getattr(job.node(node), "span", None)
+    except (KeyError, IndexError, AblaufError):
+        return ""
+    if span is None:
+        return ""
+    return (
+        f" (line {span.line})"
+        if span.filename in (None, home)
+        else f" ({span.filename}:{span.line})"
+    )
+
+
+def _show_dispatch(d: tuple[int, int, str, Any], job: Job | None, home: str | None) -> str:
+    node, attempt, action, payload = d
+    again = f" attempt {attempt}" if attempt != 1 else ""
+    return f"#{node} :{action} {format_value(payload, 40)}{again}{_where(job, node, home)}"
+
+
+def side_by_side(left: Iterable[str], right: Iterable[str], width: int = 48) -> str:
+    """Two columns, recorded | now; a `!` marks the rows that differ."""
+    rows = [f"  {'recorded':<{width}} | now"]
+    for a, b in zip_longest(left, right, fillvalue=""):
+        mark = "!" if a != b else " "
+        a_cut = a if len(a) <= width else a[: width - 1] + "…"
+        rows.append(f"{mark} {a_cut:<{width}} | {b}")
+    return "\n".join(rows)
+
+
+def _key(d: tuple[int, int, str, Any]) -> tuple[int, int, str, str]:
+    return d[0], d[1], d[2], json.dumps(values.encode(d[3]), sort_keys=True, default=str)
+
+
+def check_session(data: dict[str, Any], path: str) -> TestOutcome:
+    """Replay a session file (see the module docstring) and say whether it still holds."""
+    name = str(data.get("name") or default_name(data.get("filename")))
+    filename = data.get("filename")
+    try:
+        context = values.decode(data.get("context") or {})
+    except AblaufError as exc:
+        raise _broken(path, f"a damaged context: {exc.message}") from None
+    if not isinstance(context, dict):
+        raise _broken(path, "the context must be a map")
+    try:
+        job = make_job(compile_program(data["program"], filename), context)
+    except AblaufError as exc:
+        return TestOutcome(path, name, False, f"the program no longer compiles:\n{exc}")
+    steps = data["steps"]
+    if not isinstance(steps, list):
+        raise _broken(path, '"steps" must be a list')
+    for index, step in enumerate(steps):
+        if not isinstance(step, dict):
+            raise _broken(path, f"step {index}: not an object")
+        restart = step.get("restart", index + 1)
+        results = _results(path, index, step.get("results", []))
+        recorded = _dispatches(path, index, step.get("dispatches", []))
+        stale = [r for r in results if not _in_flight(job, r)]
+        if stale:
+            left = [f"result #{r.id} {r.state}" for r in stale]
+            right = [f"#{r.id} is not in flight{_where(job, r.id, filename)}" for r in stale]
+            return _differs(path, name, restart, "a recorded result has nowhere to go", left, right)
+        now = step.get("now")
+        try:
+            job, made = restart_job(job, results, None if now is None else float(now))
+        except AblaufError as exc:
+            return TestOutcome(
+                path, name, False, f"restart {restart} fails now: {exc}", restart=restart
+            )
+        got = [(d.id, d.attempt, d.action, d.payload) for d in made]
+        if sorted(map(_key, got)) != sorted(map(_key, recorded)):
+            left = [_show_dispatch(d, job, filename) for d in sorted(recorded, key=_key)]
+            right = [_show_dispatch(d, job, filename) for d in sorted(got, key=_key)]
+            return _differs(path, name, restart, "the dispatches differ", left, right)
+    end = data["end"] or {}
+    status = str(job.status)
+    if end.get("status") is not None and end.get("status") != status:
+        return _differs(
+            path,
+            name,
+            job.restarts,
+            "the run ends differently",
+            [f"status {end.get('status')}"],
+            [f"status {status}"],
+        )
+    if "context" in end:
+        want = values.decode(end["context"])
+        if _canon(want) != _canon(job.context):
+            keys = sorted({*map(str, want), *map(str, job.context)})
+            left = [f"{k} {format_value(_get(want, k), 40)}" for k in keys]
+            right = [f"{k} {format_value(_get(job.context, k), 40)}" for k in keys]
+            return _differs(path, name, job.restarts, "the context at the end differs", left, right)
+    return TestOutcome(path, name, True, f"{len(steps)} restarts replayed, ends {status}")
+
+
+def _get(mapping: dict[Any, Any], key: str) -> Any:
+    for k, v in mapping.items():
+        if str(k) == key:
+            return v
+    return "(absent)"
+
+
+def _canon(value: Any) -> str:
+    return json.dumps(values.encode(value), sort_keys=True, default=str)
+
+
+def _in_flight(job: Job, result: Result) -> bool:
+    try:
+        leaf = job.node(result.id)
+    except (KeyError, IndexError, AblaufError):
+        return False
+    if not isinstance(leaf, Leaf) or leaf.result is not LeafState.PENDING:
+        return False
+    return result.attempt is None or result.attempt == leaf.attempt
+
+
+def _differs(
+    path: str, name: str, restart: int, what: str, left: list[str], right: list[str]
+) -> TestOutcome:
+    diff = side_by_side(left, right)
+    return TestOutcome(
+        path, name, False, f"restart {restart}: {what}", diff=diff, restart=int(restart)
+    )

@@ -217,6 +217,7 @@ def test_every_example_plans_or_reports_its_error(path: Path) -> None:
 def ablauf(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "ablauf_lang", *args],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         input=stdin,
@@ -256,14 +257,7 @@ def test_the_command_prints_the_plan_and_json(tmp_path: Path) -> None:
     ],
 )
 def test_bad_input_exits_2_with_a_message(args: list[str], message: str) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "ablauf_lang", "plan", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-        check=False,
-    )
+    out = ablauf("plan", *args)
     assert out.returncode == 2
     assert message in out.stderr
     assert "Traceback" not in out.stderr

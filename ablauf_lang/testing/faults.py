@@ -52,15 +52,23 @@ from typing import Any
 from ablauf_lang import values
 from ablauf_lang.api import compile as compile_program
 from ablauf_lang.api import make_job, restart_job
+from ablauf_lang.codec.delta import subtree
 from ablauf_lang.engine.job import Job
 from ablauf_lang.engine.kinds import Leaf
-from ablauf_lang.engine.nodes import Dispatch, LeafState, Result, Status, failure, success
+from ablauf_lang.engine.nodes import Dispatch, LeafState, Result, failure, success
 from ablauf_lang.engine.nodes import timeout as timed_out
 from ablauf_lang.engine.replay import prepare_replay
 from ablauf_lang.errors import AblaufError
-from ablauf_lang.names import AWAIT, LOG_ACTION, SLEEP, STDLIB_ACTIONS
-from ablauf_lang.testing.outcome import FORMAT_KEY, FORMAT_VERSION, SUFFIX, TestOutcome
-from ablauf_lang.testing.session import dumps, load_test
+from ablauf_lang.names import STDLIB_ACTIONS, WAIT_ACTIONS
+from ablauf_lang.testing.outcome import (
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    SUFFIX,
+    TestFileError,
+    TestOutcome,
+)
+from ablauf_lang.testing.session import dumps
+from ablauf_lang.ui.render import format_value
 
 __all__ = [
     "DECISIONS",
@@ -73,6 +81,7 @@ __all__ = [
 ]
 
 KIND = "faults"
+FAIL_ACTION = "action/fail"  # what `fail!!` performs
 OK, FAIL, TIMEOUT, CRASH, CRASH_AFTER = "ok", "fail", "timeout", "crash", "crash-after"
 DECISIONS = (OK, FAIL, TIMEOUT, CRASH, CRASH_AFTER)
 WEIGHTS = (0.6, 0.15, 0.1, 0.075, 0.075)
@@ -152,8 +161,6 @@ def _effect(run: _Run, d: Dispatch, known: bool) -> None:
 
 
 def _show(value: Any) -> str:
-    from ablauf_lang.ui.render import format_value
-
     return format_value(value, 60)
 
 
@@ -169,9 +176,7 @@ def _lose(run: _Run, done: Sequence[Dispatch]) -> None:
 def _perform(run: _Run, d: Dispatch) -> tuple[Result | None, bool]:
     """A stand-in performs `d`: its result (None: lost), and whether the process crashed."""
     now = run.now
-    if d.action == SLEEP:
-        return success(d, None, started_at=now, finished_at=now), False
-    if d.action == AWAIT:
+    if d.action in WAIT_ACTIONS:  # a sleep at its time, an await with a nil signal
         return success(d, None, started_at=now, finished_at=now), False
     stdlib = d.action in STDLIB_ACTIONS
     choice = run.decide(crashable=True)
@@ -181,7 +186,7 @@ def _perform(run: _Run, d: Dispatch) -> tuple[Result | None, bool]:
         _effect(run, d, known=False)
         return None, True
     if stdlib:  # the standard library keeps its meaning
-        if d.action == LOG_ACTION or d.action == "action/sleep":
+        if d.action != FAIL_ACTION:
             return success(d, d.payload, started_at=now, finished_at=now), False
         return failure(d, d.payload or "fail!!", started_at=now, finished_at=now), False
     if choice == FAIL:
@@ -230,14 +235,7 @@ def _finally_broken(job: Job) -> str | None:
 
 
 def _leaves(node: Any) -> list[Leaf]:
-    out, stack = [], [node]
-    while stack:
-        n = stack.pop()
-        if isinstance(n, Leaf):
-            out.append(n)
-        else:
-            stack.extend(getattr(n, "children", ()))
-    return out
+    return [n for n in subtree(node) if isinstance(n, Leaf)]
 
 
 def run_schedule(
@@ -373,8 +371,6 @@ def faults_data(
         "seed": seed,
         "schedule": list(schedule),
         "violation": None if violation is None else violation.to_dict(),
-        "steps": [],
-        "end": None,
     }
 
 
@@ -460,8 +456,6 @@ def check_faults_file(data: dict[str, Any], path: str) -> TestOutcome:
     name = str(data.get("name") or Path(path).stem)
     schedule = data.get("schedule") or []
     if not isinstance(schedule, list) or any(s not in DECISIONS for s in schedule):
-        from ablauf_lang.testing.outcome import TestFileError
-
         raise TestFileError(f"{path}: the schedule must be a list of {', '.join(DECISIONS)}")
     try:
         context = values.decode(data.get("context") or {})
@@ -478,12 +472,6 @@ def check_faults_file(data: dict[str, Any], path: str) -> TestOutcome:
             diff=f"schedule: {' '.join(used)}",
             restart=end.restarts,
         )
-    ending = "success" if end.status is Status.SUCCESS else str(end.status)
     return TestOutcome(
-        path, name, True, f"the schedule keeps every invariant (the run ends {ending})"
+        path, name, True, f"the schedule keeps every invariant (the run ends {end.status})"
     )
-
-
-def load_faults(path: str) -> dict[str, Any]:
-    """A faults file's data (see `session.load_test`)."""
-    return load_test(path)

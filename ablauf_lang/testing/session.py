@@ -39,8 +39,8 @@ from ablauf_lang import values
 from ablauf_lang.api import compile as compile_program
 from ablauf_lang.api import make_job, restart_job
 from ablauf_lang.engine.job import Job
-from ablauf_lang.engine.kinds import Leaf
 from ablauf_lang.engine.nodes import Dispatch, LeafState, Result
+from ablauf_lang.engine.replay import accepts
 from ablauf_lang.errors import AblaufError
 from ablauf_lang.testing.outcome import (
     FORMAT_KEY,
@@ -148,6 +148,8 @@ class Recording:
 def dumps(data: dict[str, Any]) -> str:
     """A test file's text: indented, one step per block, so a diff of two reads well."""
     head = {k: v for k, v in data.items() if k not in ("steps", "end")}
+    if "steps" not in data:
+        return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     lines = ["{"]
     for key, value in head.items():
         lines.append(f"  {json.dumps(key)}: {json.dumps(value, ensure_ascii=False)},")
@@ -319,7 +321,7 @@ def check_session(data: dict[str, Any], path: str) -> TestOutcome:
         restart = step.get("restart", index + 1)
         results = _results(path, index, step.get("results", []))
         recorded = _dispatches(path, index, step.get("dispatches", []))
-        stale = [r for r in results if not _in_flight(job, r)]
+        stale = [r for r in results if not accepts(job, r)]
         if stale:
             left = [f"result #{r.id} {r.state}" for r in stale]
             right = [f"#{r.id} is not in flight{_where(job, r.id, filename)}" for r in stale]
@@ -366,16 +368,6 @@ def _get(mapping: dict[Any, Any], key: str) -> Any:
 
 def _canon(value: Any) -> str:
     return json.dumps(values.encode(value), sort_keys=True, default=str)
-
-
-def _in_flight(job: Job, result: Result) -> bool:
-    try:
-        leaf = job.node(result.id)
-    except (KeyError, IndexError, AblaufError):
-        return False
-    if not isinstance(leaf, Leaf) or leaf.result is not LeafState.PENDING:
-        return False
-    return result.attempt is None or result.attempt == leaf.attempt
 
 
 def _differs(

@@ -330,13 +330,12 @@ class _Planner:
                 f"of {self.limit}"
                 + (" (give --context to check it)" if self.context is None else "")
             )
-        n = size if size is not None else None
         counted = size if size is not None else 1
         return _Shape(
             body.leaves,
-            _mul(n, body.run),
-            _mul(n, body.width) if parallel else (body.width if n != 0 else 0),
-            body.chain if parallel and n != 0 else _mul(n, body.chain),
+            _mul(size, body.run),
+            _mul(size, body.width) if parallel else (body.width if size != 0 else 0),
+            body.chain if parallel and size != 0 else _mul(size, body.chain),
             1 + body.depth,
             counted * item + _state_bytes(node),
         )

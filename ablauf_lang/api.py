@@ -85,6 +85,7 @@ __all__ = [
     "parse",
     "program_nodes",
     "prune_runs",
+    "record_run",
     "requeue",
     "resolve_run_id",
     "restart_job",
@@ -609,14 +610,39 @@ def fork(
         if program is not None:
             job = graft(job, make_job(compile(program, filename)).root)
             source, name = program, filename or name
-        job = fork_point(job)
-        if job.done:
+        if fork_point(job).done:
             raise RunError(
                 f"run {run_id} had finished ({job.status}) by restart {step}: a fork of it "
                 "has nothing to do (fork at an earlier restart)"
             )
+        return record_run(
+            job, source=source, filename=name, parent=run_id, parent_step=step, store=backend
+        )
+
+
+def record_run(
+    job: Job,
+    *,
+    source: str | None = None,
+    filename: str | None = None,
+    parent: str | None = None,
+    parent_step: int | None = None,
+    store: str | JobStore | None = None,
+) -> str:
+    """Record `job` as a new run, ready to go on; return its id. What is in flight in it
+    is handed back to be performed again (as `fork` does); `parent` and `parent_step`
+    name the run and restart it was forked from (the REPL's `:fork`). RunError for a
+    job that has finished: a run of it would have nothing to do."""
+    ready = fork_point(job)
+    if ready.done:
+        raise RunError(f"the job has finished ({job.status}): a run of it has nothing to do")
+    with opened(store) as backend:
         return backend.create_run(
-            job, source=source, filename=name, parent=run_id, parent_step=step
+            ready,
+            source=source,
+            filename=filename,
+            parent=parent,
+            parent_step=parent_step,
         )
 
 

@@ -1,7 +1,8 @@
-"""The `ablauf` command: run, check, plan, repl, runs, signal, worker, submit, ui.
+"""The `ablauf` command: run, check, plan, test, repl, runs, signal, worker, submit, ui.
 
-One module per command group: `run` (run, check, repl), `plan`, `runs` (runs list, show, resume,
-retry, abort, delete, prune; signal), `worker` (worker, submit); `common` holds what they share
+One module per command group: `run` (run, check, repl), `plan`, `test` (workflow tests),
+`runs` (runs list, show, resume, retry, abort, delete, prune; signal), `worker` (worker,
+submit); `common` holds what they share
 (exit codes, error handling, options, input and output), `drive` the driving of a run in
 this process. Commands reach the package through `ablauf_lang.api` (and `ui` to show
 what it returns). Exit codes are 0, 1, 2 and 130, nothing else (see `common`).
@@ -30,6 +31,7 @@ from ablauf_lang.cli.common import (
 from ablauf_lang.cli.plan import plan
 from ablauf_lang.cli.run import check, repl, run
 from ablauf_lang.cli.runs import runs, signal
+from ablauf_lang.cli.test import test
 from ablauf_lang.cli.ui import ui
 from ablauf_lang.cli.worker import submit, worker
 from ablauf_lang.errors import AblaufError
@@ -47,7 +49,7 @@ def cli() -> None:
     """
 
 
-for _command in (run, check, plan, repl, runs, signal, worker, submit, ui):
+for _command in (run, check, plan, test, repl, runs, signal, worker, submit, ui):
     cli.add_command(_command)
 
 

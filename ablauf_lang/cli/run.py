@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from collections.abc import Coroutine
@@ -277,12 +278,29 @@ def _picture_path(path: str, programs: int) -> None:
     is_flag=True,
     help="Waits use the real clock (default: a clock that moves only by :advance).",
 )
-def repl(file: str | None, actions: str | None, context: str | None, live: bool) -> None:
+@click.option(
+    "--attach",
+    "attach",
+    metavar="RUN_ID",
+    default=None,
+    help="Open a recorded run (as :attach RUN_ID): step it here without touching it.",
+)
+@store_option
+def repl(
+    file: str | None,
+    actions: str | None,
+    context: str | None,
+    live: bool,
+    attach: str | None,
+    store: str | None,
+) -> None:
     """Step through workflows interactively (see :help inside).
 
     Enter a workflow form (or load FILE.abl) and step through it with :step, feed results
     by hand with :manual, :ok and :fail, undo with :back. A plain expression such as
     (+ 1 2) or (ctx :k) prints its value. Waits: :clock, :advance 10m, :signal NAME VALUE.
+    Time travel: :history, :goto N, :attach RUN_ID, :fork; tests: :record FILE;
+    breakpoints: :break ACTION|ID|(when EXPR), :continue; :plan.
     """
     from ablauf_lang import api
     from ablauf_lang.repl.app import Repl
@@ -292,11 +310,15 @@ def repl(file: str | None, actions: str | None, context: str | None, live: bool)
     ctx = parse_context(context)
     if file is not None:
         read_source(file)  # a missing file is a usage error before the session starts
+    if attach is not None:
+        attach = api.resolve_run_id(attach, store_url(store))  # a run that is not there: exit 2
     app = Repl(
         actions=registry, context=ctx, console=stdout_console(), clock=SYSTEM if live else None
     )
     if file is not None:
         app.handle(f":load {file}")
+    if attach is not None:
+        app.handle(f":attach {shlex.quote(attach)} --store {shlex.quote(store_url(store))}")
     if sys.stdin.isatty():
         app.run()
     else:

@@ -73,8 +73,10 @@ def stdlib_modules() -> list[str]:
 
 
 def is_real_file(filename: str | None) -> bool:
-    """True for a file name (not `<input>`, `<repl>` or None)."""
-    return bool(filename) and not str(filename).startswith("<")
+    """True for a file name (not `<input>`, `<repl>`, None, or a name no file can have)."""
+    if not filename or str(filename).startswith("<"):
+        return False
+    return "\x00" not in filename and _encodable(filename)
 
 
 def _encodable(path: str) -> bool:

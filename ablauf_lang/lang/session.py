@@ -14,12 +14,13 @@ The session never starts a job: the engine is the caller's.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from ablauf_lang.code import Code, Expr
 from ablauf_lang.engine.kinds import Node
+from ablauf_lang.errors import AblaufError
 from ablauf_lang.lang.compiler import RULES, TOP_LEVEL_RULES, Compiler, head_name
 from ablauf_lang.lang.evaluator import Env, describe, is_data, is_workflow
 from ablauf_lang.lang.reader import read
@@ -73,6 +74,24 @@ class Session:
         if not is_data(value):
             return Evaluated("other", text=describe(value))
         return Evaluated("value", value=value)
+
+    def expression(self, source: str, name: str) -> Callable[[Mapping[str, Any]], Any]:
+        """One expression compiled against the session's definitions, to evaluate later
+        against a context (a REPL breakpoint's condition); AblaufError when the source
+        is not one expression (a workflow, a function, several forms)."""
+        forms = read(source, name)
+        if len(forms) != 1:
+            raise AblaufError(f"expected one expression, found {len(forms)} forms")
+        spans = getattr(forms, "spans", ())
+        value = Compiler(source, name, env=self.env).evaluate(
+            forms[0], spans[0] if spans else None, self.env
+        )
+        if isinstance(value, Code):
+            expr = Expr(value, name)
+            return lambda context: expr.evaluate(dict(context))
+        if is_workflow(value) or not is_data(value):
+            raise AblaufError(f"expected an expression, found {describe(value)}")
+        return lambda context: value
 
 
 def _holds_workflow(items: list[Any]) -> bool:

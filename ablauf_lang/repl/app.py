@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prompt_toolkit import PromptSession
@@ -36,6 +37,7 @@ from ablauf_lang.errors import AblaufError
 from ablauf_lang.repl.commands import COMMANDS, QuitRepl, find_command
 from ablauf_lang.repl.completer import AblaufCompleter
 from ablauf_lang.repl.stepper import ReplInterrupted, Stepper
+from ablauf_lang.repl.travel import save_recording
 from ablauf_lang.repl.validator import AblaufValidator, is_command, is_incomplete
 from ablauf_lang.runners.clock import Clock
 from ablauf_lang.stdlib.durations import format_duration, format_instant
@@ -105,6 +107,8 @@ class Repl:
         self._scope: Session | None = None  # compile-time definitions kept across inputs
         self._counts: tuple[Job | None, LeafCounts] = (None, LeafCounts())
         self._io = (input, output, history)
+        self._definitions: list[str] = []  # the inputs that only defined names, in order
+        self.recording: Path | None = None  # `:record FILE`: saved after every input
         self._session: PromptSession[str] | None = None
 
     @property
@@ -122,6 +126,7 @@ class Repl:
                     self._defined_names,
                     signals=self.stepper.awaited,
                     wakes=self._wakes,
+                    arguments=self._arguments,
                 ),
                 complete_while_typing=False,
                 validator=AblaufValidator(frozenset(COMMANDS)),
@@ -202,11 +207,15 @@ class Repl:
             else:
                 job = self.compile(text, REPL_NAME)
                 if job is not None:
-                    self.stepper.start(job, REPL_NAME)
+                    self.stepper.start(job, REPL_NAME, source=self.program_text(text))
                     self.console.print(self.tree(job))
                     self.warn_unknown_actions(job)
+            if self.recording is not None:
+                save_recording(self)
         except QuitRepl:
             raise
+        except OSError as exc:
+            self.console.print(Text(f"error: {exc.strerror or exc}", style="red"))
         except ReplInterrupted as exc:
             self.console.print(Text(exc.message, style="yellow"))
         except AblaufError as exc:
@@ -237,12 +246,27 @@ class Repl:
             assert done.root is not None
             return make_job(done.root, self.context)
         if done.kind == "defined":
+            self._definitions.append(text)
             self.console.print(Text("ok", style="dim"))
         elif done.kind == "other":
             self.console.print(Text(done.text, style="dim"))
         else:
             self.console.print(Text(format_value(done.value, 0 if self.full else 2000)))
         return None
+
+    def program_text(self, text: str) -> str:
+        """A program's whole text: the definitions entered before it, then `text` (what
+        a recorded test or a forked run compiles again)."""
+        return "\n".join([*self._definitions, text])
+
+    def expression(self, text: str) -> Callable[[Mapping[str, Any]], Any]:
+        """An expression compiled against the session's definitions, to evaluate later
+        against a context (a breakpoint's condition)."""
+        from ablauf_lang.lang.session import Session
+
+        if self._scope is None:
+            self._scope = Session()
+        return self._scope.expression(text, "<break>")
 
     def tree(self, job: Job, changed: Iterable[int] = ()) -> Any:
         """The job's tree as the REPL shows it: durations from when each action began."""
@@ -354,6 +378,20 @@ class Repl:
                 gap = format_duration(wait.until - now).replace(" ", "")
                 out.append((gap, f"#{wait.node} {wait.kind} until {format_instant(wait.until)}"))
         return out
+
+    def _arguments(self, name: str) -> list[tuple[str, str]]:
+        """Completions of a command's first argument: `:goto` restarts, `:break` actions,
+        `:unbreak` breakpoints."""
+        stepper = self.stepper
+        if name == ":goto":
+            return [
+                (str(s.job.restarts), "restart") for _, s in stepper.segment() if s.job is not None
+            ]
+        if name == ":break":
+            return [(a, "action") for a in sorted(stepper.actions)]
+        if name == ":unbreak":
+            return [(str(b.number), b.text) for b in stepper.breaks] + [("all", "every one")]
+        return []
 
     def _waiting(self) -> list[tuple[int, str]]:
         return [(leaf.id, leaf.action) for leaf in self.stepper.waiting()]

@@ -222,6 +222,9 @@ def _run(repl: Repl, arg: str) -> None:
         raise
     after = repl.stepper.require_job()
     repl.console.print(repl.tree(after, changed_ids(start, after)))
+    if repl.stepper.hits:
+        _print_hits(repl, len(reports))
+        return
     held = repl.stepper.held()
     if held and not after.done:
         ids = " ".join(f"#{i}" for i in held)
@@ -251,6 +254,25 @@ def _run(repl: Repl, arg: str) -> None:
                 style="dim",
             )
         )
+
+
+def _print_hits(repl: Repl, steps: int) -> None:
+    for hit in repl.stepper.hits:
+        d = hit.dispatch
+        line = Text(f"break {hit.breakpoint.number} ({hit.breakpoint.text}): ", style="yellow")
+        line.append(f"#{d.id} {d.action} ", style="bold")
+        line.append(format_value(d.payload, 0 if repl.full else 70))
+        if hit.note:
+            line.append(f"  ({hit.note})", style="red")
+        repl.console.print(line)
+    repl.console.print(
+        Text(
+            f"stopped after {steps} step{'' if steps == 1 else 's'}, before performing "
+            f"{'it' if len(repl.stepper.hits) == 1 else 'them'}: "
+            ":continue goes on, :ok / :fail give its result by hand, :ctx and :tree look",
+            style="yellow",
+        )
+    )
 
 
 @command(":tree", "", "the job tree with ids and each node's status")
@@ -459,7 +481,7 @@ def _load(repl: Repl, arg: str) -> None:
         if compiled is None:
             return
         job = compiled
-        repl.stepper.start(job, path)
+        repl.stepper.start(job, path, source=repl.program_text(text))
         repl.console.print(Text(f"loaded {path}", style="dim"))
     repl.console.print(repl.tree(job))
     repl.warn_unknown_actions(job)
@@ -524,7 +546,7 @@ def _help(repl: Repl, arg: str) -> None:
         "Enter a workflow form to make it the current job, e.g. "
         '(dopar!! (log!! "a") (log!! "b")). Commands:'
     )
-    for cmd in COMMANDS.values():
+    for cmd in sorted(COMMANDS.values(), key=_help_order):
         line = Text(f"  {(cmd.name + ' ' + cmd.args).strip():<18}", style="bold")
         line.append(cmd.help)
         repl.console.print(line)
@@ -535,6 +557,12 @@ def _help(repl: Repl, arg: str) -> None:
             style="dim",
         )
     )
+
+
+def _help_order(cmd: Command) -> int:
+    from ablauf_lang.names import REPL_COMMANDS
+
+    return REPL_COMMANDS.index(cmd.name) if cmd.name in REPL_COMMANDS else len(REPL_COMMANDS)
 
 
 @command(":quit", "", "leave the REPL")

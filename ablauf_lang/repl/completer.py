@@ -39,8 +39,10 @@ class AblaufCompleter(Completer):
     """Complete what the cursor is on, by where it is.
 
     - a `:word` at the start of the line: REPL commands;
-    - after `:load ` / `:save `: file paths;  after `:ok ` / `:fail ` / `:retry `: waiting ids;
+    - after `:load `, `:save `, `:record `, `:graph `: file paths;
+    - after `:ok ` / `:fail ` / `:retry `: waiting ids;
     - after `:signal `: the signals awaited;  after `:advance `: the time to each wake-up;
+    - after `:goto `, `:break `, `:unbreak `: restarts, actions, breakpoints (`arguments`);
     - a `:word` inside a form: registered action names (and leaf options);
     - any other word: names the session defined, forms, builtins and constants.
     """
@@ -54,6 +56,7 @@ class AblaufCompleter(Completer):
         *,
         signals: Callable[[], Iterable[str]] = lambda: (),
         wakes: Callable[[], Iterable[tuple[str, str]]] = lambda: (),
+        arguments: Callable[[str], Iterable[tuple[str, str]]] = lambda name: (),
     ) -> None:
         self.commands = commands  # (name, help) pairs
         self.actions = actions  # registered action names, without the colon
@@ -61,6 +64,8 @@ class AblaufCompleter(Completer):
         self.defined = defined  # names the session defined (def, defn, import)
         self.signals = signals  # names of the signals the job's awaits wait for
         self.wakes = wakes  # (duration text, what ends then) for `:advance`
+        # (text, meta) for the first argument of another command (`:goto`, `:break` ...)
+        self.arguments = arguments
         self.paths = PathCompleter(expanduser=True)
 
     def get_completions(
@@ -98,7 +103,7 @@ class AblaufCompleter(Completer):
                 if cmd.startswith(name):
                     yield Completion(cmd, -len(name), display_meta=help_text)
             return
-        if name in (":load", ":save"):
+        if name in (":load", ":save", ":record", ":graph"):
             yield from self.paths.get_completions(
                 Document(rest.lstrip(), len(rest.lstrip())), event
             )
@@ -116,5 +121,10 @@ class AblaufCompleter(Completer):
         elif name == ":advance" and " " not in rest.lstrip():
             typed = rest.lstrip()
             for text, meta in self.wakes():
+                if text.startswith(typed):
+                    yield Completion(text, -len(typed), display_meta=meta)
+        elif " " not in rest.lstrip():
+            typed = rest.lstrip()
+            for text, meta in self.arguments(name):
                 if text.startswith(typed):
                     yield Completion(text, -len(typed), display_meta=meta)

@@ -1,8 +1,14 @@
 """The REPL's model: a job driven one restart at a time, with undo.
 
 Jobs are immutable values, so a snapshot is just the job plus what the REPL holds beside
-it (the dispatches in flight, results fed by hand, the signals sent, the clock's time);
-`:back` pops the previous snapshot.
+it (the dispatches in flight, results fed by hand, the signals sent, the clock's time).
+The snapshots form a timeline: `:back` and `:goto N` move along it (forward too), and a
+step taken from an earlier snapshot starts a new branch (the snapshots ahead are dropped).
+The snapshots of one job, from where it was entered, loaded or attached, are its
+*segment*; each knows the step that made it, so a segment can be saved as a test.
+
+Breakpoints (`Breakpoint`: an action, a node id, a condition on the context) stop `run`
+after the restart that dispatched a matching leaf, before it is performed.
 
 One step (`:step`): perform the dispatches in flight (auto mode only; in manual mode
 results come from `:ok` / `:fail`), then restart the job with every result at hand,
@@ -58,6 +64,8 @@ from ablauf_lang.stores.base import signal_name
 from ablauf_lang.ui.render import BY_HAND
 
 __all__ = [
+    "Breakpoint",
+    "Origin",
     "ReplError",
     "ReplInterrupted",
     "Signal",
@@ -91,6 +99,53 @@ class Signal:
 
 
 @dataclass(frozen=True, slots=True)
+class Origin:
+    """A job taken from a recorded run (`:attach`): which run, in which store. The run
+    itself is never written to."""
+
+    run_id: str
+    store: str  # the store's URL
+    latest: int  # the run's latest restart when it was attached
+    filename: str | None = None
+    initial_context: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Breakpoint:
+    """`:break`: stop `:run` before performing a leaf it dispatched that matches every
+    part given: the action, the node id, a condition on the context."""
+
+    number: int
+    text: str  # as it was typed
+    action: str | None = None
+    node: int | None = None
+    when: Callable[[dict[str, Any]], Any] | None = None
+
+    def matches(self, dispatch: Dispatch, job: Job) -> tuple[bool, str | None]:
+        """Whether `dispatch` hits this breakpoint, and a note when its condition failed
+        (a condition that cannot be evaluated stops the run: it is shown, not hidden)."""
+        if self.action is not None and dispatch.action != self.action:
+            return False, None
+        if self.node is not None and dispatch.id != self.node:
+            return False, None
+        if self.when is None:
+            return True, None
+        try:
+            return bool(self.when(dict(job.context))), None
+        except AblaufError as exc:
+            return True, f"its condition failed: {exc.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """A breakpoint that stopped a run: the leaf dispatched and not performed yet."""
+
+    breakpoint: Breakpoint
+    dispatch: Dispatch
+    note: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """Everything `:back` restores: the job, the dispatches in flight, queued results."""
 
@@ -105,6 +160,9 @@ class Snapshot:
     timing: Mapping[int, float | None] = field(default_factory=dict)
     mailbox: tuple[Signal, ...] = ()  # the signals sent, taken or not, in order of arrival
     now: float | None = None  # the clock's time in this snapshot (`:back` turns it back)
+    source: str | None = None  # the program's text (None: a job snapshot loaded from JSON)
+    origin: Origin | None = None  # the recorded run the job was attached from
+    step: StepReport | None = None  # the step that made this snapshot (None: a start)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +175,7 @@ class StepReport:
     fed: tuple[Result, ...]  # results given by hand (:ok / :fail)
     dispatched: tuple[Dispatch, ...]  # what the restart asked for next
     woke: tuple[tuple[Dispatch, Result], ...] = ()  # waits that ended: sleeps, awaits
+    now: float | None = None  # the time the restart was given
 
 
 class _StepInterrupted(Exception):
@@ -136,8 +195,10 @@ class Stepper:
     ) -> None:
         self.actions = registry(actions)
         self.clock: Clock = VirtualClock(frozen=True) if clock is None else clock
-        self.current = Snapshot(now=self.clock.now())
-        self.history: list[Snapshot] = []
+        self.timeline: list[Snapshot] = [Snapshot(now=self.clock.now())]
+        self.position = 0  # the current snapshot's index in the timeline
+        self.breaks: list[Breakpoint] = []
+        self.hits: list[Hit] = []  # what stopped the last `run`
         self.manual = False
         self.concurrency = concurrency
         self._stop = False  # Ctrl-C arrived during a step or a run
@@ -145,6 +206,31 @@ class Stepper:
         self._guarded = False
 
     # ------------------------------------------------------------ reading
+
+    @property
+    def current(self) -> Snapshot:
+        """The snapshot on screen."""
+        return self.timeline[self.position]
+
+    @current.setter
+    def current(self, snapshot: Snapshot) -> None:
+        self.timeline[self.position] = snapshot
+
+    @property
+    def history(self) -> list[Snapshot]:
+        """The snapshots before the current one (what `:back` goes back to)."""
+        return self.timeline[: self.position]
+
+    def segment(self) -> list[tuple[int, Snapshot]]:
+        """The current job's snapshots with their timeline indexes: from where it was
+        entered, loaded or attached, through the last one kept (some may be ahead)."""
+        start = self.position
+        while start > 0 and self.timeline[start].step is not None:
+            start -= 1
+        end = start + 1
+        while end < len(self.timeline) and self.timeline[end].step is not None:
+            end += 1
+        return [(i, self.timeline[i]) for i in range(start, end)]
 
     @property
     def job(self) -> Job | None:
@@ -231,22 +317,89 @@ class Stepper:
     # ------------------------------------------------------------ changing
 
     def _push(self, snapshot: Snapshot) -> None:
-        self.history.append(self.current)
-        self.current = replace(snapshot, now=self.clock.now())
+        del self.timeline[self.position + 1 :]  # a new branch: what was ahead is dropped
+        self.timeline.append(replace(snapshot, now=self.clock.now()))
+        self.position = len(self.timeline) - 1
 
-    def start(self, job: Job, name: str | None = None) -> None:
-        """Make `job` the current job (undoable)."""
+    def start(
+        self,
+        job: Job,
+        name: str | None = None,
+        *,
+        source: str | None = None,
+        origin: Origin | None = None,
+    ) -> None:
+        """Make `job` the current job (undoable): `source` is its program's text,
+        `origin` the recorded run it was attached from."""
         inflight = {leaf.id: self._redispatch(job, leaf) for leaf in job.pending()}
-        self._push(Snapshot(job, name, inflight, ()))
+        self._push(Snapshot(job, name, inflight, (), source=source, origin=origin))
 
     def back(self) -> Snapshot:
         """Undo the last step (or load); return the snapshot now current. The clock goes
-        back to that snapshot's time too (a virtual clock)."""
-        if not self.history:
+        back to that snapshot's time too (a virtual clock). The snapshot left stays
+        ahead: `:goto` returns to it until a step starts a new branch."""
+        if self.position == 0:
             raise ReplError("nothing to undo")
-        self.current = self.history.pop()
+        self.position -= 1
         self._set_clock(self.current.now)
         return self.current
+
+    def restarts(self) -> tuple[int, int]:
+        """The first and last restart of the current job's segment."""
+        numbers = [s.job.restarts for _, s in self.segment() if s.job is not None]
+        if not numbers:
+            raise ReplError("no job yet: enter a workflow form, or :load FILE")
+        return min(numbers), max(numbers)
+
+    def goto(self, restart: int) -> Snapshot:
+        """Go to the current job's snapshot after restart `restart`, back or forward
+        (the clock goes to that snapshot's time); ReplError when the segment has none."""
+        for index, snap in self.segment():
+            if snap.job is not None and snap.job.restarts == restart:
+                self.position = index
+                self._set_clock(snap.now)
+                return snap
+        first, last = self.restarts()
+        raise ReplError(
+            f"restart {restart} is out of range: this job has restarts {first} to {last} "
+            "here (:history lists them)"
+        )
+
+    def add_break(
+        self,
+        text: str,
+        *,
+        action: str | None = None,
+        node: int | None = None,
+        when: Callable[[dict[str, Any]], Any] | None = None,
+    ) -> Breakpoint:
+        """A new breakpoint (numbered 1, 2 ... in order of making)."""
+        number = max((b.number for b in self.breaks), default=0) + 1
+        made = Breakpoint(number, text, action, node, when)
+        self.breaks.append(made)
+        return made
+
+    def remove_break(self, number: int | None) -> list[Breakpoint]:
+        """Remove breakpoint `number` (None: all); the ones removed."""
+        if number is None:
+            gone, self.breaks = self.breaks, []
+            return gone
+        gone = [b for b in self.breaks if b.number == number]
+        if not gone:
+            shown = ", ".join(str(b.number) for b in self.breaks) or "none"
+            raise ReplError(f"no breakpoint {number} (breakpoints: {shown})")
+        self.breaks = [b for b in self.breaks if b.number != number]
+        return gone
+
+    def _hits(self, report: StepReport) -> list[Hit]:
+        found = []
+        for d in report.dispatched:
+            for b in self.breaks:
+                hit, note = b.matches(d, report.after)
+                if hit:
+                    found.append(Hit(b, d, note))
+                    break
+        return found
 
     def _set_clock(self, when: float | None) -> None:
         clock = self.clock
@@ -433,7 +586,8 @@ class Stepper:
         results_in = [*fed, *(r for _, r in performed), *(r for _, r in woke)]
         if not results_in and job.restarts > 0 and not job.todo:
             raise ReplError(f"nothing to do: {self.blocked()}")
-        new, dispatches = restart_job(job, results_in, self.now())
+        at = self.now()
+        new, dispatches = restart_job(job, results_in, at)
         # Leaves that got their result are no longer pending: they leave `inflight`.
         inflight = {i: d for i, d in snap.inflight.items() if _is_pending(new, i)}
         inflight.update((d.id, d) for d in dispatches)
@@ -445,8 +599,21 @@ class Stepper:
         held = frozenset(i for i in snap.held if i in inflight)
         queued = snap.queued if waits_only else ()
         finished = snap.finished if waits_only else ()
-        self._push(Snapshot(new, snap.name, inflight, queued, finished, held, timing, mailbox))
-        return StepReport(job, new, tuple(performed), fed, tuple(dispatches), tuple(woke))
+        report = StepReport(job, new, tuple(performed), fed, tuple(dispatches), tuple(woke), at)
+        self._push(
+            replace(
+                snap,
+                job=new,
+                inflight=inflight,
+                queued=queued,
+                finished=finished,
+                held=held,
+                timing=timing,
+                mailbox=mailbox,
+                step=report,
+            )
+        )
+        return report
 
     def _interrupted(
         self, snap: Snapshot, todo: list[Dispatch], results: dict[int, Result]
@@ -475,8 +642,10 @@ class Stepper:
 
     def run(self, on_step: Callable[[StepReport], None] | None = None) -> list[StepReport]:
         """Step until the job is done, or nothing can happen now: it waits for results by
-        hand (manual mode), for interrupted actions, for a signal or for the clock."""
+        hand (manual mode), for interrupted actions, for a signal or for the clock; or a
+        step dispatched a leaf a breakpoint matches (`hits` says which)."""
         reports: list[StepReport] = []
+        self.hits = []
         job = self.require_job()
         if job.done:
             raise ReplError(f"the job is done ({job.status}): nothing to run")
@@ -502,6 +671,9 @@ class Stepper:
                 reports.append(report)
                 if on_step is not None:
                     on_step(report)
+                self.hits = self._hits(report)
+                if self.hits:
+                    break
         return reports
 
     # ------------------------------------------------------------ helpers

@@ -67,7 +67,7 @@ from ablauf_lang.testing.outcome import (
     TestFileError,
     TestOutcome,
 )
-from ablauf_lang.testing.session import dumps
+from ablauf_lang.testing.session import dumps, initial_context
 from ablauf_lang.ui.render import format_value
 
 __all__ = [
@@ -457,8 +457,8 @@ def check_faults_file(data: dict[str, Any], path: str) -> TestOutcome:
     schedule = data.get("schedule") or []
     if not isinstance(schedule, list) or any(s not in DECISIONS for s in schedule):
         raise TestFileError(f"{path}: the schedule must be a list of {', '.join(DECISIONS)}")
+    context = initial_context(data, path)
     try:
-        context = values.decode(data.get("context") or {})
         job = make_job(compile_program(data["program"], data.get("filename")), context)
     except AblaufError as exc:
         return TestOutcome(path, name, False, f"the program no longer compiles:\n{exc}")

@@ -217,7 +217,52 @@ def load_test(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise _broken(name, f"missing {', '.join(missing)}")
     if not isinstance(data["program"], str):
         raise _broken(name, '"program" must be the program\'s source text')
+    _check_shape(name, data, kind == KIND)
     return data
+
+
+def _is(value: Any, *types: type) -> bool:
+    return isinstance(value, types) and not isinstance(value, bool)
+
+
+def _check_shape(path: str, data: dict[str, Any], is_session: bool) -> None:
+    """The types of a test file's fields, so that nothing later meets a surprise."""
+    wrong = [k for k in ("name", "filename") if data.get(k) is not None and not _is(data[k], str)]
+    if data.get("context") is not None and not isinstance(data["context"], dict):
+        wrong.append("context")
+    if not is_session:
+        if data.get("seed") is not None and not _is(data["seed"], int):
+            wrong.append("seed")
+        if not isinstance(data.get("violation") or {}, dict):
+            wrong.append("violation")
+    else:
+        if not isinstance(data["steps"], list):
+            raise _broken(path, '"steps" must be a list')
+        for index, step in enumerate(data["steps"]):
+            if not isinstance(step, dict):
+                raise _broken(path, f"step {index}: not an object")
+            if step.get("restart") is not None and not _is(step["restart"], int):
+                wrong.append(f"steps[{index}].restart")
+            if step.get("now") is not None and not _is(step["now"], int, float):
+                wrong.append(f"steps[{index}].now")
+        end = data["end"]
+        if not isinstance(end or {}, dict):
+            wrong.append("end")
+        elif end and end.get("status") is not None and not _is(end["status"], str):
+            wrong.append("end.status")
+    if wrong:
+        raise _broken(path, f"a damaged field: {', '.join(wrong)} has the wrong type")
+
+
+def initial_context(data: dict[str, Any], path: str) -> dict[Any, Any]:
+    """A test file's initial context, decoded; TestFileError when it is damaged."""
+    try:
+        context = values.decode(data.get("context") or {})
+    except AblaufError as exc:
+        raise _broken(path, f"a damaged context: {exc.message}") from None
+    if not isinstance(context, dict):
+        raise _broken(path, "the context must be a map")
+    return context
 
 
 def _results(path: str, index: int, raw: Any) -> list[Result]:
@@ -227,15 +272,28 @@ def _results(path: str, index: int, raw: Any) -> list[Result]:
     for item in raw:
         try:
             state = _RESULT_STATES[item["state"]]
-            node, attempt = int(item["node"]), item.get("attempt")
+            node, attempt = _int(item["node"]), item.get("attempt")
+            attempt = None if attempt is None else _int(attempt)
             output = values.decode(item.get("output"))
             error = values.decode(item.get("error"))
-        except (KeyError, TypeError, ValueError, AblaufError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, AblaufError) as exc:
             raise _broken(
                 path, f"step {index}: a damaged result {str(item)[:80]} ({exc})"
             ) from None
-        out.append(Result(node, None if attempt is None else int(attempt), state, output, error))
+        out.append(Result(node, attempt, state, output, error))
     return out
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r} is not a string")
+    return value
+
+
+def _int(value: Any) -> int:
+    if not _is(value, int):
+        raise TypeError(f"{value!r} is not a whole number")
+    return int(value)
 
 
 def _dispatches(path: str, index: int, raw: Any) -> list[tuple[int, int, str, Any]]:
@@ -246,13 +304,13 @@ def _dispatches(path: str, index: int, raw: Any) -> list[tuple[int, int, str, An
         try:
             out.append(
                 (
-                    int(item["node"]),
-                    int(item["attempt"]),
-                    str(item["action"]),
+                    _int(item["node"]),
+                    _int(item["attempt"]),
+                    _str(item["action"]),
                     values.decode(item.get("payload")),
                 )
             )
-        except (KeyError, TypeError, ValueError, AblaufError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, AblaufError) as exc:
             raise _broken(
                 path, f"step {index}: a damaged dispatch {str(item)[:80]} ({exc})"
             ) from None
@@ -302,22 +360,13 @@ def check_session(data: dict[str, Any], path: str) -> TestOutcome:
     """Replay a session file (see the module docstring) and say whether it still holds."""
     name = str(data.get("name") or default_name(data.get("filename")))
     filename = data.get("filename")
-    try:
-        context = values.decode(data.get("context") or {})
-    except AblaufError as exc:
-        raise _broken(path, f"a damaged context: {exc.message}") from None
-    if not isinstance(context, dict):
-        raise _broken(path, "the context must be a map")
+    context = initial_context(data, path)
     try:
         job = make_job(compile_program(data["program"], filename), context)
     except AblaufError as exc:
         return TestOutcome(path, name, False, f"the program no longer compiles:\n{exc}")
     steps = data["steps"]
-    if not isinstance(steps, list):
-        raise _broken(path, '"steps" must be a list')
     for index, step in enumerate(steps):
-        if not isinstance(step, dict):
-            raise _broken(path, f"step {index}: not an object")
         restart = step.get("restart", index + 1)
         results = _results(path, index, step.get("results", []))
         recorded = _dispatches(path, index, step.get("dispatches", []))
@@ -350,7 +399,12 @@ def check_session(data: dict[str, Any], path: str) -> TestOutcome:
             [f"status {status}"],
         )
     if "context" in end:
-        want = values.decode(end["context"])
+        try:
+            want = values.decode(end["context"])
+        except AblaufError as exc:
+            raise _broken(path, f"a damaged context at the end: {exc.message}") from None
+        if not isinstance(want, dict):
+            raise _broken(path, "the context at the end must be a map")
         if _canon(want) != _canon(job.context):
             keys = sorted({*map(str, want), *map(str, job.context)})
             left = [f"{k} {format_value(_get(want, k), 40)}" for k in keys]

@@ -8,7 +8,8 @@ The snapshots of one job, from where it was entered, loaded or attached, are its
 *segment*; each knows the step that made it, so a segment can be saved as a test.
 
 Breakpoints (`Breakpoint`: an action, a node id, a condition on the context) stop `run`
-after the restart that dispatched a matching leaf, before it is performed.
+before it performs a matching leaf (however it was dispatched: by a restart, a signal,
+the clock); `let_go` lets the leaves it stopped at be performed by the next `run`.
 
 One step (`:step`): perform the dispatches in flight (auto mode only; in manual mode
 results come from `:ok` / `:fail`), then restart the job with every result at hand,
@@ -199,6 +200,7 @@ class Stepper:
         self.position = 0  # the current snapshot's index in the timeline
         self.breaks: list[Breakpoint] = []
         self.hits: list[Hit] = []  # what stopped the last `run`
+        self.passed: set[tuple[int, int]] = set()  # (leaf, attempt) let go past a break
         self.manual = False
         self.concurrency = concurrency
         self._stop = False  # Ctrl-C arrived during a step or a run
@@ -391,15 +393,24 @@ class Stepper:
         self.breaks = [b for b in self.breaks if b.number != number]
         return gone
 
-    def _hits(self, report: StepReport) -> list[Hit]:
+    def _hits(self, todo: Sequence[Dispatch], job: Job) -> list[Hit]:
+        """The breakpoints the dispatches about to be performed hit (not let go)."""
         found = []
-        for d in report.dispatched:
+        for d in sorted(todo, key=lambda d: d.id):
+            if (d.id, d.attempt) in self.passed:
+                continue
             for b in self.breaks:
-                hit, note = b.matches(d, report.after)
+                hit, note = b.matches(d, job)
                 if hit:
                     found.append(Hit(b, d, note))
                     break
         return found
+
+    def let_go(self) -> list[Hit]:
+        """Let the leaves the last `run` stopped at be performed (`:continue`)."""
+        gone, self.hits = self.hits, []
+        self.passed.update((h.dispatch.id, h.dispatch.attempt) for h in gone)
+        return gone
 
     def _set_clock(self, when: float | None) -> None:
         clock = self.clock
@@ -667,13 +678,14 @@ class Stepper:
                     and not self._todo(snap, now)
                 ):
                     break  # the person decides, or the clock or a signal has to come
+                if self.breaks:
+                    self.hits = self._hits(self._todo(snap, now), job)
+                    if self.hits:
+                        break  # before performing it: the person looks, then :continue
                 report = self._step()
                 reports.append(report)
                 if on_step is not None:
                     on_step(report)
-                self.hits = self._hits(report)
-                if self.hits:
-                    break
         return reports
 
     # ------------------------------------------------------------ helpers

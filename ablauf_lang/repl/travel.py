@@ -319,12 +319,14 @@ def _break(repl: Repl, arg: str) -> None:
             action = head.lstrip(":")
     rest = rest.strip()
     if rest:
-        if not (rest.startswith("(when ") and rest.endswith(")")):
+        if not rest.startswith("(when "):
             raise ReplError(
                 "usage: :break ACTION, :break ID, :break (when EXPR), or ACTION/ID "
                 "followed by (when EXPR)"
             )
-        condition = repl.expression(rest[len("(when ") : -1].strip())
+        inner = rest[len("(when ") :]
+        # The closing bracket of `(when`; without it the reader says what is missing.
+        condition = repl.expression(inner[:-1] if inner.endswith(")") else inner)
     made = repl.stepper.add_break(text, action=action, node=node, when=condition)
     note = ""
     if action is not None and action not in repl.stepper.actions:
@@ -366,6 +368,7 @@ def _continue(repl: Repl, arg: str) -> None:
     job = stepper.require_job()
     if job.done:
         raise ReplError(f"the job is done ({job.status}): nothing to continue")
+    stepper.let_go()
     if BREAK_SIGNAL in stepper.awaited():
         sent, reports = stepper.signal(BREAK_SIGNAL)
         repl.console.print(Text(f"signal {sent.name} sent: the run goes on", style="dim"))

@@ -211,19 +211,22 @@ def test_record_saves_the_session_as_a_test_kept_up_to_date(tmp_path: Path) -> N
     data = json.loads(saved.read_text())
     assert len(data["steps"]) == 4
     assert data["end"] == {"status": "success", "context": {"x": 1}}
-    assert data["filename"] == str(program)
-    assert check_file(saved).passed
+    assert data["filename"] == "p.abl"  # beside the test: the two can move together
+    outcome = check_file(saved)
+    assert outcome.passed
+    assert f"4 restarts replayed against {program}" in outcome.message
     said(repl, out, ":back")  # the file follows the session: three restarts now
     assert len(json.loads(saved.read_text())["steps"]) == 3
     said(repl, out, ":record off", ":run")
     assert len(json.loads(saved.read_text())["steps"]) == 3  # no longer recorded
-    data = json.loads(saved.read_text())
-    data["program"] = data["program"].replace('"b"', '"B"')
-    saved.write_text(json.dumps(data))
+    program.write_text(SOURCE.replace('"b"', '"B"') + "\n")  # a later edit of the program
     outcome = check_file(saved)
     assert not outcome.passed
     assert outcome.diff is not None
     assert '! #3 :action/log "b" (line 1)' in outcome.diff
+    assert '| #3 :action/log "B" (line 1)' in outcome.diff
+    program.unlink()  # without its file, a test replays the program it recorded
+    assert check_file(saved).passed
 
 
 def test_a_recording_keeps_the_definitions_entered_before_the_form(tmp_path: Path) -> None:

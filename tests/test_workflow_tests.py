@@ -15,16 +15,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ablauf_lang import api
+from ablauf_lang import api, values
+from ablauf_lang.names import STDLIB_ACTIONS
 from ablauf_lang.repl.stepper import Stepper
 from ablauf_lang.testing.faults import check_faults_file, run_faults
 from ablauf_lang.testing.outcome import TestFileError
 from ablauf_lang.testing.runner import check_file
 from ablauf_lang.testing.session import Recording, check_session, load_test
+from tests.strategies import workflow_sources
 
-DATA = Path(__file__).resolve().parent / "data" / "faults"
-SAVED = DATA.parent / "workflow" / "steps.abltest"  # these two are also collected by the plugin
-SAVED_FAULTS = DATA.parent / "workflow" / "charge-fixed-faults.abltest"
+DATA = Path(__file__).resolve().parent.parent / "examples" / "tests"
+WORKFLOW = Path(__file__).resolve().parent / "data" / "workflow"
+SAVED = WORKFLOW / "steps.abltest"  # these two are also collected by the plugin
+SAVED_FAULTS = WORKFLOW / "charge-fixed-faults.abltest"
 SOURCE = '(do!! (log!! "a") (dopar!! (log!! "b") (log!! "c")) (log!! "d"))'
 
 
@@ -55,7 +58,7 @@ def test_a_recorded_session_replays_and_an_edit_shows_the_first_difference(
 
 
 def test_the_planted_bug_is_found_replayed_and_gone_once_fixed(tmp_path: Path) -> None:
-    buggy = (DATA / "charge.abl").read_text()
+    buggy = (DATA / "payment.abl").read_text()
     for seed in (1, 2, 3, 4):
         report = run_faults(
             buggy, "charge.abl", 50, seed=seed, context={"order": 1}, out_dir=tmp_path
@@ -65,7 +68,7 @@ def test_the_planted_bug_is_found_replayed_and_gone_once_fixed(tmp_path: Path) -
         assert report.written is not None
         data = load_test(report.written)
         assert not check_faults_file(data, report.written).passed
-        data["program"] = (DATA / "charge-fixed.abl").read_text()
+        data["program"] = (DATA / "payment-fixed.abl").read_text()
         assert check_faults_file(data, report.written).passed
     again = run_faults(buggy, "charge.abl", 50, seed=1, context={"order": 1}, out_dir=tmp_path)
     first = run_faults(buggy, "charge.abl", 50, seed=1, context={"order": 1}, out_dir=tmp_path)
@@ -78,7 +81,7 @@ def test_clean_programs_keep_every_invariant_over_200_schedules() -> None:
         source = (root / "examples" / f"{name}.abl").read_text()
         report = run_faults(source, f"{name}.abl", 200, seed=5)
         assert report.passed, report.violation
-    fixed = (DATA / "charge-fixed.abl").read_text()
+    fixed = (DATA / "payment-fixed.abl").read_text()
     assert run_faults(fixed, "charge-fixed.abl", 200, seed=5, context={"order": 1}).passed
 
 
@@ -161,8 +164,8 @@ def test_a_broken_test_file_exits_2_naming_what_is_wrong(
     ("args", "message"),
     [
         (["nothing-here.abltest"], "nothing-here.abltest: no such file or directory"),
-        (["tests/data/faults/charge.abl"], "is a program: test it with"),
-        (["tests/data/faults"], "no .abltest files in this directory"),
+        (["examples/tests/payment.abl"], "is a program: test it with"),
+        (["docs"], "no .abltest files in this directory"),
         (["--faults", "3", "x.abltest"], "x.abltest is a test file: --faults N runs programs"),
         (["--seed", "3", "x.abltest"], "--seed goes with --faults N"),
         (["--faults", "0", "x.abl"], "0 is not in the range x>=1"),
@@ -198,17 +201,17 @@ def test_faults_from_the_command_line_find_the_planted_bug_and_write_a_test(
     tmp_path: Path,
 ) -> None:
     args = ["--faults", "60", "--seed", "2", "--context", '{"order": 1}', "--out", str(tmp_path)]
-    out = ablauf("test", str(DATA / "charge.abl"), *args)
+    out = ablauf("test", str(DATA / "payment.abl"), *args)
     assert out.returncode == 1, out.stdout + out.stderr
     assert (
         "broken: no non-idempotent action twice: non-idempotent :pay/charge did its" in out.stdout
     )
-    written = tmp_path / "charge-faults-2.abltest"
+    written = tmp_path / "payment-faults-2.abltest"
     assert f"written: {written}" in out.stdout
     replay = ablauf("test", str(written))
     assert replay.returncode == 1
     assert "FAILED" in replay.stdout
-    out = ablauf("test", str(DATA / "charge-fixed.abl"), *args, "--json")
+    out = ablauf("test", str(DATA / "payment-fixed.abl"), *args, "--json")
     assert out.returncode == 0, out.stdout + out.stderr
     report = json.loads(out.stdout)
     assert report["passed"] is True
@@ -288,3 +291,37 @@ def test_a_damaged_file_either_fails_or_is_broken_never_an_internal_error(
         else:
             assert outcome.passed or outcome.message
         assert error is None or error.startswith(f"{damaged}: ")
+
+
+def _copies(root: Any) -> bool:
+    """Whether a non-idempotent action is in the tree twice with the same payload."""
+    seen: set[str] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        stack.extend(getattr(node, "children", ()))
+        action = getattr(node, "action", None)
+        if action is None or node.idempotent or action in STDLIB_ACTIONS:
+            continue
+        key = f"{action} {json.dumps(values.encode(node.payload), sort_keys=True, default=str)}"
+        if key in seen:
+            return True
+        seen.add(key)
+    return False
+
+
+@settings(max_examples=120, deadline=None)
+@given(source=workflow_sources, seed=st.integers(0, 2**32 - 1))
+def test_random_programs_end_run_their_finally_and_do_work_twice_only_when_copied(
+    source: str, seed: int
+) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        report = run_faults(source, "random.abl", 25, seed=seed, out_dir=folder)
+    if report.violation is None:
+        return
+    assert report.violation.invariant == "no non-idempotent action twice", (
+        source,
+        report.schedule,
+        report.violation,
+    )
+    assert _copies(api.compile(source, "random.abl")), (source, report.violation)

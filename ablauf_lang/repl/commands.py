@@ -257,6 +257,7 @@ def _run(repl: Repl, arg: str) -> None:
 
 
 def _print_hits(repl: Repl, steps: int) -> None:
+    one = len(repl.stepper.hits) == 1
     for hit in repl.stepper.hits:
         d = hit.dispatch
         line = Text(f"break {hit.breakpoint.number} ({hit.breakpoint.text}): ", style="yellow")
@@ -268,8 +269,10 @@ def _print_hits(repl: Repl, steps: int) -> None:
     repl.console.print(
         Text(
             f"stopped after {steps} step{'' if steps == 1 else 's'}, before performing "
-            f"{'it' if len(repl.stepper.hits) == 1 else 'them'}: "
-            ":continue goes on, :ok / :fail give its result by hand, :ctx and :tree look",
+            + ("it" if one else "them")
+            + ": :continue goes on, :ok / :fail give "
+            + ("its result" if one else "their results")
+            + " by hand, :ctx and :tree look",
             style="yellow",
         )
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
 
@@ -216,7 +216,7 @@ def _fork(repl: Repl, arg: str) -> None:
 # ---------------------------------------------------------------- recording
 
 
-def recording_of(repl: Repl) -> tuple[dict[str, object], int]:
+def recording_of(repl: Repl) -> tuple[dict[str, Any], int]:
     """The current job's session as a test file's data, and the number of steps in it:
     from where the job was entered or loaded to the snapshot on screen."""
     from ablauf_lang.testing.session import Recording
@@ -246,7 +246,7 @@ def recording_of(repl: Repl) -> tuple[dict[str, object], int]:
 
 def save_recording(repl: Repl) -> None:
     """Write the recording (after a step): the current job's session, up to now."""
-    from ablauf_lang.testing.session import dumps
+    from ablauf_lang.testing.session import write_test
 
     path = repl.recording
     if path is None or repl.stepper.job is None:
@@ -255,9 +255,7 @@ def save_recording(repl: Repl) -> None:
         data, _ = recording_of(repl)
     except ReplError:
         return  # another job is on screen: the file keeps what it had
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(dumps(data), encoding="utf-8")
-    temporary.replace(path)
+    write_test(path, data)
 
 
 @command(

@@ -67,7 +67,7 @@ from ablauf_lang.testing.outcome import (
     TestFileError,
     TestOutcome,
 )
-from ablauf_lang.testing.session import dumps, initial_context
+from ablauf_lang.testing.session import initial_context, program_of, write_test
 from ablauf_lang.ui.render import format_value
 
 __all__ = [
@@ -402,9 +402,8 @@ def run_faults(
         folder = Path(out_dir) if out_dir is not None else _home(filename)
         folder.mkdir(parents=True, exist_ok=True)
         stem = Path(filename).stem if filename else "program"
-        target = folder / f"{stem}-faults-{chosen}{SUFFIX}"
         data = faults_data(source, filename, context, chosen, schedule, violation)
-        target.write_text(dumps(data), encoding="utf-8")
+        target = write_test(folder / f"{stem}-faults-{chosen}{SUFFIX}", data)
         return FaultReport(
             filename,
             i + 1,
@@ -458,8 +457,9 @@ def check_faults_file(data: dict[str, Any], path: str) -> TestOutcome:
     if not isinstance(schedule, list) or any(s not in DECISIONS for s in schedule):
         raise TestFileError(f"{path}: the schedule must be a list of {', '.join(DECISIONS)}")
     context = initial_context(data, path)
+    source, filename, from_file = program_of(data, path)
     try:
-        job = make_job(compile_program(data["program"], data.get("filename")), context)
+        job = make_job(compile_program(source, filename), context)
     except AblaufError as exc:
         return TestOutcome(path, name, False, f"the program no longer compiles:\n{exc}")
     used, violation, end = run_schedule(job, schedule)
@@ -472,6 +472,10 @@ def check_faults_file(data: dict[str, Any], path: str) -> TestOutcome:
             diff=f"schedule: {' '.join(used)}",
             restart=end.restarts,
         )
+    against = f" of {filename}" if from_file else ""
     return TestOutcome(
-        path, name, True, f"the schedule keeps every invariant (the run ends {end.status})"
+        path,
+        name,
+        True,
+        f"the schedule keeps every invariant{against} (the run ends {end.status})",
     )

@@ -57,6 +57,8 @@ __all__ = [
     "check_session",
     "default_name",
     "load_test",
+    "program_of",
+    "write_test",
 ]
 
 KIND = "session"
@@ -134,15 +136,52 @@ class Recording:
         }
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the file (whole, through a temporary file: a crash leaves the old one)."""
-        target = Path(path)
-        if target.suffix != SUFFIX:
-            target = target.with_name(target.name + SUFFIX)
-        text = dumps(self.to_dict())
-        temporary = target.with_name(target.name + ".tmp")
-        temporary.write_text(text, encoding="utf-8")
-        temporary.replace(target)
-        return target
+        """Write the file (whole, through a temporary file: a crash leaves the old one);
+        the program's file is named relative to the test file's folder."""
+        return write_test(path, self.to_dict())
+
+
+def write_test(path: str | os.PathLike[str], data: dict[str, Any]) -> Path:
+    """Write a test file (`.abltest` added when missing) whole, through a temporary file;
+    its program's file named relative to the test file's folder (`relative_to`)."""
+    target = Path(path)
+    if target.suffix != SUFFIX:
+        target = target.with_name(target.name + SUFFIX)
+    data = {**data, "filename": relative_to(data.get("filename"), target.parent)}
+    temporary = target.with_name(target.name + ".tmp")
+    temporary.write_text(dumps(data), encoding="utf-8")
+    temporary.replace(target)
+    return target
+
+
+def relative_to(filename: str | None, folder: Path) -> str | None:
+    """A program's file name as a test file in `folder` records it: relative to the
+    folder when it is a file there is (so the two can move together), else as given."""
+    if not filename or filename.startswith("<"):
+        return filename
+    try:
+        if not Path(filename).is_file():
+            return filename
+        # Not resolved: a link (a checkout's examples/ linked elsewhere) stays as it is.
+        return os.path.relpath(os.path.abspath(filename), os.path.abspath(folder))
+    except (OSError, ValueError):
+        return filename
+
+
+def program_of(data: dict[str, Any], path: str) -> tuple[str, str | None, bool]:
+    """The program a test runs: its file as it is now, when the file is there (its name
+    relative to the test file's folder, or absolute); else the text the test recorded.
+    Returns the source, the name to compile it under, and whether it came from the file."""
+    filename = data.get("filename")
+    if filename and not filename.startswith("<"):
+        candidate = Path(filename)
+        if not candidate.is_absolute():
+            candidate = Path(path).parent / candidate
+        try:
+            return candidate.read_text(encoding="utf-8"), str(candidate), True
+        except (OSError, UnicodeDecodeError, ValueError):
+            pass
+    return data["program"], filename, False
 
 
 def dumps(data: dict[str, Any]) -> str:
@@ -359,10 +398,10 @@ def _key(d: tuple[int, int, str, Any]) -> tuple[int, int, str, str]:
 def check_session(data: dict[str, Any], path: str) -> TestOutcome:
     """Replay a session file (see the module docstring) and say whether it still holds."""
     name = str(data.get("name") or default_name(data.get("filename")))
-    filename = data.get("filename")
+    source, filename, from_file = program_of(data, path)
     context = initial_context(data, path)
     try:
-        job = make_job(compile_program(data["program"], filename), context)
+        job = make_job(compile_program(source, filename), context)
     except AblaufError as exc:
         return TestOutcome(path, name, False, f"the program no longer compiles:\n{exc}")
     steps = data["steps"]
@@ -410,7 +449,13 @@ def check_session(data: dict[str, Any], path: str) -> TestOutcome:
             left = [f"{k} {format_value(_get(want, k), 40)}" for k in keys]
             right = [f"{k} {format_value(_get(job.context, k), 40)}" for k in keys]
             return _differs(path, name, job.restarts, "the context at the end differs", left, right)
-    return TestOutcome(path, name, True, f"{len(steps)} restarts replayed, ends {status}")
+    against = f" against {filename}" if from_file else ""
+    return TestOutcome(
+        path,
+        name,
+        True,
+        f"{len(steps)} restart{'' if len(steps) == 1 else 's'} replayed{against}, ends {status}",
+    )
 
 
 def _get(mapping: dict[Any, Any], key: str) -> Any:

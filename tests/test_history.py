@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from ablauf_lang.engine.replay import abort, prepare_replay
 from ablauf_lang.errors import AblaufError, RunError
 from ablauf_lang.stores import sql as sqlbase
 from ablauf_lang.stores.backend import open_store
+from tests.commands import ablauf
 from tests.strategies import workflow_sources
 
 ENV = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
@@ -359,18 +358,6 @@ def test_a_run_parks_before_a_break_and_goes_on_when_continued(tmp_path: Path) -
 
 
 # ---------------------------------------------------------------- the command line
-
-
-def ablauf(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ablauf_lang", *args],
-        cwd=cwd,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def test_the_commands(tmp_path: Path) -> None:

@@ -4,8 +4,6 @@ the byte estimate against what a real SQLite store keeps, the command's output a
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ from hypothesis import strategies as st
 from ablauf_lang import api
 from ablauf_lang.engine.kinds import Leaf
 from ablauf_lang.ui.plan import format_plan, plan
+from tests.commands import ablauf
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.abl"))
@@ -212,18 +211,6 @@ def test_every_example_plans_or_reports_its_error(path: Path) -> None:
     text = format_plan(plan(root))
     assert text.startswith("leaves:")
     assert all(line.strip() for line in text.splitlines())
-
-
-def ablauf(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ablauf_lang", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        input=stdin,
-        timeout=60,
-        check=False,
-    )
 
 
 def test_the_command_prints_the_plan_and_json(tmp_path: Path) -> None:

@@ -25,32 +25,12 @@ from ablauf_lang.engine.states import state_of
 from ablauf_lang.repl.app import Repl
 from ablauf_lang.repl.completer import AblaufCompleter
 from ablauf_lang.runners.clock import VirtualClock
+from tests.commands import START, make_repl, said
 from tests.terminal import Tmux
 
 pytestmark = pytest.mark.timeout(60)
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
-START = 1_800_000_000.0  # 2027-01-15T08:00:00Z
-
-
-def make_repl(actions: dict[str, Any] | None = None) -> tuple[Repl, io.StringIO]:
-    out = io.StringIO()
-    repl = Repl(
-        actions or {},
-        console=Console(file=out, width=200, color_system=None),
-        history=InMemoryHistory(),
-        input=DummyInput(),
-        output=DummyOutput(),
-        clock=VirtualClock(START, frozen=True),
-    )
-    return repl, out
-
-
-def said(repl: Repl, out: io.StringIO, *lines: str) -> str:
-    mark = len(out.getvalue())
-    for line in lines:
-        repl.handle(line)
-    return out.getvalue()[mark:]
 
 
 def toolbar(repl: Repl) -> str:

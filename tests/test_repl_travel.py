@@ -6,59 +6,34 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prompt_toolkit.history import InMemoryHistory
-from prompt_toolkit.input import DummyInput
-from prompt_toolkit.output import DummyOutput
-from rich.console import Console
 
 import ablauf_lang
 from ablauf_lang.api import with_breaks
 from ablauf_lang.engine.nodes import success
 from ablauf_lang.names import WAIT_ACTIONS
 from ablauf_lang.repl.app import Repl
-from ablauf_lang.runners.clock import VirtualClock
 from ablauf_lang.stores.backend import open_store
 from ablauf_lang.testing.runner import check_file
+from tests.commands import START, ablauf, make_repl
+from tests.commands import said as shared_said
 from tests.terminal import Tmux
 
 pytestmark = pytest.mark.timeout(120)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-START = 1_800_000_000.0
 SOURCE = '(do!! (log!! "a") (dopar!! (log!! "b") (log!! "c")) (log!! "d"))'
 PAY = '(do!! (log!! "a") (action!! :pay/charge {:amount (ctx :amount)}) (log!! "b"))'
 
 
-def make_repl(
-    actions: dict[str, Any] | None = None, context: dict[str, Any] | None = None
-) -> tuple[Repl, io.StringIO]:
-    out = io.StringIO()
-    repl = Repl(
-        actions or {},
-        context=context,
-        console=Console(file=out, width=200, color_system=None),
-        history=InMemoryHistory(),
-        input=DummyInput(),
-        output=DummyOutput(),
-        clock=VirtualClock(START, frozen=True),
-    )
-    return repl, out
-
-
 def said(repl: Repl, out: io.StringIO, *lines: str) -> str:
-    mark = len(out.getvalue())
-    for line in lines:
-        repl.handle(line)
-    text = out.getvalue()[mark:]
+    text = shared_said(repl, out, *lines)
     assert "internal error" not in text
     return text
 
@@ -338,18 +313,6 @@ def test_fork_of_a_form_typed_here_is_a_new_run(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- the command line
-
-
-def ablauf(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ablauf_lang", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-    )
 
 
 def test_repl_attach_of_a_run_that_is_not_there_exits_2(tmp_path: Path) -> None:

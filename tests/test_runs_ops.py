@@ -23,6 +23,7 @@ from ablauf_lang.cli.common import parse_age, parse_since
 from ablauf_lang.errors import RunError
 from ablauf_lang.stores.backend import open_store
 from ablauf_lang.stores.base import Owner
+from tests.commands import ablauf
 
 ENV = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # piped: whole lines
 
@@ -164,18 +165,6 @@ def test_since_takes_durations_and_iso_dates() -> None:
 
 
 # ---------------------------------------------------------------- the command line
-
-
-def ablauf(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ablauf_lang", *args],
-        cwd=cwd,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 @pytest.fixture

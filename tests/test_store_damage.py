@@ -14,8 +14,6 @@ import os
 import random
 import shutil
 import sqlite3
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +30,7 @@ from ablauf_lang.engine.nodes import success
 from ablauf_lang.errors import AblaufError
 from ablauf_lang.stores.sql import SCHEMA_VERSION
 from ablauf_lang.stores.sqlite import SqliteStore
+from tests.commands import ablauf
 
 PROGRAMS = [
     '(do!! (log!! "a") (log!! "b") (with-augment [identity :k] (log!! {:x [1 2]})))',
@@ -106,18 +105,6 @@ def exercise(path: Path) -> dict[str, Any]:
     finally:
         store.close()
     return out
-
-
-def ablauf(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ablauf_lang", *args],
-        cwd=cwd,
-        env={k: v for k, v in os.environ.items() if k != "COLUMNS"},  # whole lines
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 # ---------------------------------------------------------------- the reproductions

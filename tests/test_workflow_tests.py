@@ -22,6 +22,7 @@ from ablauf_lang.testing.faults import check_faults_file, run_faults
 from ablauf_lang.testing.outcome import TestFileError
 from ablauf_lang.testing.runner import check_file
 from ablauf_lang.testing.session import Recording, check_session, load_test
+from tests.commands import ablauf
 from tests.strategies import workflow_sources
 
 DATA = Path(__file__).resolve().parent.parent / "examples" / "tests"
@@ -88,18 +89,6 @@ def test_clean_programs_keep_every_invariant_over_200_schedules() -> None:
 # ---------------------------------------------------------------- `ablauf test` and pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def ablauf(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ablauf_lang", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
 
 
 def edited(saved: Path, target: Path) -> Path:
@@ -220,33 +209,30 @@ def test_faults_from_the_command_line_find_the_planted_bug_and_write_a_test(
     assert sum(report["faults"].values()) > 60  # decisions drawn over the schedules
 
 
-def test_pytest_collects_test_files_and_shows_the_diff(tmp_path: Path) -> None:
-    good = record(SOURCE, tmp_path / "good")
-    edited(good, tmp_path / "bad.abltest")
-    (tmp_path / "broken.abltest").write_text("{")
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", str(tmp_path)],
-        cwd=tmp_path,
+def pytest_in(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", *args, str(folder)],
+        cwd=folder,
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
+
+
+def test_pytest_collects_test_files_and_shows_the_diff(tmp_path: Path) -> None:
+    good = record(SOURCE, tmp_path / "good")
+    edited(good, tmp_path / "bad.abltest")
+    (tmp_path / "broken.abltest").write_text("{")
+    out = pytest_in(tmp_path, "-p", "no:cacheprovider")
     assert out.returncode == 1, out.stdout + out.stderr
     assert "2 failed, 1 passed" in out.stdout
     assert "t: restart 2: the dispatches differ" in out.stdout
     assert '! #4 :action/log "c" (line 1)' in out.stdout
     assert "broken test file:" in out.stdout
     assert "not valid JSON" in out.stdout
-    off = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:ablauf", "-q", str(tmp_path)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    off = pytest_in(tmp_path, "-p", "no:cacheprovider", "-p", "no:ablauf")
     assert off.returncode == 5  # no tests collected without the plugin
 
 

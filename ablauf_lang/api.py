@@ -128,10 +128,12 @@ def compile(
     `file_imports=False` lets a program import only the standard library (`std/...`):
     for embedders that run programs they did not write. None: `lang.loader.FILE_IMPORTS`.
     """
-    from ablauf_lang.lang.compiler import compile_forms, compile_source
+    from ablauf_lang.lang.cache import compile_file_source
+    from ablauf_lang.lang.compiler import compile_forms
 
     if isinstance(source, str):
-        return compile_source(source, filename, file_imports=file_imports)
+        # A program from a file is read once: its tree is kept by content hash.
+        return compile_file_source(source, filename, file_imports=file_imports)
     forms = source if isinstance(source, tuple) else (source,)  # Forms keeps its spans
     return compile_forms(forms, filename=filename, file_imports=file_imports)
 
@@ -917,10 +919,9 @@ def submit_kafka(
     program, an unreachable broker, or actions no worker serves yet (their topics do not
     exist: start the action workers first). `breaks`: see `eval`."""
     from ablauf_lang.kafka import runs
-    from ablauf_lang.lang.compiler import compile_source
 
     settings = _kafka(kafka)
-    root = with_breaks(compile_source(source, filename), breaks)
+    root = with_breaks(compile(source, filename), breaks)
     runs.check_served(settings, used_actions(root))
     job = _job.make_job(root, context)
     with opened(store) as backend:

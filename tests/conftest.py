@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 from hypothesis import HealthCheck, settings
+
+# Compiled programs are cached (`lang.cache`): the tests keep theirs out of the user's
+# cache directory, in one folder for the session (subprocesses inherit it).
+os.environ.setdefault("ABLAUF_CACHE", tempfile.mkdtemp(prefix="ablauf-cache-"))
 
 # A throwaway PostgreSQL server (`pg_server`, `pg_url`), a Kafka-protocol broker
 # (`kafka_broker`, `kafka_bootstrap`, `kafka_s3_broker`), a real terminal (`tmux`) and a

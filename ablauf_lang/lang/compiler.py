@@ -1288,15 +1288,18 @@ def compile_forms(
     source: str | None = None,
     filename: str | None = None,
     file_imports: bool | None = None,
+    loader: Loader | None = None,
 ) -> Node:
     """Compile a program's top-level forms to the lowered tree of its (last) workflow.
 
     `file_imports`: False lets `import` read the standard library only; None follows
-    the module default `FILE_IMPORTS`.
+    the module default `FILE_IMPORTS`. `loader`: the one to use (it then tells which
+    files were imported, `Loader.files`); a new one by default.
     """
     with gc_paused():
         try:
-            loader = Loader(file_imports=file_imports)
+            if loader is None:
+                loader = Loader(file_imports=file_imports)
             return Compiler(source, filename, loader=loader).program(forms)
         except RecursionError:
             # A backstop: nesting is bounded by MAX_DEPTH, but Python's stack may be smaller.
@@ -1306,7 +1309,11 @@ def compile_forms(
 
 
 def compile_source(
-    source: str, filename: str | None = None, *, file_imports: bool | None = None
+    source: str,
+    filename: str | None = None,
+    *,
+    file_imports: bool | None = None,
+    loader: Loader | None = None,
 ) -> Node:
     """Read and compile `source`; raise AblaufSyntaxError or AblaufCompileError.
 
@@ -1314,5 +1321,9 @@ def compile_source(
     """
     source = strip_bom(source)
     return compile_forms(
-        read(source, filename), source=source, filename=filename, file_imports=file_imports
+        read(source, filename),
+        source=source,
+        filename=filename,
+        file_imports=file_imports,
+        loader=loader,
     )

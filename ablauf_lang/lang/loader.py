@@ -10,6 +10,7 @@ itself runs a module's declarations and never touches the file system.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ __all__ = [
     "Module",
     "is_real_file",
     "stdlib_modules",
+    "text_digest",
 ]
 
 STD_PREFIX = "std/"
@@ -72,6 +74,11 @@ def stdlib_modules() -> list[str]:
     )
 
 
+def text_digest(text: str) -> str:
+    """The sha256 of a text (as UTF-8; lone surrogates escaped), in hex."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def is_real_file(filename: str | None) -> bool:
     """True for a file name (not `<input>`, `<repl>`, None, or a name no file can have)."""
     if not filename or str(filename).startswith("<"):
@@ -110,6 +117,8 @@ class Loader:
     loading: list[tuple[str, str]] = field(default_factory=list)  # (key, shown name) chain
     root: str | None = None
     file_imports: bool | None = None
+    # The files imported (not the standard library): real path -> sha256 of the text read.
+    files: dict[str, str] = field(default_factory=dict)
 
     def start(self, source: str | None, filename: str | None) -> None:
         """Record a file being compiled: its source, and (the first) the import root."""
@@ -135,6 +144,8 @@ class Loader:
         """The text and forms of a module (ImportRefused when it cannot be read)."""
         text = module.read_text()
         self.sources[module.shown] = text
+        if not module.key.startswith("std:"):
+            self.files[module.key] = text_digest(text)
         return text, _read_module(text, module.shown)
 
     def find(self, path: str, importer: str | None) -> Module:

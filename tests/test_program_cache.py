@@ -192,3 +192,17 @@ def test_running_a_file_twice_uses_its_entry(tmp_path: Path) -> None:
     assert second.returncode == 0
     assert entries(where) == [entry]
     assert entry.stat().st_mtime > 1_000_000_000  # taken from the cache: used just now
+
+
+@pytest.mark.parametrize("levels", [40, 60, 300, 1000])
+def test_a_deep_tree_compiles_every_time_and_never_crashes(
+    tmp_path: Path, levels: int
+) -> None:
+    # Pickling recurses in C: a deep tree could overflow the C stack, so it is not kept.
+    program = tmp_path / "deep.abl"
+    program.write_text("(try!! " * levels + "(fail!! 1)" + ")" * levels + "\n")
+    where = tmp_path / "cache"
+    for _ in range(2):
+        done = ablauf("check", str(program), env={cache.CACHE_ENV: str(where)})
+        assert done.returncode in (0, 2), done.stderr
+    assert bool(entries(where)) == (2 * levels + 1 <= cache.MAX_NESTING)

@@ -7,9 +7,13 @@ import importlib.resources
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from lark import Lark
+from lark.exceptions import UnexpectedCharacters
 
 from ablauf_lang.errors import AblaufSyntaxError, Span
+from ablauf_lang.lang import reader
 from ablauf_lang.lang.forms import List, Map, Symbol, Vector
 from ablauf_lang.lang.reader import MAX_INT_DIGITS, Forms, decode_source, parser, read, read_one
 from ablauf_lang.values import Keyword
@@ -54,7 +58,62 @@ def test_grammar_has_no_conflicts_or_terminal_collisions() -> None:
 def test_parser_is_built_once() -> None:
     assert parser() is parser()
     assert parser().options.parser == "lalr"
-    assert parser().options.lexer == "contextual"
+    assert parser().options.lexer is reader._Lexer
+
+
+def _tokens(tokens: Any) -> list[tuple[Any, ...]]:
+    """The tokens with every position, up to the first character no token takes."""
+    out: list[tuple[Any, ...]] = []
+    try:
+        for t in tokens:
+            out.append(
+                (t.type, str(t), t.start_pos, t.line, t.column, t.end_line, t.end_column, t.end_pos)
+            )
+    except UnexpectedCharacters as exc:
+        out.append(("error", exc.pos_in_stream, exc.line, exc.column))
+    return out
+
+
+LARKS_OWN = Lark.open_from_package(
+    "ablauf_lang.grammar", "ablauf.lark", parser="lalr", lexer="basic"
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                "(",
+                ")",
+                "[",
+                "]",
+                "{",
+                "}",
+                "#_",
+                " ",
+                "\n",
+                ",",
+                "; c\n",
+                "\r\n",
+                "\t",
+                "a",
+                "-1",
+                "2.5e3",
+                ":k/w",
+                '"s"',
+                '"two\nlines"',
+                '"\\n"',
+                "nil",
+                "x!!",
+                "é",
+            ]
+        ),
+        max_size=40,
+    ).map("".join)
+)
+def test_the_readers_lexer_makes_larks_tokens(text: str) -> None:
+    assert _tokens(parser().lex(text)) == _tokens(LARKS_OWN.lex(text))
 
 
 EDGE_TOKENS = [

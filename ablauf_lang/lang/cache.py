@@ -36,6 +36,7 @@ __all__ = ["CACHE_ENV", "MAX_ENTRIES", "cache_dir", "compile_file_source"]
 
 CACHE_ENV = "ABLAUF_CACHE"
 MAX_ENTRIES = 1000
+MAX_NESTING = 100  # nodes deep: a deeper tree is not cached (see `_within`)
 FORMAT = 1  # the entries' own format
 _SUFFIX = ".pickle"
 
@@ -84,8 +85,25 @@ def compile_file_source(
         return cached
     loader = Loader(file_imports=file_imports)
     root = compile_source(source, filename, file_imports=file_imports, loader=loader)
-    _store(folder, entry, {"format": FORMAT, "files": dict(loader.files), "root": root})
+    if _within(root, MAX_NESTING):
+        _store(folder, entry, {"format": FORMAT, "files": dict(loader.files), "root": root})
     return root
+
+
+def _within(root: Node, limit: int) -> bool:
+    """Whether the tree nests at most `limit` nodes deep. Pickling recurses in C, a few
+    frames per level, and a deep enough tree overflows the C stack instead of raising
+    RecursionError: a deeper tree is compiled every time rather than cached. (The values
+    inside a tree are bounded by the compiler: a payload nests at most 100 levels.)"""
+    todo: list[tuple[Any, int]] = [(root, 1)]
+    while todo:
+        node, depth = todo.pop()
+        if depth > limit:
+            return False
+        children = getattr(node, "children", None)
+        if children:
+            todo.extend((child, depth + 1) for child in children)
+    return True
 
 
 def _cacheable(filename: str | None) -> bool:

@@ -687,3 +687,53 @@ def _caught(fn: object, *args: object, **kw: object) -> object:
         return fn(*args, **kw)  # type: ignore[operator]
     except BaseException as exc:  # handed to the test's thread
         return exc
+
+
+def test_submit_and_wait_keep_one_connection_each_for_the_process(
+    shared: tuple[str, Workers],
+) -> None:
+    url, _ = shared
+
+    def ours(name: str) -> int:
+        rows = query(
+            url,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND pid <> "
+            "pg_backend_pid() AND backend_type = 'client backend' AND client_port IS NOT NULL "
+            "AND backend_start < now()",
+            name,
+        )
+        return int(rows[0][0])
+
+    first = worker.submit('(action!! :test/noop "a")', url)
+    assert worker.wait(first, url, timeout=POLL).status is Status.SUCCESS
+    stores, waits = ours("ablauf-store"), ours("ablauf-wait")
+    for i in range(5):
+        run_id = worker.submit(f"(action!! :test/noop {i})", url)
+        assert worker.wait(run_id, url, timeout=POLL).status is Status.SUCCESS
+    # No connection more for five more runs (the four workers' own are counted in both).
+    assert ours("ablauf-store") == stores
+    assert ours("ablauf-wait") == waits
+
+
+def test_run_worker_sets_the_switch_interval_while_it_runs(pg_server: PgServer) -> None:
+    url = database(pg_server)
+    stop = threading.Event()
+    seen: list[float] = []
+    before = sys.getswitchinterval()
+
+    def look(payload: object, context: object) -> str:
+        seen.append(sys.getswitchinterval())
+        return "ok"
+
+    thread = threading.Thread(
+        target=worker.run_worker, args=(url, {"test/look": look}, 1), kwargs={"stop": stop}
+    )
+    thread.start()
+    try:
+        run_id = worker.submit('(action!! :test/look "x")', url)
+        assert worker.wait(run_id, url, timeout=30).status is Status.SUCCESS
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert seen == [worker.SWITCH_INTERVAL]
+    assert sys.getswitchinterval() == before

@@ -51,16 +51,20 @@ and step at DEBUG; recoveries, repairs and lost connections at WARNING.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import inspect
 import logging
+import os
 import random
+import sys
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ablauf_lang.engine.job import Job, restart_job
 from ablauf_lang.engine.nodes import (
@@ -89,6 +93,9 @@ from ablauf_lang.runners.local import (
 from ablauf_lang.stdlib.actions import AWAIT, SLEEP, STDLIB_ACTIONS, WAIT_ACTIONS
 from ablauf_lang.stores.base import run_error
 
+if TYPE_CHECKING:
+    import psycopg
+
 try:  # psycopg: needed only when workers are used (said then, see `_require`)
     from ablauf_lang import queue
     from ablauf_lang.stores import postgres
@@ -106,6 +113,7 @@ QUICK = 0.005  # an action quicker than this lets a slot take more at once
 BATCH_TIME = 0.05  # tasks of a batch not started by then go back to the queue
 POLL = 5.0  # safety poll of an idle slot (NOTIFY wakes it at once)
 MAX_BACKOFF = 5.0  # longest wait between two reconnection attempts
+SWITCH_INTERVAL = 0.0005  # seconds: the thread switch interval while a worker runs
 LISTEN_TICK = 0.5  # the listener's longest wait for a NOTIFY (it checks for stopping)
 DUE_RECHECK = 0.05  # after NOTIFYs, the listener looks at the next due time at most this often
 ABANDONED = 256  # threads for actions with a time limit (one abandoned at its limit stays)
@@ -139,6 +147,74 @@ def _open(store_url: str, *, reconnect: bool = True) -> PostgresStore:
     check_url(store_url)
     _require()
     return PostgresStore.from_url(store_url, reconnect=reconnect)
+
+
+# Stores and listeners kept open for this process's `submit` and `wait`: connecting costs
+# about twenty commits' time, more than the short run it submits. A store serialises its
+# own use (a lock), so threads share one; a listener is a thread's own (notifications
+# are taken by whoever reads them). Keyed by process too: a forked child connects anew.
+# At most this many stores are kept (the least recently used is closed): a process that
+# talks to many databases does not hold a connection to each.
+SHARED_STORES = 4
+_shared_stores: OrderedDict[tuple[str, int], PostgresStore] = OrderedDict()
+_shared_lock = threading.Lock()
+_listeners = threading.local()
+
+
+def _shared(store_url: str) -> PostgresStore:
+    """The store this process keeps open for `store_url` (it reconnects by itself)."""
+    key = (store_url, os.getpid())
+    with _shared_lock:
+        store = _shared_stores.get(key)
+        if store is None or store.conn.closed:
+            store = _shared_stores[key] = _open(store_url)
+        _shared_stores.move_to_end(key)
+        while len(_shared_stores) > SHARED_STORES:
+            _, old = _shared_stores.popitem(last=False)
+            with contextlib.suppress(Exception):
+                old.close()
+    return store
+
+
+def _my_listeners() -> OrderedDict[tuple[str, int], psycopg.Connection]:
+    mine: OrderedDict[tuple[str, int], psycopg.Connection] = _listeners.__dict__.setdefault(
+        "by", OrderedDict()
+    )
+    return mine
+
+
+def _listener(store_url: str, shown: str) -> psycopg.Connection | None:
+    """This thread's connection LISTENing for finished runs of `store_url` (opened once,
+    at most SHARED_STORES kept); None when it cannot be opened now (the caller polls)."""
+    mine = _my_listeners()
+    key = (store_url, os.getpid())
+    conn = mine.get(key)
+    if conn is not None and not conn.closed:
+        mine.move_to_end(key)
+        return conn
+    try:
+        conn = postgres.connect(store_url, purpose="wait")
+        postgres.listen_finished(conn, shown)
+    except StoreError:
+        postgres.close_quietly(conn)
+        return None
+    mine[key] = conn
+    while len(mine) > SHARED_STORES:
+        postgres.close_quietly(mine.popitem(last=False)[1])
+    return conn
+
+
+def _drop_listener(store_url: str) -> None:
+    postgres.close_quietly(_my_listeners().pop((store_url, os.getpid()), None))
+
+
+@atexit.register
+def _close_shared() -> None:
+    with _shared_lock:
+        for store in _shared_stores.values():
+            with contextlib.suppress(Exception):
+                store.close()
+        _shared_stores.clear()
 
 
 # ---------------------------------------------------------------- the engine calls
@@ -203,11 +279,7 @@ def submit(
     from ablauf_lang.lang.compiler import compile_source, with_breaks
 
     job = make_job(with_breaks(compile_source(source, filename), breaks), context)
-    store = _open(store_url)
-    try:
-        return queue.submit(store, job, source=source, filename=filename, run_id=run_id)
-    finally:
-        store.close()
+    return queue.submit(_shared(store_url), job, source=source, filename=filename, run_id=run_id)
 
 
 def wait(run_id: str, store_url: str, timeout: float | None = None) -> Run:
@@ -215,36 +287,27 @@ def wait(run_id: str, store_url: str, timeout: float | None = None) -> Run:
     it as it is then (`status` is still "pending" after a timeout). RunError for an
     unknown run id. A server that restarts meanwhile is reconnected to, as workers do
     (StoreError when it stays away longer than the store's `reconnect_for`)."""
-    store = _open(store_url)
+    store = _shared(store_url)
     deadline = None if timeout is None else time.monotonic() + timeout
-    listener = None
-    try:
-        while store.info(run_id).status is Status.PENDING:  # reconnects by itself
-            left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
-            if left <= 0:
-                break
-            if listener is None:
-                try:
-                    listener = postgres.connect(store_url, purpose="wait")
-                    postgres.listen_finished(listener, store.url)
-                except StoreError:
-                    postgres.close_quietly(listener)
-                    listener = None
-                    time.sleep(min(left, 0.2))
-                    continue
-                continue  # listening now: look again (it may have finished meanwhile)
-            try:
-                for payload in postgres.notifications(listener, store.url, left):
-                    if payload == run_id:
-                        break
-            except StoreError as exc:
-                log.warning("wait: lost the connection to %s (%s); reconnecting", store.url, exc)
-                postgres.close_quietly(listener)
-                listener = None
-        return Run(run_id, store.load(run_id).job)
-    finally:
-        postgres.close_quietly(listener)
-        store.close()
+    # Listening before the first look: a run that finishes in between is not missed.
+    listener = _listener(store_url, store.url)
+    while store.info(run_id).status is Status.PENDING:  # reconnects by itself
+        left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+        if left <= 0:
+            break
+        if listener is None:
+            time.sleep(min(left, 0.2))
+            listener = _listener(store_url, store.url)
+            continue  # listening now (or still not): look again
+        try:
+            for payload in postgres.notifications(listener, store.url, left):
+                if payload == run_id:
+                    break
+        except StoreError as exc:
+            log.warning("wait: lost the connection to %s (%s); reconnecting", store.url, exc)
+            _drop_listener(store_url)
+            listener = None
+    return Run(run_id, store.load(run_id).job)
 
 
 def requeue(run_id: str, store_url: str, *, retry: bool = False) -> str:
@@ -940,6 +1003,7 @@ def run_worker(
     stop: threading.Event | None = None,
     lease: float = LEASE,
     poll: float = POLL,
+    switch_interval: float | None = SWITCH_INTERVAL,
 ) -> None:
     """Perform the restarts and actions of the runs in a PostgreSQL store until SIGTERM or
     SIGINT (or `stop` is set); the tasks in hand are finished first.
@@ -947,12 +1011,22 @@ def run_worker(
     `concurrency` actions run at the same time (threads). `lease`: seconds after which an
     action of a worker that stopped renewing (it died) is recovered by another; `poll`: the
     safety poll of an idle worker (new tasks wake it at once through LISTEN/NOTIFY).
+    `switch_interval`: the interpreter's thread switch interval while the worker runs
+    (`sys.setswitchinterval`; None leaves it): a worker's threads mostly wait for the
+    server, and one woken by a NOTIFY or a result should not wait Python's default 5 ms
+    for another thread to let go of the interpreter (a short run's steps took 5 ms each).
     StoreError (one line) when the store cannot be used at start; later connection losses
     are retried with backoff.
     """
     worker = Worker(store_url, actions, concurrency, stop=stop, lease=lease, poll=poll)
-    with stopping(worker.stop, log):
-        worker.run()
+    before = sys.getswitchinterval()
+    if switch_interval is not None:
+        sys.setswitchinterval(switch_interval)
+    try:
+        with stopping(worker.stop, log):
+            worker.run()
+    finally:
+        sys.setswitchinterval(before)
 
 
 __all__ = [

@@ -195,9 +195,7 @@ def test_running_a_file_twice_uses_its_entry(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("levels", [40, 60, 300, 1000])
-def test_a_deep_tree_compiles_every_time_and_never_crashes(
-    tmp_path: Path, levels: int
-) -> None:
+def test_a_deep_tree_compiles_every_time_and_never_crashes(tmp_path: Path, levels: int) -> None:
     # Pickling recurses in C: a deep tree could overflow the C stack, so it is not kept.
     program = tmp_path / "deep.abl"
     program.write_text("(try!! " * levels + "(fail!! 1)" + ")" * levels + "\n")

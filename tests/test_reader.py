@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lark import Lark
-from lark.exceptions import UnexpectedCharacters
+from lark.exceptions import UnexpectedCharacters, UnexpectedInput
+from lark.lexer import LexerThread
 
 from ablauf_lang.errors import AblaufSyntaxError, Span
 from ablauf_lang.lang import reader
@@ -79,41 +80,110 @@ LARKS_OWN = Lark.open_from_package(
 )
 
 
-@settings(max_examples=300, deadline=None)
-@given(
-    st.lists(
-        st.sampled_from(
-            [
-                "(",
-                ")",
-                "[",
-                "]",
-                "{",
-                "}",
-                "#_",
-                " ",
-                "\n",
-                ",",
-                "; c\n",
-                "\r\n",
-                "\t",
-                "a",
-                "-1",
-                "2.5e3",
-                ":k/w",
-                '"s"',
-                '"two\nlines"',
-                '"\\n"',
-                "nil",
-                "x!!",
-                "é",
-            ]
-        ),
-        max_size=40,
-    ).map("".join)
+def readers_lexing(text: str) -> Any:
+    """The reader's own lexer (the parser's), lexing alone: every token."""
+    lexer = parser().parser.lexer
+    assert isinstance(lexer, reader._Lexer)
+    return LexerThread.from_text(lexer, text).lex(None)
+
+
+class _Ungrouped(reader._Lexer):
+    """The reader's lexer giving the parser every scalar as its own token."""
+
+    def lex(self, state: Any, parser_state: Any) -> Any:
+        return self._tokens(self.scanner, state, parser_state, False)
+
+
+UNGROUPED = Lark.open_from_package(
+    "ablauf_lang.grammar",
+    "ablauf.lark",
+    parser="lalr",
+    lexer=_Ungrouped,
+    transformer=reader._Forms(),
 )
+
+
+def read_ungrouped(text: str, filename: str) -> Any:
+    reader._reading.filename, reader._reading.source = filename, text
+    try:
+        return UNGROUPED.parse(text)
+    finally:
+        reader._reading.filename = reader._reading.source = None
+
+
+def spanned(form: Any) -> Any:
+    """A form with every span in it (forms compare without their spans)."""
+    if isinstance(form, (List, Vector)):
+        return (type(form).__name__, form.span, form.item_spans, [spanned(x) for x in form.items])
+    if isinstance(form, Map):
+        flat = [spanned(x) for pair in form.pairs for x in pair]
+        return ("Map", form.span, form.item_spans, flat)
+    return (type(form).__name__, form, getattr(form, "span", None))
+
+
+SOUP = st.lists(
+    st.sampled_from(
+        [
+            "(",
+            ")",
+            "[",
+            "]",
+            "{",
+            "}",
+            "#_",
+            " ",
+            "\n",
+            ",",
+            "; c\n",
+            "\r\n",
+            "\t",
+            "a",
+            "-1",
+            "2.5e3",
+            ":k/w",
+            '"s"',
+            '"two\nlines"',
+            '"\\n"',
+            '"\\q"',
+            "nil",
+            "x!!",
+            "é",
+            "9" * 30,
+            "1e999",
+            "-",
+        ]
+    ),
+    max_size=40,
+).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(SOUP)
 def test_the_readers_lexer_makes_larks_tokens(text: str) -> None:
-    assert _tokens(parser().lex(text)) == _tokens(LARKS_OWN.lex(text))
+    assert _tokens(readers_lexing(text)) == _tokens(LARKS_OWN.lex(text))
+
+
+def _outcome(read_it: Any, text: str) -> Any:
+    try:
+        forms = read_it(text, "s.abl")
+    except AblaufSyntaxError as exc:
+        return ("error", str(exc))
+    except UnexpectedInput as exc:  # the ungrouped parser's own (read names them)
+        return ("error", type(exc).__name__)
+    return ([spanned(f) for f in forms], forms.spans)
+
+
+@settings(max_examples=400, deadline=None)
+@given(SOUP)
+def test_runs_of_scalars_read_as_every_scalar_alone_does(text: str) -> None:
+    # The parser gets a run of scalars as one token (and a discarded one alone); what is
+    # read, every span included, is what reading each scalar as its own token gives.
+    got = _outcome(read, text)
+    want = _outcome(read_ungrouped, text)
+    if want[0] == "error":
+        assert got[0] == "error"
+    else:
+        assert got == want
 
 
 EDGE_TOKENS = [

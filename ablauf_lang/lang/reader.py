@@ -76,27 +76,77 @@ def _span(start: Token, end: Token, filename: str | None) -> Span:
 # Parser
 
 
+class _Atoms(Token):
+    """A run of scalars between brackets, given to the parser as one token (`ATOMS`): the
+    parser's work is per token, and most of a program's tokens are scalars. `forms`
+    holds each scalar's form and span, made as it was lexed."""
+
+    __slots__ = ("forms",)
+    forms: list[tuple[Form, Span]]
+
+
+_SCALARS = frozenset({"INT", "FLOAT", "STRING", "KEYWORD", "SYMBOL"})
+_OPEN = frozenset({"LPAR", "LSQB", "LBRACE"})
+_CLOSE = frozenset({"RPAR", "RSQB", "RBRACE"})
+
+
 class _Lexer(BasicLexer):
     """Lark's basic lexer with its scanner (the grammar's terminals in one regex, as Lark
     compiles them) run in a tighter loop: a token's line and column are counted from the
-    newlines of the text passed over, not fed character counts token by token. A third
-    of Lark's lexing time; the tokens are the same (tests compare them)."""
+    newlines of the text passed over. For the parser, a run of scalars becomes one `ATOMS`
+    token (`_atoms`); lexing alone (`parser_state` None) gives every token, the same as
+    Lark's own lexer (tests compare them, every position included)."""
 
     __future_interface__ = 2
+    _skip: re.Pattern[str] | None = None
+
+    def _skipping(self, scanner: Any) -> re.Pattern[str]:
+        """Lark's scanner regex with what is ignored allowed before a token, skipped."""
+        if self._skip is None:
+            ignored = [t for t in self.terminals if t.name in self.ignore_types]
+            skip = "|".join(t.pattern.to_regexp() for t in ignored)
+            mre = scanner._mres[0]
+            self._skip = re.compile(f"(?:{skip})*(?:{mre.pattern})?", mre.flags)
+        return self._skip
 
     def lex(self, state: LexerState, parser_state: Any) -> Iterator[Token]:
         scanner = self.scanner
         if len(scanner._mres) != 1 or self.callback:  # not this grammar's shape: Lark's own
             yield from super().lex(state, parser_state)
             return
-        match = scanner._mres[0].match
+        yield from self._tokens(scanner, state, parser_state, parser_state is not None)
+
+    def _tokens(
+        self, scanner: Any, state: LexerState, parser_state: Any, group: bool
+    ) -> Iterator[Token]:
+        """The tokens; with `group`, each run of scalars as one `ATOMS` token whose forms
+        are made here (no Token for them). A scalar that a `#_` waits for is given alone
+        (a discard takes exactly one form): the `#_`s waiting are counted per nesting
+        level, as the parser will pair them."""
         text, end = state.text.text, state.text.end
         pos = state.line_ctr.char_pos
         line, line_start = state.line_ctr.line, pos - state.line_ctr.column + 1
         ignore, newline = self.ignore_types, self.newline_types
+        # Grouping: what is ignored (whitespace, comments) is skipped by the same match
+        # as the token after it, one match a token instead of two.
+        match = (self._skipping(scanner) if group else scanner._mres[0]).match
+        filename = _reading.filename if group else None
+        run: list[tuple[Form, Span]] = []
+        run_at = (0, 0, 0)
+        waiting = [0]  # per open bracket: the `#_`s still waiting for their form
         while pos < end:
             m = match(text, pos, end)
-            if m is None:
+            if m is None or m.lastgroup is None:
+                if group:  # where the bad character is: after what is ignored
+                    skipped = self._skipping(scanner).match(text, pos, end)
+                    if skipped is not None and skipped.lastgroup is None and skipped.end() > pos:
+                        gap = skipped.end()
+                        if (count := text.count("\n", pos, gap)) > 0:
+                            line += count
+                            line_start = text.rfind("\n", pos, gap) + 1
+                        pos = gap
+                        if pos >= end:
+                            break
                 raise UnexpectedCharacters(  # type: ignore[no-untyped-call]
                     text,
                     pos,
@@ -107,18 +157,70 @@ class _Lexer(BasicLexer):
                     terminals_by_name=self.terminals_by_name,
                 )
             kind, stop = m.lastgroup, m.end()
-            assert kind is not None
+            if group and (start := m.start(kind)) > pos:
+                if (count := text.count("\n", pos, start)) > 0:
+                    line += count
+                    line_start = text.rfind("\n", pos, start) + 1
+                pos = start
             column = pos - line_start + 1
+            end_line, end_column = line, column + stop - pos
+            line_after: tuple[int, int] | None = None
             if kind in newline and (count := text.count("\n", pos, stop)):
-                end_line, end_start = line + count, text.rfind("\n", pos, stop) + 1
-                if kind not in ignore:
-                    yield Token(
-                        kind, m.group(), pos, line, column, end_line, stop - end_start + 1, stop
-                    )
-                line, line_start = end_line, end_start
-            elif kind not in ignore:
-                yield Token(kind, m.group(), pos, line, column, line, column + stop - pos, stop)
+                end_start = text.rfind("\n", pos, stop) + 1
+                end_line, end_column = line + count, stop - end_start + 1
+                line_after = (end_line, end_start)
+            if kind in ignore:
+                pass
+            elif not group:
+                yield Token(kind, m.group(kind), pos, line, column, end_line, end_column, stop)
+            elif kind in _SCALARS and not waiting[-1]:
+                if not run:
+                    run_at = (pos, line, column)
+                span = Span(line, column, end_line, end_column, filename)
+                run.append((_scalar_form(kind, m.group(kind), span, pos, stop), span))
+            else:
+                if run:
+                    yield _run(run_at, run)
+                    run = []
+                tok = Token(kind, m.group(kind), pos, line, column, end_line, end_column, stop)
+                if kind in _SCALARS:
+                    waiting[-1] -= 1  # the form a `#_` waited for: given alone
+                elif kind == "_DISCARD":
+                    waiting[-1] += 1
+                elif kind in _OPEN:
+                    waiting.append(0)
+                elif kind in _CLOSE and len(waiting) > 1:
+                    waiting.pop()
+                    if waiting[-1]:
+                        waiting[-1] -= 1  # the container closed is what a `#_` waited for
+                yield tok
+            if line_after is not None:
+                line, line_start = line_after
             pos = stop
+        if run:
+            yield _run(run_at, run)
+
+
+def _run(at: tuple[int, int, int], forms: list[tuple[Form, Span]]) -> Token:
+    pos, line, column = at
+    tok = _Atoms("ATOMS", "", pos, line, column)
+    tok.forms = forms
+    return tok
+
+
+def _scalar_form(kind: str, value: str, span: Span, pos: int, stop: int) -> Form:
+    """The form of a scalar: the common cases here, the others (escapes, long or odd
+    numbers, whose errors point inside the token) through `_scalar`'s checks."""
+    if kind == "SYMBOL":
+        return _CONSTANTS[value] if value in _CONSTANTS else Symbol(value, span)
+    if kind == "KEYWORD":
+        return Keyword(value[1:], span)
+    if kind == "STRING" and "\\" not in value:
+        return value[1:-1]
+    if kind == "INT" and len(value) < 19:
+        return int(value)
+    tok = Token(kind, value, pos, span.line, span.column, span.end_line, span.end_column, stop)
+    return _scalar(tok)[0]
 
 
 # The file and text being read, for the forms' positions and the errors' carets (the
@@ -168,7 +270,13 @@ def _elements(
     spans: list[Span | None] = []
     for i in range(start, stop):
         child = children[i]
-        if type(child) is Token:
+        kind = type(child)
+        if kind is _Atoms:
+            for form, span in child.forms:
+                items.append(form)
+                spans.append(span)
+            continue
+        if kind is Token:
             form, span = _scalar(child)
         elif child is _DISCARDED:
             continue

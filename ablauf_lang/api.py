@@ -32,6 +32,7 @@ from ablauf_lang.runners.local import (
     critical,
     interruptible,
     registry,
+    run_coroutine,
 )
 from ablauf_lang.stdlib import registry as _actions
 from ablauf_lang.stores.backend import open_store
@@ -94,6 +95,7 @@ __all__ = [
     "retry",
     "retry_async",
     "run_at",
+    "run_coroutine",
     "run_exists",
     "run_history",
     "serve_kafka",
@@ -340,12 +342,14 @@ def _sync(coro: Coroutine[Any, Any, T]) -> T:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(coro)
-    coro.close()
-    raise AblaufError(
-        "ablauf_lang.eval was called inside a running event loop: "
-        "await ablauf_lang.eval_async(...) instead"
-    )
+        pass
+    else:
+        coro.close()
+        raise AblaufError(
+            "ablauf_lang.eval was called inside a running event loop: "
+            "await ablauf_lang.eval_async(...) instead"
+        )
+    return run_coroutine(coro)
 
 
 def eval(

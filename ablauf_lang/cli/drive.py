@@ -5,7 +5,6 @@ Used by `ablauf run` and by `ablauf runs resume` / `runs retry` (without --queue
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import sys
@@ -113,7 +112,7 @@ def drive(
     abandoned, a hint saying how to resume goes to stderr, and the process exits 130. A
     second signal while that happens leaves at once.
     """
-    from ablauf_lang.api import Interrupted, interruptible
+    from ablauf_lang.api import Interrupted, interruptible, run_coroutine
     from ablauf_lang.ui.render import format_value
 
     hint = resume_hint(run_id, url, store_given)
@@ -144,7 +143,7 @@ def drive(
             try:
                 with stdout_to_stderr() if as_json else nullcontext():
                     if progress is None:
-                        return asyncio.run(make(on_restart, on_start))
+                        return run_coroutine(make(on_restart, on_start))
                     from rich.live import Live
 
                     with Live(
@@ -155,7 +154,7 @@ def drive(
                         redirect_stdout=False,
                         redirect_stderr=False,
                     ):
-                        return asyncio.run(make(on_restart, on_start))
+                        return run_coroutine(make(on_restart, on_start))
             except Interrupted as exc:
                 signum = exc.signum
             except KeyboardInterrupt:

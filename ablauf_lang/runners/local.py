@@ -31,7 +31,7 @@ from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 from ablauf_lang import values
 from ablauf_lang.engine.job import Job, restart_job
@@ -69,7 +69,10 @@ __all__ = [
     "perform",
     "perform_sync",
     "registry",
+    "run_coroutine",
 ]
+
+T = TypeVar("T")
 
 # Actions performed at the same time by one run when nothing else is said (`--concurrency`).
 DEFAULT_CONCURRENCY = 32
@@ -255,6 +258,19 @@ def interruptible(
         for s, handler in old.items():
             signal.signal(s, handler)
         guard.active, guard.on_second, guard.pending = False, None, None
+
+
+def run_coroutine(main: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run(main)`, where a signal raised as `Interrupted` inside the loop stays
+    that: raised just as the run finished, it leaves a queued callback that stops the
+    loop, and asyncio's own cleanup then fails with a RuntimeError while the Interrupted
+    is being handled (the random-SIGINT test found it). The Interrupted is what happened."""
+    try:
+        return asyncio.run(main)
+    except RuntimeError as exc:
+        if isinstance(exc.__context__, Interrupted):
+            raise exc.__context__ from None
+        raise
 
 
 async def keep_awake(seconds: float = 0.1) -> None:

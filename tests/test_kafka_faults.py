@@ -464,7 +464,8 @@ def _kills_then_retry(
     ("concurrency", "before"),
     [
         pytest.param(16, 0.5, id="workers-fill-up-and-pause"),
-        pytest.param(400, 8.0, id="workers-never-full"),
+        # 40 s of 8-second actions: with the stress and soak runs (`pytest -m slow`).
+        pytest.param(400, 8.0, id="workers-never-full", marks=pytest.mark.slow),
     ],
 )
 def test_random_kills_of_action_workers_and_restarters_no_effect_twice(

@@ -45,7 +45,7 @@ from tests.pg import PgServer, wait_for  # noqa: E402
 WORKER = (
     "import sys, time; from ablauf_lang.runners.worker import run_worker; "
     "run_worker(sys.argv[1], {'bench/noop': lambda p, c: p, "
-    "'bench/wait': lambda p, c: time.sleep(p)}, 4, poll=30)"
+    "'bench/wait': lambda p, c: time.sleep(p)}, int(sys.argv[2]), poll=30)"
 )
 # An action that waits (for a service, a disk...) without using a core.
 WAIT = 0.02
@@ -99,10 +99,11 @@ def listening(url: str) -> int:
     return int(row[0]) if row else 0
 
 
-def start_workers(url: str, n: int) -> list[subprocess.Popen[bytes]]:
+def start_workers(url: str, n: int, concurrency: int = 4) -> list[subprocess.Popen[bytes]]:
+    """`n` worker processes of `concurrency` slots each, once all of them listen."""
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, url],
+            [sys.executable, "-c", WORKER, url, str(concurrency)],
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

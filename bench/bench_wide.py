@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,13 +28,9 @@ import ablauf_lang  # noqa: E402
 from ablauf_lang.engine.kinds import Leaf  # noqa: E402
 from ablauf_lang.runners import worker  # noqa: E402
 from ablauf_lang.stores.postgres import PostgresStore  # noqa: E402
-from bench.bench_postgres import commit_floor, listening  # noqa: E402
-from tests.pg import PgServer, wait_for  # noqa: E402
+from bench.bench_postgres import commit_floor, start_workers, stop_workers  # noqa: E402
+from tests.pg import PgServer  # noqa: E402
 
-WORKER = (
-    "import sys; from ablauf_lang.runners.worker import run_worker; "
-    "run_worker(sys.argv[1], {'bench/noop': lambda p, c: p}, int(sys.argv[2]), poll=30)"
-)
 BATCH = 16  # the most action tasks a slot takes at once (runners.worker.BATCH)
 
 
@@ -52,29 +46,8 @@ def rss_kib(pid: int, field: str = "VmRSS") -> int:
     return 0
 
 
-def start(url: str, n: int, concurrency: int) -> list[subprocess.Popen[bytes]]:
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, url, str(concurrency)],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for _ in range(n)
-    ]
-    wait_for(lambda: listening(url) >= n, 60, what="workers to listen")
-    return procs
-
-
-def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        p.send_signal(signal.SIGTERM)
-    for p in procs:
-        p.wait(timeout=60)
-
-
 def one(url: str, n: int, workers: int, concurrency: int) -> dict[str, float]:
-    procs = start(url, workers, concurrency)
+    procs = start_workers(url, workers, concurrency)
     try:
         idle = [rss_kib(p.pid) for p in procs]
         began = time.perf_counter()
@@ -83,7 +56,7 @@ def one(url: str, n: int, workers: int, concurrency: int) -> dict[str, float]:
         seconds = time.perf_counter() - began
         peak = [rss_kib(p.pid, "VmHWM") for p in procs]
     finally:
-        stop(procs)
+        stop_workers(procs)
     leaves = [x for x in run.job.leaves() if isinstance(x, Leaf)]
     ok = sum(1 for x in leaves if str(x.result) == "success" and x.attempt == 1)
     assert run.status is ablauf_lang.Status.SUCCESS, run.status

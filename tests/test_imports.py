@@ -128,6 +128,13 @@ IMPORT_ERRORS = [
         1,
         9,
     ),
+    (  # a name no file can have (too long): pathlib raises for it, the loader must not
+        "x.abl",
+        '(import "std/' + "9" * 5000 + '") (log!! 1)',
+        "the standard library has no module '999",
+        1,
+        9,
+    ),
     ("x.abl", "(import :std/retry) (log!! 1)", "import needs a path in a string", 1, 9),
     ("x.abl", '(import "std/retry" :as) (log!! 1)', "import option :as needs a value", 1, 21),
     (

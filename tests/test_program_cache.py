@@ -204,3 +204,16 @@ def test_a_deep_tree_compiles_every_time_and_never_crashes(tmp_path: Path, level
         done = ablauf("check", str(program), env={cache.CACHE_ENV: str(where)})
         assert done.returncode in (0, 2), done.stderr
     assert bool(entries(where)) == (2 * levels + 1 <= cache.MAX_NESTING)
+
+
+def test_two_names_of_one_file_keep_their_own_positions(
+    tmp_path: Path, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The tree's positions name the file as it was given: one entry per name.
+    monkeypatch.chdir(tmp_path)
+    Path("p.abl").write_text('(log!! "x")\n')
+    for name in ("p.abl", "./p.abl", "p.abl"):
+        root = api.compile(Path(name).read_text(), name)
+        assert root.span is not None
+        assert root.span.filename == name
+    assert len(entries(folder)) == 2

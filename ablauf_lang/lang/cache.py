@@ -29,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from ablauf_lang.engine.kinds import Node
+from ablauf_lang.errors import AblaufError
 from ablauf_lang.lang.compiler import compile_source
 from ablauf_lang.lang.loader import Loader, is_real_file, text_digest
+from ablauf_lang.lang.reader import decode_source
 
 __all__ = ["CACHE_ENV", "MAX_ENTRIES", "cache_dir", "compile_file_source"]
 
@@ -64,8 +66,11 @@ def _compiler_key() -> str:
 
 
 def _key(source: str, filename: str, file_imports: bool | None) -> str:
+    # The name as given (the tree's positions show it) and the file it names (where its
+    # imports are found from).
     digest = hashlib.sha256(_compiler_key().encode())
-    digest.update(f"\0{os.path.abspath(filename)}\0{file_imports}\0".encode("utf-8", "replace"))
+    where = f"\0{filename}\0{os.path.abspath(filename)}\0{file_imports}\0"
+    digest.update(where.encode("utf-8", "replace"))
     digest.update(text_digest(source).encode())
     return digest.hexdigest()
 
@@ -119,9 +124,7 @@ def _cacheable(filename: str | None) -> bool:
 def _load(entry: Path) -> Node | None:
     try:
         data: Any = pickle.loads(entry.read_bytes())
-    except FileNotFoundError:
-        return None
-    except Exception:  # a damaged or foreign entry: read the program again
+    except Exception:  # none yet, or a damaged or foreign entry: read the program again
         return None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         return None
@@ -137,11 +140,12 @@ def _load(entry: Path) -> Node | None:
 
 
 def _same(path: Any, digest: Any) -> bool:
+    """Whether an imported file still reads (as the loader reads it) to this digest."""
     try:
-        text = Path(path).read_bytes().decode("utf-8")
-    except (OSError, UnicodeDecodeError, TypeError, ValueError):
+        text = decode_source(Path(path).read_bytes(), str(path))
+    except (OSError, AblaufError, TypeError, ValueError):
         return False
-    return bool(text_digest(text.removeprefix("\ufeff")) == digest)
+    return bool(text_digest(text) == digest)
 
 
 def _store(folder: Path, entry: Path, data: dict[str, Any]) -> None:

@@ -95,6 +95,15 @@ def _encodable(path: str) -> bool:
     return True
 
 
+def _is_file(entry: Any) -> bool:
+    """Whether a standard library entry is a file; False for a name no file can have (too
+    long: pathlib raises for that, where `os.path.isfile` says False)."""
+    try:
+        return bool(entry.is_file())
+    except (OSError, ValueError):
+        return False
+
+
 def _display_dir(path: str) -> str:
     """`path` as a person would write it: relative to the current directory when inside."""
     here = os.path.realpath(os.curdir)
@@ -156,7 +165,7 @@ class Loader:
         if path.startswith(STD_PREFIX):
             name = path[len(STD_PREFIX) :].removesuffix(".abl")
             entry = resources.files("ablauf_lang.stdlib").joinpath(name + ".abl")
-            if not name or "/" in name or not entry.is_file():
+            if not name or "/" in name or not _is_file(entry):
                 known = ", ".join(stdlib_modules())
                 raise ImportRefused(
                     f'cannot import "{path}": the standard library has no module {name!r} '

@@ -137,16 +137,13 @@ class _Lexer(BasicLexer):
         while pos < end:
             m = match(text, pos, end)
             if m is None or m.lastgroup is None:
-                if group:  # where the bad character is: after what is ignored
-                    skipped = self._skipping(scanner).match(text, pos, end)
-                    if skipped is not None and skipped.lastgroup is None and skipped.end() > pos:
-                        gap = skipped.end()
-                        if (count := text.count("\n", pos, gap)) > 0:
-                            line += count
-                            line_start = text.rfind("\n", pos, gap) + 1
-                        pos = gap
-                        if pos >= end:
-                            break
+                if m is not None and m.end() > pos:  # grouping skipped what is ignored
+                    if (count := text.count("\n", pos, m.end())) > 0:
+                        line += count
+                        line_start = text.rfind("\n", pos, m.end()) + 1
+                    pos = m.end()
+                    if pos >= end:
+                        break  # only what is ignored was left
                 raise UnexpectedCharacters(  # type: ignore[no-untyped-call]
                     text,
                     pos,
@@ -177,7 +174,8 @@ class _Lexer(BasicLexer):
                 if not run:
                     run_at = (pos, line, column)
                 span = Span(line, column, end_line, end_column, filename)
-                run.append((_scalar_form(kind, m.group(kind), span, pos, stop), span))
+                form = _scalar_form(kind, m.group(kind), span, pos, stop)
+                run.append((form, span))
             else:
                 if run:
                     yield _run(run_at, run)
@@ -208,9 +206,11 @@ def _run(at: tuple[int, int, int], forms: list[tuple[Form, Span]]) -> Token:
     return tok
 
 
-def _scalar_form(kind: str, value: str, span: Span, pos: int, stop: int) -> Form:
-    """The form of a scalar: the common cases here, the others (escapes, long or odd
-    numbers, whose errors point inside the token) through `_scalar`'s checks."""
+def _scalar_form(
+    kind: str, value: str, span: Span, pos: int, stop: int, tok: Token | None = None
+) -> Form:
+    """The form of a scalar: the common cases from its text; the others (escapes, long or
+    odd numbers: errors that point inside the token) from its token, checked."""
     if kind == "SYMBOL":
         return _CONSTANTS[value] if value in _CONSTANTS else Symbol(value, span)
     if kind == "KEYWORD":
@@ -219,8 +219,14 @@ def _scalar_form(kind: str, value: str, span: Span, pos: int, stop: int) -> Form
         return value[1:-1]
     if kind == "INT" and len(value) < 19:
         return int(value)
-    tok = Token(kind, value, pos, span.line, span.column, span.end_line, span.end_column, stop)
-    return _scalar(tok)[0]
+    if tok is None:
+        tok = Token(kind, value, pos, span.line, span.column, span.end_line, span.end_column, stop)
+    filename, source = _reading.filename, _reading.source
+    if kind == "INT":
+        return _int(tok, source, filename)
+    if kind == "FLOAT":
+        return _float(tok, source, filename)
+    return _unescape(tok, source, filename)
 
 
 # The file and text being read, for the forms' positions and the errors' carets (the
@@ -289,19 +295,8 @@ def _elements(
 
 def _scalar(tok: Token) -> tuple[Form, Span]:
     """The form a scalar token denotes, and its span."""
-    filename, source = _reading.filename, _reading.source
-    span = _span(tok, tok, filename)
-    kind = tok.type
-    if kind == "SYMBOL":
-        name = str(tok)
-        return (_CONSTANTS[name] if name in _CONSTANTS else Symbol(name, span)), span
-    if kind == "KEYWORD":
-        return Keyword(tok[1:], span), span
-    if kind == "INT":
-        return _int(tok, source, filename), span
-    if kind == "FLOAT":
-        return _float(tok, source, filename), span
-    return _unescape(tok, source, filename), span
+    span = _span(tok, tok, _reading.filename)
+    return _scalar_form(tok.type, str(tok), span, tok.start_pos or 0, tok.end_pos or 0, tok), span
 
 
 @functools.cache

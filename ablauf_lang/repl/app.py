@@ -200,6 +200,24 @@ class Repl:
         """Run one input: a command or a form. Errors are printed; QuitRepl leaves."""
         if not text.strip():
             return
+        seen = (self.stepper.position, self.stepper.current)
+        try:
+            self._handle(text)
+        finally:
+            if self.recording is not None and seen != (
+                self.stepper.position,
+                self.stepper.current,
+            ):
+                self._save_recording()
+
+    def _save_recording(self) -> None:
+        """`:record`: the file follows the session (after an input that changed it)."""
+        try:
+            save_recording(self)
+        except OSError as exc:
+            self.console.print(Text(f"error: {exc.strerror or exc}", style="red"))
+
+    def _handle(self, text: str) -> None:
         try:
             if is_command(text):
                 name, _, arg = text.strip().partition(" ")
@@ -210,12 +228,8 @@ class Repl:
                     self.stepper.start(job, REPL_NAME, source=self.program_text(text))
                     self.console.print(self.tree(job))
                     self.warn_unknown_actions(job)
-            if self.recording is not None:
-                save_recording(self)
         except QuitRepl:
             raise
-        except OSError as exc:
-            self.console.print(Text(f"error: {exc.strerror or exc}", style="red"))
         except ReplInterrupted as exc:
             self.console.print(Text(exc.message, style="yellow"))
         except AblaufError as exc:
@@ -235,13 +249,10 @@ class Repl:
         """Compile input into a new job; None when it only held definitions, or was an
         expression (its value is printed)."""
         from ablauf_lang.api import make_job
-        from ablauf_lang.lang.session import Session
 
-        if self._scope is None:
-            self._scope = Session()
         job = self.stepper.job
         context = job.context if job is not None else self.context
-        done = self._scope.feed(text, name, context)
+        done = self._compile_scope().feed(text, name, context)
         if done.kind == "workflow":
             assert done.root is not None
             return make_job(done.root, self.context)
@@ -262,11 +273,15 @@ class Repl:
     def expression(self, text: str) -> Callable[[Mapping[str, Any]], Any]:
         """An expression compiled against the session's definitions, to evaluate later
         against a context (a breakpoint's condition)."""
+        return self._compile_scope().expression(text, "<break>")
+
+    def _compile_scope(self) -> Session:
+        """The compile-time scope kept across inputs (made on first use)."""
         from ablauf_lang.lang.session import Session
 
         if self._scope is None:
             self._scope = Session()
-        return self._scope.expression(text, "<break>")
+        return self._scope
 
     def tree(self, job: Job, changed: Iterable[int] = ()) -> Any:
         """The job's tree as the REPL shows it: durations from when each action began."""

@@ -108,7 +108,6 @@ class Origin:
     store: str  # the store's URL
     latest: int  # the run's latest restart when it was attached
     filename: str | None = None
-    initial_context: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,11 +216,6 @@ class Stepper:
     @current.setter
     def current(self, snapshot: Snapshot) -> None:
         self.timeline[self.position] = snapshot
-
-    @property
-    def history(self) -> list[Snapshot]:
-        """The snapshots before the current one (what `:back` goes back to)."""
-        return self.timeline[: self.position]
 
     def segment(self) -> list[tuple[int, Snapshot]]:
         """The current job's snapshots with their timeline indexes: from where it was
@@ -346,25 +340,22 @@ class Stepper:
         self._set_clock(self.current.now)
         return self.current
 
-    def restarts(self) -> tuple[int, int]:
-        """The first and last restart of the current job's segment."""
-        numbers = [s.job.restarts for _, s in self.segment() if s.job is not None]
-        if not numbers:
-            raise ReplError("no job yet: enter a workflow form, or :load FILE")
-        return min(numbers), max(numbers)
-
     def goto(self, restart: int) -> Snapshot:
         """Go to the current job's snapshot after restart `restart`, back or forward
         (the clock goes to that snapshot's time); ReplError when the segment has none."""
+        numbers = []
         for index, snap in self.segment():
             if snap.job is not None and snap.job.restarts == restart:
                 self.position = index
                 self._set_clock(snap.now)
                 return snap
-        first, last = self.restarts()
+            if snap.job is not None:
+                numbers.append(snap.job.restarts)
+        if not numbers:
+            raise ReplError("no job yet: enter a workflow form, or :load FILE")
         raise ReplError(
-            f"restart {restart} is out of range: this job has restarts {first} to {last} "
-            "here (:history lists them)"
+            f"restart {restart} is out of range: this job has restarts {min(numbers)} to "
+            f"{max(numbers)} here (:history lists them)"
         )
 
     def add_break(

@@ -101,14 +101,14 @@ def _goto(repl: Repl, arg: str) -> None:
     try:
         snap = stepper.goto(restart)
     except ReplError:
-        if origin is None or not 0 <= restart <= origin.latest:
-            if origin is not None:
-                raise ReplError(
-                    f"restart {restart} is out of range: run {origin.run_id} has restarts "
-                    f"0 to {origin.latest}"
-                ) from None
+        if origin is None:
             raise
-        _open_run(repl, origin.run_id, origin.store, restart)
+        if not 0 <= restart <= origin.latest:
+            raise ReplError(
+                f"restart {restart} is out of range: run {origin.run_id} has restarts "
+                f"0 to {origin.latest}"
+            ) from None
+        _open_run(repl, origin.run_id, origin.store, restart)  # earlier: from the store
         return
     assert snap.job is not None
     repl.console.print(Text(f"at restart {snap.job.restarts}", style="dim"))
@@ -153,7 +153,7 @@ def _open_run(repl: Repl, prefix: str, store: str | None, restart: int | None) -
             job = history.job_at(latest if restart is None else restart)
     except AblaufError as exc:
         raise ReplError(exc.message) from None
-    origin = Origin(run_id, url, latest, stored.info.filename, dict(stored.initial_context))
+    origin = Origin(run_id, url, latest, stored.info.filename)
     repl.stepper.start(job, f"run {run_id}", source=stored.source, origin=origin)
     repl.stepper.manual = True
     repl.console.print(
@@ -198,13 +198,11 @@ def _fork(repl: Repl, arg: str) -> None:
         )
     except AblaufError as exc:
         raise ReplError(exc.message) from None
-    here = job.restarts - taken
-    lineage = (
-        f" (forked from {origin.run_id} at restart {taken}"
-        + (f", with {here} restart{'' if here == 1 else 's'} stepped here)" if here else ")")
-        if origin
-        else ""
-    )
+    lineage = ""
+    if origin is not None:
+        here = job.restarts - taken
+        stepped = f", with {here} restart{'' if here == 1 else 's'} stepped here" if here else ""
+        lineage = f" (forked from {origin.run_id} at restart {taken}{stepped})"
     repl.console.print(
         Text(
             f"recorded run {run_id}{lineage} in {url}: `ablauf runs resume {run_id}` drives it",
@@ -255,15 +253,13 @@ def save_recording(repl: Repl) -> None:
         data, _ = recording_of(repl)
     except ReplError:
         return  # another job is on screen: the file keeps what it had
-    write_test(path, data)
+    repl.recording = write_test(path, data)
 
 
 @command(
     ":record", "FILE|off", "save this job's session as a test (`ablauf test FILE`), kept up to date"
 )
 def _record(repl: Repl, arg: str) -> None:
-    from ablauf_lang.testing.outcome import SUFFIX
-
     text = arg.strip()
     if not text:
         where = repl.recording
@@ -276,16 +272,14 @@ def _record(repl: Repl, arg: str) -> None:
         repl.console.print(Text(f"stopped recording; {repl.recording} is kept", style="dim"))
         repl.recording = None
         return
-    path = Path(text).expanduser()
-    if path.suffix != SUFFIX:
-        path = path.with_name(path.name + SUFFIX)
-    _, steps = recording_of(repl)
-    repl.recording = path
+    from ablauf_lang.testing.session import write_test
+
+    data, steps = recording_of(repl)
     try:
-        save_recording(repl)
+        path = write_test(Path(text).expanduser(), data)
     except OSError as exc:
-        repl.recording = None
-        raise ReplError(f"cannot write {path}: {exc.strerror}") from None
+        raise ReplError(f"cannot write {text}: {exc.strerror}") from None
+    repl.recording = path
     repl.console.print(
         Text(
             f"recording to {path} ({steps} restart{'' if steps == 1 else 's'} so far; each "

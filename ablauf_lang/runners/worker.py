@@ -276,9 +276,10 @@ def submit(
     at once (the workers run it). AblaufError for a bad program, StoreError for the store.
     `breaks`: actions to park before (`lang.compiler.with_breaks`)."""
     from ablauf_lang.engine.job import make_job
-    from ablauf_lang.lang.compiler import compile_source, with_breaks
+    from ablauf_lang.lang.cache import compile_file_source
+    from ablauf_lang.lang.compiler import with_breaks
 
-    job = make_job(with_breaks(compile_source(source, filename), breaks), context)
+    job = make_job(with_breaks(compile_file_source(source, filename), breaks), context)
     return queue.submit(_shared(store_url), job, source=source, filename=filename, run_id=run_id)
 
 

@@ -58,7 +58,6 @@ from ablauf_lang.engine.kinds import Leaf
 from ablauf_lang.engine.nodes import Dispatch, LeafState, Result, failure, success
 from ablauf_lang.engine.nodes import timeout as timed_out
 from ablauf_lang.engine.replay import prepare_replay
-from ablauf_lang.errors import AblaufError
 from ablauf_lang.names import STDLIB_ACTIONS, WAIT_ACTIONS
 from ablauf_lang.testing.outcome import (
     FORMAT_KEY,
@@ -67,7 +66,7 @@ from ablauf_lang.testing.outcome import (
     TestFileError,
     TestOutcome,
 )
-from ablauf_lang.testing.session import initial_context, program_of, write_test
+from ablauf_lang.testing.session import start_of, write_test
 from ablauf_lang.ui.render import format_value
 
 __all__ = [
@@ -456,13 +455,10 @@ def check_faults_file(data: dict[str, Any], path: str) -> TestOutcome:
     schedule = data.get("schedule") or []
     if not isinstance(schedule, list) or any(s not in DECISIONS for s in schedule):
         raise TestFileError(f"{path}: the schedule must be a list of {', '.join(DECISIONS)}")
-    context = initial_context(data, path)
-    source, filename, from_file = program_of(data, path)
-    try:
-        job = make_job(compile_program(source, filename), context)
-    except AblaufError as exc:
-        return TestOutcome(path, name, False, f"the program no longer compiles:\n{exc}")
-    used, violation, end = run_schedule(job, schedule)
+    start = start_of(data, path, name)
+    if isinstance(start, TestOutcome):
+        return start
+    used, violation, end = run_schedule(start.job, schedule)
     if violation is not None:
         return TestOutcome(
             path,
@@ -472,7 +468,7 @@ def check_faults_file(data: dict[str, Any], path: str) -> TestOutcome:
             diff=f"schedule: {' '.join(used)}",
             restart=end.restarts,
         )
-    against = f" of {filename}" if from_file else ""
+    against = f" of {start.filename}" if start.from_file else ""
     return TestOutcome(
         path,
         name,

@@ -293,6 +293,28 @@ def _check_shape(path: str, data: dict[str, Any], is_session: bool) -> None:
         raise _broken(path, f"a damaged field: {', '.join(wrong)} has the wrong type")
 
 
+@dataclass(frozen=True, slots=True)
+class Start:
+    """Where a test begins: its program's job, the name it was compiled under, and
+    whether the program came from its file as it is now (else: the recorded text)."""
+
+    job: Job
+    filename: str | None
+    from_file: bool
+
+
+def start_of(data: dict[str, Any], path: str, name: str) -> Start | TestOutcome:
+    """A test's job at its start (`program_of`, with its initial context); a failed
+    outcome when the program no longer compiles; TestFileError for a damaged context."""
+    source, filename, from_file = program_of(data, path)
+    context = initial_context(data, path)
+    try:
+        job = make_job(compile_program(source, filename), context)
+    except AblaufError as exc:
+        return TestOutcome(path, name, False, f"the program no longer compiles:\n{exc}")
+    return Start(job, filename, from_file)
+
+
 def initial_context(data: dict[str, Any], path: str) -> dict[Any, Any]:
     """A test file's initial context, decoded; TestFileError when it is damaged."""
     try:
@@ -398,12 +420,10 @@ def _key(d: tuple[int, int, str, Any]) -> tuple[int, int, str, str]:
 def check_session(data: dict[str, Any], path: str) -> TestOutcome:
     """Replay a session file (see the module docstring) and say whether it still holds."""
     name = str(data.get("name") or default_name(data.get("filename")))
-    source, filename, from_file = program_of(data, path)
-    context = initial_context(data, path)
-    try:
-        job = make_job(compile_program(source, filename), context)
-    except AblaufError as exc:
-        return TestOutcome(path, name, False, f"the program no longer compiles:\n{exc}")
+    start = start_of(data, path, name)
+    if isinstance(start, TestOutcome):
+        return start
+    job, filename, from_file = start.job, start.filename, start.from_file
     steps = data["steps"]
     for index, step in enumerate(steps):
         restart = step.get("restart", index + 1)

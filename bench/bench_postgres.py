@@ -13,7 +13,9 @@ in the same run:
   PostgreSQL and into the embedded SQLite store, for comparison;
 - a `dopar!!` of 200 actions that each wait 20 ms (sleeping, not computing), on 1, 2 and
   4 workers: work that is bound by how many actions run at once, so it shows the workers
-  adding up even where the no-op fan-out is bound by the cores.
+  adding up even where the no-op fan-out is bound by the cores;
+- W3, a short run (a failure, its rescue and its finally): the median of 60 runs one after
+  another, `worker.submit` to `worker.wait` returning (its row's "ms/step" is a run's).
 
 "commits" is the time of a step divided by the time of one commit: what a step costs in
 units of the floor; "cpu" is how busy the machine's cores were during a distributed run
@@ -137,6 +139,24 @@ def run_distributed(url: str, source: str) -> tuple[float, int, str]:
     return elapsed, int(row[0]) if row else 0, busy
 
 
+# W3: a short run that fails, is rescued and runs its finally (4 restarts, 3 actions).
+W3 = (
+    '(try!! (fail!! "boom") (rescue!! (action!! :bench/noop 1))'
+    " (finally!! (action!! :bench/noop 2)))"
+)
+
+
+def short_runs(url: str, n: int = 60) -> float:
+    """The median seconds of a W3 run, submit to `wait` returning, one after another."""
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        run = worker.wait(worker.submit(W3, url), url, timeout=60)
+        assert run.status is ablauf_lang.Status.SUCCESS, run.status
+        times.append(time.perf_counter() - start)
+    return sorted(times)[n // 2]
+
+
 def run_local(store: Any, source: str) -> float:
     start = time.perf_counter()
     run = ablauf_lang.eval(source, ACTIONS, store=store)
@@ -187,6 +207,9 @@ def main() -> None:
                 elapsed, restarts, busy = min(results)
                 label = f"dopar!! of {WAIT * 1e3:.0f} ms waits (x{m})"
                 rows.append((label, str(workers), elapsed / m, str(restarts), busy))
+                rows.append(
+                    ("W3: a short run, median of 60", str(workers), short_runs(url), "4", "-")
+                )
             finally:
                 stop_workers(procs)
     finally:

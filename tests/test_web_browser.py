@@ -119,11 +119,17 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Site]:
 
 
 def _wait(browser: Any, what: str, check: Any, seconds: float = 30) -> Any:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(browser, seconds, poll_frequency=0.1).until(
-        lambda _: check(), message=f"{what} (in {seconds:g}s)"
-    )
+    # The page redraws live: an element found may be replaced before it is read (stale);
+    # that is a look too early, looked at again, as an element not there yet is.
+    return WebDriverWait(
+        browser,
+        seconds,
+        poll_frequency=0.1,
+        ignored_exceptions=(StaleElementReferenceException,),
+    ).until(lambda _: check(), message=f"{what} (in {seconds:g}s)")
 
 
 def _png_check(path: Path, least: tuple[int, int]) -> None:

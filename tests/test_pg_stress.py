@@ -56,7 +56,14 @@ def stress(
     url = database(server)
     group = Workers(url, env={"ABLAUF_PG_FAULTS": faults})
     run_ids = [worker.submit(fanout(k * width, width), url) for k in range(runs)]
-    sequence = "(do!! " + " ".join(f"(action!! :test/noop {i})" for i in range(40)) + ")"
+    # A sequence whose quick idempotent steps run within the steps that dispatched them
+    # (local actions), between non-idempotent ones that must still happen exactly once.
+    pairs = 20
+    steps = (
+        f"(idempotent-action!! :test/noop {i}) (action!! :test/insert {{:n {runs * width + i}}})"
+        for i in range(pairs)
+    )
+    sequence = "(do!! " + " ".join(steps) + ")"
     run_ids.append(worker.submit(sequence, url))
     stop = threading.Event()
 
@@ -83,7 +90,7 @@ def stress(
             leaves = list(run.job.leaves())
             assert all(leaf.result is LeafState.SUCCESS for leaf in leaves)
             assert [leaf.output for leaf in leaves] == [leaf.payload["n"] for leaf in leaves]
-        total = runs * width
+        total = runs * width + pairs
         assert query(url, "SELECT count(*), count(DISTINCT n) FROM hits") == [(total, total)]
         for run in finished:
             logged = query(

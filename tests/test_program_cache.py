@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,26 @@ from tests.commands import ablauf
 from tests.strategies import workflow_sources
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def disk_only() -> Iterator[None]:
+    """The tests of the cache directory see it alone: no tree kept in memory (the tests
+    of the memory layer turn it on)."""
+    before = cache.MEMORY_ENTRIES
+    cache.MEMORY_ENTRIES = 0
+    cache.clear_memory()
+    yield
+    cache.MEMORY_ENTRIES = before
+    cache.clear_memory()
+
+
+@pytest.fixture
+def memory(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(cache, "MEMORY_ENTRIES", 4)
+    cache.clear_memory()
+    yield
+    cache.clear_memory()
 
 
 @pytest.fixture
@@ -94,6 +115,43 @@ def test_what_is_never_cached(tmp_path: Path, folder: Path, reads: list[str]) ->
         with pytest.raises(Exception, match="unclosed list"):
             api.compile(program.read_text(), str(program))
     assert entries(folder) == []  # errors are not kept
+
+
+def test_a_process_compiles_a_text_once_and_again_after_an_edit_of_an_import(
+    tmp_path: Path, folder: Path, reads: list[str], memory: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = '(log!! "x")'
+    first = api.compile(source)
+    assert api.compile(source) is first  # kept in memory: the same tree
+    assert reads == ["None"]
+    assert entries(folder) == []  # a text is never kept on disk
+    # A text's file imports are found from the working directory: checked on every hit.
+    monkeypatch.chdir(tmp_path)
+    Path("lib.abl").write_text('(defn hello [] (log!! "one"))\n')
+    text = '(import "lib.abl")\n(hello)\n'
+    one = api.compile(text)
+    assert api.compile(text) is one
+    Path("lib.abl").write_text('(defn hello [] (log!! "two"))\n')
+    two = api.compile(text)
+    assert two != one
+    assert reads == ["None", "None", "None"]
+    # Another directory, another entry; a file's tree is kept too (and on disk).
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "lib.abl").write_text('(defn hello [] (log!! "three"))\n')
+    monkeypatch.chdir(other)
+    assert "three" in repr(api.compile(text))
+    program = tmp_path / "p.abl"
+    program.write_text(source)
+    tree = api.compile(source, str(program))
+    assert api.compile(source, str(program)) is tree
+    assert len(reads) == 5
+    assert len(entries(folder)) == 1
+    # At most MEMORY_ENTRIES trees: the least recently used go first.
+    for i in range(cache.MEMORY_ENTRIES):
+        api.compile(f"(log!! {i})")
+    api.compile(source)
+    assert len(reads) == 5 + cache.MEMORY_ENTRIES + 1
 
 
 def test_the_cache_can_be_turned_off(

@@ -737,3 +737,106 @@ def test_run_worker_sets_the_switch_interval_while_it_runs(pg_server: PgServer) 
         thread.join(timeout=30)
     assert seen == [worker.SWITCH_INTERVAL]
     assert sys.getswitchinterval() == before
+
+
+# ------------------------------------------------ short runs: wake-ups, local actions
+
+
+def test_a_notify_for_one_task_wakes_one_idle_slot_and_none_is_missed() -> None:
+    wake = worker._Wake()
+    stop = threading.Event()
+    woken: list[int] = []
+    lock = threading.Lock()
+
+    def slot(i: int) -> None:
+        wake.wait(wake.generation, 5.0, stop)
+        with lock:
+            woken.append(i)
+
+    threads = [threading.Thread(target=slot, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 5
+    while len(wake._cond._waiters) < 4 and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.001)
+    wake.bump(1)
+    time.sleep(0.2)
+    assert len(woken) == 1  # one task: one slot claims it, the others sleep on
+    wake.bump(2)
+    time.sleep(0.2)
+    assert len(woken) == 3
+    wake.bump()  # not a count (a due time, reconnection, stopping): every slot
+    for t in threads:
+        t.join(timeout=5)
+    assert sorted(woken) == [0, 1, 2, 3]
+    # A slot busy when the generation moved does not wait for the next bump.
+    seen = wake.generation
+    wake.bump(1)
+    started = time.monotonic()
+    wake.wait(seen, 5.0, stop)
+    assert time.monotonic() - started < 1.0
+    assert worker._count("3") == 3
+    assert worker._count("due") is None
+
+
+def _in_process_worker(
+    url: str, actions: dict[str, object]
+) -> tuple[worker.Worker, threading.Thread]:
+    w = worker.Worker(url, actions, 2, poll=POLL)  # type: ignore[arg-type]
+    thread = threading.Thread(target=w.run)
+    thread.start()
+    return w, thread
+
+
+def test_quick_idempotent_actions_run_within_the_step_that_dispatched_them(
+    pg_server: PgServer,
+) -> None:
+    url = database(pg_server)
+    calls: list[int] = []
+
+    def count(payload: object, context: object) -> object:
+        calls.append(int(payload))  # type: ignore[call-overload]
+        return payload
+
+    w, thread = _in_process_worker(url, {"test/count": count})
+    try:
+        steps = 40
+        source = "(do!! " + " ".join(f"(idempotent-action!! :test/count {i})" for i in range(steps))
+        run_id = worker.submit(source + ")", url)
+        run = worker.wait(run_id, url, timeout=60)
+        assert run.status is Status.SUCCESS
+        assert [leaf.output for leaf in run.job.leaves()] == list(range(steps))
+        assert calls == list(range(steps))  # each once: no crash, no conflict here
+        # After the first few (timed), the rest ran in the steps that dispatched them ...
+        assert w.stats["local"] >= steps - worker.LOCAL_SEEN - 4
+        # ... yet every write is a restart of its own, logged, in order.
+        rows = restarts_of(url, run_id)
+        assert [r[0] for r in rows] == list(range(1, run.job.restarts + 1))
+        assert run.job.restarts == steps + 1
+        assert_never_interleaved(rows)
+        history = ablauf_lang.run_history(run_id, store=url)
+        assert [s.restart for s in history.steps] == list(range(run.job.restarts + 1))
+        assert query(url, "SELECT count(*) FROM ablauf.tasks") == [(0,)]
+
+        # Never a non-idempotent action, however quick; fail!! always (it does nothing else).
+        before = w.stats["local"]
+        calls.clear()
+        source = "(do!! " + " ".join(f"(action!! :test/count {i})" for i in range(10)) + ")"
+        run = worker.wait(worker.submit(source, url), url, timeout=60)
+        assert run.status is Status.SUCCESS
+        assert calls == list(range(10))
+        assert w.stats["local"] == before
+        w3 = '(try!! (fail!! "boom") (rescue!! (action!! :test/count 1)))'
+        run = worker.wait(worker.submit(w3, url), url, timeout=60)
+        assert run.status is Status.SUCCESS
+        assert w.stats["local"] == before + 1
+        # A slow one is not local: the step that dispatched it does not hold the run.
+        w.timing["test/count"] = (10, 0.5)
+        run = worker.wait(
+            worker.submit("(idempotent-action!! :test/count 7)", url), url, timeout=60
+        )
+        assert run.status is Status.SUCCESS
+        assert w.stats["local"] == before + 1
+    finally:
+        w.stop.set()
+        thread.join(timeout=30)

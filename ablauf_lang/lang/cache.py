@@ -9,9 +9,13 @@ same file again unpickles its tree instead of reading and compiling it; an edite
 (or an edited file it imports: their hashes are kept beside the tree and checked) is
 read again.
 
+A process also keeps the trees it compiled last in memory (`MEMORY_ENTRIES`, by text,
+name and imports allowed; imported files checked as for the disk): a service submitting
+the same program again and again, from a file or as a text, compiles it once.
+
 Where: `$ABLAUF_CACHE` (a directory), else the user's cache directory
-(`~/.cache/ablauf/programs` on Linux); `ABLAUF_CACHE=off` turns the cache off. A text
-typed in a REPL or given without a file is never cached. The entries are pickles, like
+(`~/.cache/ablauf/programs` on Linux); `ABLAUF_CACHE=off` turns the cache off (both).
+A text typed in a REPL or given without a file is never kept on disk. The entries are pickles, like
 Python's own `__pycache__`: the directory is the user's (made private), and an entry
 that cannot be read is ignored and written again, never an error. At most `MAX_ENTRIES`
 entries are kept (the least recently used go first).
@@ -24,6 +28,8 @@ import hashlib
 import os
 import pickle
 import tempfile
+import threading
+from collections import OrderedDict
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -34,10 +40,18 @@ from ablauf_lang.lang.compiler import compile_source
 from ablauf_lang.lang.loader import Loader, is_real_file, text_digest
 from ablauf_lang.lang.reader import decode_source
 
-__all__ = ["CACHE_ENV", "MAX_ENTRIES", "cache_dir", "compile_file_source"]
+__all__ = [
+    "CACHE_ENV",
+    "MAX_ENTRIES",
+    "MEMORY_ENTRIES",
+    "cache_dir",
+    "clear_memory",
+    "compile_file_source",
+]
 
 CACHE_ENV = "ABLAUF_CACHE"
 MAX_ENTRIES = 1000
+MEMORY_ENTRIES = 128  # trees a process keeps in memory
 MAX_NESTING = 100  # nodes deep: a deeper tree is not cached (see `_within`)
 FORMAT = 1  # the entries' own format
 _SUFFIX = ".pickle"
@@ -78,21 +92,81 @@ def _key(source: str, filename: str, file_imports: bool | None) -> str:
 def compile_file_source(
     source: str, filename: str | None = None, *, file_imports: bool | None = None
 ) -> Node:
-    """`compile_source`, with the tree kept in the cache when `filename` is a real file
-    (errors are never cached: a program that does not compile is read every time)."""
+    """`compile_source`, with the tree kept in memory, and in the cache directory when
+    `filename` is a real file (errors are never cached: a program that does not compile
+    is read every time)."""
     folder = cache_dir()
-    if folder is None or not _cacheable(filename):
+    if folder is None:
         return compile_source(source, filename, file_imports=file_imports)
-    assert filename is not None
-    entry = folder / (_key(source, filename, file_imports) + _SUFFIX)
-    cached = _load(entry)
-    if cached is not None:
-        return cached
+    # The name as given, and where it (or a text's imports) is found from.
+    where = _cwd() if filename is None else _absolute(filename)
+    memo = (source, filename, where, file_imports)
+    kept = _remembered(memo)
+    if kept is not None:
+        return kept
+    entry = None
+    if _cacheable(filename):
+        assert filename is not None
+        entry = folder / (_key(source, filename, file_imports) + _SUFFIX)
+        cached = _load(entry)
+        if cached is not None:
+            root, files = cached
+            _remember(memo, root, files)
+            return root
     loader = Loader(file_imports=file_imports)
     root = compile_source(source, filename, file_imports=file_imports, loader=loader)
-    if _within(root, MAX_NESTING):
+    _remember(memo, root, dict(loader.files))
+    if entry is not None and _within(root, MAX_NESTING):
         _store(folder, entry, {"format": FORMAT, "files": dict(loader.files), "root": root})
     return root
+
+
+_memory: OrderedDict[tuple[Any, ...], tuple[Node, dict[str, str]]] = OrderedDict()
+_memory_lock = threading.Lock()
+
+
+def _cwd() -> str:
+    try:
+        return os.getcwd()
+    except OSError:  # removed meanwhile
+        return ""
+
+
+def _absolute(filename: str) -> str:
+    try:
+        return os.path.abspath(filename)
+    except (OSError, ValueError):  # a name no file can have: keyed as given
+        return filename
+
+
+def _remembered(memo: tuple[Any, ...]) -> Node | None:
+    """The tree this process compiled for `memo`, if its imported files are unchanged."""
+    with _memory_lock:
+        kept = _memory.get(memo)
+        if kept is not None:
+            _memory.move_to_end(memo)
+    if kept is None:
+        return None
+    root, files = kept
+    if all(_same(p, d) for p, d in files.items()):
+        return root
+    with _memory_lock:
+        _memory.pop(memo, None)
+    return None
+
+
+def clear_memory() -> None:
+    """Forget the trees this process kept in memory."""
+    with _memory_lock:
+        _memory.clear()
+
+
+def _remember(memo: tuple[Any, ...], root: Node, files: dict[str, str]) -> None:
+    with _memory_lock:
+        _memory[memo] = (root, files)
+        _memory.move_to_end(memo)
+        while len(_memory) > MEMORY_ENTRIES:
+            _memory.popitem(last=False)
 
 
 def _within(root: Node, limit: int) -> bool:
@@ -121,7 +195,7 @@ def _cacheable(filename: str | None) -> bool:
         return False
 
 
-def _load(entry: Path) -> Node | None:
+def _load(entry: Path) -> tuple[Node, dict[str, str]] | None:
     try:
         data: Any = pickle.loads(entry.read_bytes())
     except Exception:  # none yet, or a damaged or foreign entry: read the program again
@@ -136,7 +210,7 @@ def _load(entry: Path) -> Node | None:
         return None
     with suppress(OSError):
         os.utime(entry)  # recently used: pruned last
-    return root  # type: ignore[no-any-return]
+    return root, files
 
 
 def _same(path: Any, digest: Any) -> bool:

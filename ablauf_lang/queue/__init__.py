@@ -5,7 +5,8 @@
   (renew, release, recover), awaits put back to sleep, set aside, the workers table,
   LISTEN/NOTIFY and the next due time;
 - `steps`: the workers' transactions: `claim`, `run_restart`, `deliver`, `queue_result`
-  (a step's engine call comes in as a callable, `Advance`);
+  (a step's engine call comes in as a callable, `Advance`; the actions a worker performs
+  within a step, as one too, `Local`);
 - `runs`: `submit`, `requeue`, `repair_stranded` (the replay comes in as a callable),
   `wake_awaits` (a signal arrived), `notes`, `queue_counts`.
 
@@ -24,6 +25,7 @@ from ablauf_lang.queue.steps import (
     Advance,
     Claimed,
     Delivery,
+    Local,
     Step,
     claim,
     deliver,
@@ -53,6 +55,7 @@ __all__ = [
     "Advance",
     "Claimed",
     "Delivery",
+    "Local",
     "Step",
     "Task",
     "claim",

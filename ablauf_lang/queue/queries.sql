@@ -55,7 +55,8 @@ ORDER BY task_id LIMIT 1 FOR UPDATE SKIP LOCKED;
 -- name: run_state
 -- Under the run's lock, in a statement of its own (so that it sees what the holder of the
 -- lock it waited for wrote): the run's newest write, the clock, and the results queued for
--- it that no one else holds, taken out of the queue. Params: run_id, runs.id.
+-- it that no one else holds, taken out of the queue. Sent with the lock (`lock_run`),
+-- which it runs after. Params: run_id, run_id.
 WITH b AS (DELETE FROM ablauf.tasks WHERE task_id IN (
                SELECT task_id FROM ablauf.tasks
                WHERE run_id = %s AND kind = 'restart' AND error IS NULL FOR UPDATE SKIP LOCKED)
@@ -64,7 +65,7 @@ SELECT coalesce((SELECT max(d.seq) FROM ablauf.deltas d WHERE d.run = r.id), r.s
        clock_timestamp(),
        (SELECT coalesce(json_agg(json_build_array(b.task_id, b.result) ORDER BY b.task_id),
                         '[]')::text FROM b)
-FROM ablauf.runs r WHERE r.id = %s;
+FROM ablauf.runs r WHERE r.run_id = %s;
 
 -- fragment: deliver_tail
 -- How both deliveries end (after their CTEs t: the tasks removed, r: the run's row if its

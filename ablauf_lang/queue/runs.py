@@ -50,7 +50,7 @@ def submit(
     new_id = run_id or new_run_id()
 
     def attempt() -> str:
-        with store.transaction() as conn:
+        with store.transaction(pipeline=True) as conn:  # three round trips in all
             made = store.create_run(job, source=source, filename=filename, run_id=new_id)
             hand_to_workers(conn, made, "submit")
         return made

@@ -34,6 +34,14 @@ from ablauf_lang.stores.postgres.store import PostgresStore
 # A step's engine call: the run's job and the results to apply -> (new job, dispatches).
 Advance = Callable[[Job, list[Result]], tuple[Job, list[Dispatch]]]
 
+# The actions of a write performed in the step itself (as Temporal's local activities):
+# the dispatches of a write -> their results when the worker performed every one of them
+# here, at once; None: queue them as tasks. Only what may run again after a crash belongs
+# here (the results are recorded with the step's COMMIT, not before).
+Local = Callable[[list[Dispatch]], "list[Result] | None"]
+
+CHAIN = 64  # most writes one step makes while its actions are performed in it
+
 
 @dataclass(frozen=True, slots=True)
 class Claimed:
@@ -78,8 +86,10 @@ class _Applied:
     log: StepLog
     settled: list[int]  # leaves in flight before, settled without their result
 
-    def step(self, claimed: list[tuple[int, Dispatch]]) -> Step:
-        return Step(self.job, self.log.seq, self.log.results or 0, self.task_ids, claimed)
+    def step(self, claimed: list[tuple[int, Dispatch]], before: Sequence[_Applied] = ()) -> Step:
+        results = sum(a.log.results or 0 for a in before) + (self.log.results or 0)
+        task_ids = before[0].task_ids if before else self.task_ids
+        return Step(self.job, self.log.seq, results, task_ids, claimed)
 
 
 def claim(
@@ -126,21 +136,17 @@ def _apply(
     *,
     worker: str,
     force: bool,
-    state: Sequence[Any] | None = None,
+    state: Sequence[Any],
 ) -> _Applied | None:
     """Take the queued results, advance the job, record the step (all but queueing the new
-    actions); None when there is nothing to do and not `force`. `state`: the run's (newest
-    write, clock, queued results) when the caller read them already.
+    actions); None when there is nothing to do and not `force`. `state`: the run's newest
+    write, the clock and the results queued for it, read under its lock.
 
     The base is `store.base_for` (pinned for the transaction, so the delta is diffed
     against it and numbered right after it). A base that is not the run's newest write (the
     caller's statement saw an older snapshot than its lock) makes the write's number taken:
     the transaction is refused (WriteConflict), never written over another.
     """
-    if state is None:
-        state = store.conn.execute(Q["run_state"], (run_id, key)).fetchone()
-    if state is None:
-        raise InternalError(f"run {run_id} vanished under its row lock")
     seq, started, batch = state
     queued = [(int(t), r) for t, r in json.loads(batch)]
     if not queued and not extra and not force:
@@ -153,6 +159,35 @@ def _apply(
     log = StepLog(written, worker, len(results), started)
     settled = settled_leaves(base.job, new, results)
     return _Applied(new, list(dispatches), [t for t, _ in queued], log, settled)
+
+
+def _chain(
+    store: PostgresStore,
+    run_id: str,
+    applied: _Applied,
+    advance: Advance,
+    local: Local | None,
+    worker: str,
+) -> tuple[_Applied, list[_Applied]]:
+    """While `local` performs a write's actions at once, apply their results and record
+    the next write, in the step's transaction (each write is a restart of its own in the
+    run's history and step log). Returns the last write and the ones before it."""
+    before: list[_Applied] = []
+    while local is not None and applied.dispatches and len(before) < CHAIN - 1:
+        results = local(applied.dispatches)
+        if results is None:
+            break
+        base = store.known.get(run_id)
+        if base is None or base.job is not applied.job:
+            raise InternalError(f"run {run_id}: its write is not the base of the next")
+        new, dispatches = advance(base.job, results)
+        written = store.record_locked(run_id, new, base)
+        # Its row lock was taken with the first write: logged as started when written.
+        log = StepLog(written, worker, len(results), None)
+        settled = settled_leaves(base.job, new, results)
+        before.append(applied)
+        applied = _Applied(new, list(dispatches), [], log, settled)
+    return applied, before
 
 
 def settled_leaves(old: Job, new: Job, results: Sequence[Result]) -> list[int]:
@@ -183,21 +218,26 @@ def _finish(
     owner: str,
     lease: float,
     serves: Collection[str] | None,
+    advance: Advance,
+    local: Local | None = None,
 ) -> Step:
-    """Log the step, queue its actions (leasing `claim` of them to `owner`) and COMMIT, in
-    one round trip."""
+    """Perform what `local` takes and record the writes it leads to (`_chain`); log the
+    step's writes, queue the last one's actions (leasing `claim` of them to `owner`) and
+    COMMIT, in one round trip."""
+    applied, before = _chain(store, run_id, applied, advance, local, owner)
     dispatches = applied.dispatches
 
     def send(conn: psycopg.Connection) -> psycopg.Cursor[Any] | None:
-        log_step(conn, run_id, applied.log, len(dispatches))
-        drop_settled(conn, run_id, applied.settled)
+        for write in (*before, applied):
+            log_step(conn, run_id, write.log, len(write.dispatches))
+            drop_settled(conn, run_id, write.settled)
         cur, _ = send_actions(
             conn, run_id, dispatches, claim=claim, owner=owner, lease=lease, serves=serves
         )
         return cur
 
     cur = store.commit_step(run_id, send)
-    return applied.step(leased(cur, dispatches))
+    return applied.step(leased(cur, dispatches), before)
 
 
 def run_restart(
@@ -209,20 +249,34 @@ def run_restart(
     claim: int,
     lease: float,
     serves: Collection[str] | None = None,
+    local: Local | None = None,
 ) -> Step | None:
     """Restart a run for its queued results: wait for its row lock (a restart of the run
-    elsewhere finishes first), then apply every result queued for it at once."""
+    elsewhere finishes first), then apply every result queued for it at once (and go on
+    with what `local` performs, see `_finish`)."""
     with store.step():
-        row = store.begin(STORE_Q["lock_run"], (run_id,))
-        if row is None:
+        row, state = store.begin_with(
+            STORE_Q["lock_run"], (run_id,), Q["run_state"], (run_id, run_id)
+        )
+        if row is None or state is None:
             store.end(commit=False)
             return None
-        applied = _apply(store, run_id, int(row[0]), [], advance, worker=worker, force=False)
+        applied = _apply(
+            store, run_id, int(row[0]), [], advance, worker=worker, force=False, state=state
+        )
         if applied is None:
             store.end(commit=False)
             return None
         return _finish(
-            store, run_id, applied, claim=claim, owner=worker, lease=lease, serves=serves
+            store,
+            run_id,
+            applied,
+            claim=claim,
+            owner=worker,
+            lease=lease,
+            serves=serves,
+            advance=advance,
+            local=local,
         )
 
 
@@ -236,6 +290,7 @@ def deliver(
     claim: int,
     lease: float,
     serves: Collection[str] | None = None,
+    local: Local | None = None,
 ) -> Delivery:
     """Hand over results of action tasks of one run leased to `worker`: remove the tasks
     and, when no one holds the run's row, restart the run with them right away (and
@@ -279,7 +334,15 @@ def deliver(
         if applied is None:
             raise InternalError("a forced restart did nothing")
         step = _finish(
-            store, run_id, applied, claim=claim, owner=worker, lease=lease, serves=serves
+            store,
+            run_id,
+            applied,
+            claim=claim,
+            owner=worker,
+            lease=lease,
+            serves=serves,
+            advance=advance,
+            local=local,
         )
         return Delivery("restarted", run_id, step, lost=lost)
 

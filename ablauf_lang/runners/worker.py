@@ -86,6 +86,7 @@ from ablauf_lang.runners.local import (
     Run,
     perform,
     perform_sync,
+    plain,
     registry,
     stopping,
     supervise,
@@ -117,6 +118,12 @@ SWITCH_INTERVAL = 0.0005  # seconds: the thread switch interval while a worker r
 LISTEN_TICK = 0.5  # the listener's longest wait for a NOTIFY (it checks for stopping)
 DUE_RECHECK = 0.05  # after NOTIFYs, the listener looks at the next due time at most this often
 ABANDONED = 256  # threads for actions with a time limit (one abandoned at its limit stays)
+# Local actions (performed within the step that dispatched them, their results recorded
+# with its COMMIT: `queue.Local`): idempotent, with no time limit, sync, quick so far.
+LOCAL_QUICK = 0.002  # seconds an action takes on average here, at most, to be local
+LOCAL_SEEN = 3  # times an action was performed here before it may be local
+LOCAL_WIDTH = 8  # most actions of one write performed locally
+LOCAL_TIME = 0.02  # seconds a step goes on performing local actions, at most
 
 
 INSTALL = (
@@ -292,22 +299,29 @@ def wait(run_id: str, store_url: str, timeout: float | None = None) -> Run:
     deadline = None if timeout is None else time.monotonic() + timeout
     # Listening before the first look: a run that finishes in between is not missed.
     listener = _listener(store_url, store.url)
-    while store.info(run_id).status is Status.PENDING:  # reconnects by itself
+    finished = store.status(run_id) != Status.PENDING  # reconnects by itself
+    while not finished:
         left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
         if left <= 0:
             break
         if listener is None:
             time.sleep(min(left, 0.2))
             listener = _listener(store_url, store.url)
-            continue  # listening now (or still not): look again
+            finished = store.status(run_id) != Status.PENDING  # listening now, or still not
+            continue
         try:
-            for payload in postgres.notifications(listener, store.url, left):
-                if payload == run_id:
-                    break
+            announced = any(p == run_id for p in postgres.notifications(listener, store.url, left))
         except StoreError as exc:
             log.warning("wait: lost the connection to %s (%s); reconnecting", store.url, exc)
             _drop_listener(store_url)
             listener = None
+            continue
+        if announced:  # the run finished: read it (retried since? it is pending again)
+            run = Run(run_id, store.load(run_id).job)
+            if run.status is not Status.PENDING:
+                return run
+        else:
+            finished = store.status(run_id) != Status.PENDING
     return Run(run_id, store.load(run_id).job)
 
 
@@ -332,25 +346,34 @@ def requeue(run_id: str, store_url: str, *, retry: bool = False) -> str:
 
 
 class _Wake:
-    """Wakes idle slots: a generation counter bumped by every NOTIFY."""
+    """Wakes idle slots: a generation counter bumped by every NOTIFY. `bump(n)` wakes at
+    most `n` of the slots waiting (a NOTIFY's payload says how many tasks became ready:
+    waking every idle slot for one task had them all run the same claim, contending for
+    the cores and the run's row); `bump()` wakes them all. A slot that was busy when the
+    generation moved does not wait (it saw a generation that is no longer the current
+    one), so no wake-up is lost; a slot that takes a full batch wakes one more
+    (`Worker._take`), so work beyond the count still spreads."""
 
     def __init__(self) -> None:
         self.generation = 0
         self._cond = threading.Condition()
 
-    def bump(self) -> None:
+    def bump(self, count: int | None = None) -> None:
         with self._cond:
             self.generation += 1
-            self._cond.notify_all()
+            if count is None:
+                self._cond.notify_all()
+            else:
+                self._cond.notify(max(1, count))
 
     def wait(self, seen: int, timeout: float, stop: threading.Event) -> None:
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self.generation == seen and not stop.is_set():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                self._cond.wait(left)
+            if self.generation != seen or stop.is_set():
+                return
+            left = deadline - time.monotonic()
+            if left > 0:
+                self._cond.wait(left)  # woken by a bump meant for it, or the time is up
 
 
 class _Backoff:
@@ -433,6 +456,9 @@ class Worker:
         self.reported: set[str] = set()  # runs the janitor could not repair (said once)
         self.stats.update(sleeps=0, signals=0, parked=0, timeouts=0)
         self.limited = ActionThreads(ABANDONED)  # sync actions with a timeout or heartbeat
+        self.stats.update(local=0)
+        # action -> (times performed here, mean seconds, recent ones weigh more)
+        self.timing: dict[str, tuple[int, float]] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -635,6 +661,8 @@ class Worker:
         if not taken:
             return False
         actions = [(c.task_id, c.dispatch, c.run_id) for c in taken if c.dispatch is not None]
+        if len(actions) >= slot.batch or len(taken) - len(actions) > 1:
+            self.wake.bump(1)  # more may be ready than the NOTIFYs woke slots for
         for c in taken:
             if c.dispatch is not None and c.dispatch.action == AWAIT:
                 slot.woken[c.task_id] = c.woken
@@ -655,6 +683,7 @@ class Worker:
                 claim=1,
                 lease=self.lease,
                 serves=self.serves,
+                local=self._local(slot, claimed.run_id),
             )
         except Exception as exc:
             store.forget(claimed.run_id)
@@ -740,6 +769,45 @@ class Worker:
                 self.stats["parked"] += 1
             return None
 
+    def _local(self, slot: _Slot, run_id: str) -> queue.Local:
+        """What a step of `run_id` performs itself (`queue.Local`): the actions of a write
+        when each is local (`_is_local`), there are at most LOCAL_WIDTH of them, and the
+        step began less than LOCAL_TIME ago. A crash before the step's COMMIT loses their
+        results, and they run again: so only idempotent actions are local."""
+        began = time.monotonic()
+
+        def perform_here(dispatches: list[Dispatch]) -> list[Result] | None:
+            if self.stop.is_set() or len(dispatches) > LOCAL_WIDTH:
+                return None
+            if time.monotonic() - began > LOCAL_TIME:
+                return None
+            if not all(self._is_local(d) for d in dispatches):
+                return None
+            self.stats["local"] += len(dispatches)
+            return [self._perform(slot, d, run_id) for d in dispatches]
+
+        return perform_here
+
+    def _is_local(self, dispatch: Dispatch) -> bool:
+        """An action this worker may perform within the step that dispatched it: it has
+        it, it may run again (idempotent), it runs now with no time limit (`plain`), it
+        is not async, and it proved quick here (`fail!!`'s always is)."""
+        fn = self.actions.get(dispatch.action)
+        if fn is None or not plain(dispatch):
+            return False
+        if fn is STDLIB_ACTIONS["action/fail"]:
+            return True  # it does nothing but fail (its dispatch is not idempotent)
+        if not dispatch.idempotent or inspect.iscoroutinefunction(fn):
+            return False
+        seen, mean = self.timing.get(dispatch.action, (0, 0.0))
+        return seen >= LOCAL_SEEN and mean <= LOCAL_QUICK
+
+    def _timed(self, action: str, seconds: float) -> None:
+        """Count an action's performance here and how long it took (`_is_local`)."""
+        seen, mean = self.timing.get(action, (0, 0.0))
+        weight = 1.0 / min(seen + 1, 8)
+        self.timing[action] = (seen + 1, mean + (seconds - mean) * weight)
+
     def _perform(self, slot: _Slot, dispatch: Dispatch, run_id: str = "") -> Result:
         """Perform an action here, outside any transaction; never raises for its errors.
         A sleep taken when due is over; an attempt with a `timeout` or `heartbeat` runs
@@ -762,6 +830,7 @@ class Worker:
                 result = perform_sync(dispatch, fn, True)
         except Exception as exc:  # perform* turn the action's errors into failures already
             result = failure(dispatch, f"{type(exc).__name__}: {exc}")
+        self._timed(dispatch.action, time.monotonic() - started)
         if fn is _log_action:
             log.info("run %s: log!! %s", run_id, _short(dispatch.payload))
         if result.state in FAILED_STATES:
@@ -811,6 +880,7 @@ class Worker:
                 claim=claim,
                 lease=self.lease,
                 serves=self.serves,
+                local=self._local(slot, run_id) if claim else None,
             )
         except Exception as exc:
             if self._lost(exc):
@@ -907,8 +977,8 @@ class Worker:
                 for note in conn.notifies(timeout=max(0.0, wait), stop_after=1):
                     if note.payload == queue.DUE:  # a task due later: maybe before `due`
                         look = min(look, time.monotonic() + DUE_RECHECK)
-                    else:  # tasks are ready: idle slots take them
-                        self.wake.bump()
+                    else:  # tasks are ready: as many idle slots take them
+                        self.wake.bump(_count(note.payload))
             except Exception as exc:  # the connection, or a bug: start again
                 if conn is not None:
                     log.warning("listener lost its connection (%s); reconnecting", _message(exc))
@@ -976,6 +1046,14 @@ class Worker:
                 continue
             self.stats["repaired"] += 1
             log.warning("%s", line)
+
+
+def _count(payload: str) -> int | None:
+    """How many tasks a NOTIFY says became ready (None: not a count, wake every slot)."""
+    try:
+        return int(payload)
+    except ValueError:
+        return None
 
 
 def _log_action(payload: Any, context: Any) -> Any:

@@ -453,6 +453,14 @@ class SqlStore:
     def _read(self) -> AbstractContextManager[Any]:
         raise NotImplementedError
 
+    def _fetch_all(self, cur: Any, queries: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Any]]:
+        """The rows of each query, in turn (a PostgreSQL store sends them together)."""
+        out = []
+        for sql, params in queries:
+            cur.execute(sql, params)
+            out.append(cur.fetchall())
+        return out
+
     def _write_one(self, sql: str, params: Sequence[Any]) -> int:
         """Run one statement in a transaction of its own; return the rows it changed."""
         with self._write() as cur:
@@ -805,16 +813,12 @@ class SqlStore:
                     raise RunError(f"no run {run_id!r} in {self._where()}")
                 run = dict(zip(RUN_COLUMNS, row, strict=True))
                 key = run["id"]
-                cur.execute(q(Q["load_nodes"]), (key,))
-                nodes = cur.fetchall()
-                cur.execute(q(Q["load_context"]), (key,))
-                context = cur.fetchall()
-                cur.execute(q(Q["load_deltas"]), (key,))
-                deltas = cur.fetchall()
-                cur.execute(q(Q["load_lease"]), (key,))
-                lease = cur.fetchone()
-                cur.execute(q(Q["load_fork"]), (key,))
-                fork = cur.fetchone()
+                tables = ("load_nodes", "load_context", "load_deltas", "load_lease", "load_fork")
+                nodes, context, deltas, leases, forks = self._fetch_all(
+                    cur, [(q(Q[name]), (key,)) for name in tables]
+                )
+                lease = leases[0] if leases else None
+                fork = forks[0] if forks else None
         except Damaged as exc:
             raise StoreError(f"run {run_id} is damaged: {exc.message}") from None
         try:
@@ -926,6 +930,18 @@ class SqlStore:
         if not infos:
             raise RunError(f"no run {run_id!r} in {self._where()}")
         return infos[0]
+
+    @_reads
+    def status(self, run_id: str) -> str:
+        """The run's status as recorded ("pending", "success" or "failure"), in one
+        statement: what a caller waiting for it looks at (`info` says more, at more cost).
+        RunError for an unknown run."""
+        with self._read() as cur:
+            cur.execute(self._q(Q["run_status"]), (run_id,))
+            row = cur.fetchone()
+        if row is None:
+            raise RunError(f"no run {run_id!r} in {self._where()}")
+        return str(row[0])
 
     @_reads
     def exists(self, run_id: str) -> bool:

@@ -39,6 +39,9 @@ UPDATE runs SET status = ?, error = ?, aborted = ?, updated = ? WHERE id = ?
 -- name: run_exists
 SELECT 1 FROM runs WHERE run_id = ?
 
+-- name: run_status
+SELECT status FROM runs WHERE run_id = ?
+
 -- name: count_deltas
 SELECT count(*), max(seq) FROM deltas WHERE run = ?
 

@@ -26,9 +26,9 @@ SELECT pg_advisory_unlock(1633840225);
 -- The schema's tables are the connection's default names (the statements of stores/sql.py).
 SET search_path TO ablauf, public;
 
--- name: read_snapshot
--- One snapshot for every SELECT of a read.
-SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY;
+-- name: begin_read
+-- A read: one snapshot for every SELECT of it.
+BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;
 
 -- name: lock_run
 -- Lock the run's row for this transaction (one restart of a run at a time): `FOR NO KEY

@@ -24,6 +24,7 @@ after it: a base that turns out stale is a refused write (the unique write numbe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -208,17 +209,21 @@ class PostgresStore(SqlStore):
         return status in (
             psycopg.pq.TransactionStatus.INTRANS,
             psycopg.pq.TransactionStatus.INERROR,
+            # In pipeline mode: statements sent (a BEGIN among them), not all answered.
+            psycopg.pq.TransactionStatus.ACTIVE,
         )
 
     @contextmanager
-    def _write(self) -> Iterator[psycopg.Cursor[Any]]:
+    def _write(self, *, pipeline: bool = False) -> Iterator[psycopg.Cursor[Any]]:
         with self._lock, errors(self.url):
             if self.in_transaction():  # part of the caller's transaction
+                self._send_held()  # a step's deltas held back go first, in their order
                 yield self.conn.cursor()
                 return
             self.known.begin()
             try:
-                with self.conn.transaction():
+                mode = self.conn.pipeline() if pipeline else contextlib.nullcontext()
+                with mode, self.conn.transaction():
                     yield self.conn.cursor()
             except BaseException:
                 self.known.rollback()
@@ -227,19 +232,38 @@ class PostgresStore(SqlStore):
 
     @contextmanager
     def _read(self) -> Iterator[psycopg.Cursor[Any]]:
+        """A read-only transaction with one snapshot, in pipeline mode: its BEGIN travels
+        with its first statement, its COMMIT with its last (statements whose rows are not
+        fetched in between go together, see `_fetch_all`)."""
         with self._lock, errors(self.url):
             if self.in_transaction():
                 yield self.conn.cursor()
                 return
-            with self.conn.transaction():
-                self.conn.execute(Q["read_snapshot"])
-                yield self.conn.cursor()
+            try:
+                with self.conn.pipeline():
+                    self.conn.execute(Q["begin_read"])
+                    yield self.conn.cursor()
+                    self.conn.execute("COMMIT")
+            except BaseException:
+                self._abandon()
+                raise
+
+    def _fetch_all(
+        self, cur: psycopg.Cursor[Any], queries: Sequence[tuple[str, Sequence[Any]]]
+    ) -> list[list[Any]]:
+        """The rows of each query, sent together (one round trip, in pipeline mode)."""
+        with self.conn.pipeline():
+            cursors = [self.conn.execute(sql, params) for sql, params in queries]
+        return [c.fetchall() for c in cursors]
 
     @contextmanager
-    def transaction(self) -> Iterator[psycopg.Connection]:
+    def transaction(self, *, pipeline: bool = False) -> Iterator[psycopg.Connection]:
         """A write transaction on this store's connection (store methods called inside
-        join it); what it learned of runs is shared with other threads at its COMMIT."""
-        with self._write():
+        join it); what it learned of runs is shared with other threads at its COMMIT.
+        `pipeline`: in pipeline mode (statements whose rows are not read go together
+        with the next that is, and with the COMMIT): for statements that read no
+        `rowcount`."""
+        with self._write(pipeline=pipeline):
             yield self.conn
 
     @contextmanager
@@ -309,6 +333,19 @@ class PostgresStore(SqlStore):
         self._defer = []
         return cur.fetchone()
 
+    def begin_with(
+        self, sql: str, params: Sequence[Any], then: str, then_params: Sequence[Any]
+    ) -> tuple[Any, Any]:
+        """`begin` with a second statement sent along (run after the first, with a
+        snapshot of its own: it sees what the holder of a lock the first waited for
+        wrote); the first row of each."""
+        with self.conn.pipeline():
+            self.conn.execute("BEGIN")
+            cur = self.conn.execute(sql, params)
+            after = self.conn.execute(then, then_params)
+        self._defer = []
+        return cur.fetchone(), after.fetchone()
+
     def end(self, *, commit: bool) -> None:
         """End the step's transaction here (nothing written, or only queue rows)."""
         self._defer = None
@@ -336,17 +373,26 @@ class PostgresStore(SqlStore):
     def commit_step(self, run_id: str, send: Callable[[psycopg.Connection], T]) -> T:
         """Send the held-back delta (checked to be this transaction's), what `send` sends,
         and COMMIT, in one round trip; what `send` returned (read its cursors after)."""
-        deferred, self._defer = self._defer or [], None
         self.fault("commit", run_id)
         with self.conn.pipeline():
-            for params in deferred:
-                self.conn.execute(self._q(SQL["insert_delta"]), params)
-                self.conn.execute(Q["check_delta"], (params[0], params[1]))
+            self._send_held()
             out = send(self.conn)
             self.conn.execute("COMMIT")
+        self._defer = None
         self.fault("committed", run_id)
         self._committed()
         return out
+
+    def _send_held(self) -> None:
+        """Send the step's held-back delta rows, each followed by `ablauf.check_delta`
+        (pipeline-safe: nothing is read)."""
+        held = self._defer
+        if not held:
+            return
+        self._defer = []
+        for params in held:
+            self.conn.execute(self._q(SQL["insert_delta"]), params)
+            self.conn.execute(Q["check_delta"], (params[0], params[1]))
 
     def forget(self, run_id: str) -> None:
         """Drop what this process knows of a run (after a failed or doubtful transaction)."""

@@ -419,12 +419,17 @@ class Expr:
 
     @classmethod
     def from_data(cls, data: Any) -> Expr:
-        """Invert `to_data`."""
+        """Invert `to_data`. The code (and its free variables) of equal stored code is
+        decoded once and shared: the copies of a `pmap!!` template differ only in their
+        bindings, and a wide run holds one of each per leaf (`_shared_code`)."""
         if not isinstance(data, dict) or "code" not in data:
             raise JobError(f"stored run-time expression is damaged: {str(data)[:80]}")
         filename = data.get("file")
-        code = code_from_data(data["code"], filename)
-        return cls(code, filename, values.decode(data.get("bind") or {}))
+        code, free = _shared_code(data["code"], filename)
+        expr = cls.__new__(cls)
+        expr.code, expr.filename, expr.free = code, filename, free
+        expr.bindings = values.decode(data.get("bind") or {})
+        return expr
 
     @property
     def show(self) -> str:
@@ -445,6 +450,38 @@ class Expr:
 
     def __repr__(self) -> str:
         return self.show
+
+
+SHARED_CODE = 4096  # decoded run-time codes kept for sharing (cleared when full)
+_decoded: dict[Any, tuple[Any, frozenset[str]]] = {}
+
+
+def _frozen(data: Any) -> Any:
+    """A hashable form of stored (JSON) code: lists as tuples, the types kept apart."""
+    if type(data) is list:
+        return tuple(_frozen(x) for x in data)
+    if type(data) is dict:
+        return ("$dict", tuple((k, _frozen(v)) for k, v in data.items()))
+    return (type(data).__name__, data)
+
+
+def _shared_code(data: Any, filename: str | None) -> tuple[Any, frozenset[str]]:
+    """`code_from_data` and `free_vars` of stored code, once for equal code (immutable
+    values: safe to share). Very large code is decoded each time, not kept."""
+    try:
+        key = (_frozen(data), filename)
+        found = _decoded.get(key)
+    except (RecursionError, TypeError):
+        key, found = None, None
+    if found is not None:
+        return found
+    code = code_from_data(data, filename)
+    made = (code, free_vars(code))
+    if key is not None and getattr(code, "size", 1) <= 1000:
+        if len(_decoded) >= SHARED_CODE:
+            _decoded.clear()
+        _decoded[key] = made
+    return made
 
 
 # ---------------------------------------------------------------------------------------

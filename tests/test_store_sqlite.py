@@ -593,3 +593,36 @@ def test_a_deep_workflow_costs_the_store_no_more_per_level(tmp_path: Path, depth
         assert run.status.value == "success"
     assert times["sqlite"] <= 3 * times["memory"] + 0.5, times
     assert same(open_store(f"sqlite:///{tmp_path}/deep.db").load(run.run_id).job, run.job)
+
+
+@pytest.mark.parametrize("loaded_after", [1, 10, 63, 64])
+def test_a_store_that_loaded_a_run_folds_it_right_later(tmp_path: Path, loaded_after: int) -> None:
+    # A store object that read the run (its deltas since the snapshot included) then
+    # writes until the write that folds them: what it folds must be what the deltas
+    # changed (a load that gave up its parts before keeping them folded nothing: the run
+    # read back as pending though recorded a success, found by bench/bench_wide.py).
+    from ablauf_lang.lang.compiler import compile_source
+
+    path = str(tmp_path / "fold.db")
+    width = 3 * sqlbase.COMPACT_EVERY
+    source = f"(pmap!! [i (range {width})] (idempotent-action!! :t/noop i))"
+    job = make_job(compile_source(source), {})
+    first = SqliteStore(path)
+    run_id = first.create_run(job)
+    job, dispatches = restart_job(job, [], 1.0)
+    first.record(run_id, job)
+    for d in dispatches[:loaded_after]:
+        job, _ = restart_job(job, [success(d, d.payload)], 2.0)
+        first.record(run_id, job)
+    first.close()
+    second = SqliteStore(path)
+    assert second.load(run_id).job == job
+    for d in dispatches[loaded_after:]:
+        job, _ = restart_job(job, [success(d, d.payload)], 3.0)
+        second.record(run_id, job)
+    assert job.status is Status.SUCCESS
+    assert second.compactions >= 1
+    second.close()
+    again = SqliteStore(path)
+    assert again.load(run_id).job == job
+    again.close()

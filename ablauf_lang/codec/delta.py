@@ -511,7 +511,9 @@ def _apply(parts: Parts, delta: dict[str, Any], what: str) -> None:
 
 
 def job_from_parts(run_id: str, parts: Parts, format_version: int) -> Job:
-    """Build the job; StoreError (`run ID is damaged: ...`) when the rows do not make one."""
+    """Build the job; StoreError (`run ID is damaged: ...`) when the rows do not make one.
+    The parts' node entries are used up (`parts.nodes` is empty after): read what else
+    is needed of them first."""
     restarts, aborted, todo, touched, n_nodes, _status = parts.run
     if len(parts.nodes) != n_nodes or (n_nodes and max(parts.nodes) != n_nodes - 1):
         raise StoreError(
@@ -519,12 +521,16 @@ def job_from_parts(run_id: str, parts: Parts, format_version: int) -> Job:
             if len(parts.nodes) != n_nodes
             else f"run {run_id} is damaged: its node ids are not 0..{n_nodes - 1}"
         )
+    # The parts' node entries are given up as the records are made (each spec becomes its
+    # record), and the records as the nodes are built: a wide run is not held three times.
     records = []
-    for spec, state, children in parts.nodes.values():
-        record = {**spec, **state}
+    nodes = parts.nodes
+    for node_id in list(nodes):
+        spec, state, children = nodes.pop(node_id)
+        spec.update(state)
         if children is not None:
-            record["children"] = children
-        records.append(record)
+            spec["children"] = children
+        records.append(spec)
     data = {
         "format": codec.FORMAT,
         "version": format_version,
@@ -536,7 +542,7 @@ def job_from_parts(run_id: str, parts: Parts, format_version: int) -> Job:
         "nodes": records,
     }
     try:
-        job = codec.from_data(data)
+        job = codec.from_data(data, consume=True)
         ordered = sorted(parts.context.items(), key=lambda kv: kv[1][0])
         ctx = {decode_key(k): values.decode(v) for k, (_, v) in ordered}
     except RecursionError:

@@ -18,6 +18,7 @@ and `encode_state` give the two parts a store keeps apart (`codec.delta`), and
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Collection
 from dataclasses import replace
 from operator import attrgetter
@@ -59,14 +60,23 @@ def _span(span: Span | None) -> list[Any] | None:
     return [span.line, span.column, span.filename] if span.filename else [span.line, span.column]
 
 
+_SPANS: dict[tuple[Any, ...], Span] = {}  # equal spans decoded once (the leaves of a pmap!!)
+
+
 def _unspan(data: Any) -> Span | None:
     if not data:
         return None
-    if type(data) is list and type(data[0]) is int and len(data) > 1 and type(data[1]) is int:
-        if len(data) == 2:
-            return Span(data[0], data[1])
-        if len(data) == 3 and type(data[2]) is str:
-            return Span(data[0], data[1], filename=data[2])
+    pair = type(data) is list and len(data) > 1 and type(data[0]) is int is type(data[1])
+    if pair and (len(data) == 2 or (len(data) == 3 and type(data[2]) is str)):
+        key = tuple(data)
+        span = _SPANS.get(key)
+        if span is None:
+            if len(_SPANS) >= 4096:
+                _SPANS.clear()
+            span = _SPANS[key] = Span(
+                data[0], data[1], filename=data[2] if len(data) == 3 else None
+            )
+        return span
     raise _Damaged(f"field 'span' is not [line, column, file?]: {str(data)[:60]}")
 
 
@@ -279,7 +289,9 @@ def _dec_value(rec: dict[str, Any], name: str, n_kids: int) -> Any:
 
 def _dec_str(rec: dict[str, Any], name: str, n_kids: int) -> Any:
     value = rec.get(name)
-    return value if type(value) is str else _field(rec, name, str)
+    if type(value) is str:  # names (an action's, a variable's): one copy of each
+        return sys.intern(value) if len(value) <= 64 else value
+    return _field(rec, name, str)
 
 
 def _dec_bool(rec: dict[str, Any], name: str, n_kids: int) -> Any:
@@ -387,8 +399,10 @@ def _decode_kind(cls: type[Kind], rec: dict[str, Any], kids: Any) -> Node:
     return replace(summed, **kept) if kept else summed
 
 
-def decode_nodes(records: Any) -> Node:
+def decode_nodes(records: Any, *, consume: bool = False) -> Node:
     """Build a tree from node records (any order; children have larger ids than parents).
+    `consume`: the records are the caller's to give up (the list is emptied and each
+    record dropped once its node is built: a wide tree is not held twice).
 
     JobError naming the node for a record the codec did not write (a missing field, a
     wrong type, a missing or shared child).
@@ -406,9 +420,11 @@ def decode_nodes(records: Any) -> Node:
         if node_id in by_id:
             raise JobError(f"stored job has node id {node_id} twice")
         by_id[node_id] = rec
+    if consume:
+        records.clear()
     built: dict[int, Node] = {}
     for node_id in sorted(by_id, reverse=True):
-        rec = by_id[node_id]
+        rec = by_id.pop(node_id) if consume else by_id[node_id]
         try:
             built[node_id] = _decode_record(rec, node_id, built)
         except _Damaged as exc:
@@ -469,8 +485,9 @@ def to_data(job: Job) -> dict[str, Any]:
     }
 
 
-def from_data(data: Any) -> Job:
-    """Build a job from `to_data` output; JobError (one clear line) for anything else."""
+def from_data(data: Any, *, consume: bool = False) -> Job:
+    """Build a job from `to_data` output; JobError (one clear line) for anything else.
+    `consume`: `data` is the caller's to give up (see `decode_nodes`)."""
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise JobError(f'not an ablauf job snapshot (no "format": "{FORMAT}" field)')
     version = data.get("version")
@@ -482,7 +499,7 @@ def from_data(data: Any) -> Job:
             f"understands ({VERSION}); upgrade ablauf_lang"
         )
     try:
-        root = decode_nodes(data.get("nodes"))
+        root = decode_nodes(data.get("nodes"), consume=consume)
         todo = decode_todo(_field(data, "todo", dict, {}))
         context = values.decode(_field(data, "context", dict, {}))
         if not isinstance(context, dict):

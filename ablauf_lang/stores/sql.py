@@ -830,6 +830,7 @@ class SqlStore:
             if len(nodes) != run["n_nodes"]:
                 raise Damage(f"{len(nodes)} node rows, {run['n_nodes']} expected")
             parts = snapshot_parts(run, nodes, context)
+            nodes.clear()  # their text read: not held while the job is built
             for seq, _, data in deltas:
                 replay(parts, data, seq)
             initial = decode_value(_json(run["initial_context"] or "{}", "its context"))
@@ -842,6 +843,9 @@ class SqlStore:
             raise StoreError(f"run {run_id} is damaged: a value is nested too deeply") from None
         except AblaufError as exc:
             raise StoreError(f"run {run_id} is damaged: {exc.message}") from None
+        # What the deltas changed since the snapshot (for the next compaction), taken
+        # before the job is built from the parts (which gives up their node entries).
+        changed = {i: parts.nodes[i][1] for i in parts.touched_since if i in parts.nodes}
         job = job_from_parts(run_id, parts, run["format"])
         recorded = parts.run[5]
         if str(job.status) != recorded or run["status"] != recorded:
@@ -864,7 +868,7 @@ class SqlStore:
                 len(deltas),
                 sum(len(d[2]) for d in deltas),
                 (
-                    {i: parts.nodes[i][1] for i in parts.touched_since if i in parts.nodes},
+                    changed,
                     tuple(parts.whole_since),
                     tuple(parts.keys_since),
                     parts.context_reset,

@@ -225,7 +225,8 @@ def _finally_broken(job: Job) -> str | None:
         started = any(leaf.result not in (None, LeafState.SKIPPED) for leaf in _leaves(body))
         if not started:
             continue
-        steps = _leaves(final)
+        # A rescue!! inside the finally!! is skipped when nothing failed: not a sign.
+        steps = _leaves_outside_rescues(final)
         ran = final.done and (not steps or any(s.result is not LeafState.SKIPPED for s in steps))
         if not ran:
             line = node.span.line if node.span is not None else "?"
@@ -235,6 +236,22 @@ def _finally_broken(job: Job) -> str | None:
 
 def _leaves(node: Any) -> list[Leaf]:
     return [n for n in subtree(node) if isinstance(n, Leaf)]
+
+
+def _leaves_outside_rescues(node: Any) -> list[Leaf]:
+    """The leaves under `node` but those of the rescue!! of a try!! inside it."""
+    out: list[Leaf] = []
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if isinstance(n, Leaf):
+            out.append(n)
+            continue
+        kids = list(getattr(n, "children", ()))
+        if getattr(n, "kind", None) == "try" and len(kids) == 3:
+            kids = [kids[0], kids[2]]
+        todo.extend(kids)
+    return out
 
 
 def run_schedule(

@@ -19,6 +19,8 @@ Recursion here is bounded by `MAX_CODE_DEPTH` levels of run-time expression.
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -426,10 +428,7 @@ class Expr:
             raise JobError(f"stored run-time expression is damaged: {str(data)[:80]}")
         filename = data.get("file")
         code, free = _shared_code(data["code"], filename)
-        expr = cls.__new__(cls)
-        expr.code, expr.filename, expr.free = code, filename, free
-        expr.bindings = values.decode(data.get("bind") or {})
-        return expr
+        return cls(code, filename, values.decode(data.get("bind") or {}), free)
 
     @property
     def show(self) -> str:
@@ -452,36 +451,27 @@ class Expr:
         return self.show
 
 
-SHARED_CODE = 4096  # decoded run-time codes kept for sharing (cleared when full)
-_decoded: dict[Any, tuple[Any, frozenset[str]]] = {}
-
-
-def _frozen(data: Any) -> Any:
-    """A hashable form of stored (JSON) code: lists as tuples, the types kept apart."""
-    if type(data) is list:
-        return tuple(_frozen(x) for x in data)
-    if type(data) is dict:
-        return ("$dict", tuple((k, _frozen(v)) for k, v in data.items()))
-    return (type(data).__name__, data)
+SHARED_CODE = 4096  # decoded run-time codes kept for sharing (the least recently used go)
+SHARED_TEXT = 4096  # characters: longer stored code is decoded each time, not kept
 
 
 def _shared_code(data: Any, filename: str | None) -> tuple[Any, frozenset[str]]:
     """`code_from_data` and `free_vars` of stored code, once for equal code (immutable
-    values: safe to share). Very large code is decoded each time, not kept."""
+    values: safe to share), keyed by its JSON text."""
     try:
-        key = (_frozen(data), filename)
-        found = _decoded.get(key)
-    except (RecursionError, TypeError):
-        key, found = None, None
-    if found is not None:
-        return found
-    code = code_from_data(data, filename)
-    made = (code, free_vars(code))
-    if key is not None and getattr(code, "size", 1) <= 1000:
-        if len(_decoded) >= SHARED_CODE:
-            _decoded.clear()
-        _decoded[key] = made
-    return made
+        text = json.dumps(data, separators=(",", ":"))
+    except (RecursionError, TypeError, ValueError):
+        text = None  # not what the codec writes: `code_from_data` says what is wrong
+    if text is None or len(text) > SHARED_TEXT:
+        code = code_from_data(data, filename)
+        return code, free_vars(code)
+    return _code_of(text, filename)
+
+
+@functools.lru_cache(maxsize=SHARED_CODE)
+def _code_of(text: str, filename: str | None) -> tuple[Any, frozenset[str]]:
+    code = code_from_data(json.loads(text), filename)
+    return code, free_vars(code)
 
 
 # ---------------------------------------------------------------------------------------

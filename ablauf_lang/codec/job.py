@@ -17,6 +17,7 @@ and `encode_state` give the two parts a store keeps apart (`codec.delta`), and
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from collections.abc import Callable, Collection
@@ -60,23 +61,20 @@ def _span(span: Span | None) -> list[Any] | None:
     return [span.line, span.column, span.filename] if span.filename else [span.line, span.column]
 
 
-_SPANS: dict[tuple[Any, ...], Span] = {}  # equal spans decoded once (the leaves of a pmap!!)
+@functools.lru_cache(maxsize=4096)
+def _span_at(line: int, column: int, filename: str | None) -> Span:
+    """Equal spans decoded once (the leaves of a `pmap!!` share their template's)."""
+    return Span(line, column, filename=filename)
 
 
 def _unspan(data: Any) -> Span | None:
     if not data:
         return None
     pair = type(data) is list and len(data) > 1 and type(data[0]) is int is type(data[1])
-    if pair and (len(data) == 2 or (len(data) == 3 and type(data[2]) is str)):
-        key = tuple(data)
-        span = _SPANS.get(key)
-        if span is None:
-            if len(_SPANS) >= 4096:
-                _SPANS.clear()
-            span = _SPANS[key] = Span(
-                data[0], data[1], filename=data[2] if len(data) == 3 else None
-            )
-        return span
+    if pair and len(data) == 2:
+        return _span_at(data[0], data[1], None)
+    if pair and len(data) == 3 and type(data[2]) is str:
+        return _span_at(data[0], data[1], data[2])
     raise _Damaged(f"field 'span' is not [line, column, file?]: {str(data)[:60]}")
 
 

@@ -14,8 +14,8 @@ name and imports allowed; imported files checked as for the disk): a service sub
 the same program again and again, from a file or as a text, compiles it once.
 
 Where: `$ABLAUF_CACHE` (a directory), else the user's cache directory
-(`~/.cache/ablauf/programs` on Linux); `ABLAUF_CACHE=off` turns the cache off (both).
-A text typed in a REPL or given without a file is never kept on disk. The entries are pickles, like
+(`~/.cache/ablauf/programs` on Linux); `ABLAUF_CACHE=off` turns both off. A text typed
+in a REPL or given without a file is never kept on disk. The entries are pickles, like
 Python's own `__pycache__`: the directory is the user's (made private), and an entry
 that cannot be read is ignored and written again, never an error. At most `MAX_ENTRIES`
 entries are kept (the least recently used go first).

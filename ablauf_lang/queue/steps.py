@@ -77,6 +77,20 @@ class Delivery:
 
 
 @dataclass(frozen=True, slots=True)
+class _How:
+    """What a worker's step is done with: its engine call, whose it is, how many of the
+    new actions it leases to itself (for `lease` seconds, of those in `serves`), and what
+    it performs within the step (`local`)."""
+
+    advance: Advance
+    worker: str
+    claim: int
+    lease: float
+    serves: Collection[str] | None
+    local: Local | None
+
+
+@dataclass(frozen=True, slots=True)
 class _Applied:
     """A step recorded, its actions not queued yet."""
 
@@ -132,9 +146,8 @@ def _apply(
     run_id: str,
     key: int,
     extra: Sequence[Result],
-    advance: Advance,
+    how: _How,
     *,
-    worker: str,
     force: bool,
     state: Sequence[Any],
 ) -> _Applied | None:
@@ -154,36 +167,31 @@ def _apply(
     results = [decode_result(r) for _, r in queued if r is not None]
     results.extend(extra)
     base = store.base_for(run_id, key, int(seq))
-    new, dispatches = advance(base.job, results)
+    new, dispatches = how.advance(base.job, results)
     written = store.record_locked(run_id, new, base)
-    log = StepLog(written, worker, len(results), started)
+    log = StepLog(written, how.worker, len(results), started)
     settled = settled_leaves(base.job, new, results)
     return _Applied(new, list(dispatches), [t for t, _ in queued], log, settled)
 
 
 def _chain(
-    store: PostgresStore,
-    run_id: str,
-    applied: _Applied,
-    advance: Advance,
-    local: Local | None,
-    worker: str,
+    store: PostgresStore, run_id: str, applied: _Applied, how: _How
 ) -> tuple[_Applied, list[_Applied]]:
     """While `local` performs a write's actions at once, apply their results and record
     the next write, in the step's transaction (each write is a restart of its own in the
     run's history and step log). Returns the last write and the ones before it."""
     before: list[_Applied] = []
-    while local is not None and applied.dispatches and len(before) < CHAIN - 1:
-        results = local(applied.dispatches)
+    while how.local is not None and applied.dispatches and len(before) < CHAIN - 1:
+        results = how.local(applied.dispatches)
         if results is None:
             break
         base = store.known.get(run_id)
         if base is None or base.job is not applied.job:
             raise InternalError(f"run {run_id}: its write is not the base of the next")
-        new, dispatches = advance(base.job, results)
+        new, dispatches = how.advance(base.job, results)
         written = store.record_locked(run_id, new, base)
         # Its row lock was taken with the first write: logged as started when written.
-        log = StepLog(written, worker, len(results), None)
+        log = StepLog(written, how.worker, len(results), None)
         settled = settled_leaves(base.job, new, results)
         before.append(applied)
         applied = _Applied(new, list(dispatches), [], log, settled)
@@ -209,22 +217,11 @@ def settled_leaves(old: Job, new: Job, results: Sequence[Result]) -> list[int]:
     return sorted(out)
 
 
-def _finish(
-    store: PostgresStore,
-    run_id: str,
-    applied: _Applied,
-    *,
-    claim: int,
-    owner: str,
-    lease: float,
-    serves: Collection[str] | None,
-    advance: Advance,
-    local: Local | None = None,
-) -> Step:
-    """Perform what `local` takes and record the writes it leads to (`_chain`); log the
-    step's writes, queue the last one's actions (leasing `claim` of them to `owner`) and
-    COMMIT, in one round trip."""
-    applied, before = _chain(store, run_id, applied, advance, local, owner)
+def _finish(store: PostgresStore, run_id: str, applied: _Applied, how: _How) -> Step:
+    """Perform what `how.local` takes and record the writes it leads to (`_chain`); log
+    the step's writes, queue the last one's actions (leasing `how.claim` of them to the
+    worker) and COMMIT, in one round trip."""
+    applied, before = _chain(store, run_id, applied, how)
     dispatches = applied.dispatches
 
     def send(conn: psycopg.Connection) -> psycopg.Cursor[Any] | None:
@@ -232,7 +229,13 @@ def _finish(
             log_step(conn, run_id, write.log, len(write.dispatches))
             drop_settled(conn, run_id, write.settled)
         cur, _ = send_actions(
-            conn, run_id, dispatches, claim=claim, owner=owner, lease=lease, serves=serves
+            conn,
+            run_id,
+            dispatches,
+            claim=how.claim,
+            owner=how.worker,
+            lease=how.lease,
+            serves=how.serves,
         )
         return cur
 
@@ -254,6 +257,7 @@ def run_restart(
     """Restart a run for its queued results: wait for its row lock (a restart of the run
     elsewhere finishes first), then apply every result queued for it at once (and go on
     with what `local` performs, see `_finish`)."""
+    how = _How(advance, worker, claim, lease, serves, local)
     with store.step():
         row, state = store.begin_with(
             STORE_Q["lock_run"], (run_id,), Q["run_state"], (run_id, run_id)
@@ -261,23 +265,11 @@ def run_restart(
         if row is None or state is None:
             store.end(commit=False)
             return None
-        applied = _apply(
-            store, run_id, int(row[0]), [], advance, worker=worker, force=False, state=state
-        )
+        applied = _apply(store, run_id, int(row[0]), [], how, force=False, state=state)
         if applied is None:
             store.end(commit=False)
             return None
-        return _finish(
-            store,
-            run_id,
-            applied,
-            claim=claim,
-            owner=worker,
-            lease=lease,
-            serves=serves,
-            advance=advance,
-            local=local,
-        )
+        return _finish(store, run_id, applied, how)
 
 
 def deliver(
@@ -321,29 +313,12 @@ def deliver(
         if key is None:
             store.end(commit=True)
             return Delivery("queued", run_id, lost=lost)
-        applied = _apply(
-            store,
-            run_id,
-            int(key),
-            [by_id[t] for t in sorted(mine)],
-            advance,
-            worker=worker,
-            force=True,
-            state=row[2:5],
-        )
+        how = _How(advance, worker, claim, lease, serves, local)
+        extra = [by_id[t] for t in sorted(mine)]
+        applied = _apply(store, run_id, int(key), extra, how, force=True, state=row[2:5])
         if applied is None:
             raise InternalError("a forced restart did nothing")
-        step = _finish(
-            store,
-            run_id,
-            applied,
-            claim=claim,
-            owner=worker,
-            lease=lease,
-            serves=serves,
-            advance=advance,
-            local=local,
-        )
+        step = _finish(store, run_id, applied, how)
         return Delivery("restarted", run_id, step, lost=lost)
 
 

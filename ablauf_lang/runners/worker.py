@@ -299,29 +299,31 @@ def wait(run_id: str, store_url: str, timeout: float | None = None) -> Run:
     deadline = None if timeout is None else time.monotonic() + timeout
     # Listening before the first look: a run that finishes in between is not missed.
     listener = _listener(store_url, store.url)
-    finished = store.status(run_id) != Status.PENDING  # reconnects by itself
-    while not finished:
+
+    def finished() -> bool:
+        return store.status(run_id) != Status.PENDING  # one statement; reconnects by itself
+
+    while not finished():
         left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
         if left <= 0:
             break
         if listener is None:
             time.sleep(min(left, 0.2))
             listener = _listener(store_url, store.url)
-            finished = store.status(run_id) != Status.PENDING  # listening now, or still not
-            continue
+            continue  # listening now (or still not): look again
         try:
-            announced = any(p == run_id for p in postgres.notifications(listener, store.url, left))
+            # Closed at once: a generator left suspended would hold the connection's lock.
+            with contextlib.closing(postgres.notifications(listener, store.url, left)) as notes:
+                announced = any(payload == run_id for payload in notes)
         except StoreError as exc:
             log.warning("wait: lost the connection to %s (%s); reconnecting", store.url, exc)
             _drop_listener(store_url)
             listener = None
             continue
-        if announced:  # the run finished: read it (retried since? it is pending again)
+        if announced:  # finished: read it once (pending again? retried since: wait on)
             run = Run(run_id, store.load(run_id).job)
             if run.status is not Status.PENDING:
                 return run
-        else:
-            finished = store.status(run_id) != Status.PENDING
     return Run(run_id, store.load(run_id).job)
 
 
@@ -456,7 +458,7 @@ class Worker:
         self.reported: set[str] = set()  # runs the janitor could not repair (said once)
         self.stats.update(sleeps=0, signals=0, parked=0, timeouts=0)
         self.limited = ActionThreads(ABANDONED)  # sync actions with a timeout or heartbeat
-        self.stats.update(local=0)
+        self.stats.update(local=0)  # actions performed within the step that dispatched them
         # action -> (times performed here, mean seconds, recent ones weigh more)
         self.timing: dict[str, tuple[int, float]] = {}
 

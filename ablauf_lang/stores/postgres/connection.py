@@ -10,7 +10,7 @@ import contextlib
 import random
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -122,7 +122,7 @@ def close_quietly(conn: psycopg.Connection | None) -> None:
             conn.close()
 
 
-def notifications(conn: psycopg.Connection, url: str, timeout: float) -> Iterator[str]:
+def notifications(conn: psycopg.Connection, url: str, timeout: float) -> Generator[str, None, None]:
     """The payloads of the NOTIFYs this connection LISTENs to, for up to `timeout` seconds
     (driver errors as in `errors`)."""
     with errors(url):

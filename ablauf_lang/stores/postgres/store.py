@@ -327,11 +327,7 @@ class PostgresStore(SqlStore):
     def begin(self, sql: str, params: Sequence[Any]) -> Any:
         """BEGIN and a first statement in one round trip; the statement's first row. The
         step's delta is then held back for `commit_step`."""
-        with self.conn.pipeline():
-            self.conn.execute("BEGIN")
-            cur = self.conn.execute(sql, params)
-        self._defer = []
-        return cur.fetchone()
+        return self._begin((sql, params))[0]
 
     def begin_with(
         self, sql: str, params: Sequence[Any], then: str, then_params: Sequence[Any]
@@ -339,12 +335,15 @@ class PostgresStore(SqlStore):
         """`begin` with a second statement sent along (run after the first, with a
         snapshot of its own: it sees what the holder of a lock the first waited for
         wrote); the first row of each."""
+        first, second = self._begin((sql, params), (then, then_params))
+        return first, second
+
+    def _begin(self, *statements: tuple[str, Sequence[Any]]) -> list[Any]:
         with self.conn.pipeline():
             self.conn.execute("BEGIN")
-            cur = self.conn.execute(sql, params)
-            after = self.conn.execute(then, then_params)
+            cursors = [self.conn.execute(sql, params) for sql, params in statements]
         self._defer = []
-        return cur.fetchone(), after.fetchone()
+        return [cur.fetchone() for cur in cursors]
 
     def end(self, *, commit: bool) -> None:
         """End the step's transaction here (nothing written, or only queue rows)."""

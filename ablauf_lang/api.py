@@ -47,6 +47,7 @@ from ablauf_lang.stores.base import (
     signal_name,
     waits_described,
 )
+from ablauf_lang.stores.memory import MemoryStore
 
 __all__ = [
     # the embedding API (what ablauf_lang exports from here) and what the command line
@@ -162,6 +163,14 @@ def restart_job(
     return _job.restart_job(job, results, now)
 
 
+def _own_store(store: str | JobStore | None) -> JobStore:
+    """The store a run goes to: `store` opened by URL, or a memory store of this call's
+    own (None, `memory:`), closed when the call returns, so it keeps no history."""
+    if store is None or (isinstance(store, str) and store.strip().lower() == "memory:"):
+        return MemoryStore(history=False)
+    return open_store(store)
+
+
 def _close_if_ours(store: JobStore, given: Any) -> None:
     if given is None or isinstance(given, str):
         store.close()
@@ -245,7 +254,7 @@ async def eval_async(
         "clock": clock,
         "detach": detach,
     }
-    backend = open_store("memory:" if store is None else store)
+    backend = _own_store(store)
     try:
         if run_id is not None and backend.exists(run_id):
             # The same run id again: finish that run instead of starting a second one.

@@ -8,8 +8,11 @@ PostgreSQL, side by side with DBOS 3.4 on the same machine, in the same session.
 The cells (each a fresh database):
 
 - SQLite, one process: ablauf runs them in one process (`ablauf_lang.eval_async` of each,
-  gathered, one store); DBOS starts them as workflows in one process
+  gathered, one store: their restarts share commits, `runners/group.py`), at synchronous
+  NORMAL (the default) and FULL; DBOS starts them as workflows in one process
   (`DBOS.start_workflow`, its SQLite system database);
+- SQLite, the one-host worker: the runs parked on a `sleep!!` (`eval(..., detach=True)`),
+  one `ablauf worker` process wakes them when it ends (latency from the wake-up time);
 - PostgreSQL: ablauf submits them to 2 worker processes (`worker.submit`, then
   `worker.wait` for each); DBOS starts them in one process on the same server.
 
@@ -37,8 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 import ablauf_lang  # noqa: E402
 from ablauf_lang.runners import worker  # noqa: E402
-from ablauf_lang.stores.backend import open_store  # noqa: E402
 from ablauf_lang.stores.postgres import PostgresStore  # noqa: E402
+from ablauf_lang.stores.sqlite import SqliteStore  # noqa: E402
 from bench.bench_postgres import start_workers, stop_workers  # noqa: E402
 from tests.pg import PgServer  # noqa: E402
 
@@ -75,8 +78,8 @@ def summary(name: str, runs: int, seconds: float, latencies: list[float]) -> dic
     }
 
 
-def ablauf_sqlite(folder: str, runs: int, steps: int) -> dict[str, Any]:
-    store = open_store(f"sqlite:///{folder}/ablauf.db")
+def ablauf_sqlite(folder: str, runs: int, steps: int, synchronous: str) -> dict[str, Any]:
+    store = SqliteStore(f"{folder}/ablauf-{synchronous}.db", synchronous=synchronous)
     root = ablauf_lang.compile(program(steps))
     done: list[float] = []
 
@@ -95,7 +98,59 @@ def ablauf_sqlite(folder: str, runs: int, steps: int) -> dict[str, Any]:
         seconds = asyncio.run(main())
     finally:
         store.close()
-    return summary("SQLite, one process: ablauf", runs, seconds, done)
+    row = summary(f"SQLite {synchronous.upper()}, one process: ablauf", runs, seconds, done)
+    row["commits/run"] = store.commits / runs
+    return row
+
+
+ACTIONS = NOOP  # for the worker process (`--actions bench/bench_many.py`)
+
+
+def ablauf_worker(folder: str, runs: int, steps: int, wait: float = 3.0) -> dict[str, Any]:
+    """The one-host worker: `runs` runs parked on a `sleep!!` (`eval(..., detach=True)`),
+    woken when it ends by one `ablauf worker` process on their SQLite store. Latency is
+    from a run's wake-up time to its end (its `updated` time in the store)."""
+    url = f"sqlite:///{folder}/worker.db"
+    source = program(steps).replace("(do!! ", f'(do!! (sleep!! "{wait}s") ', 1)
+    root = ablauf_lang.compile(source)
+    store = SqliteStore(f"{folder}/worker.db")
+    ids = [ablauf_lang.eval(root, NOOP, store=store, detach=True).run_id for _ in range(runs)]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ablauf_lang",
+            "worker",
+            "--store",
+            url,
+            "--poll",
+            "0.05",
+            "--actions",
+            str(ROOT / "bench" / "bench_many.py"),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if all(s == "success" for s in (store.info(r).status for r in ids)):
+                break
+            time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    infos = [store.info(r) for r in ids]
+    store.close()
+    assert all(i.status == "success" for i in infos)
+    due = [i.created + wait for i in infos]
+    ends = [i.updated for i in infos]
+    seconds = max(ends) - min(due)
+    return summary(
+        "SQLite, the one-host worker: ablauf",
+        runs,
+        seconds,
+        [e - d for e, d in zip(ends, due, strict=True)],
+    )
 
 
 def ablauf_postgres(url: str, runs: int, steps: int, workers: int) -> dict[str, Any]:
@@ -136,7 +191,9 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        rows.append(ablauf_sqlite(folder, args.runs, args.steps))
+        rows.append(ablauf_sqlite(folder, args.runs, args.steps, "normal"))
+        rows.append(ablauf_sqlite(folder, args.runs, args.steps, "full"))
+        rows.append(ablauf_worker(folder, args.runs, args.steps))
         if not args.no_dbos:
             url = f"sqlite:///{folder}/dbos.sqlite"
             rows.append(dbos("SQLite, one process: DBOS 3.4", url, args.runs, args.steps))
@@ -152,13 +209,15 @@ def main() -> None:
         server.stop()
     cores = os.cpu_count()
     print(f"\n{args.runs} runs of {args.steps} no-op steps, started together; {cores} cores\n")
-    head = f"{'cell':40} {'runs/s':>8} {'p50 ms':>9} {'p99 ms':>9} {'seconds':>8}"
+    head = (
+        f"{'cell':40} {'runs/s':>8} {'p50 ms':>9} {'p99 ms':>9} {'seconds':>8} {'commits/run':>12}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         print(
             f"{r['cell']:40} {r['runs/s']:>8.0f} {r['p50 ms']:>9.0f} {r['p99 ms']:>9.0f}"
-            f" {r['seconds']:>8.2f}"
+            f" {r['seconds']:>8.2f}" + (f" {r['commits/run']:>12.1f}" if "commits/run" in r else "")
         )
 
 

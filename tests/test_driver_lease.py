@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from ablauf_lang.errors import RunError
 from ablauf_lang.stores.backend import open_store
 from ablauf_lang.stores.base import (
     HOST,
+    KEEPER,
     Driver,
     DriverLease,
     Owner,
@@ -340,6 +342,34 @@ def test_a_driver_lease_object_beats_and_releases(tmp_path: Path) -> None:
     assert info.driver.heartbeat > first.heartbeat
     lease.release(finished=False)
     assert store.info(run_id).state == "abandoned"
-    assert lease._thread is not None
-    assert not lease._thread.is_alive()
+    assert lease not in KEEPER._leases
+    store.close()
+
+
+def test_one_thread_keeps_every_lease_of_the_process(tmp_path: Path) -> None:
+    """Many runs driven at once: one keeper thread renews all their leases (not a thread
+    a run), and ends when the last is given back."""
+    store = SqliteStore(str(tmp_path / "r.db"))
+    ids = [store.create_run(ablauf_lang.make_job('(do!! (log!! "x"))')) for _ in range(30)]
+    leases = [DriverLease(store, run_id, ttl=0.3) for run_id in ids]
+    for lease in leases:
+        lease.acquire()
+    first = {run_id: store.info(run_id).driver for run_id in ids}
+    time.sleep(0.6)
+    keepers = [t for t in threading.enumerate() if t.name.startswith("ablauf-lease")]
+    assert len(keepers) == 1
+    for run_id in ids:
+        info = store.info(run_id)
+        before = first[run_id]
+        assert info.state == "running"  # renewed past its 0.3 s
+        assert info.driver is not None
+        assert before is not None
+        assert info.driver.heartbeat > before.heartbeat
+    for lease in leases:
+        lease.release(finished=False)
+    deadline = time.monotonic() + 5
+    while KEEPER.thread is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert KEEPER.thread is None
+    assert all(store.info(run_id).state == "abandoned" for run_id in ids)
     store.close()

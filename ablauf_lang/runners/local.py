@@ -48,6 +48,7 @@ from ablauf_lang.engine.nodes import (
 from ablauf_lang.engine.waits import detachable
 from ablauf_lang.errors import AblaufError, InternalError
 from ablauf_lang.runners.clock import HEARTBEAT, SYSTEM, Clock, heartbeat
+from ablauf_lang.runners.group import GroupCommit, group_for
 from ablauf_lang.stdlib.actions import AWAIT, SLEEP, STDLIB_ACTIONS, WAIT_ACTIONS, ActionFailed
 from ablauf_lang.stdlib.durations import format_duration
 from ablauf_lang.stores.base import JobStore
@@ -681,12 +682,19 @@ class LocalRunner:
         self.detach = detach
         self.poll = poll
         self._next_poll = 0.0  # when every await looks in the mailbox again
+        self._group: GroupCommit | None = None  # while it runs, on a store that groups
 
-    def _restart(self, job: Job, results: list[Result]) -> tuple[Job, list[Dispatch]]:
+    async def _restart(self, job: Job, results: list[Result]) -> tuple[Job, list[Dispatch]]:
         job, dispatches = restart_job(job, results, self.clock.now())
         if self.store is not None and self.run_id is not None:
-            with critical():  # an interrupt waits for the write: the store stays whole
-                self.store.record(self.run_id, job)  # persisted before anything is launched
+            # Persisted before anything is launched: with other runs of this loop on the
+            # store, in their transaction (returning after its commit); alone, now.
+            group = self._group
+            if group is not None and group.shared:
+                await group.record(self.run_id, job)
+            else:
+                with critical():  # an interrupt waits for the write: the store stays whole
+                    self.store.record(self.run_id, job)
         if self.on_restart is not None:
             self.on_restart(job, dispatches, results)
         return job, dispatches
@@ -746,8 +754,18 @@ class LocalRunner:
 
         ticker = asyncio.ensure_future(keep_awake()) if guarding() else None
         schedule = Schedule()
+        group = None
+        if self.store is not None and self.run_id is not None and self.durable:
+            group = group_for(self.store, critical)
+            if group is not None and not group.join():
+                group = None
+        self._group = group
         try:
-            job, dispatches = self._restart(job, [])
+            if group is not None:
+                # Let the runs started with this one in this turn of the loop (gathered)
+                # join before the first restart, so that their restarts share commits.
+                await asyncio.sleep(0)
+            job, dispatches = await self._restart(job, [])
             while True:
                 checkpoint()
                 if (
@@ -760,7 +778,7 @@ class LocalRunner:
                     # Nothing could overlap this action: call it directly.
                     d = dispatches[0]
                     result = perform_sync(d, actions.get(d.action), self.durable, on_start)
-                    job, dispatches = self._restart(job, [result])
+                    job, dispatches = await self._restart(job, [result])
                     continue
                 schedule.prune(job)
                 now = clock.now()
@@ -784,7 +802,7 @@ class LocalRunner:
                     else:
                         launch(d, clock.now(), ready)
                 if ready:
-                    job, dispatches = self._restart(job, ready)
+                    job, dispatches = await self._restart(job, ready)
                     continue
                 dispatches = []
                 if schedule.empty():
@@ -812,8 +830,11 @@ class LocalRunner:
                 )
                 if finished:
                     results = [schedule.finished(task) for task in finished]
-                    job, dispatches = self._restart(job, results)
+                    job, dispatches = await self._restart(job, results)
         finally:
+            if group is not None:
+                group.leave()
+            self._group = None
             for task in schedule.running:
                 task.cancel()
             if ticker is not None:

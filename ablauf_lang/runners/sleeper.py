@@ -95,16 +95,20 @@ class Sleeper:
             lease.release(finished=finished)
 
     async def round(self) -> int:
-        """Wake every run due now; return how many were driven."""
-        count = 0
-        for run_id in self.store.due_runs(self.clock.now(), self.batch):
-            if run_id in self.skipped:
-                continue
-            try:
-                count += await self.wake(run_id)
-            except AblaufError as exc:
-                log.error("run %s: %s", run_id, exc)
-        return count
+        """Wake every run due now (at most `batch`), all at once: their restarts share
+        commits (`runners.group`), and a run whose action takes long holds up none of the
+        others woken with it; return how many were driven."""
+        due = [
+            r for r in self.store.due_runs(self.clock.now(), self.batch) if r not in self.skipped
+        ]
+        return sum(await asyncio.gather(*(self._wake_logged(run_id) for run_id in due)))
+
+    async def _wake_logged(self, run_id: str) -> bool:
+        try:
+            return await self.wake(run_id)
+        except AblaufError as exc:
+            log.error("run %s: %s", run_id, exc)
+            return False
 
     def pause(self) -> float:
         """Seconds until the next round: the next wake-up, at most `poll`. A wake-up that
@@ -119,13 +123,7 @@ class Sleeper:
     async def recover(self) -> int:
         """Wake the runs whose await took a signal that was never recorded (a worker that
         died between the two): the await gets the same signal again. Asked once, at start."""
-        count = 0
-        for run_id in self.store.taken_unrecorded():
-            try:
-                count += await self.wake(run_id)
-            except AblaufError as exc:
-                log.error("run %s: %s", run_id, exc)
-        return count
+        return sum([await self._wake_logged(run_id) for run_id in self.store.taken_unrecorded()])
 
     async def serve(self, stop: threading.Event) -> None:
         """Rounds until `stop` is set (after waking what a crash left half delivered)."""

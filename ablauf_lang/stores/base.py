@@ -540,17 +540,18 @@ def resolve_prefix(prefix: str, candidates: Iterable[str], where: str) -> str:
 
 
 class DriverLease:
-    """The lease a process holds while it drives a run, renewed by a heartbeat thread.
+    """The lease a process holds while it drives a run, renewed by the process's lease
+    keeper (one thread for every lease of the process).
 
         lease = DriverLease(store, run_id)   # RunError when another process drives it
         lease.acquire(force=False)
         ... drive the run; lease.beat() now and then (cheap: renews when due) ...
         lease.release(finished=job.done)
 
-    The heartbeat thread renews it every third of its time to live; a store error while
-    renewing is retried at the next beat (the lease lasts a while). A lease taken over by
-    another process (`force`) is not renewed any more (`lost` is set); that process's
-    writes make this one's next write fail as written by another process.
+    The keeper renews it every third of its time to live; a store error while renewing is
+    retried at the next beat (the lease lasts a while). A lease taken over by another
+    process (`force`) is not renewed any more (`lost` is set); that process's writes make
+    this one's next write fail as written by another process.
     """
 
     def __init__(self, store: JobStore, run_id: str, ttl: float | None = None) -> None:
@@ -561,18 +562,13 @@ class DriverLease:
         self.lost = False
         self.errors = 0  # heartbeats that failed (store busy or unreachable)
         self._next = 0.0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def acquire(self, *, force: bool = False) -> Driver:
-        """Take the lease (see `JobStore.acquire_lease`) and start the heartbeat."""
+        """Take the lease (see `JobStore.acquire_lease`) and hand it to the keeper."""
         driver = self.store.acquire_lease(self.run_id, self.owner, self.ttl, force=force)
         self._next = time.monotonic() + self.ttl / 3
-        self._thread = threading.Thread(
-            target=self._heartbeat, name=f"ablauf-lease-{self.run_id}", daemon=True
-        )
-        self._thread.start()
+        KEEPER.add(self)
         return driver
 
     def beat(self) -> None:
@@ -588,26 +584,18 @@ class DriverLease:
             try:
                 ok = self.store.renew_lease(self.run_id, self.owner.token, self.ttl)
             except AblaufError:
-                self.errors += 1  # busy or unreachable: the next beat tries again
+                self.errors += 1  # busy or unreachable: tried again within a second
+                self._next = time.monotonic() + min(self.ttl / 3, 1.0)
                 return
             self._next = time.monotonic() + self.ttl / 3
             if not ok:
                 self.lost = True
 
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(self.ttl / 3):
-            self._renew()
-            if self.lost:
-                return
-
     def release(self, *, finished: bool) -> None:
-        """Stop the heartbeat and give the lease back (errors are not raised: the lease
-        then simply expires)."""
-        self._stop.set()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=self.ttl)
-        with self._lock:
+        """Take the lease from the keeper and give it back (errors are not raised: the
+        lease then simply expires)."""
+        KEEPER.discard(self)
+        with self._lock:  # a renewal under way ends first
             if self.lost:
                 return
             self.lost = True
@@ -615,3 +603,48 @@ class DriverLease:
                 self.store.release_lease(self.run_id, self.owner.token, finished=finished)
             except AblaufError:
                 self.errors += 1
+
+
+class LeaseKeeper:
+    """One thread that renews this process's driver leases when each falls due (a
+    thousand runs driven at once are a thousand leases, not a thousand threads). It
+    starts with the first lease and ends when the last is given back."""
+
+    def __init__(self) -> None:
+        self._leases: set[DriverLease] = set()
+        self._lock = threading.Lock()
+        self._changed = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def add(self, lease: DriverLease) -> None:
+        with self._lock:
+            self._leases.add(lease)
+            if self.thread is None:
+                self.thread = threading.Thread(
+                    target=self._run, name="ablauf-lease-keeper", daemon=True
+                )
+                self.thread.start()
+        self._changed.set()  # its time may come before the keeper's next wake-up
+
+    def discard(self, lease: DriverLease) -> None:
+        with self._lock:
+            self._leases.discard(lease)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                leases = [lease for lease in self._leases if not lease.lost]
+                if not leases:
+                    self._leases.clear()
+                    self.thread = None
+                    return
+            now = time.monotonic()
+            for lease in leases:
+                if lease._next <= now:
+                    lease._renew()
+            wake = min(lease._next for lease in leases)
+            self._changed.wait(max(0.01, min(1.0, wake - time.monotonic())))
+            self._changed.clear()
+
+
+KEEPER = LeaseKeeper()

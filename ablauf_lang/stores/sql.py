@@ -476,6 +476,12 @@ class SqlStore:
         again."""
         return operation()
 
+    def reserve_known(self, count: int) -> None:
+        """Keep `count` more runs in the cache of what this store knows (negative: fewer),
+        each run a runner drives while it drives it: a driven run that fell out of the
+        cache would be written whole at its next restart."""
+        self._known.size = max(1, self._known.size + count)
+
     def _append_delta(self, params: Sequence[Any]) -> int:
         """Write a step's `deltas` row (`Q["insert_delta"]`) as its own transaction."""
         return self._write_one(self._q(Q["insert_delta"]), params)

@@ -236,6 +236,19 @@ def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
         raise
 
 
+@contextmanager
+def _savepoint(conn: sqlite3.Connection) -> Iterator[None]:
+    """A write within a transaction already open: undone alone on any exception."""
+    conn.execute("SAVEPOINT ablauf_write")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK TO ablauf_write")
+        conn.execute("RELEASE ablauf_write")
+        raise
+    conn.execute("RELEASE ablauf_write")
+
+
 class SqliteStore(SqlStore):
     """Runs in one SQLite file (WAL, busy timeout); see the module docstring. The
     connection policy: one connection in autocommit mode, `BEGIN IMMEDIATE` for writes."""
@@ -264,6 +277,7 @@ class SqliteStore(SqlStore):
         self.timeout = float(timeout)
         self.url = url or ("sqlite://" if path == MEMORY else f"sqlite:///{path}")
         self._lock = threading.RLock()
+        self._in_group = False  # in `group()`'s transaction
         self._conn = self._open()
 
     @classmethod
@@ -437,6 +451,10 @@ class SqliteStore(SqlStore):
         with self._lock:
             conn = self._conn
             try:
+                if self._in_group:
+                    with _savepoint(conn):  # in the group's transaction, undone alone
+                        yield conn.cursor()
+                    return
                 with _immediate(conn):
                     yield conn.cursor()
             except (sqlite3.Error, UnicodeDecodeError) as exc:
@@ -444,9 +462,49 @@ class SqliteStore(SqlStore):
             self.commits += 1
 
     @contextmanager
+    def group(self) -> Iterator[None]:
+        """Every write of the block in one transaction, committed at its end (group commit:
+        `runners.group`). Each write is a savepoint of its own (a one-statement write is
+        atomic as it is): one that fails is undone alone and raises to its caller, the
+        others stay. A failed commit undoes them all, and the store forgets what it knew
+        of every run (what it kept of them was not written)."""
+        with self._lock:
+            if self._in_group:
+                yield  # already in a group: its transaction holds this block too
+                return
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except (sqlite3.Error, UnicodeDecodeError) as exc:
+                raise self._error(exc) from None
+            self._in_group = True
+            try:
+                yield
+                self._in_group = False
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                self._in_group = False
+                self._known.clear()
+                try:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # the connection says what is wrong on its next use
+                if isinstance(exc, sqlite3.Error | UnicodeDecodeError):
+                    raise self._error(exc) from None
+                raise
+            self.commits += 1
+
+    @contextmanager
     def _read(self) -> Iterator[sqlite3.Cursor]:
         with self._lock:
             conn = self._conn
+            if self._in_group:  # the group's transaction: one snapshot, its own writes seen
+                try:
+                    yield conn.cursor()
+                except (sqlite3.Error, UnicodeDecodeError) as exc:
+                    raise self._error(exc) from None
+                return
             try:
                 conn.execute("BEGIN")  # one snapshot for every SELECT of the operation
                 try:
@@ -459,6 +517,11 @@ class SqliteStore(SqlStore):
 
     def _write_one(self, sql: str, params: Sequence[Any]) -> int:
         with self._lock:
+            if self._in_group:  # one statement: atomic in the group's transaction
+                try:
+                    return int(self._conn.execute(sql, params).rowcount)
+                except (sqlite3.Error, UnicodeDecodeError) as exc:
+                    raise self._error(exc) from None
             try:
                 # Autocommit: the statement is its own transaction (and waits on the busy
                 # timeout like BEGIN IMMEDIATE does).

@@ -124,7 +124,7 @@ def ablauf_worker(folder: str, runs: int, steps: int, wait: float = 3.0) -> dict
             "--store",
             url,
             "--poll",
-            "0.05",
+            "0.1",
             "--actions",
             str(ROOT / "bench" / "bench_many.py"),
         ],
@@ -135,6 +135,8 @@ def ablauf_worker(folder: str, runs: int, steps: int, wait: float = 3.0) -> dict
         while time.monotonic() < deadline:
             if all(s == "success" for s in (store.info(r).status for r in ids)):
                 break
+            if proc.poll() is not None:
+                raise SystemExit(f"the worker stopped (exit {proc.returncode})")
             time.sleep(0.2)
     finally:
         proc.terminate()

@@ -186,6 +186,41 @@ def test_runs_of_scalars_read_as_every_scalar_alone_does(text: str) -> None:
         assert got == want
 
 
+def parsers_tokens(text: str) -> list[str]:
+    """The token types the reader's lexer gives the parser (runs of scalars and containers
+    of scalars only each one token)."""
+    lexer = parser().parser.lexer
+    reader._reading.filename, reader._reading.source = "s.abl", text
+    try:
+        return [t.type for t in LexerThread.from_text(lexer, text).lex(object())]
+    finally:
+        reader._reading.filename = reader._reading.source = None
+
+
+def test_a_container_of_scalars_only_is_one_token_for_the_parser() -> None:
+    text = '(do!! (action!! :a/b {:n 1 :s "x"}) [p q] (f (g 1) #_ (h) 2) (k #_ 3 4) (z)'
+    assert parsers_tokens(text) == [
+        "LPAR", "ATOMS",
+        "LPAR", "ATOMS", "FORM", "RPAR",  # the map is made whole by the lexer
+        "FORM",  # [p q]
+        "LPAR", "ATOMS", "FORM", "_DISCARD", "FORM", "ATOMS", "RPAR",
+        "LPAR", "ATOMS", "_DISCARD", "INT", "ATOMS", "RPAR",  # a `#_` in it: the parser's
+        "FORM",  # (z); the first bracket is never closed: the parser reports it
+    ]  # fmt: skip
+    assert parsers_tokens("(a b") == ["LPAR", "ATOMS"]
+    (form,) = read(text + ")")
+    assert isinstance(form, List)
+    call = form.items[1]
+    assert isinstance(call, List)
+    payload = call.items[2]
+    assert isinstance(payload, Map)
+    assert payload.span == Span(1, 22, 1, 35, None)
+    assert [s.column for s in payload.item_spans if s is not None] == [23, 26, 28, 31]
+    with pytest.raises(AblaufSyntaxError, match="odd number of forms in map") as bad:
+        read("(x {:a 1 :b})")
+    assert (bad.value.line, bad.value.column) == (1, 10)
+
+
 EDGE_TOKENS = [
     ("-", "SYMBOL", S("-")),
     ("-1", "INT", -1),

@@ -85,9 +85,19 @@ class _Atoms(Token):
     forms: list[tuple[Form, Span]]
 
 
+class _Made(Token):
+    """A container of scalars only, made whole by the lexer and given to the parser as one
+    token (`FORM`): most containers of a program hold no other (a call's arguments, a
+    payload's map, a vector of names), and each bracket is a token less for the parser."""
+
+    __slots__ = ("form",)
+    form: List | Vector | Map
+
+
 _SCALARS = frozenset({"INT", "FLOAT", "STRING", "KEYWORD", "SYMBOL"})
 _OPEN = frozenset({"LPAR", "LSQB", "LBRACE"})
 _CLOSE = frozenset({"RPAR", "RSQB", "RBRACE"})
+_CLOSING = {"LPAR": "RPAR", "LSQB": "RSQB", "LBRACE": "RBRACE"}
 
 
 class _Lexer(BasicLexer):
@@ -133,6 +143,7 @@ class _Lexer(BasicLexer):
         filename = _reading.filename if group else None
         run: list[tuple[Form, Span]] = []
         run_at = (0, 0, 0)
+        opened: Token | None = None  # the innermost open bracket, while only scalars follow
         waiting = [0]  # per open bracket: the `#_`s still waiting for their form
         while pos < end:
             m = match(text, pos, end)
@@ -177,24 +188,40 @@ class _Lexer(BasicLexer):
                 form = _scalar_form(kind, m.group(kind), span, pos, stop)
                 run.append((form, span))
             else:
-                if run:
-                    yield _run(run_at, run)
-                    run = []
                 tok = Token(kind, m.group(kind), pos, line, column, end_line, end_column, stop)
-                if kind in _SCALARS:
-                    waiting[-1] -= 1  # the form a `#_` waited for: given alone
-                elif kind == "_DISCARD":
-                    waiting[-1] += 1
-                elif kind in _OPEN:
-                    waiting.append(0)
-                elif kind in _CLOSE and len(waiting) > 1:
+                if opened is not None and kind == _CLOSING[opened.type]:
+                    # The innermost bracket held scalars only: the container made here.
+                    yield _made(opened, run, tok, filename)
+                    opened, run = None, []
                     waiting.pop()
                     if waiting[-1]:
                         waiting[-1] -= 1  # the container closed is what a `#_` waited for
-                yield tok
+                else:
+                    if opened is not None:
+                        yield opened  # it holds a container or a `#_`: the parser's
+                        opened = None
+                    if run:
+                        yield _run(run_at, run)
+                        run = []
+                    if kind in _SCALARS:
+                        waiting[-1] -= 1  # the form a `#_` waited for: given alone
+                    elif kind == "_DISCARD":
+                        waiting[-1] += 1
+                    elif kind in _OPEN:
+                        waiting.append(0)
+                    elif kind in _CLOSE and len(waiting) > 1:
+                        waiting.pop()
+                        if waiting[-1]:
+                            waiting[-1] -= 1  # the container closed is what a `#_` waited for
+                    if kind in _OPEN:
+                        opened = tok  # held back until its content says whose it is
+                    else:
+                        yield tok
             if line_after is not None:
                 line, line_start = line_after
             pos = stop
+        if opened is not None:
+            yield opened  # never closed: the parser says so
         if run:
             yield _run(run_at, run)
 
@@ -203,6 +230,22 @@ def _run(at: tuple[int, int, int], forms: list[tuple[Form, Span]]) -> Token:
     pos, line, column = at
     tok = _Atoms("ATOMS", "", pos, line, column)
     tok.forms = forms
+    return tok
+
+
+def _made(opened: Token, run: list[tuple[Form, Span]], close: Token, filename: str | None) -> Token:
+    """The `FORM` token of a container of scalars only, its form made as the parser's
+    transformer would make it."""
+    span = _span(opened, close, filename)
+    items = tuple(form for form, _ in run)
+    spans = tuple(item_span for _, item_span in run)
+    tok = _Made("FORM", "", opened.start_pos, opened.line, opened.column)
+    if opened.type == "LPAR":
+        tok.form = List(items, span, spans)
+    elif opened.type == "LSQB":
+        tok.form = Vector(items, span, spans)
+    else:
+        tok.form = _map(items, span, spans, _reading.source)
     return tok
 
 
@@ -281,6 +324,11 @@ def _elements(
             for form, span in child.forms:
                 items.append(form)
                 spans.append(span)
+            continue
+        if kind is _Made:
+            form = child.form
+            items.append(form)
+            spans.append(form.span)
             continue
         if kind is Token:
             form, span = _scalar(child)

@@ -33,8 +33,8 @@ from ablauf_lang.stores.base import (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class _Run:
+@dataclass(slots=True)
+class _Run:  # the current job and its time change in place (a record is a step's cost)
     job: Job
     source: str | None
     filename: str | None
@@ -121,7 +121,8 @@ class MemoryStore:
     def record(self, run_id: str, job: Job) -> None:
         """Keep the job (a reference: jobs never change, and share what they did not)."""
         now = time.time()
-        self._runs[run_id] = replace(self._get(run_id), job=job, updated=now)
+        run = self._get(run_id)
+        run.job, run.updated = job, now
         if self.keeps_history:
             self._history.setdefault(run_id, []).append((now, job))
         else:

@@ -626,3 +626,38 @@ def test_a_store_that_loaded_a_run_folds_it_right_later(tmp_path: Path, loaded_a
     again = SqliteStore(path)
     assert again.load(run_id).job == job
     again.close()
+
+
+@pytest.mark.parametrize("values", [["plain", 1], ["é", "\ud800", "x\udfff"]])
+def test_a_wide_expansion_is_written_node_by_node_and_loads_back(
+    tmp_path: Path, values: list[Any]
+) -> None:
+    """An expansion's delta is encoded a node at a time and its fold writes node rows a
+    chunk at a time (`ROWS_AT_ONCE`): more nodes than a chunk, lone surrogates among the
+    values (their text escaped, the rest not) load back exactly, from the delta and from
+    the rows; the delta is the JSON its parts say."""
+    items = [values[i % len(values)] for i in range(sqlbase.ROWS_AT_ONCE * 2 + 7)]
+    tree = number(Do(Pmap(-1, "x", items, number(L("a"))), L("b")))
+    path = str(tmp_path / "w.db")
+    with SqliteStore(path) as store:
+        job = make_job(tree)
+        run_id = store.create_run(job)
+        job, dispatches = restart_job(job)
+        assert len(dispatches) == len(items)
+        store.record(run_id, job)  # the expansion: folded at once (its delta is large)
+        assert store.compactions == 1
+        assert same(SqliteStore(path).load(run_id).job, job)
+        job, dispatches = restart_job(job, [success(d, d.payload) for d in dispatches[:3]])
+        store.record(run_id, job)  # a delta after the fold
+        assert same(SqliteStore(path).load(run_id).job, job)
+        steps = store.history(run_id).steps
+        assert len(steps[1].dispatches) == len(items)
+    conn = sqlite3.connect(path)
+    try:
+        (data,) = conn.execute("SELECT data FROM history ORDER BY seq LIMIT 1 OFFSET 1").fetchone()
+    finally:
+        conn.close()
+    decoded = json.loads(data)
+    assert len(decoded["n"]) == len(items) + 1  # the copies and the pmap itself, whole
+    if all((isinstance(v, str) and v.isascii()) or not isinstance(v, str) for v in values):
+        assert data == json.dumps(decoded, separators=(",", ":"), ensure_ascii=False)

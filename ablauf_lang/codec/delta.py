@@ -166,19 +166,39 @@ class Change:
     context_drop: list[str]  # key texts to delete first
 
     def data(self, job: Job) -> str:
-        """The delta as JSON text (the `deltas.data` column)."""
+        """The delta as JSON text (the `deltas.data` column). Nodes written whole are
+        encoded one by one into the text: an expansion's delta holds every node it made
+        (100,000 for a wide `pmap!!`), and their records as Python values all at once
+        would cost several times the text."""
         out: dict[str, Any] = {"r": run_fields(job)}
         if self.states:
             out["s"] = [[i, s] for i, s in self.states.items()]
         if self.wholes:
-            out["n"] = [_whole(n) for n in self.wholes.values()]
+            out["n"] = None  # its place: filled in below
         if self.context:
             out["c"] = self.context
         if self.context_drop:
             out["cd"] = self.context_drop
         if self.drop_from is not None:
             out["d"] = self.drop_from
-        return dumps_text(out)
+        if not self.wholes:
+            return dumps_text(out)
+        parts = ["{"]
+        for key, value in out.items():
+            if len(parts) > 1:
+                parts.append(",")
+            parts.append(f'"{key}":')
+            if key != "n":
+                parts.append(dumps_text(value))
+                continue
+            parts.append("[")
+            for i, node in enumerate(self.wholes.values()):
+                if i:
+                    parts.append(",")
+                parts.append(dumps_text(_whole(node)))
+            parts.append("]")
+        parts.append("}")
+        return "".join(parts)
 
 
 def _whole(node: Node) -> list[Any]:

@@ -124,6 +124,7 @@ from ablauf_lang.values import encode as encode_value
 SCHEMA_VERSION = 5  # of the tables above; stores refuse a database with a larger one
 COMPACT_EVERY = 64  # deltas between two snapshots of the node rows
 COMPACT_BYTES = 256 * 1024  # or this many bytes of deltas
+ROWS_AT_ONCE = 1000  # node rows made and sent together when many are written
 
 # ---------------------------------------------------------------- reading back
 
@@ -639,7 +640,6 @@ class SqlStore:
         states, wholes, keys, dropped = known.since()
         states.update(change.states)
         wholes = {i for i in wholes.union(change.wholes) if i < n}
-        full = [node_row(job.node(i)) for i in sorted(wholes)]
         state_rows = [
             (_dumps(state), known.key, i)
             for i, state in sorted(states.items())
@@ -661,10 +661,18 @@ class SqlStore:
                 raise self._conflict(run_id)
             if n < known.snapshot_nodes:
                 cur.execute(q(Q["delete_nodes_from"]), (known.key, n))
-            if full:
+            # Node rows made and sent a chunk at a time: a fold after an expansion writes
+            # every node it made (their rows at once would cost several times the job).
+            whole_ids = sorted(wholes)
+            for at in range(0, len(whole_ids), ROWS_AT_ONCE):
+                full = [node_row(job.node(i)) for i in whole_ids[at : at + ROWS_AT_ONCE]]
                 cur.executemany(
                     q(Q["upsert_node"]),
                     [(known.key, r.node, r.spec, r.state, r.children) for r in full],
+                )
+                self.rows_written += len(full)
+                self.bytes_written += sum(
+                    len(r.spec) + len(r.state) + len(r.children or "") for r in full
                 )
             if state_rows:
                 cur.executemany(q(Q["update_state"]), state_rows)
@@ -680,8 +688,7 @@ class SqlStore:
             cur.execute(q(Q["insert_history"]), (known.key, seq, now, job.restarts, delta))
             self._write_waits(cur, known.key, waits)
         self.compactions += 1
-        self.rows_written += 1 + len(full) + len(state_rows) + len(ctx_rows)
-        self.bytes_written += sum(len(r.spec) + len(r.state) + len(r.children or "") for r in full)
+        self.rows_written += 1 + len(state_rows) + len(ctx_rows)
         self.bytes_written += sum(len(s) for s, _, _ in state_rows)
         self.bytes_written += sum(len(k) + len(v) for _, k, _, v in ctx_rows)
         self._known.put(run_id, Known(known.key, seq, seq, n, str(job.status), job))

@@ -26,6 +26,9 @@ class SharedKnown(KnownRuns):
     def __init__(self, size: int = 256) -> None:
         super().__init__(size)
         self.lock = threading.Lock()
+        self.published = threading.Condition(self.lock)
+        self._committing: dict[str, int] = {}  # run id -> threads committing a write of it
+        self.loads = 0  # runs read again for a step, by any thread (a count for tests)
 
     def publish(self, run_id: str, known: Known) -> None:
         """Share what a committed transaction learned of a run, unless newer is known."""
@@ -34,6 +37,37 @@ class SharedKnown(KnownRuns):
             if current is not None and current.key == known.key and current.seq > known.seq:
                 return
             KnownRuns.put(self, run_id, known)
+            self.published.notify_all()
+
+    def committing(self, run_ids: list[str]) -> None:
+        """Threads are about to COMMIT writes of these runs (publishing them after)."""
+        with self.lock:
+            for run_id in run_ids:
+                self._committing[run_id] = self._committing.get(run_id, 0) + 1
+
+    def settled(self, run_ids: list[str]) -> None:
+        """Those COMMITs are over (their writes published, or rolled back)."""
+        with self.lock:
+            for run_id in run_ids:
+                left = self._committing.get(run_id, 0) - 1
+                if left > 0:
+                    self._committing[run_id] = left
+                else:
+                    self._committing.pop(run_id, None)
+            self.published.notify_all()
+
+    def wait_for(self, run_id: str, seq: int, timeout: float) -> Known | None:
+        """What is known of the run once a write numbered `seq` or later is published, or
+        no thread of this process is committing one (at most `timeout` seconds): a write
+        another process made is not waited for."""
+
+        def known_or_not_coming() -> bool:
+            known = self._runs.get(run_id)
+            return known is None or known.seq >= seq or run_id not in self._committing
+
+        with self.lock:
+            self.published.wait_for(known_or_not_coming, timeout)
+            return self._runs.get(run_id)
 
     def put(self, run_id: str, known: Known) -> None:
         self.publish(run_id, known)
@@ -55,6 +89,7 @@ class KnownView(KnownRuns):
         super().__init__(shared.size)
         self.shared = shared
         self.staged: dict[str, Known] | None = None
+        self._committing: list[str] | None = None  # the runs its COMMIT under way wrote
 
     def begin(self) -> None:
         """A transaction starts: stage what it learns."""
@@ -67,22 +102,42 @@ class KnownView(KnownRuns):
             raise InternalError("pin outside a transaction")
         self.staged[run_id] = known
 
+    def committing(self) -> None:
+        """The transaction is about to COMMIT: other threads that find one of its runs
+        newer under the lock than they know wait for it to be published (`wait_for`)."""
+        if self.staged and self._committing is None:
+            self._committing = list(self.staged)
+            self.shared.committing(self._committing)
+
+    def _settle(self) -> None:
+        if self._committing is not None:
+            self.shared.settled(self._committing)
+            self._committing = None
+
     def commit(self) -> None:
         """The transaction committed: share what it learned."""
         staged, self.staged = self.staged or {}, None
         for run_id, known in staged.items():
             self.shared.publish(run_id, known)
+        self._settle()
 
     def rollback(self) -> None:
         """The transaction rolled back: forget what it learned."""
         # What the shared entries say was committed stays true: a worker's step checks an
         # entry against the run's newest write under the lock before using it.
         self.staged = None
+        self._settle()
 
     @property
     def in_transaction(self) -> bool:
         """True between `begin` and `commit` or `rollback`."""
         return self.staged is not None
+
+    def wait_for(self, run_id: str, seq: int, timeout: float) -> Known | None:
+        """See `SharedKnown.wait_for` (what this transaction staged counts first)."""
+        if self.staged is not None and run_id in self.staged:
+            return self.staged[run_id]
+        return self.shared.wait_for(run_id, seq, timeout)
 
     def get(self, run_id: str) -> Known | None:
         if self.staged is not None and run_id in self.staged:

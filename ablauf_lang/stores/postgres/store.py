@@ -58,6 +58,10 @@ from ablauf_lang.stores.sql import Q as SQL
 log = logging.getLogger("ablauf.store")
 T = TypeVar("T")
 
+# How long a step waits for another thread of this process to publish the write it just
+# committed (it let go of the run's lock with its COMMIT): far less than reading the run.
+PUBLISH_WAIT = 0.5
+
 
 def lock_run(conn: psycopg.Connection, run_id: str) -> int | None:
     """Lock the run's row for this transaction (one restart of a run at a time); return
@@ -225,6 +229,7 @@ class PostgresStore(SqlStore):
                 mode = self.conn.pipeline() if pipeline else contextlib.nullcontext()
                 with mode, self.conn.transaction():
                     yield self.conn.cursor()
+                    self.known.committing()
             except BaseException:
                 self.known.rollback()
                 raise
@@ -348,6 +353,8 @@ class PostgresStore(SqlStore):
     def end(self, *, commit: bool) -> None:
         """End the step's transaction here (nothing written, or only queue rows)."""
         self._defer = None
+        if commit:
+            self.known.committing()
         self.conn.execute("COMMIT" if commit else "ROLLBACK")
         if commit:
             self._committed()
@@ -359,8 +366,17 @@ class PostgresStore(SqlStore):
         process knows, when that is the run's newest write `seq` the caller saw under the
         lock (row `key`), else the run read again."""
         base = self.known.get(run_id)
+        if base is not None and base.key == key and base.seq < seq:
+            # Another thread of this process committed the write and is publishing it: it
+            # released the lock with its COMMIT, before it could say what it wrote.
+            base = self.known.wait_for(run_id, seq, PUBLISH_WAIT)
+        if base is not None and base.key == key and base.seq > seq:
+            # What is known was committed, so the statement saw an older snapshot than its
+            # lock (a delivery's statement locks the row it read): ask again.
+            seq = self._newest_write_locked(run_id, seq)
         if base is None or base.seq != seq or base.key != key:
             self.loads += 1
+            self.known.shared.loads += 1
             self.load(run_id)
             base = self.known.get(run_id)
             if base is None:
@@ -373,6 +389,7 @@ class PostgresStore(SqlStore):
         """Send the held-back delta (checked to be this transaction's), what `send` sends,
         and COMMIT, in one round trip; what `send` returned (read its cursors after)."""
         self.fault("commit", run_id)
+        self.known.committing()
         with self.conn.pipeline():
             self._send_held()
             out = send(self.conn)
@@ -434,6 +451,11 @@ class PostgresStore(SqlStore):
             raise self._conflict(run_id)
 
         self.retrying(attempt, settle)
+
+    def _newest_write_locked(self, run_id: str, seq: int) -> int:
+        """The run's newest write, read in the transaction holding its lock."""
+        row = self.conn.execute(Q["newest_write"], (run_id,)).fetchone()
+        return seq if row is None else int(row[0])
 
     def _newest_write(self, run_id: str) -> int | None:
         with self._read() as cur:

@@ -164,6 +164,9 @@ class Change:
     drop_from: int | None  # nodes with an id at least this are gone (an undone expansion)
     context: list[list[Any]]  # [key text, pos, encoded value] to write
     context_drop: list[str]  # key texts to delete first
+    # node id -> (its node in the old job or None, in the new) for the nodes a restart's
+    # diff walked to (every changed one among them); empty when the diff walked both trees
+    pairs: dict[int, tuple[Node | None, Node]] = field(default_factory=dict)
 
     def data(self, job: Job) -> str:
         """The delta as JSON text (the `deltas.data` column). Nodes written whole are
@@ -213,16 +216,19 @@ def run_fields(job: Job) -> list[Any]:
 
 def diff(old: Job, new: Job) -> Change:
     """What turns the stored `old` job into `new` (see the module docstring)."""
+    pairs: dict[int, tuple[Node | None, Node]] = {}
     if new.restarts == old.restarts + 1:
-        states, wholes = _restart_nodes(old, new)
+        states, wholes = _restart_nodes(old, new, pairs)
     else:
         states, wholes = _walk_nodes(old, new)
     drop_from = len(new.paths) if len(new.paths) < len(old.paths) else None
     ctx, ctx_drop = context_delta(old.context, new.context)
-    return Change(states, wholes, drop_from, ctx, ctx_drop)
+    return Change(states, wholes, drop_from, ctx, ctx_drop, pairs)
 
 
-def _restart_nodes(old: Job, new: Job) -> tuple[dict[int, dict[str, Any]], dict[int, Node]]:
+def _restart_nodes(
+    old: Job, new: Job, pairs: dict[int, tuple[Node | None, Node]]
+) -> tuple[dict[int, dict[str, Any]], dict[int, Node]]:
     # Walk from the root down to every touched or new node, visiting each node on those
     # paths once: the cost is the number of such nodes (not touched x depth: a 10,000-deep
     # `do!!` touches 10,000 nodes on one path).
@@ -230,7 +236,7 @@ def _restart_nodes(old: Job, new: Job) -> tuple[dict[int, dict[str, Any]], dict[
     touched = new.touched
     starts = set(touched)
     starts.update(range(n_old, len(new.paths)))  # created by run-time expansion
-    pairs: dict[int, tuple[Node | None, Node]] = {new.root.id: (old.root, new.root)}
+    pairs[new.root.id] = (old.root, new.root)
     reshaped: set[int] = set()
     parent, pos = new.paths.parent, new.paths.pos  # (parent id, child index) by id
     for node_id in sorted(starts):

@@ -383,9 +383,16 @@ def wait_change(old: Job, new: Job, change: Change) -> WaitChange:
     ids.update(change.wholes)
     if not ids and change.drop_from is None:
         return NO_WAIT_CHANGE
-    now = nodes_by_id(new, ids)
+    pairs, n_old = change.pairs, len(old.paths)
+    if pairs and all(i in pairs and (pairs[i][0] is not None or i >= n_old) for i in ids):
+        # The diff walked to each of them in both jobs (a node under a reshaped branch has
+        # no old self there, though the old job has a node of that id: walked for below).
+        now = {i: pairs[i][1] for i in ids}
+        before = {i: was for i in ids if (was := pairs[i][0]) is not None}
+    else:
+        now = nodes_by_id(new, ids)
+        before = nodes_by_id(old, ids)
     now.update(change.wholes)
-    before = nodes_by_id(old, ids)
     upsert: dict[int, WaitRow] = {}
     delete: list[int] = []
     for node_id in sorted(ids):

@@ -842,6 +842,26 @@ def test_quick_idempotent_actions_run_within_the_step_that_dispatched_them(
         thread.join(timeout=30)
 
 
+def _wide_run(url: str, workers: list[worker.Worker], n: int = 600) -> ablauf_lang.Run:
+    """A `pmap!!` of `n` echoes run by `workers` (in this process) to its end, checked."""
+    threads = [threading.Thread(target=w.run) for w in workers]
+    for t in threads:
+        t.start()
+    try:
+        run_id = worker.submit(f"(pmap!! [i (range {n})] (idempotent-action!! :test/echo i))", url)
+        run = worker.wait(run_id, url, timeout=120)
+        assert run.status is Status.SUCCESS
+        assert [leaf.output for leaf in run.job.leaves()][:n] == list(range(n))
+        history = ablauf_lang.run_history(run_id, store=url)
+        assert [s.restart for s in history.steps] == list(range(run.job.restarts + 1))
+        return run
+    finally:
+        for w in workers:
+            w.stop.set()
+        for t in threads:
+            t.join(timeout=30)
+
+
 def test_a_wide_run_is_read_once_by_a_workers_slots(pg_server: PgServer) -> None:
     """The slots of a worker share what they know of a run: a step finds the run's newest
     write known, even when the slot that committed it has not said so yet (it let go of
@@ -850,18 +870,22 @@ def test_a_wide_run_is_read_once_by_a_workers_slots(pg_server: PgServer) -> None
     seconds a time (found by bench/bench_wide.py)."""
     url = database(pg_server)
     w = worker.Worker(url, {"test/echo": lambda p, c: p}, 8, poll=POLL)
-    thread = threading.Thread(target=w.run)
-    thread.start()
-    try:
-        n = 600
-        run_id = worker.submit(f"(pmap!! [i (range {n})] (idempotent-action!! :test/echo i))", url)
-        run = worker.wait(run_id, url, timeout=120)
-        assert run.status is Status.SUCCESS
-        assert [leaf.output for leaf in run.job.leaves()][:n] == list(range(n))
-        assert run.job.restarts > 10  # many steps, by several slots
-        # The first step's, of a run the worker never saw (and one after a refused write,
-        # which forgets the run: another step of the run was written first).
-        assert w.known.loads <= 1 + w.stats["conflicts"], (w.known.loads, w.stats)
-    finally:
-        w.stop.set()
-        thread.join(timeout=30)
+    run = _wide_run(url, [w])
+    assert run.job.restarts > 10  # many steps, by several slots
+    # The first step's, of a run the worker never saw (and one after a refused write,
+    # which forgets the run: another step of the run was written first).
+    assert w.known.loads <= 1 + w.stats["conflicts"], (w.known.loads, w.stats)
+
+
+def test_a_worker_catches_up_with_what_another_worker_wrote(pg_server: PgServer) -> None:
+    """Two workers (each its own memory of runs, as two processes) share a wide run: a
+    step that finds the run written by the other since catches up with those writes
+    (O(what they changed)) instead of reading the run whole, and the run ends right."""
+    url = database(pg_server)
+    workers = [worker.Worker(url, {"test/echo": lambda p, c: p}, 3, poll=POLL) for _ in range(2)]
+    _wide_run(url, workers)
+    caught = sum(w.known.catch_ups for w in workers)
+    loads = sum(w.known.loads for w in workers)
+    conflicts = sum(w.stats["conflicts"] for w in workers)
+    assert caught > 0
+    assert loads <= 2 + conflicts, (loads, caught, conflicts)

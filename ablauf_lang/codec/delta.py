@@ -577,3 +577,95 @@ def job_from_parts(run_id: str, parts: Parts, format_version: int) -> Job:
         why = exc.message if isinstance(exc, AblaufError) else f"{type(exc).__name__}: {exc}"
         raise StoreError(f"run {run_id} is damaged: {why}") from None
     return replace(job, context=ctx)
+
+
+def catch_up(job: Job, deltas: Sequence[str]) -> Job | None:
+    """`job` with the writes `deltas` (each one's JSON text, in order) applied, as loading
+    the run after them would build it; None when one of them does more than change node
+    states, context keys and the run's own fields (nodes written whole or dropped, a write
+    that does not fit): read the run instead. O(the nodes the writes changed and
+    their ancestors), not O(the tree): a process that did not write a run's last steps
+    catches up with them."""
+    changed: dict[int, dict[str, Any]] = {}
+    fields: list[Any] | None = None
+    context: dict[Any, list[Any]] | None = None  # key -> [position, value], as a load has it
+    try:
+        for text in deltas:
+            delta = json.loads(text)
+            if not isinstance(delta, dict) or not set(delta) <= {"r", "s", "c", "cd"}:
+                return None
+            check_fields(delta["r"], "a write")
+            fields = delta["r"]
+            for node_id, state in delta.get("s", ()):
+                if not isinstance(state, dict) or not isinstance(node_id, int):
+                    return None
+                changed[node_id] = state  # a later write's state replaces an earlier one's
+            if "c" in delta or "cd" in delta:
+                if context is None:
+                    context = {k: [i, v] for i, (k, v) in enumerate(job.context.items())}
+                for key_text in delta.get("cd", ()):
+                    context.pop(decode_key(key_text), None)
+                for key_text, pos, value in delta.get("c", ()):
+                    if type(pos) is not int:
+                        return None
+                    context[decode_key(key_text)] = [pos, values.decode(value)]
+    except (AblaufError, Damage, ValueError, TypeError, KeyError, RecursionError):
+        return None
+    if fields is None:
+        return job
+    restarts, aborted, todo, touched, n_nodes, status = fields
+    n = len(job.paths)
+    if n_nodes != n or any(not 0 <= i < n for i in changed):
+        return None
+    try:
+        root = _with_states(job, changed)
+        ctx = job.context
+        if context is not None:
+            ctx = {k: v for k, (_, v) in sorted(context.items(), key=lambda kv: kv[1][0])}
+        new = Job(
+            root,
+            ctx,
+            job.paths,
+            codec.decode_todo(todo),
+            restarts,
+            frozenset(touched),
+            aborted,
+        )
+    except (JobError, ValueError, TypeError, KeyError, AttributeError, IndexError):
+        return None
+    return new if str(new.status) == status else None
+
+
+def _with_states(job: Job, changed: Mapping[int, dict[str, Any]]) -> Node:
+    """The tree of `job` with these nodes' states replaced and every ancestor of theirs
+    built again over its new children (its summaries computed from them), deepest first."""
+    parent, pos = job.paths.parent, job.paths.pos
+    root_id = job.root.id
+    found: dict[int, Node] = {root_id: job.root}
+    depth: dict[int, int] = {root_id: 0}
+    for node_id in changed:
+        chain: list[int] = []
+        up = node_id
+        while up not in found:
+            chain.append(up)
+            up = parent[up]
+        node, d = found[up], depth[up]
+        for i in reversed(chain):
+            node = node.children[pos[i]]
+            d += 1
+            found[i], depth[i] = node, d
+    built: dict[int, Node] = {}
+    kids_of: dict[int, dict[int, Node]] = {}  # parent id -> {child position: new child}
+    for node_id in sorted(found, key=depth.__getitem__, reverse=True):
+        node = found[node_id]
+        if isinstance(node, Leaf):
+            new = codec.with_state(node, changed.get(node_id))
+        else:
+            kids = node.children
+            for at, kid in kids_of.pop(node_id, {}).items():
+                kids = kids.set(at, kid)
+            new = codec.with_state(node, changed.get(node_id) or codec.encode_state(node), kids)
+        built[node_id] = new
+        if node_id != root_id:
+            kids_of.setdefault(parent[node_id], {})[pos[node_id]] = new
+    return built[root_id]

@@ -17,13 +17,14 @@ and `encode_state` give the two parts a store keeps apart (`codec.delta`), and
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
 from collections.abc import Callable, Collection
 from dataclasses import replace
 from operator import attrgetter
-from typing import Any
+from typing import Any, cast
 
 from pyrsistent import pvector
 
@@ -393,6 +394,56 @@ def _decode_kind(cls: type[Kind], rec: dict[str, Any], kids: Any) -> Node:
     node = make(id=rec["id"], children=kids, span=span, **kw)
     summed: Node = node.summarize()  # summaries are never stored: computed from the children
     # ... keeping the stored state (summarize may pull a cursor back).
+    kept = {k: v for k, v in kw.items() if getattr(summed, k) != v}
+    return replace(summed, **kept) if kept else summed
+
+
+_STATE_READ: dict[type, tuple[tuple[str, _Decode, Any], ...]] = {}
+
+
+def _state_reader(cls: type[Kind]) -> tuple[tuple[str, _Decode, Any], ...]:
+    """(name, decoder, the value a missing field decodes to) of each STATE field."""
+    read = _STATE_READ.get(cls)
+    if read is None:
+        defaults = {f.name: f for f in dataclasses.fields(cast(Any, cls))}
+        out = []
+        for f in cls.stored:
+            if f.part != STATE:
+                continue
+            d = defaults[f.name]
+            if d.default is not dataclasses.MISSING:
+                default = d.default
+            elif d.default_factory is not dataclasses.MISSING:
+                default = d.default_factory()
+            else:
+                default = _MISSING
+            out.append((f.name, _DECODERS[f.type], default))
+        read = _STATE_READ[cls] = tuple(out)
+    return read
+
+
+def with_state(node: Node, state: dict[str, Any] | None, kids: Any = None) -> Node:
+    """`node` as a load builds it from its (unchanged) spec, the stored `state` (None: its
+    own, as encoded) and the children `kids` (a branch's, already built): the state fields
+    decoded (a missing one is its default), a branch's summaries computed from `kids`.
+    JobError for a state the codec did not write."""
+    cls = type(node)
+    rec = encode_state(node) if state is None else state
+    n_kids = 0 if kids is None else len(kids)
+    kw: dict[str, Any] = {}
+    try:
+        for name, decode, default in _state_reader(cls):
+            value = decode(rec, name, n_kids)
+            if value is _MISSING:
+                if default is _MISSING:
+                    raise _Damaged(f"missing field {name!r}")
+                value = default
+            kw[name] = value
+    except _Damaged as exc:
+        raise JobError(f"stored node {node.id} is damaged: {exc}") from None
+    if kids is None:
+        return replace(node, **kw)
+    summed: Node = replace(node, children=kids, **kw).summarize()
     kept = {k: v for k, v in kw.items() if getattr(summed, k) != v}
     return replace(summed, **kept) if kept else summed
 

@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -84,6 +85,7 @@ from ablauf_lang.codec.delta import (
     Change,
     Damage,
     NodeRow,
+    catch_up,
     context_rows,
     diff,
     job_from_parts,
@@ -483,6 +485,48 @@ class SqlStore:
         else None). Here: just run it; a PostgreSQL client store reconnects and runs it
         again."""
         return operation()
+
+    def _caught_up(self, cur: Any, known: Known, seq: int) -> Known | None:
+        """What is known of the run once caught up with its writes after `known`'s (up to
+        its newest: `seq` or later), read in the caller's transaction, which holds the
+        run's lock (`codec.delta.catch_up`: what a load would build, in O(what they
+        changed)); None when they cannot be (nodes made or dropped, a write missing): read
+        the run instead."""
+        q = self._q
+        cur.execute(q(Q["snapshot_of"]), (known.key,))
+        row = cur.fetchone()
+        if row is None:
+            return None
+        snapshot_seq = int(row[0])
+        cur.execute(q(Q["writes_since"]), (known.key, known.seq, known.key, known.seq))
+        rows = [(int(s), str(d)) for s, d in cur.fetchall()]
+        # The newest write is the last row read here (the caller may have named an older
+        # one, from a snapshot taken before its lock).
+        seq = max(seq, rows[-1][0]) if rows else seq
+        if [s for s, _ in rows] != list(range(known.seq + 1, seq + 1)):
+            return None
+        if snapshot_seq != known.snapshot_seq and not known.seq < snapshot_seq <= seq:
+            return None
+        job = catch_up(known.job, [data for _, data in rows])
+        if job is None:
+            return None
+        if snapshot_seq == known.snapshot_seq:
+            history, deltas, size = known.history, known.deltas, known.delta_bytes
+        else:  # folded meanwhile: what its deltas changed is in the node rows now
+            history, deltas, size = None, 0, 0
+        for s, data in rows:
+            if s <= snapshot_seq:
+                continue
+            delta = json.loads(data)
+            states = {int(i): state for i, state in delta.get("s", ())}
+            keys = tuple(str(row[0]) for row in delta.get("c", ()))
+            history = (states, (), keys, bool(delta.get("cd")), history)
+            deltas += 1
+            size += len(data)
+        nodes = known.snapshot_nodes if snapshot_seq == known.snapshot_seq else len(job.paths)
+        return Known(
+            known.key, seq, snapshot_seq, nodes, str(job.status), job, deltas, size, history
+        )
 
     def reserve_known(self, count: int) -> None:
         """Keep `count` more runs in the cache of what this store knows (negative: fewer),

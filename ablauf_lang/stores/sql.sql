@@ -63,6 +63,18 @@ SELECT id, snapshot_seq, head_seq FROM runs WHERE run_id = ?
 -- name: max_seq
 SELECT max(seq) FROM deltas WHERE run = ?
 
+-- name: writes_since
+-- A run's writes after the one a store knows, in order: those folded into the snapshot
+-- since (kept in its history), then its deltas. Params: run, seq, run, seq.
+SELECT h.seq, h.data FROM history h, runs r
+WHERE r.id = ? AND h.run = r.id AND h.seq > ? AND h.seq <= r.snapshot_seq
+UNION ALL
+SELECT d.seq, d.data FROM deltas d WHERE d.run = ? AND d.seq > ?
+ORDER BY 1
+
+-- name: snapshot_of
+SELECT snapshot_seq FROM runs WHERE id = ?
+
 -- name: load_run
 SELECT id, run_id, status, created, updated, restarts, aborted, todo, touched, n_nodes, snapshot_seq, source, filename, initial_context, format, error, head_seq FROM runs WHERE run_id = ?
 

@@ -29,6 +29,7 @@ class SharedKnown(KnownRuns):
         self.published = threading.Condition(self.lock)
         self._committing: dict[str, int] = {}  # run id -> threads committing a write of it
         self.loads = 0  # runs read again for a step, by any thread (a count for tests)
+        self.catch_ups = 0  # runs caught up with another process's writes instead
 
     def publish(self, run_id: str, known: Known) -> None:
         """Share what a committed transaction learned of a run, unless newer is known."""
@@ -63,7 +64,7 @@ class SharedKnown(KnownRuns):
 
         def known_or_not_coming() -> bool:
             known = self._runs.get(run_id)
-            return known is None or known.seq >= seq or run_id not in self._committing
+            return (known is not None and known.seq >= seq) or run_id not in self._committing
 
         with self.lock:
             self.published.wait_for(known_or_not_coming, timeout)

@@ -133,6 +133,7 @@ class PostgresStore(SqlStore):
     hook: Callable[[str, PostgresStore, str], None] | None = None
     faults: Faults | None = FAULTS
     loads = 0  # jobs read again because another process had written the run since
+    catch_ups = 0  # jobs caught up with the writes another process made since
 
     def __init__(
         self,
@@ -364,9 +365,10 @@ class PostgresStore(SqlStore):
     def base_for(self, run_id: str, key: int, seq: int) -> Known:
         """The job a step of the run builds on, pinned for the transaction: what this
         process knows, when that is the run's newest write `seq` the caller saw under the
-        lock (row `key`), else the run read again."""
+        lock (row `key`); else what it knows caught up with the writes since (another
+        process made them: `SqlStore._caught_up`); else the run read again."""
         base = self.known.get(run_id)
-        if base is not None and base.key == key and base.seq < seq:
+        if base is None or (base.key == key and base.seq < seq):
             # Another thread of this process committed the write and is publishing it: it
             # released the lock with its COMMIT, before it could say what it wrote.
             base = self.known.wait_for(run_id, seq, PUBLISH_WAIT)
@@ -374,6 +376,13 @@ class PostgresStore(SqlStore):
             # What is known was committed, so the statement saw an older snapshot than its
             # lock (a delivery's statement locks the row it read): ask again.
             seq = self._newest_write_locked(run_id, seq)
+        if base is not None and base.key == key and base.seq < seq:
+            # Another process wrote its last steps: catch up with them, not the run read.
+            caught = self._caught_up(self.conn.cursor(), base, seq)
+            if caught is not None:
+                self.catch_ups += 1
+                self.known.shared.catch_ups += 1
+                base, seq = caught, caught.seq
         if base is None or base.seq != seq or base.key != key:
             self.loads += 1
             self.known.shared.loads += 1

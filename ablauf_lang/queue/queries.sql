@@ -55,11 +55,15 @@ ORDER BY task_id LIMIT 1 FOR UPDATE SKIP LOCKED;
 -- name: run_state
 -- Under the run's lock, in a statement of its own (so that it sees what the holder of the
 -- lock it waited for wrote): the run's newest write, the clock, and the results queued for
--- it that no one else holds, taken out of the queue. Sent with the lock (`lock_run`),
+-- it that no one else holds, taken out of the queue: the oldest 10,000 (the others stay
+-- queued for the next step; by an array of ids, so that no plan the server keeps for the
+-- statement, made while the queue was small, can join 100,000 queued results against
+-- the queue in a loop: a wide run on 4 workers hung so). Sent with the lock (`lock_run`),
 -- which it runs after. Params: run_id, run_id.
-WITH b AS (DELETE FROM ablauf.tasks WHERE task_id IN (
+WITH b AS (DELETE FROM ablauf.tasks WHERE task_id = ANY(ARRAY(
                SELECT task_id FROM ablauf.tasks
-               WHERE run_id = %s AND kind = 'restart' AND error IS NULL FOR UPDATE SKIP LOCKED)
+               WHERE run_id = %s AND kind = 'restart' AND error IS NULL
+               ORDER BY task_id LIMIT 10000 FOR UPDATE SKIP LOCKED))
            RETURNING task_id, result)
 SELECT coalesce((SELECT max(d.seq) FROM ablauf.deltas d WHERE d.run = r.id), r.snapshot_seq),
        clock_timestamp(),
@@ -71,10 +75,11 @@ FROM ablauf.runs r WHERE r.run_id = %s;
 -- How both deliveries end (after their CTEs t: the tasks removed, r: the run's row if its
 -- lock was had, n: the NOTIFYs sent): take the results queued for the run (when its lock
 -- was had) and return the row described under `deliver`. Param: run_id.
-b AS (DELETE FROM ablauf.tasks WHERE task_id IN (
+b AS (DELETE FROM ablauf.tasks WHERE task_id = ANY(ARRAY(
                SELECT task_id FROM ablauf.tasks
                WHERE run_id = %s AND EXISTS (SELECT 1 FROM r)
-               AND kind = 'restart' AND error IS NULL FOR UPDATE SKIP LOCKED)
+               AND kind = 'restart' AND error IS NULL
+               ORDER BY task_id LIMIT 10000 FOR UPDATE SKIP LOCKED))
            RETURNING task_id, result)
 SELECT (SELECT array_agg(task_id) FROM t), (SELECT id FROM r),
        coalesce((SELECT max(d.seq) FROM ablauf.deltas d WHERE d.run = (SELECT id FROM r)),

@@ -255,7 +255,8 @@ def run_restart(
     local: Local | None = None,
 ) -> Step | None:
     """Restart a run for its queued results: wait for its row lock (a restart of the run
-    elsewhere finishes first), then apply every result queued for it at once (and go on
+    elsewhere finishes first), then apply the results queued for it at once (the oldest
+    10,000: a step's work is bounded, the others stay queued for the next; and go on
     with what `local` performs, see `_finish`)."""
     how = _How(advance, worker, claim, lease, serves, local)
     with store.step():

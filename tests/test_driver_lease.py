@@ -373,3 +373,34 @@ def test_one_thread_keeps_every_lease_of_the_process(tmp_path: Path) -> None:
     assert KEEPER.thread is None
     assert all(store.info(run_id).state == "abandoned" for run_id in ids)
     store.close()
+
+
+def test_a_forked_child_keeps_its_own_leases(tmp_path: Path) -> None:
+    """A process forked while the keeper runs (multiprocessing's default on Linux) starts
+    with no keeper thread: its leases get one of their own and are renewed."""
+    import multiprocessing
+
+    store = SqliteStore(str(tmp_path / "r.db"))
+    parent_run = store.create_run(ablauf_lang.make_job('(do!! (log!! "x"))'))
+    child_run = store.create_run(ablauf_lang.make_job('(do!! (log!! "y"))'))
+    lease = DriverLease(store, parent_run, ttl=0.3)
+    lease.acquire()
+    assert KEEPER.thread is not None
+
+    def child() -> None:
+        mine = SqliteStore(str(tmp_path / "r.db"))
+        held = DriverLease(mine, child_run, ttl=0.3)
+        held.acquire()
+        first = mine.info(child_run).driver
+        time.sleep(0.6)
+        later = mine.info(child_run).driver
+        ok = first is not None and later is not None and later.heartbeat > first.heartbeat
+        held.release(finished=False)
+        raise SystemExit(0 if ok else 3)
+
+    proc = multiprocessing.get_context("fork").Process(target=child)
+    proc.start()
+    proc.join(10)
+    lease.release(finished=False)
+    store.close()
+    assert proc.exitcode == 0

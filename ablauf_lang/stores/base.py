@@ -611,6 +611,10 @@ class LeaseKeeper:
     starts with the first lease and ends when the last is given back."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """No lease and no thread (as made; a forked child starts so)."""
         self._leases: set[DriverLease] = set()
         self._lock = threading.Lock()
         self._changed = threading.Event()
@@ -619,7 +623,7 @@ class LeaseKeeper:
     def add(self, lease: DriverLease) -> None:
         with self._lock:
             self._leases.add(lease)
-            if self.thread is None:
+            if self.thread is None or not self.thread.is_alive():  # (a forked child has none)
                 self.thread = threading.Thread(
                     target=self._run, name="ablauf-lease-keeper", daemon=True
                 )
@@ -648,3 +652,5 @@ class LeaseKeeper:
 
 
 KEEPER = LeaseKeeper()
+# A child process forked while the keeper ran starts with no leases and no keeper thread.
+os.register_at_fork(after_in_child=KEEPER.reset)

@@ -164,11 +164,12 @@ def restart_job(
 
 
 def _own_store(store: str | JobStore | None) -> JobStore:
-    """The store a run goes to: `store` opened by URL, or a memory store of this call's
-    own (None, `memory:`), closed when the call returns, so it keeps no history."""
-    if store is None or (isinstance(store, str) and store.strip().lower() == "memory:"):
-        return MemoryStore(history=False)
-    return open_store(store)
+    """The store a run goes to (None: a memory store). A memory store this call opens is
+    closed when it returns, so nobody reads its history: it keeps none."""
+    backend = open_store("memory:" if store is None else store)
+    if isinstance(backend, MemoryStore) and backend is not store:
+        backend.keeps_history = False
+    return backend
 
 
 def _close_if_ours(store: JobStore, given: Any) -> None:

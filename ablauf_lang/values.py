@@ -301,7 +301,7 @@ def encode(value: Any, what: str = "the value") -> Any:
     t = type(value)
     if t is str or value is None or t is bool or t is float:
         return value
-    if t is int and value.bit_length() <= 14_000:  # the common payload: no walk
+    if t is int and not int_too_large(value):  # the common payload: no walk
         return value
     return _walk(value, False, what)
 

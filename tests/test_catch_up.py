@@ -53,7 +53,7 @@ def _caught_up_from_any_write(jobs: list[Job], data: st.DataObject) -> None:
     m = len(jobs) - 1
     k = data.draw(st.integers(0, m), label="known")
     texts = [diff(jobs[i], jobs[i + 1]).data(jobs[i + 1]) for i in range(k, m)]
-    caught = catch_up(jobs[k], texts)
+    caught = catch_up(jobs[k], [json.loads(t) for t in texts])
     if caught is None:
         # Only a write that makes or drops nodes is refused.
         assert _kinds(texts) - {"r", "s", "c", "cd"}, texts
@@ -82,7 +82,7 @@ def test_a_sequence_and_a_wide_pmap_are_caught_up() -> None:
             dispatches = rest + more
             jobs.append(job)
         texts = [diff(jobs[i], jobs[i + 1]).data(jobs[i + 1]) for i in range(1, len(jobs) - 1)]
-        caught = catch_up(jobs[1], texts)
+        caught = catch_up(jobs[1], [json.loads(t) for t in texts])
         assert caught is not None, source
         assert same(caught, jobs[-1])
         assert caught.status == "success"

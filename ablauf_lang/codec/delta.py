@@ -226,6 +226,28 @@ def diff(old: Job, new: Job) -> Change:
     return Change(states, wholes, drop_from, ctx, ctx_drop, pairs)
 
 
+def nodes_by_id(job: Job, ids: Iterable[int]) -> dict[int, Node]:
+    """The nodes of `job` with these ids (ids it does not have are left out), walking each
+    path only from the nearest node already found: the cost is the nodes on those paths,
+    not ids x depth."""
+    parent, pos = job.paths.parent, job.paths.pos
+    n = len(job.paths)
+    found: dict[int, Node] = {job.root.id: job.root}
+    for node_id in ids:
+        if node_id in found or not 0 <= node_id < n:
+            continue
+        chain: list[int] = []
+        up = node_id
+        while up not in found:
+            chain.append(up)
+            up = parent[up]
+        node = found[up]
+        for i in reversed(chain):
+            node = node.children[pos[i]]
+            found[i] = node
+    return found
+
+
 def _restart_nodes(
     old: Job, new: Job, pairs: dict[int, tuple[Node | None, Node]]
 ) -> tuple[dict[int, dict[str, Any]], dict[int, Node]]:
@@ -579,8 +601,8 @@ def job_from_parts(run_id: str, parts: Parts, format_version: int) -> Job:
     return replace(job, context=ctx)
 
 
-def catch_up(job: Job, deltas: Sequence[str]) -> Job | None:
-    """`job` with the writes `deltas` (each one's JSON text, in order) applied, as loading
+def catch_up(job: Job, deltas: Sequence[Any]) -> Job | None:
+    """`job` with the writes `deltas` (each one's JSON read, in order) applied, as loading
     the run after them would build it; None when one of them does more than change node
     states, context keys and the run's own fields (nodes written whole or dropped, a write
     that does not fit): read the run instead. O(the nodes the writes changed and
@@ -590,8 +612,7 @@ def catch_up(job: Job, deltas: Sequence[str]) -> Job | None:
     fields: list[Any] | None = None
     context: dict[Any, list[Any]] | None = None  # key -> [position, value], as a load has it
     try:
-        for text in deltas:
-            delta = json.loads(text)
+        for delta in deltas:
             if not isinstance(delta, dict) or not set(delta) <= {"r", "s", "c", "cd"}:
                 return None
             check_fields(delta["r"], "a write")
@@ -638,25 +659,13 @@ def catch_up(job: Job, deltas: Sequence[str]) -> Job | None:
 
 def _with_states(job: Job, changed: Mapping[int, dict[str, Any]]) -> Node:
     """The tree of `job` with these nodes' states replaced and every ancestor of theirs
-    built again over its new children (its summaries computed from them), deepest first."""
+    built again over its new children (its summaries computed from them): children have
+    larger ids than their parents, so in falling id order each is built before its parent."""
     parent, pos = job.paths.parent, job.paths.pos
-    root_id = job.root.id
-    found: dict[int, Node] = {root_id: job.root}
-    depth: dict[int, int] = {root_id: 0}
-    for node_id in changed:
-        chain: list[int] = []
-        up = node_id
-        while up not in found:
-            chain.append(up)
-            up = parent[up]
-        node, d = found[up], depth[up]
-        for i in reversed(chain):
-            node = node.children[pos[i]]
-            d += 1
-            found[i], depth[i] = node, d
+    found = nodes_by_id(job, changed)
     built: dict[int, Node] = {}
     kids_of: dict[int, dict[int, Node]] = {}  # parent id -> {child position: new child}
-    for node_id in sorted(found, key=depth.__getitem__, reverse=True):
+    for node_id in sorted(found, reverse=True):
         node = found[node_id]
         if isinstance(node, Leaf):
             new = codec.with_state(node, changed.get(node_id))
@@ -666,6 +675,6 @@ def _with_states(job: Job, changed: Mapping[int, dict[str, Any]]) -> Node:
                 kids = kids.set(at, kid)
             new = codec.with_state(node, changed.get(node_id) or codec.encode_state(node), kids)
         built[node_id] = new
-        if node_id != root_id:
+        if node_id != job.root.id:
             kids_of.setdefault(parent[node_id], {})[pos[node_id]] = new
-    return built[root_id]
+    return built[job.root.id]

@@ -236,17 +236,22 @@ def _run(at: tuple[int, int, int], forms: list[tuple[Form, Span]]) -> Token:
 def _made(opened: Token, run: list[tuple[Form, Span]], close: Token, filename: str | None) -> Token:
     """The `FORM` token of a container of scalars only, its form made as the parser's
     transformer would make it."""
-    span = _span(opened, close, filename)
     items = tuple(form for form, _ in run)
     spans = tuple(item_span for _, item_span in run)
     tok = _Made("FORM", "", opened.start_pos, opened.line, opened.column)
-    if opened.type == "LPAR":
-        tok.form = List(items, span, spans)
-    elif opened.type == "LSQB":
-        tok.form = Vector(items, span, spans)
-    else:
-        tok.form = _map(items, span, spans, _reading.source)
+    tok.form = _container(opened.type, items, _span(opened, close, filename), spans)
     return tok
+
+
+def _container(
+    opener: str, items: tuple[Form, ...], span: Span, spans: tuple[Span | None, ...]
+) -> List | Vector | Map:
+    """The container an opening bracket (its terminal's name) starts, of these forms."""
+    if opener == "LPAR":
+        return List(items, span, spans)
+    if opener == "LSQB":
+        return Vector(items, span, spans)
+    return _map(items, span, spans, _reading.source)
 
 
 def _scalar_form(
@@ -288,20 +293,12 @@ class _Forms(Transformer[Token, Any]):
         items, spans = _elements(children, 0, len(children))
         return Forms(items, spans)
 
-    def list(self, children: _Children) -> List:
+    def _made(self, children: _Children) -> Any:
         span = _span(children[0], children[-1], _reading.filename)
         items, spans = _elements(children, 1, len(children) - 1)
-        return List(items, span, spans)
+        return _container(children[0].type, items, span, spans)
 
-    def vector(self, children: _Children) -> Vector:
-        span = _span(children[0], children[-1], _reading.filename)
-        items, spans = _elements(children, 1, len(children) - 1)
-        return Vector(items, span, spans)
-
-    def map(self, children: _Children) -> Map:
-        span = _span(children[0], children[-1], _reading.filename)
-        items, spans = _elements(children, 1, len(children) - 1)
-        return _map(items, span, spans, _reading.source)
+    list = vector = map = _made  # each from its brackets and the forms between them
 
     def discard(self, children: _Children) -> Any:
         # Its form was read (and checked) like any other; the container drops it.

@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -90,6 +89,7 @@ from ablauf_lang.codec.delta import (
     diff,
     job_from_parts,
     node_row,
+    nodes_by_id,
     replay,
     run_fields,
     snapshot_parts,
@@ -99,7 +99,7 @@ from ablauf_lang.codec.delta import dumps_text as _dumps
 from ablauf_lang.codec.delta import read_json as _json
 from ablauf_lang.codec.history import RunHistory, build_history, whole_data
 from ablauf_lang.engine.job import Job
-from ablauf_lang.engine.kinds import Leaf, Node
+from ablauf_lang.engine.kinds import Leaf
 from ablauf_lang.engine.nodes import Status
 from ablauf_lang.engine.waits import RETRY, Wait, wait_of
 from ablauf_lang.engine.waits import waits as waits_of
@@ -354,28 +354,6 @@ class WaitChange:
 NO_WAIT_CHANGE = WaitChange({})
 
 
-def nodes_by_id(job: Job, ids: Iterable[int]) -> dict[int, Node]:
-    """The nodes of `job` with these ids (ids it does not have are left out), walking each
-    path only from the nearest node already found: the cost is the nodes on those paths,
-    not ids x depth."""
-    parent, pos = job.paths.parent, job.paths.pos
-    n = len(job.paths)
-    found: dict[int, Node] = {job.root.id: job.root}
-    for node_id in ids:
-        if node_id in found or not 0 <= node_id < n:
-            continue
-        chain: list[int] = []
-        up = node_id
-        while up not in found:
-            chain.append(up)
-            up = parent[up]
-        node = found[up]
-        for i in reversed(chain):
-            node = node.children[pos[i]]
-            found[i] = node
-    return found
-
-
 def wait_change(old: Job, new: Job, change: Change) -> WaitChange:
     """How the waits of a run change from `old` to `new`, looking only at the nodes the
     write changes (`change`): O(touched), like the delta itself."""
@@ -499,30 +477,32 @@ class SqlStore:
             return None
         snapshot_seq = int(row[0])
         cur.execute(q(Q["writes_since"]), (known.key, known.seq, known.key, known.seq))
-        rows = [(int(s), str(d)) for s, d in cur.fetchall()]
+        try:
+            rows = [(int(s), len(d), _json(d, f"write {s}")) for s, d in cur.fetchall()]
+        except Damage:
+            return None
         # The newest write is the last row read here (the caller may have named an older
         # one, from a snapshot taken before its lock).
         seq = max(seq, rows[-1][0]) if rows else seq
-        if [s for s, _ in rows] != list(range(known.seq + 1, seq + 1)):
+        if [s for s, _, _ in rows] != list(range(known.seq + 1, seq + 1)):
             return None
         if snapshot_seq != known.snapshot_seq and not known.seq < snapshot_seq <= seq:
             return None
-        job = catch_up(known.job, [data for _, data in rows])
+        job = catch_up(known.job, [delta for _, _, delta in rows])
         if job is None:
             return None
         if snapshot_seq == known.snapshot_seq:
             history, deltas, size = known.history, known.deltas, known.delta_bytes
         else:  # folded meanwhile: what its deltas changed is in the node rows now
             history, deltas, size = None, 0, 0
-        for s, data in rows:
+        for s, length, delta in rows:
             if s <= snapshot_seq:
                 continue
-            delta = json.loads(data)
             states = {int(i): state for i, state in delta.get("s", ())}
             keys = tuple(str(row[0]) for row in delta.get("c", ()))
             history = (states, (), keys, bool(delta.get("cd")), history)
             deltas += 1
-            size += len(data)
+            size += length
         nodes = known.snapshot_nodes if snapshot_seq == known.snapshot_seq else len(job.paths)
         return Known(
             known.key, seq, snapshot_seq, nodes, str(job.status), job, deltas, size, history

@@ -126,6 +126,19 @@ WITH s AS (SELECT pg_sleep(%s)),
      n AS (SELECT pg_notify('ablauf_tasks', '1') FROM q),
 {{deliver_tail}};
 
+-- name: deliver_now
+-- An action's result delivered with the step it makes, computed from what the worker
+-- knows (a run with no other step in flight: `queue.deliver`): remove the task leased to
+-- this worker and lock the run's row, or fail the transaction (`ablauf.held`); queued
+-- results of the run stay queued for the next restart. Params: sleep, task id, owner,
+-- run_id.
+WITH s AS (SELECT pg_sleep(%s)),
+     t AS (DELETE FROM ablauf.tasks WHERE EXISTS (SELECT 1 FROM s)
+           AND task_id = %s AND lease_owner = %s RETURNING task_id),
+     r AS (SELECT id FROM ablauf.runs WHERE run_id = %s
+           AND EXISTS (SELECT 1 FROM t) FOR NO KEY UPDATE SKIP LOCKED)
+SELECT ablauf.held(EXISTS (SELECT 1 FROM r));
+
 -- name: queue_result
 -- Remove an action task leased to this worker and queue its result (one statement).
 -- Params: task id, owner, result. Row: the run id (none: the lease was lost).

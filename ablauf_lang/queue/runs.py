@@ -50,8 +50,10 @@ def submit(
     new_id = run_id or new_run_id()
 
     def attempt() -> str:
-        with store.transaction(pipeline=True) as conn:  # three round trips in all
-            made = store.create_run(job, source=source, filename=filename, run_id=new_id)
+        with store.transaction(pipeline=True) as conn:  # one round trip in all
+            made = store.create_run(
+                job, source=source, filename=filename, run_id=new_id, fresh=run_id is None
+            )
             hand_to_workers(conn, made, "submit")
         return made
 

@@ -179,6 +179,8 @@ RUN_COLUMNS = (
     "error",
     "head_seq",
 )
+# The queries of a run's rows `SqlStore.load` reads (by the run's public id), in order.
+LOAD_TABLES = ("load_run", "load_nodes", "load_context", "load_deltas", "load_lease", "load_fork")
 LEASE_COLUMNS = ("token", "host", "pid", "started", "heartbeat", "expires")
 # The statements, by name (`sql.sql`), loaded once.
 Q = load_queries(__package__ or "ablauf_lang.stores", "sql.sql")
@@ -248,10 +250,17 @@ class Dialect:
         """`sql` (written with "?") in this dialect's placeholders."""
         return sql if self.placeholder == "?" else sql.replace("?", self.placeholder)
 
-    def insert_run(self, cur: Any, columns: Sequence[str], values: Sequence[Any]) -> int:
-        """Insert a `runs` row; return its `id`."""
+    def insert_run(
+        self, cur: Any, columns: Sequence[str], values: Sequence[Any], key: int | None = None
+    ) -> int:
+        """Insert a `runs` row; return its `id` (`key` when given: nothing is read back)."""
+        if key is not None:
+            columns, values = ("id", *columns), (key, *values)
         marks = ", ".join(self.placeholder for _ in columns)
         sql = f"INSERT INTO runs ({', '.join(columns)}) VALUES ({marks})"
+        if key is not None:
+            cur.execute(sql, values)
+            return key
         if self.returning:
             cur.execute(sql + " RETURNING id", values)
             return int(cur.fetchone()[0])
@@ -295,6 +304,18 @@ class KnownRuns:
 P = ParamSpec("P")
 T = TypeVar("T")
 S = TypeVar("S", bound="SqlStore")
+
+# A statement of a write and the parameters of each of its executions.
+Statement = tuple[str, Sequence[Sequence[Any]]]
+
+
+def execute_all(cur: Any, statements: Iterable[Statement]) -> None:
+    """Run statements on a cursor (one with many parameter rows: `executemany`)."""
+    for sql, rows in statements:
+        if len(rows) == 1:
+            cur.execute(sql, rows[0])
+        else:
+            cur.executemany(sql, rows)
 
 
 def _reads(method: Callable[Concatenate[S, P], T]) -> Callable[Concatenate[S, P], T]:
@@ -409,8 +430,8 @@ class SqlStore:
       client store reconnects and runs it again); `_write_one(sql, params) -> rowcount`:
       one statement as its own transaction (SQLite runs it in autocommit mode: one call
       instead of three); and
-      `_append_delta(params) -> rowcount`: how a step's delta row is written (the
-      PostgreSQL worker's step sends it with its COMMIT).
+      `_append_delta(params, then) -> rowcount`: how a step's delta row and what goes
+      with it are written (the PostgreSQL worker's step sends them with its COMMIT).
 
     Counters for benchmarks and tests: `commits` (set by `_write`), `rows_written` (rows
     inserted or updated), `bytes_written` (JSON text written), `compactions`.
@@ -440,6 +461,18 @@ class SqlStore:
 
     def _read(self) -> AbstractContextManager[Any]:
         raise NotImplementedError
+
+    def _new_key(self, cur: Any) -> int | None:
+        """The `id` of a new `runs` row, or None: the database numbers it as it inserts
+        it (a PostgreSQL store takes numbers from the table's sequence in advance, so
+        nothing of the insert is read back)."""
+        return None
+
+    def _read_rows(self, queries: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Any]]:
+        """The rows of each query, read in one snapshot (a PostgreSQL store sends them with
+        the transaction's BEGIN and COMMIT: one round trip)."""
+        with self._read() as cur:
+            return self._fetch_all(cur, queries)
 
     def _fetch_all(self, cur: Any, queries: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Any]]:
         """The rows of each query, in turn (a PostgreSQL store sends them together)."""
@@ -514,9 +547,18 @@ class SqlStore:
         cache would be written whole at its next restart."""
         self._known.size = max(1, self._known.size + count)
 
-    def _append_delta(self, params: Sequence[Any]) -> int:
-        """Write a step's `deltas` row (`Q["insert_delta"]`) as its own transaction."""
-        return self._write_one(self._q(Q["insert_delta"]), params)
+    def _append_delta(self, params: Sequence[Any], then: Sequence[Statement] = ()) -> int:
+        """Write a step's `deltas` row (`Q["insert_delta"]`) and, when it was written, the
+        statements `then` (what listings read: status, error, waits), as one transaction;
+        the delta's row count (0: the run was written elsewhere, nothing else is done)."""
+        if not then:
+            return self._write_one(self._q(Q["insert_delta"]), params)
+        with self._write() as cur:
+            cur.execute(self._q(Q["insert_delta"]), params)
+            count = int(cur.rowcount)
+            if count == 1:
+                execute_all(cur, then)
+            return count
 
     def close(self) -> None:
         raise NotImplementedError
@@ -547,9 +589,13 @@ class SqlStore:
         run_id: str | None = None,
         parent: str | None = None,
         parent_step: int | None = None,
+        fresh: bool = False,
     ) -> str:
         """Record a new run: its program, initial context and a snapshot of its job (and,
-        for a fork, the run and restart it was forked from)."""
+        for a fork, the run and restart it was forked from). `fresh`: `run_id` was just
+        made by `new_run_id` (no run has it: not looked for; the table's unique `run_id`
+        would still refuse it)."""
+        fresh = fresh or run_id is None
         run_id = run_id or new_run_id()
         initial = _dumps(encode_value(job.context))
         now = time.time()
@@ -572,10 +618,11 @@ class SqlStore:
 
         def write() -> str:
             with self._write() as cur:
-                cur.execute(exists, (run_id,))
-                if cur.fetchone() is not None:
-                    raise RunError(f"run {run_id!r} already exists in {self._where()}")
-                key = self.dialect.insert_run(cur, RUN_COLUMNS[1:], values)
+                if not fresh:
+                    cur.execute(exists, (run_id,))
+                    if cur.fetchone() is not None:
+                        raise RunError(f"run {run_id!r} already exists in {self._where()}")
+                key = self.dialect.insert_run(cur, RUN_COLUMNS[1:], values, self._new_key(cur))
                 rows = self._write_all(cur, key, job)
                 first = whole_data(job, rows)
                 cur.execute(self._q(Q["insert_history"]), (key, 0, now, job.restarts, first))
@@ -610,25 +657,15 @@ class SqlStore:
             self._compact(run_id, known, change, job, seq, now, waits, data)
             return
         params = (known.key, seq, now, job.restarts, data, known.key, known.seq)
-        same = status == known.status and job.aborted == known.job.aborted
-        if same and waits.empty:
-            # The common step: one statement, its own transaction.
-            if self._append_delta(params) != 1:
-                raise self._conflict(run_id)
-        else:
-            # What listings show without reading deltas: status, error, abort reason (the
-            # newest delta's fields say the same; `aborted` is the snapshot's field too),
-            # and what the run waits for, in the step's transaction.
-            with self._write() as cur:
-                cur.execute(self._q(Q["insert_delta"]), params)
-                if cur.rowcount != 1:
-                    raise self._conflict(run_id)
-                if not same:
-                    cur.execute(
-                        self._q(Q["finish_step"]),
-                        (status, _text(run_error(job)), _text(job.aborted), now, known.key),
-                    )
-                self._write_waits(cur, known.key, waits)
+        # What listings show without reading deltas (status, error, abort reason: the
+        # newest delta's fields say the same; `aborted` is the snapshot's field too) and
+        # what the run waits for, in the step's transaction; the common step has neither.
+        then = self._wait_statements(known.key, waits)
+        if status != known.status or job.aborted != known.job.aborted:
+            finish = (status, _text(run_error(job)), _text(job.aborted), now, known.key)
+            then.insert(0, (self._q(Q["finish_step"]), [finish]))
+        if self._append_delta(params, then) != 1:
+            raise self._conflict(run_id)
         self.rows_written += 1
         self.bytes_written += len(data)
         history = (
@@ -745,19 +782,23 @@ class SqlStore:
 
     def _write_waits(self, cur: Any, key: int, change: WaitChange) -> None:
         """Bring the run's `waits` rows up to date with a write (in its transaction)."""
+        execute_all(cur, self._wait_statements(key, change))
+
+    def _wait_statements(self, key: int, change: WaitChange) -> list[Statement]:
+        """The statements bringing the run's `waits` rows up to date with a write."""
         q = self._q
         if change.clear:
-            cur.execute(q(Q["delete_waits_of_run"]), (key,))
-            return
+            return [(q(Q["delete_waits_of_run"]), [(key,)])]
+        out: list[Statement] = []
         if change.drop_from is not None:
-            cur.execute(q(Q["delete_waits_from"]), (key, change.drop_from))
+            out.append((q(Q["delete_waits_from"]), [(key, change.drop_from)]))
         if change.delete:
-            cur.executemany(q(Q["delete_wait"]), [(key, i) for i in change.delete])
+            out.append((q(Q["delete_wait"]), [(key, i) for i in change.delete]))
         if change.upsert:
-            cur.executemany(
-                q(Q["upsert_wait"]), [(key, i, *row) for i, row in change.upsert.items()]
-            )
+            rows = [(key, i, *row) for i, row in change.upsert.items()]
+            out.append((q(Q["upsert_wait"]), rows))
         self.rows_written += len(change.delete) + len(change.upsert)
+        return out
 
     def _write_all(
         self, cur: Any, key: int, job: Job, cleared: Iterable[Wait] = ()
@@ -830,11 +871,11 @@ class SqlStore:
             if row is None:
                 return None
             run = dict(zip(RUN_COLUMNS, row, strict=True))
-            cur.execute(q(Q["load_nodes"]), (run["id"],))
+            cur.execute(q(Q["load_nodes"]), (run_id,))
             nodes = cur.fetchall()
-            cur.execute(q(Q["load_context"]), (run["id"],))
+            cur.execute(q(Q["load_context"]), (run_id,))
             context = cur.fetchall()
-            cur.execute(q(Q["load_deltas"]), (run["id"],))
+            cur.execute(q(Q["load_deltas"]), (run_id,))
             deltas = cur.fetchall()
             parts = snapshot_parts(run, nodes, context)
             for seq, _, data in deltas:
@@ -848,23 +889,26 @@ class SqlStore:
         """Load a run with its whole job (every node's state, output, attempts, times).
 
         StoreError `run ID is damaged: ...` when its rows are not what the store wrote."""
-        q = self._q
         try:
-            with self._read() as cur:
-                cur.execute(q(Q["load_run"]), (run_id,))
-                row = cur.fetchone()
-                if row is None:
-                    raise RunError(f"no run {run_id!r} in {self._where()}")
-                run = dict(zip(RUN_COLUMNS, row, strict=True))
-                key = run["id"]
-                tables = ("load_nodes", "load_context", "load_deltas", "load_lease", "load_fork")
-                nodes, context, deltas, leases, forks = self._fetch_all(
-                    cur, [(q(Q[name]), (key,)) for name in tables]
-                )
-                lease = leases[0] if leases else None
-                fork = forks[0] if forks else None
+            rows = self._read_rows(self.load_queries(run_id))
         except Damaged as exc:
             raise StoreError(f"run {run_id} is damaged: {exc.message}") from None
+        return self.loaded(run_id, rows)
+
+    def load_queries(self, run_id: str) -> list[tuple[str, Sequence[Any]]]:
+        """The statements whose rows, read in one snapshot, make the run (`loaded`)."""
+        return [(self._q(Q[name]), (run_id,)) for name in LOAD_TABLES]
+
+    def loaded(self, run_id: str, rows: list[list[Any]]) -> StoredRun:
+        """The run the rows of `load_queries` make (what `load` returns); what this store
+        knows of it is then that."""
+        runs, nodes, context, deltas, leases, forks = rows
+        if not runs:
+            raise RunError(f"no run {run_id!r} in {self._where()}")
+        run = dict(zip(RUN_COLUMNS, runs[0], strict=True))
+        key = run["id"]
+        lease = leases[0] if leases else None
+        fork = forks[0] if forks else None
         try:
             if run["status"] not in STATUSES:
                 raise Damage(
@@ -957,9 +1001,9 @@ class SqlStore:
             rows = [(int(seq), float(updated), str(data)) for seq, updated, data in cur.fetchall()]
             if rows and rows[0][0] == 0:
                 return build_history(run_id, rows, run["format"])
-            cur.execute(q(Q["load_nodes"]), (key,))
+            cur.execute(q(Q["load_nodes"]), (run_id,))
             nodes = cur.fetchall()
-            cur.execute(q(Q["load_context"]), (key,))
+            cur.execute(q(Q["load_context"]), (run_id,))
             context = cur.fetchall()
         try:
             snapshot = snapshot_parts(run, nodes, context)
@@ -984,19 +1028,16 @@ class SqlStore:
         """The run's status as recorded ("pending", "success" or "failure"), in one
         statement: what a caller waiting for it looks at (`info` says more, at more cost).
         RunError for an unknown run."""
-        with self._read() as cur:
-            cur.execute(self._q(Q["run_status"]), (run_id,))
-            row = cur.fetchone()
-        if row is None:
+        (rows,) = self._read_rows([(self._q(Q["run_status"]), (run_id,))])
+        if not rows:
             raise RunError(f"no run {run_id!r} in {self._where()}")
-        return str(row[0])
+        return str(rows[0][0])
 
     @_reads
     def exists(self, run_id: str) -> bool:
         """True when the store has this run."""
-        with self._read() as cur:
-            cur.execute(self._q(Q["run_exists"]), (run_id,))
-            return cur.fetchone() is not None
+        (rows,) = self._read_rows([(self._q(Q["run_exists"]), (run_id,))])
+        return bool(rows)
 
     # -------------------------------------------------- listing
 

@@ -78,17 +78,18 @@ SELECT snapshot_seq FROM runs WHERE id = ?
 -- name: load_run
 SELECT id, run_id, status, created, updated, restarts, aborted, todo, touched, n_nodes, snapshot_seq, source, filename, initial_context, format, error, head_seq FROM runs WHERE run_id = ?
 
+-- The rows of a run by its public id (`load` reads them with its `runs` row at once).
 -- name: load_nodes
-SELECT node, spec, state, children FROM nodes WHERE run = ?
+SELECT node, spec, state, children FROM nodes WHERE run = (SELECT id FROM runs WHERE run_id = ?)
 
 -- name: load_context
-SELECT key, pos, value FROM context WHERE run = ?
+SELECT key, pos, value FROM context WHERE run = (SELECT id FROM runs WHERE run_id = ?)
 
 -- name: load_deltas
-SELECT seq, updated, data FROM deltas WHERE run = ? ORDER BY seq
+SELECT seq, updated, data FROM deltas WHERE run = (SELECT id FROM runs WHERE run_id = ?) ORDER BY seq
 
 -- name: load_lease
-SELECT token, host, pid, started, heartbeat, expires FROM leases WHERE run = ?
+SELECT token, host, pid, started, heartbeat, expires FROM leases WHERE run = (SELECT id FROM runs WHERE run_id = ?)
 
 -- name: count_runs
 SELECT count(*) FROM runs r
@@ -262,4 +263,4 @@ INSERT INTO forks (run, parent, parent_step) VALUES (?, ?, ?)
 DELETE FROM forks WHERE run IN ({marks})
 
 -- name: load_fork
-SELECT parent, parent_step FROM forks WHERE run = ?
+SELECT parent, parent_step FROM forks WHERE run = (SELECT id FROM runs WHERE run_id = ?)

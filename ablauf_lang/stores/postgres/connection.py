@@ -82,14 +82,14 @@ def is_lost(exc: BaseException) -> bool:
 @contextmanager
 def errors(url: str) -> Iterator[None]:
     """Turn driver errors into a one-line StoreError (ConnectionLost for a lost connection,
-    WriteConflict for a serialization failure)."""
+    WriteConflict for a serialization failure, or a lock that was not available)."""
     try:
         yield
     except psycopg.Error as exc:
         kind = StoreError
         if is_connection_error(exc):
             kind = ConnectionLost
-        elif isinstance(exc, psycopg.errors.SerializationFailure):
+        elif isinstance(exc, psycopg.errors.SerializationFailure | psycopg.errors.LockNotAvailable):
             kind = WriteConflict
         raise kind(f"PostgreSQL store {url}: {one_line(exc)}") from None
 

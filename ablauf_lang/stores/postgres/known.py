@@ -30,6 +30,8 @@ class SharedKnown(KnownRuns):
         self._committing: dict[str, int] = {}  # run id -> threads committing a write of it
         self.loads = 0  # runs read again for a step, by any thread (a count for tests)
         self.catch_ups = 0  # runs caught up with another process's writes instead
+        self.at_once = 0  # results delivered with their step in one round trip
+        self.at_once_missed = 0  # tried so, delivered the usual way (`queue.deliver`)
 
     def publish(self, run_id: str, known: Known) -> None:
         """Share what a committed transaction learned of a run, unless newer is known."""

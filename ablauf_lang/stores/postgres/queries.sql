@@ -47,6 +47,10 @@ SELECT id, on_queue FROM ablauf.runs WHERE run_id = %s FOR NO KEY UPDATE SKIP LO
 -- name: run_exists
 SELECT 1 FROM ablauf.runs WHERE run_id = %s;
 
+-- name: run_keys
+-- Numbers for new runs' rows, taken in advance (`PostgresStore._new_key`).
+SELECT nextval(pg_get_serial_sequence('ablauf.runs', 'id')) FROM generate_series(1, %s);
+
 -- name: newest_write
 -- The run's newest write: its newest delta, else its snapshot.
 SELECT coalesce((SELECT max(d.seq) FROM ablauf.deltas d WHERE d.run = r.id), r.snapshot_seq)

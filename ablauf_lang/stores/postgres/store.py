@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -52,7 +53,7 @@ from ablauf_lang.stores.postgres.faults import FAULTS, Faults
 from ablauf_lang.stores.postgres.known import KnownView, SharedKnown
 from ablauf_lang.stores.postgres.queries import QUERIES as Q
 from ablauf_lang.stores.postgres.schema import open_prepared
-from ablauf_lang.stores.sql import Known, SqlStore
+from ablauf_lang.stores.sql import Known, SqlStore, Statement, execute_all
 from ablauf_lang.stores.sql import Q as SQL
 
 log = logging.getLogger("ablauf.store")
@@ -61,6 +62,7 @@ T = TypeVar("T")
 # How long a step waits for another thread of this process to publish the write it just
 # committed (it let go of the run's lock with its COMMIT): far less than reading the run.
 PUBLISH_WAIT = 0.5
+KEYS_AT_ONCE = 32  # numbers for new runs' rows taken from the sequence at once
 
 
 def lock_run(conn: psycopg.Connection, run_id: str) -> int | None:
@@ -153,7 +155,20 @@ class PostgresStore(SqlStore):
         self.reconnect_for = reconnect_for
         self.reconnects = 0
         self._lock = threading.RLock()
-        self._defer: list[Sequence[Any]] | None = None
+        # A worker's step: its delta rows (and what goes with each) held back for its
+        # COMMIT (`commit_step`); None outside a step.
+        self._defer: list[tuple[Sequence[Any] | None, Sequence[Statement]]] | None = None
+        # A step's rows of a run it did not know, read with its first statements (`begin`).
+        self._read_along: tuple[str, list[list[Any]]] | None = None
+        self._pipe: contextlib.ExitStack | None = (
+            None  # a step's open pipeline (`begin_unanswered`)
+        )
+        self._keys: list[int] = []  # numbers for new runs' rows (`_new_key`)
+        # Deliveries written with their step in one round trip (`queue.deliver`), and
+        # those tried so that found the run or task otherwise and went the usual way.
+        self.at_once = 0
+        self.at_once_missed = 0
+        self._keys_pid = os.getpid()
 
     @classmethod
     def from_url(
@@ -254,6 +269,34 @@ class PostgresStore(SqlStore):
                 self._abandon()
                 raise
 
+    def _new_key(self, cur: Any) -> int:
+        """A number for a new run's row from the table's sequence, taken KEYS_AT_ONCE at a
+        time (a submit then reads nothing back: one round trip). A forked child takes
+        its own."""
+        if self._keys_pid != os.getpid():
+            self._keys, self._keys_pid = [], os.getpid()
+        if not self._keys:
+            with self.conn.cursor() as fresh:
+                fresh.execute(Q["run_keys"], (KEYS_AT_ONCE,))
+                self._keys = sorted((int(row[0]) for row in fresh.fetchall()), reverse=True)
+        return self._keys.pop()
+
+    def _read_rows(self, queries: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Any]]:
+        """The rows of each query in one snapshot, sent with the read's BEGIN and COMMIT
+        (one round trip; in the caller's open transaction: its statements, together)."""
+        with self._lock, errors(self.url):
+            if self.in_transaction():
+                return self._fetch_all(self.conn.cursor(), queries)
+            try:
+                with self.conn.pipeline():
+                    self.conn.execute(Q["begin_read"])
+                    cursors = [self.conn.execute(sql, params) for sql, params in queries]
+                    self.conn.execute("COMMIT")
+            except BaseException:
+                self._abandon()
+                raise
+            return [c.fetchall() for c in cursors]
+
     def _fetch_all(
         self, cur: psycopg.Cursor[Any], queries: Sequence[tuple[str, Sequence[Any]]]
     ) -> list[list[Any]]:
@@ -284,14 +327,22 @@ class PostgresStore(SqlStore):
         with self._lock, errors(self.url):
             yield self.conn
 
-    def _append_delta(self, params: Sequence[Any]) -> int:
+    def _append_delta(self, params: Sequence[Any], then: Sequence[Statement] = ()) -> int:
         """In a worker's step the delta row is held back and sent with the COMMIT, followed
-        by `ablauf.check_delta`: the transaction then fails unless it wrote that row itself
-        (see `commit_step`)."""
+        by `ablauf.check_delta` (the transaction then fails unless it wrote that row
+        itself, see `commit_step`) and by what goes with it (`then`)."""
         if self._defer is not None:
-            self._defer.append(params)
+            self._defer.append((params, then))
             return 1
-        return super()._append_delta(params)
+        return super()._append_delta(params, then)
+
+    def _later(self, sql: str, params: Sequence[Any]) -> None:
+        """A statement of a step whose answer is not read: sent with the step's COMMIT
+        (after what was held back before it), or now outside a worker's step."""
+        if self._defer is not None:
+            self._defer.append((None, [(sql, [params])]))
+        else:
+            self.conn.execute(sql, params)
 
     def _committed(self) -> None:
         """After a COMMIT: count it, and share what the transaction learned."""
@@ -323,32 +374,83 @@ class PostgresStore(SqlStore):
                 yield self.conn
             except BaseException:
                 self.known.rollback()
+                self._close_pipe()
                 self._abandon()
                 raise
             finally:
+                self._close_pipe()
                 self._defer = None
+                self._read_along = None
                 if self.known.in_transaction:  # every path ends the transaction
                     self.known.rollback()
 
-    def begin(self, sql: str, params: Sequence[Any]) -> Any:
+    def begin(self, sql: str, params: Sequence[Any], *, run_id: str | None = None) -> Any:
         """BEGIN and a first statement in one round trip; the statement's first row. The
-        step's delta is then held back for `commit_step`."""
-        return self._begin((sql, params))[0]
+        step's delta is then held back for `commit_step`. `run_id`: the run the step
+        writes; when this process does not know it, its rows are read along (`base_for`
+        builds it from them: no round trip of its own)."""
+        return self._begin([(sql, params)], run_id)[0]
 
     def begin_with(
-        self, sql: str, params: Sequence[Any], then: str, then_params: Sequence[Any]
+        self,
+        sql: str,
+        params: Sequence[Any],
+        then: str,
+        then_params: Sequence[Any],
+        *,
+        run_id: str | None = None,
     ) -> tuple[Any, Any]:
         """`begin` with a second statement sent along (run after the first, with a
         snapshot of its own: it sees what the holder of a lock the first waited for
         wrote); the first row of each."""
-        first, second = self._begin((sql, params), (then, then_params))
+        first, second = self._begin([(sql, params), (then, then_params)], run_id)
         return first, second
 
-    def _begin(self, *statements: tuple[str, Sequence[Any]]) -> list[Any]:
+    def begin_unanswered(self, sql: str, params: Sequence[Any]) -> None:
+        """BEGIN and a first statement sent, not waited for (pipeline mode, open until
+        `commit_step`): the step is computed while the server runs them, and its writes
+        and COMMIT follow them. An error of the statement fails the COMMIT (nothing of
+        the step is written)."""
+        pipe = contextlib.ExitStack()
+        pipe.enter_context(self.conn.pipeline())
+        self._pipe = pipe
+        self.conn.execute("BEGIN")
+        self.conn.execute(sql, params)
+        self._defer = []
+
+    def _close_pipe(self) -> None:
+        """Leave the pipeline `begin_unanswered` opened (after a failure: quietly)."""
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            with contextlib.suppress(psycopg.Error):
+                pipe.close()
+
+    def base_known(self, run_id: str) -> Known | None:
+        """What this process knows of the run, pinned for the transaction as the base of
+        its next write (`base_for` without the run's newest write read under its lock:
+        a base that is not the newest makes the write's number taken, and the COMMIT
+        fails); None when it knows nothing of it."""
+        base = self.known.get(run_id)
+        if base is not None:
+            self.known.pin(run_id, base)
+            self.fault("based", run_id)
+        return base
+
+    def _begin(self, statements: list[tuple[str, Sequence[Any]]], run_id: str | None) -> list[Any]:
+        # The run's rows, when read along, are read after the first statements (after the
+        # run's lock: they see what its holder wrote, and no one writes them meanwhile).
+        reads = (
+            []
+            if run_id is None or self.known.get(run_id) is not None
+            else self.load_queries(run_id)
+        )
         with self.conn.pipeline():
             self.conn.execute("BEGIN")
             cursors = [self.conn.execute(sql, params) for sql, params in statements]
+            loads = [self.conn.execute(sql, params) for sql, params in reads]
         self._defer = []
+        if run_id is not None and loads:
+            self._read_along = (run_id, [cur.fetchall() for cur in loads])
         return [cur.fetchone() for cur in cursors]
 
     def end(self, *, commit: bool) -> None:
@@ -386,7 +488,11 @@ class PostgresStore(SqlStore):
         if base is None or base.seq != seq or base.key != key:
             self.loads += 1
             self.known.shared.loads += 1
-            self.load(run_id)
+            along, self._read_along = self._read_along, None
+            if along is not None and along[0] == run_id and base is None:
+                self.loaded(run_id, along[1])  # read with the step's first statements
+            else:
+                self.load(run_id)
             base = self.known.get(run_id)
             if base is None:
                 raise InternalError(f"run {run_id} was read but is not known")
@@ -399,7 +505,9 @@ class PostgresStore(SqlStore):
         and COMMIT, in one round trip; what `send` returned (read its cursors after)."""
         self.fault("commit", run_id)
         self.known.committing()
-        with self.conn.pipeline():
+        # The pipeline `begin_unanswered` opened, or one of its own: left (synced) here.
+        pipe, self._pipe = self._pipe, None
+        with pipe if pipe is not None else self.conn.pipeline():
             self._send_held()
             out = send(self.conn)
             self.conn.execute("COMMIT")
@@ -409,15 +517,18 @@ class PostgresStore(SqlStore):
         return out
 
     def _send_held(self) -> None:
-        """Send the step's held-back delta rows, each followed by `ablauf.check_delta`
-        (pipeline-safe: nothing is read)."""
+        """Send the step's held-back delta rows, each followed by `ablauf.check_delta` and
+        what goes with it (pipeline-safe: nothing is read)."""
         held = self._defer
         if not held:
             return
         self._defer = []
-        for params in held:
-            self.conn.execute(self._q(SQL["insert_delta"]), params)
-            self.conn.execute(Q["check_delta"], (params[0], params[1]))
+        cur = self.conn.cursor()
+        for params, then in held:
+            if params is not None:
+                cur.execute(self._q(SQL["insert_delta"]), params)
+                cur.execute(Q["check_delta"], (params[0], params[1]))
+            execute_all(cur, then)
 
     def forget(self, run_id: str) -> None:
         """Drop what this process knows of a run (after a failed or doubtful transaction)."""
@@ -492,7 +603,7 @@ class PostgresStore(SqlStore):
         if known is None or (base is not None and known.seq != base.seq + 1):
             raise InternalError(f"run {run_id}: a step was not written right after its base")
         if job.status is not Status.PENDING and (before is None or before.status == Status.PENDING):
-            self.conn.execute(Q["notify_finished"], (run_id,))
+            self._later(Q["notify_finished"], (run_id,))
         return known.seq
 
     def _signal_run(self, cur: Any, run_id: str) -> tuple[int, str, Any] | None:

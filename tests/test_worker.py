@@ -775,8 +775,32 @@ def test_a_notify_for_one_task_wakes_one_idle_slot_and_none_is_missed() -> None:
     started = time.monotonic()
     wake.wait(seen, 5.0, stop)
     assert time.monotonic() - started < 1.0
-    assert worker._count("3") == 3
-    assert worker._count("due") is None
+    assert worker._count("3") == (3, None)
+    assert worker._count("due") == (None, None)
+    assert worker._count("1 0a1b2c") == (1, "0a1b2c")  # a restart task of that run
+
+
+def test_a_submitted_run_is_restarted_from_its_notify_without_a_claim(
+    pg_server: PgServer,
+) -> None:
+    """The NOTIFY of a submit names the run: a woken slot restarts it at once (one round
+    trip less). A hint for a run with nothing queued, or one another transaction holds,
+    does nothing: the slot looks at the queue as usual."""
+    url = database(pg_server)
+    w, thread = _in_process_worker(url, {"test/echo": lambda p, c: p})
+    try:
+        runs = [worker.submit("(action!! :test/echo 1)", url) for _ in range(3)]
+        for run_id in runs:
+            assert worker.wait(run_id, url, timeout=30).status is Status.SUCCESS
+        assert w.stats["hinted"] >= 1
+        before = w.stats["hinted"]
+        w.wake.bump(1, runs[0])  # done: nothing queued for it
+        run = worker.wait(worker.submit("(action!! :test/echo 2)", url), url, timeout=30)
+        assert run.status is Status.SUCCESS
+        assert w.stats["hinted"] <= before + 1
+    finally:
+        w.stop.set()
+        thread.join(timeout=30)
 
 
 def _in_process_worker(

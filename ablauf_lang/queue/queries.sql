@@ -1,7 +1,8 @@
 -- The task queue the workers share (`ablauf_lang.queue`): every statement it runs, by name.
 -- Tables: `stores/postgres/migrations/*.sql` (schema `ablauf`). `tasks` holds 'restart'
 -- tasks (a result to apply, or none) and 'action' tasks (a dispatch to perform, leased to
--- a worker while performed). NOTIFY channel `ablauf_tasks`: tasks are ready to be taken.
+-- a worker while performed). NOTIFY channel `ablauf_tasks`: tasks are ready to be taken
+-- (the payload: how many; "1 RUN_ID" for a restart task queued for that run alone).
 
 -- name: listen
 LISTEN ablauf_tasks;
@@ -188,8 +189,8 @@ RETURNING task_id, node, lease_owner IS NOT NULL;
 -- A restart task (with a result to apply, or none) and a NOTIFY. Params: run_id, result,
 -- note (why: shown in the `ablauf.queue` view).
 WITH q AS (INSERT INTO ablauf.tasks (run_id, kind, result, note)
-           VALUES (%s, 'restart', %s, %s) RETURNING 1)
-SELECT pg_notify('ablauf_tasks', '1') FROM q;
+           VALUES (%s, 'restart', %s, %s) RETURNING run_id)
+SELECT pg_notify('ablauf_tasks', '1 ' || q.run_id) FROM q;
 
 -- name: mark_on_queue
 -- The workers serve the run (its steps are theirs to perform).

@@ -254,15 +254,18 @@ def run_restart(
     lease: float,
     serves: Collection[str] | None = None,
     local: Local | None = None,
+    wait: bool = True,
 ) -> Step | None:
     """Restart a run for its queued results: wait for its row lock (a restart of the run
     elsewhere finishes first), then apply the results queued for it at once (the oldest
     10,000: a step's work is bounded, the others stay queued for the next; and go on
-    with what `local` performs, see `_finish`)."""
+    with what `local` performs, see `_finish`). Not `wait`: None at once when another
+    transaction holds the run (its queued results stay queued)."""
     how = _How(advance, worker, claim, lease, serves, local)
+    lock = STORE_Q["lock_run" if wait else "try_lock_run"]
     with store.step():
         row, state = store.begin_with(
-            STORE_Q["lock_run"], (run_id,), Q["run_state"], (run_id, run_id), run_id=run_id
+            lock, (run_id,), Q["run_state"], (run_id, run_id), run_id=run_id
         )
         if row is None or state is None:
             store.end(commit=False)

@@ -61,7 +61,7 @@ import sys
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -115,6 +115,7 @@ BATCH_TIME = 0.05  # tasks of a batch not started by then go back to the queue
 POLL = 5.0  # safety poll of an idle slot (NOTIFY wakes it at once)
 MAX_BACKOFF = 5.0  # longest wait between two reconnection attempts
 SWITCH_INTERVAL = 0.0005  # seconds: the thread switch interval while a worker runs
+HINTS = 64  # runs named by NOTIFYs kept for idle slots to restart at once
 LISTEN_TICK = 0.5  # the listener's longest wait for a NOTIFY (it checks for stopping)
 DUE_RECHECK = 0.05  # after NOTIFYs, the listener looks at the next due time at most this often
 ABANDONED = 256  # threads for actions with a time limit (one abandoned at its limit stays)
@@ -359,14 +360,24 @@ class _Wake:
     def __init__(self) -> None:
         self.generation = 0
         self._cond = threading.Condition()
+        # Runs a NOTIFY named, a restart task queued for each: a woken slot restarts one
+        # at once, without a claim (`Worker._take`); the newest HINTS only.
+        self._hints: deque[str] = deque(maxlen=HINTS)
 
-    def bump(self, count: int | None = None) -> None:
+    def bump(self, count: int | None = None, run_id: str | None = None) -> None:
         with self._cond:
             self.generation += 1
+            if run_id is not None:
+                self._hints.append(run_id)
             if count is None:
                 self._cond.notify_all()
             else:
                 self._cond.notify(max(1, count))
+
+    def hint(self) -> str | None:
+        """A run a NOTIFY named that no slot took yet (the oldest), or None."""
+        with self._cond:
+            return self._hints.popleft() if self._hints else None
 
     def wait(self, seen: int, timeout: float, stop: threading.Event) -> None:
         deadline = time.monotonic() + timeout
@@ -459,6 +470,7 @@ class Worker:
         self.stats.update(sleeps=0, signals=0, parked=0, timeouts=0)
         self.limited = ActionThreads(ABANDONED)  # sync actions with a timeout or heartbeat
         self.stats.update(local=0)  # actions performed within the step that dispatched them
+        self.stats.update(hinted=0)  # restarts of a run a NOTIFY named, taken without a claim
         # action -> (times performed here, mean seconds, recent ones weigh more)
         self.timing: dict[str, tuple[int, float]] = {}
 
@@ -657,8 +669,14 @@ class Worker:
 
     def _take(self, slot: _Slot) -> bool:
         """Take one task: lease an action (performed next), or run a restart; False if the
-        queue has nothing ready."""
+        queue has nothing ready. A run a NOTIFY named is restarted at once (its restart
+        task was queued: one round trip less than claiming it first; if another slot or
+        worker took it, nothing is done and the queue is looked at as usual)."""
         store = self._store(slot)
+        hinted = self.wake.hint()
+        if hinted is not None and self._restart(slot, hinted, wait=False):
+            self.stats["hinted"] += 1
+            return True
         taken = queue.claim(store, slot.owner, self.lease, slot.batch, self.serves)
         if not taken:
             return False
@@ -675,33 +693,43 @@ class Worker:
         restarts = [c for c in taken if c.dispatch is None]
         if not restarts:
             return True
-        claimed = restarts[0]  # the others stay queued (the first one's restart may take them)
+        # The others stay queued (the first one's restart may take them).
+        self._restart(slot, restarts[0].run_id)
+        return True
+
+    def _restart(self, slot: _Slot, run_id: str, *, wait: bool = True) -> bool:
+        """Restart a run for its queued results (`queue.run_restart`), leasing one of its
+        new actions to the slot; False when there was nothing to do (none queued; not
+        `wait`: or another transaction holds the run, which the claim then finds out)."""
+        store = self._store(slot)
         try:
             step = queue.run_restart(
                 store,
-                claimed.run_id,
+                run_id,
                 advance,
                 worker=slot.owner,
                 claim=1,
                 lease=self.lease,
                 serves=self.serves,
-                local=self._local(slot, claimed.run_id),
+                local=self._local(slot, run_id),
+                wait=wait,
             )
         except Exception as exc:
-            store.forget(claimed.run_id)
+            store.forget(run_id)
             if self._lost(exc):
                 raise
             if isinstance(exc, postgres.WriteConflict):  # the task is back in the queue
                 self.stats["conflicts"] += 1
-                log.debug("run %s: %s; its restart task stays queued", claimed.run_id, exc)
+                log.debug("run %s: %s; its restart task stays queued", run_id, exc)
             else:
-                self._set_aside(slot, claimed.run_id, exc)
+                self._set_aside(slot, run_id, exc)
             return True
-        if step is not None:
-            self.stats["restarts"] += 1
-            self._stepped(claimed.run_id, step)
-            self._hold([t for t, _ in step.claimed])
-            slot.todo.extend((t, d, claimed.run_id) for t, d in step.claimed)
+        if step is None:
+            return False
+        self.stats["restarts"] += 1
+        self._stepped(run_id, step)
+        self._hold([t for t, _ in step.claimed])
+        slot.todo.extend((t, d, run_id) for t, d in step.claimed)
         return True
 
     def _stepped(self, run_id: str, step: queue.Step) -> None:
@@ -980,7 +1008,7 @@ class Worker:
                     if note.payload == queue.DUE:  # a task due later: maybe before `due`
                         look = min(look, time.monotonic() + DUE_RECHECK)
                     else:  # tasks are ready: as many idle slots take them
-                        self.wake.bump(_count(note.payload))
+                        self.wake.bump(*_count(note.payload))
             except Exception as exc:  # the connection, or a bug: start again
                 if conn is not None:
                     log.warning("listener lost its connection (%s); reconnecting", _message(exc))
@@ -1050,12 +1078,14 @@ class Worker:
             log.warning("%s", line)
 
 
-def _count(payload: str) -> int | None:
-    """How many tasks a NOTIFY says became ready (None: not a count, wake every slot)."""
+def _count(payload: str) -> tuple[int | None, str | None]:
+    """How many tasks a NOTIFY says became ready (None: not a count, wake every slot), and
+    the run of the restart task it announces, when it names one ("1 RUN_ID")."""
+    count, _, run_id = payload.partition(" ")
     try:
-        return int(payload)
+        return int(count), run_id or None
     except ValueError:
-        return None
+        return None, None
 
 
 def _log_action(payload: Any, context: Any) -> Any:

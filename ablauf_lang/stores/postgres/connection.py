@@ -115,6 +115,30 @@ def reopen(
             delay = min(2.0, delay * 2)
 
 
+def prepared_mark(conn: psycopg.Connection) -> int | None:
+    """How many statements psycopg has started to prepare on the connection (None: not
+    known): what `forget_prepared` compares with."""
+    mark = getattr(getattr(conn, "_prepared", None), "_prepared_idx", None)
+    return mark if isinstance(mark, int) else None
+
+
+def forget_prepared(conn: psycopg.Connection, mark: int | None = None) -> None:
+    """After a failed transaction, make psycopg prepare every statement of the connection
+    again (it deallocates them all with its next statement), unless it prepared none
+    since `mark` (`prepared_mark` at the transaction's start). After a pipeline with a
+    failed statement the server skipped those sent after it, their PREPAREs too, but
+    psycopg (3.3) may take them as prepared, and their next use fails: "prepared
+    statement _pg3_N does not exist". A ROLLBACK makes psycopg forget only the first time
+    it meets one, and it has no public call for this: its prepared-statement manager is
+    cleared here (nothing happens if a later psycopg has none of these names;
+    tests/test_deliver_at_once.py fails then)."""
+    if mark is not None and prepared_mark(conn) == mark:
+        return
+    clear = getattr(getattr(conn, "_prepared", None), "clear", None)
+    if callable(clear):
+        clear()
+
+
 def close_quietly(conn: psycopg.Connection | None) -> None:
     """Close a connection that may be broken already."""
     if conn is not None:

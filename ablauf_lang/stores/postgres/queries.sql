@@ -36,6 +36,10 @@ BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;
 -- the foreign-key checks of rows inserted for it (a queued result, a delta).
 SELECT id FROM ablauf.runs WHERE run_id = %s FOR NO KEY UPDATE;
 
+-- name: try_lock_run
+-- `lock_run` without waiting: no row when another transaction holds it.
+SELECT id FROM ablauf.runs WHERE run_id = %s FOR NO KEY UPDATE SKIP LOCKED;
+
 -- name: lock_run_api
 -- The same for a write through the API, which also needs to know whether workers serve it.
 SELECT id, on_queue FROM ablauf.runs WHERE run_id = %s FOR NO KEY UPDATE;

@@ -45,6 +45,8 @@ from ablauf_lang.stores.postgres.connection import (
     WriteConflict,
     close_quietly,
     errors,
+    forget_prepared,
+    prepared_mark,
     redact,
     reopen,
 )
@@ -349,9 +351,14 @@ class PostgresStore(SqlStore):
         self.commits += 1
         self.known.commit()
 
-    def _abandon(self) -> None:
-        """Roll back a transaction that failed (when the connection still works)."""
-        if self.conn.closed or not self.in_transaction():
+    def _abandon(self, mark: int | None = None) -> None:
+        """Roll back a transaction that failed (when the connection still works), and
+        have psycopg prepare its statements again if it prepared any since `mark`
+        (`forget_prepared`)."""
+        if self.conn.closed:
+            return
+        forget_prepared(self.conn, mark)
+        if not self.in_transaction():
             return
         try:
             self.conn.execute("ROLLBACK")
@@ -370,12 +377,13 @@ class PostgresStore(SqlStore):
         held-back delta are dropped unless committed; an error abandons it."""
         with self._lock, errors(self.url):
             self.known.begin()
+            mark = prepared_mark(self.conn)
             try:
                 yield self.conn
             except BaseException:
                 self.known.rollback()
                 self._close_pipe()
-                self._abandon()
+                self._abandon(mark)
                 raise
             finally:
                 self._close_pipe()

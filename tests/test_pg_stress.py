@@ -52,19 +52,23 @@ def stress(
     faults: str,
     kills: int,
     timeout: float,
+    sequences: int = 3,
 ) -> None:
     url = database(server)
     group = Workers(url, env={"ABLAUF_PG_FAULTS": faults})
     run_ids = [worker.submit(fanout(k * width, width), url) for k in range(runs)]
-    # A sequence whose quick idempotent steps run within the steps that dispatched them
-    # (local actions), between non-idempotent ones that must still happen exactly once.
+    # Sequences whose quick idempotent steps run within the steps that dispatched them
+    # (local actions), between non-idempotent ones that must still happen exactly once
+    # (their results delivered at once with the step they make, or the usual way when
+    # that fails: a rollback, a lost connection, another worker holding the run).
     pairs = 20
-    steps = (
-        f"(idempotent-action!! :test/noop {i}) (action!! :test/insert {{:n {runs * width + i}}})"
-        for i in range(pairs)
-    )
-    sequence = "(do!! " + " ".join(steps) + ")"
-    run_ids.append(worker.submit(sequence, url))
+    for k in range(sequences):
+        first = runs * width + k * pairs
+        steps = (
+            f"(idempotent-action!! :test/noop {i}) (action!! :test/insert {{:n {first + i}}})"
+            for i in range(pairs)
+        )
+        run_ids.append(worker.submit("(do!! " + " ".join(steps) + ")", url))
     stop = threading.Event()
 
     def killer() -> None:
@@ -86,11 +90,11 @@ def stress(
         chaos.join()
         statuses = [r.status for r in finished]
         assert statuses == [Status.SUCCESS] * len(run_ids), group.output()
-        for run in finished[:-1]:
+        for run in finished[:runs]:
             leaves = list(run.job.leaves())
             assert all(leaf.result is LeafState.SUCCESS for leaf in leaves)
             assert [leaf.output for leaf in leaves] == [leaf.payload["n"] for leaf in leaves]
-        total = runs * width + pairs
+        total = runs * width + sequences * pairs
         assert query(url, "SELECT count(*), count(DISTINCT n) FROM hits") == [(total, total)]
         for run in finished:
             logged = query(

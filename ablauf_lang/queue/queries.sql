@@ -192,9 +192,14 @@ WITH q AS (INSERT INTO ablauf.tasks (run_id, kind, result, note)
            VALUES (%s, 'restart', %s, %s) RETURNING run_id)
 SELECT pg_notify('ablauf_tasks', '1 ' || q.run_id) FROM q;
 
--- name: mark_on_queue
--- The workers serve the run (its steps are theirs to perform).
-UPDATE ablauf.runs SET on_queue = true WHERE run_id = %s;
+-- name: hand_to_workers
+-- The workers serve the run (its steps are theirs to perform): its first restart task
+-- queued, with a NOTIFY naming it (`enqueue_restart`), in one statement. Params: run_id,
+-- run_id, note.
+WITH u AS (UPDATE ablauf.runs SET on_queue = true WHERE run_id = %s),
+     q AS (INSERT INTO ablauf.tasks (run_id, kind, result, note)
+           VALUES (%s, 'restart', NULL, %s) RETURNING run_id)
+SELECT pg_notify('ablauf_tasks', '1 ' || q.run_id) FROM q;
 
 -- name: renew_leases
 -- Params: lease seconds, task ids, owners.

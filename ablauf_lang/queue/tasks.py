@@ -199,8 +199,7 @@ def hand_to_workers(
     repair, logged as `entry`): mark the run served by the workers, queue a restart."""
     if entry is not None:
         log_step(conn, run_id, entry, 0)
-    conn.execute(Q["mark_on_queue"], (run_id,))
-    enqueue_restart(conn, run_id, None, note=note)
+    conn.execute(Q["hand_to_workers"], (run_id, run_id, note))
 
 
 # ---------------------------------------------------------------- taking and leases

@@ -180,7 +180,7 @@ RUN_COLUMNS = (
     "head_seq",
 )
 # The queries of a run's rows `SqlStore.load` reads (by the run's public id), in order.
-LOAD_TABLES = ("load_run", "load_nodes", "load_context", "load_deltas", "load_lease", "load_fork")
+LOAD_TABLES = ("load_run_whole", "load_nodes", "load_context", "load_deltas")
 LEASE_COLUMNS = ("token", "host", "pid", "started", "heartbeat", "expires")
 # The statements, by name (`sql.sql`), loaded once.
 Q = load_queries(__package__ or "ablauf_lang.stores", "sql.sql")
@@ -902,13 +902,15 @@ class SqlStore:
     def loaded(self, run_id: str, rows: list[list[Any]]) -> StoredRun:
         """The run the rows of `load_queries` make (what `load` returns); what this store
         knows of it is then that."""
-        runs, nodes, context, deltas, leases, forks = rows
+        runs, nodes, context, deltas = rows
         if not runs:
             raise RunError(f"no run {run_id!r} in {self._where()}")
-        run = dict(zip(RUN_COLUMNS, runs[0], strict=True))
+        n = len(RUN_COLUMNS)
+        run = dict(zip(RUN_COLUMNS, runs[0][:n], strict=True))
         key = run["id"]
-        lease = leases[0] if leases else None
-        fork = forks[0] if forks else None
+        lease = runs[0][n : n + len(LEASE_COLUMNS)]  # NULLs: no lease (`_driver`)
+        forked = runs[0][n + len(LEASE_COLUMNS) :]
+        fork = None if forked[0] is None else forked
         try:
             if run["status"] not in STATUSES:
                 raise Damage(

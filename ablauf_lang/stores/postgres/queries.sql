@@ -60,10 +60,6 @@ SELECT nextval(pg_get_serial_sequence('ablauf.runs', 'id')) FROM generate_series
 SELECT coalesce((SELECT max(d.seq) FROM ablauf.deltas d WHERE d.run = r.id), r.snapshot_seq)
 FROM ablauf.runs r WHERE r.run_id = %s;
 
--- name: check_delta
--- Fails the transaction unless it wrote delta (run, seq) itself.
-SELECT ablauf.check_delta(%s, %s);
-
 -- name: notify_finished
 -- The run finished: wake whoever waits for it (`LISTEN ablauf_runs`).
 SELECT pg_notify('ablauf_runs', %s);

@@ -64,6 +64,13 @@ T = TypeVar("T")
 # How long a step waits for another thread of this process to publish the write it just
 # committed (it let go of the run's lock with its COMMIT): far less than reading the run.
 PUBLISH_WAIT = 0.5
+# A worker step's delta row (the store's `insert_delta`) and `ablauf.check_delta` in one
+# statement: the check runs only when the row was not inserted (another writer of that
+# number, or a fold past it), and then fails the transaction.
+CHECKED_DELTA = (
+    f"WITH i AS ({DIALECT.q(SQL['insert_delta'])} RETURNING 1) "
+    "SELECT ablauf.check_delta(%s, %s) WHERE NOT EXISTS (SELECT 1 FROM i)"
+)
 KEYS_AT_ONCE = 32  # numbers for new runs' rows taken from the sequence at once
 
 
@@ -534,8 +541,7 @@ class PostgresStore(SqlStore):
         cur = self.conn.cursor()
         for params, then in held:
             if params is not None:
-                cur.execute(self._q(SQL["insert_delta"]), params)
-                cur.execute(Q["check_delta"], (params[0], params[1]))
+                cur.execute(CHECKED_DELTA, (*params, params[0], params[1]))
             execute_all(cur, then)
 
     def forget(self, run_id: str) -> None:

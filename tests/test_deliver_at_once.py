@@ -261,10 +261,15 @@ def test_runs_of_any_shape_end_on_the_workers_as_in_memory(
     assert run.status is expected.status
     if "dopar!!" not in source:  # one order of steps: every leaf ends as in memory
         assert _outcome(run.job) == _outcome(expected.job)
-    # Each action performed once (an idempotent one too: nothing here fails or crashes).
-    performed = sum(
-        1
+    # Each non-idempotent action performed once; an idempotent one at least once (it may
+    # run again: performed within a step whose transaction then failed, a delivery at once
+    # that found the run taken, and its result went the usual way).
+    done = [
+        leaf
         for leaf in run.job.leaves()
         if leaf.action == "test/act" and leaf.result is LeafState.SUCCESS
-    )
-    assert sum(calls.values()) == performed, (source, calls)
+    ]
+    once = sum(n for payload, n in calls.items() if payload.startswith("{"))
+    again = sum(n for payload, n in calls.items() if payload.startswith("["))
+    assert once == sum(1 for leaf in done if not leaf.idempotent), (source, calls)
+    assert again >= sum(1 for leaf in done if leaf.idempotent), (source, calls)

@@ -337,9 +337,10 @@ class PostgresStore(SqlStore):
             yield self.conn
 
     def _append_delta(self, params: Sequence[Any], then: Sequence[Statement] = ()) -> int:
-        """In a worker's step the delta row is held back and sent with the COMMIT, followed
-        by `ablauf.check_delta` (the transaction then fails unless it wrote that row
-        itself, see `commit_step`) and by what goes with it (`then`)."""
+        """In a worker's step the delta row is held back and sent with the COMMIT, checked
+        by `ablauf.check_delta` in the same statement (`CHECKED_DELTA`: the transaction
+        then fails unless it wrote that row itself), followed by what goes with it
+        (`then`)."""
         if self._defer is not None:
             self._defer.append((params, then))
             return 1
@@ -532,8 +533,8 @@ class PostgresStore(SqlStore):
         return out
 
     def _send_held(self) -> None:
-        """Send the step's held-back delta rows, each followed by `ablauf.check_delta` and
-        what goes with it (pipeline-safe: nothing is read)."""
+        """Send the step's held-back delta rows, each checked (`CHECKED_DELTA`) and followed
+        by what goes with it (pipeline-safe: nothing is read)."""
         held = self._defer
         if not held:
             return

@@ -787,7 +787,9 @@ def test_a_submitted_run_is_restarted_from_its_notify_without_a_claim(
     trip less). A hint for a run with nothing queued, or one another transaction holds,
     does nothing: the slot looks at the queue as usual."""
     url = database(pg_server)
-    w, thread = _in_process_worker(url, {"test/echo": lambda p, c: p})
+    w = worker.Worker(url, {"test/echo": lambda p, c: p}, 1, poll=POLL)  # idle when woken
+    thread = threading.Thread(target=w.run)
+    thread.start()
     try:
         runs = [worker.submit("(action!! :test/echo 1)", url) for _ in range(3)]
         for run_id in runs:

@@ -249,7 +249,7 @@ def _outcome(job: Any) -> list[tuple[int, str, Any]]:
 
 
 @settings(
-    max_examples=60,
+    max_examples=40,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

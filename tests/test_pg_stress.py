@@ -52,7 +52,7 @@ def stress(
     faults: str,
     kills: int,
     timeout: float,
-    sequences: int = 3,
+    sequences: int = 2,
 ) -> None:
     url = database(server)
     group = Workers(url, env={"ABLAUF_PG_FAULTS": faults})

@@ -437,3 +437,13 @@ def test_random_bytes_through_the_command_line(
             assert "Traceback" not in out.stderr
             if out.returncode == 2:
                 assert out.stderr.count("\n") == 1, out.stderr
+
+
+def test_a_write_number_a_damaged_page_made_null_is_damage_not_a_traceback() -> None:
+    """Found by `test_random_bytes_in_the_file_never_give_a_traceback`: a delta's write
+    number read back as NULL was sorted with the others (TypeError)."""
+    from ablauf_lang.stores.sql import Damage, check_log
+
+    for seqs in ([1, None, 3], [None], ["1"]):
+        with pytest.raises(Damage, match="write numbers are not numbers"):
+            check_log(0, len(seqs), seqs)

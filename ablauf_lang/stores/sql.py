@@ -138,6 +138,8 @@ def check_log(snapshot_seq: Any, head_seq: Any, seqs: Sequence[int]) -> None:
     if head_seq < snapshot_seq:
         raise Damage(f"its newest write ({head_seq}) is older than its snapshot ({snapshot_seq})")
     want = head_seq - snapshot_seq
+    if any(type(seq) is not int for seq in seqs):  # a damaged page: NULL, text
+        raise Damage("its step log's write numbers are not numbers")
     if len(seqs) == want and (not seqs or (seqs[0] == snapshot_seq + 1 and seqs[-1] == head_seq)):
         return  # seqs are unique and sorted: the right count between the ends is all of them
     if want > len(seqs) + 1000:

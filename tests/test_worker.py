@@ -791,6 +791,13 @@ def test_a_submitted_run_is_restarted_from_its_notify_without_a_claim(
     thread = threading.Thread(target=w.run)
     thread.start()
     try:
+        # Submitted once its listener LISTENs (before, its slot finds the tasks by a claim).
+        listening = (
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name = 'ablauf-listen'"
+        )
+        wait_for(lambda: query(url, listening)[0][0] >= 1, 30, what="the listener")
+        time.sleep(0.2)  # its first look at the queue done
         runs = [worker.submit("(action!! :test/echo 1)", url) for _ in range(3)]
         for run_id in runs:
             assert worker.wait(run_id, url, timeout=30).status is Status.SUCCESS

@@ -185,21 +185,22 @@ FROM unnest(%s::int[], %s::int[], %s::text[], %s::bool[], %s::text[], %s::text[]
           heartbeat)
 RETURNING task_id, node, lease_owner IS NOT NULL;
 
+-- fragment: restart_task
+-- A restart task queued (result and note: the last parameters) and a NOTIFY naming its run.
+q AS (INSERT INTO ablauf.tasks (run_id, kind, result, note)
+      VALUES (%s, 'restart', %s, %s) RETURNING run_id)
+SELECT pg_notify('ablauf_tasks', '1 ' || q.run_id) FROM q
+
 -- name: enqueue_restart
 -- A restart task (with a result to apply, or none) and a NOTIFY. Params: run_id, result,
 -- note (why: shown in the `ablauf.queue` view).
-WITH q AS (INSERT INTO ablauf.tasks (run_id, kind, result, note)
-           VALUES (%s, 'restart', %s, %s) RETURNING run_id)
-SELECT pg_notify('ablauf_tasks', '1 ' || q.run_id) FROM q;
+WITH {{restart_task}};
 
 -- name: hand_to_workers
 -- The workers serve the run (its steps are theirs to perform): its first restart task
--- queued, with a NOTIFY naming it (`enqueue_restart`), in one statement. Params: run_id,
--- run_id, note.
+-- queued, in one statement. Params: run_id, run_id, NULL, note.
 WITH u AS (UPDATE ablauf.runs SET on_queue = true WHERE run_id = %s),
-     q AS (INSERT INTO ablauf.tasks (run_id, kind, result, note)
-           VALUES (%s, 'restart', NULL, %s) RETURNING run_id)
-SELECT pg_notify('ablauf_tasks', '1 ' || q.run_id) FROM q;
+     {{restart_task}};
 
 -- name: renew_leases
 -- Params: lease seconds, task ids, owners.

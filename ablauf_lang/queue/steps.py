@@ -31,6 +31,7 @@ from ablauf_lang.queue.tasks import (
 from ablauf_lang.stores.postgres.connection import WriteConflict
 from ablauf_lang.stores.postgres.queries import QUERIES as STORE_Q
 from ablauf_lang.stores.postgres.store import PostgresStore
+from ablauf_lang.stores.sql import Known
 
 # A step's engine call: the run's job and the results to apply -> (new job, dispatches).
 Advance = Callable[[Job, list[Result]], tuple[Job, list[Dispatch]]]
@@ -168,11 +169,25 @@ def _apply(
     results = [decode_result(r) for _, r in queued if r is not None]
     results.extend(extra)
     base = store.base_for(run_id, key, int(seq))
+    return _write(store, run_id, base, results, how, [t for t, _ in queued], started)
+
+
+def _write(
+    store: PostgresStore,
+    run_id: str,
+    base: Known,
+    results: list[Result],
+    how: _How,
+    task_ids: list[int],
+    started: Any,
+) -> _Applied:
+    """Advance the job `base` holds with `results` and record the write after it, in the
+    step's transaction (its actions not queued yet). `task_ids`: the restart tasks the
+    step consumed; `started`: when its lock was taken (None: when it is logged)."""
     new, dispatches = how.advance(base.job, results)
     written = store.record_locked(run_id, new, base)
     log = StepLog(written, how.worker, len(results), started)
-    settled = settled_leaves(base.job, new, results)
-    return _Applied(new, list(dispatches), [t for t, _ in queued], log, settled)
+    return _Applied(new, list(dispatches), task_ids, log, settled_leaves(base.job, new, results))
 
 
 def _chain(
@@ -189,13 +204,9 @@ def _chain(
         base = store.known.get(run_id)
         if base is None or base.job is not applied.job:
             raise InternalError(f"run {run_id}: its write is not the base of the next")
-        new, dispatches = how.advance(base.job, results)
-        written = store.record_locked(run_id, new, base)
-        # Its row lock was taken with the first write: logged as started when written.
-        log = StepLog(written, how.worker, len(results), None)
-        settled = settled_leaves(base.job, new, results)
         before.append(applied)
-        applied = _Applied(new, list(dispatches), [], log, settled)
+        # Its row lock was taken with the first write: logged as started when written.
+        applied = _write(store, run_id, base, results, how, [], None)
     return applied, before
 
 
@@ -364,12 +375,7 @@ def _deliver_at_once(
         base = store.base_known(run_id)
         if base is None:
             raise InternalError(f"run {run_id}: not known for a delivery at once")
-        new, dispatches = how.advance(base.job, [result])
-        written = store.record_locked(run_id, new, base)
-        log = StepLog(written, how.worker, 1, None)
-        settled = settled_leaves(base.job, new, [result])
-        applied = _Applied(new, list(dispatches), [], log, settled)
-        step = _finish(store, run_id, applied, how)
+        step = _finish(store, run_id, _write(store, run_id, base, [result], how, [], None), how)
     store.at_once += 1
     store.known.shared.at_once += 1
     return Delivery("restarted", run_id, step)

@@ -199,7 +199,7 @@ def hand_to_workers(
     repair, logged as `entry`): mark the run served by the workers, queue a restart."""
     if entry is not None:
         log_step(conn, run_id, entry, 0)
-    conn.execute(Q["hand_to_workers"], (run_id, run_id, note))
+    conn.execute(Q["hand_to_workers"], (run_id, run_id, None, note))
 
 
 # ---------------------------------------------------------------- taking and leases

@@ -182,7 +182,7 @@ RUN_COLUMNS = (
     "head_seq",
 )
 # The queries of a run's rows `SqlStore.load` reads (by the run's public id), in order.
-LOAD_TABLES = ("load_run_whole", "load_nodes", "load_context", "load_deltas")
+LOAD_TABLES = ("load_run", "load_nodes", "load_context", "load_deltas")
 LEASE_COLUMNS = ("token", "host", "pid", "started", "heartbeat", "expires")
 # The statements, by name (`sql.sql`), loaded once.
 Q = load_queries(__package__ or "ablauf_lang.stores", "sql.sql")
@@ -866,19 +866,11 @@ class SqlStore:
     def _stored_job(self, cur: Any, run_id: str) -> Job | None:
         """The run's job as stored, read in the caller's transaction; None when its rows
         do not make one (a damaged run: `load` says what is wrong)."""
-        q = self._q
         try:
-            cur.execute(q(Q["load_run"]), (run_id,))
-            row = cur.fetchone()
-            if row is None:
+            runs, nodes, context, deltas = self._fetch_all(cur, self.load_queries(run_id))
+            if not runs:
                 return None
-            run = dict(zip(RUN_COLUMNS, row, strict=True))
-            cur.execute(q(Q["load_nodes"]), (run_id,))
-            nodes = cur.fetchall()
-            cur.execute(q(Q["load_context"]), (run_id,))
-            context = cur.fetchall()
-            cur.execute(q(Q["load_deltas"]), (run_id,))
-            deltas = cur.fetchall()
+            run, _, _ = _run_row(runs[0])
             parts = snapshot_parts(run, nodes, context)
             for seq, _, data in deltas:
                 replay(parts, data, seq)
@@ -907,12 +899,8 @@ class SqlStore:
         runs, nodes, context, deltas = rows
         if not runs:
             raise RunError(f"no run {run_id!r} in {self._where()}")
-        n = len(RUN_COLUMNS)
-        run = dict(zip(RUN_COLUMNS, runs[0][:n], strict=True))
+        run, lease, fork = _run_row(runs[0])
         key = run["id"]
-        lease = runs[0][n : n + len(LEASE_COLUMNS)]  # NULLs: no lease (`_driver`)
-        forked = runs[0][n + len(LEASE_COLUMNS) :]
-        fork = None if forked[0] is None else forked
         try:
             if run["status"] not in STATUSES:
                 raise Damage(
@@ -999,7 +987,7 @@ class SqlStore:
             row = cur.fetchone()
             if row is None:
                 raise RunError(f"no run {run_id!r} in {self._where()}")
-            run = dict(zip(RUN_COLUMNS, row, strict=True))
+            run, _, _ = _run_row(row)
             key = run["id"]
             cur.execute(q(Q["load_history"]), (key, key))
             rows = [(int(seq), float(updated), str(data)) for seq, updated, data in cur.fetchall()]
@@ -1551,6 +1539,19 @@ def signal_value(run_id: str, text: Any) -> Any:
 
 class Damaged(StoreError):
     """A dialect's error for rows the database itself cannot read (a damaged file)."""
+
+
+def _run_row(row: Sequence[Any]) -> tuple[dict[str, Any], Sequence[Any], Sequence[Any] | None]:
+    """A `load_run` row: the run's columns by name, its lease's (NULLs: none, see
+    `_driver`) and the run and restart it was forked from (None: not a fork)."""
+    n = len(RUN_COLUMNS)
+    lease = row[n : n + len(LEASE_COLUMNS)]
+    forked = row[n + len(LEASE_COLUMNS) :]
+    return (
+        dict(zip(RUN_COLUMNS, row[:n], strict=True)),
+        lease,
+        (forked if forked[0] is not None else None),
+    )
 
 
 def _int(value: Any) -> int:

@@ -76,10 +76,7 @@ ORDER BY 1
 SELECT snapshot_seq FROM runs WHERE id = ?
 
 -- name: load_run
-SELECT id, run_id, status, created, updated, restarts, aborted, todo, touched, n_nodes, snapshot_seq, source, filename, initial_context, format, error, head_seq FROM runs WHERE run_id = ?
-
--- name: load_run_whole
--- `load_run` with the run's lease and the run it was forked from (NULLs: none), for `load`.
+-- A run's row, with its lease and the run it was forked from (NULLs: none).
 SELECT r.id, r.run_id, r.status, r.created, r.updated, r.restarts, r.aborted, r.todo, r.touched, r.n_nodes, r.snapshot_seq, r.source, r.filename, r.initial_context, r.format, r.error, r.head_seq, l.token, l.host, l.pid, l.started, l.heartbeat, l.expires, f.parent, f.parent_step FROM runs r LEFT JOIN leases l ON l.run = r.id LEFT JOIN forks f ON f.run = r.id WHERE r.run_id = ?
 
 -- The rows of a run by its public id (`load` reads them with its `runs` row at once).

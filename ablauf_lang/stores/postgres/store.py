@@ -169,9 +169,8 @@ class PostgresStore(SqlStore):
         self._defer: list[tuple[Sequence[Any] | None, Sequence[Statement]]] | None = None
         # A step's rows of a run it did not know, read with its first statements (`begin`).
         self._read_along: tuple[str, list[list[Any]]] | None = None
-        self._pipe: contextlib.ExitStack | None = (
-            None  # a step's open pipeline (`begin_unanswered`)
-        )
+        # A step's pipeline `begin_unanswered` opened, left by `commit_step`.
+        self._pipe: contextlib.ExitStack | None = None
         self._keys: list[int] = []  # numbers for new runs' rows (`_new_key`)
         # Deliveries written with their step in one round trip (`queue.deliver`), and
         # those tried so that found the run or task otherwise and went the usual way.

@@ -164,6 +164,19 @@ def assert_never_interleaved(rows: list[tuple]) -> None:
         assert after[2] >= before[3], f"step {after[0]} started before step {before[0]} ended"
 
 
+def kill_holding_a_lease(victim: subprocess.Popen[bytes], url: str) -> None:
+    """SIGKILL a worker while it holds a lease (between two tasks it holds none): stopped
+    until the database shows one, then killed."""
+    while True:
+        victim.send_signal(signal.SIGSTOP)
+        leased = query(url, "SELECT count(*) FROM ablauf.tasks WHERE lease_owner IS NOT NULL")
+        if leased[0][0]:
+            break
+        victim.send_signal(signal.SIGCONT)
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+
+
 # ---------------------------------------------------------------- fan-out and sequences
 
 
@@ -312,7 +325,7 @@ def test_a_killed_worker_loses_nothing(
             what="both actions to start",
         )
         victim = group.procs[0]
-        victim.send_signal(signal.SIGKILL)
+        kill_holding_a_lease(victim, url)
         victim.wait(timeout=10)
         group.start(1, concurrency=2, lease=1.5)
         run = worker.wait(run_id, url, timeout=60)
@@ -572,7 +585,7 @@ def test_requeueing_a_live_run_is_refused_and_each_effect_happens_once(
             assert "being served by the workers" in refused.stderr
             assert "Traceback" not in refused.stderr
         victim = group.procs[0]
-        victim.send_signal(signal.SIGKILL)
+        kill_holding_a_lease(victim, url)
         victim.wait(timeout=10)
         time.sleep(2.0)  # the dead worker's leases expire
         worker.requeue(run_id, url)  # touches only the tasks whose lease expired

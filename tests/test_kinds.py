@@ -3,8 +3,10 @@ stored (JSON snapshot, memory and SQLite stores) with no change anywhere else.""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -15,7 +17,8 @@ from rich.console import Console
 from ablauf_lang.engine.job import Job
 from ablauf_lang.engine.kinds import KINDS, by_name, label_of, register, roles_of
 from ablauf_lang.engine.kinds.base import STATE, T_INT, Counting, Stored, counted, counts
-from ablauf_lang.engine.nodes import ALL, Status
+from ablauf_lang.engine.kinds.leaf import Augment
+from ablauf_lang.engine.nodes import ALL, Dispatch, Result, Status
 from ablauf_lang.engine.replay import failure_causes, prepare_replay
 from ablauf_lang.engine.states import states
 from ablauf_lang.errors import JobError
@@ -161,3 +164,37 @@ def test_a_kind_with_its_compiler_rule_runs_from_source(tmp_path: Path) -> None:
     quorum_node = stored.job.root.children[0]
     assert isinstance(quorum_node, Quorum)
     assert (quorum_node.n_done, quorum_node.n_failed) == (3, 1)
+
+
+@pytest.mark.parametrize(
+    "cls", [*KINDS, Counting, Augment, Dispatch, Result], ids=lambda c: c.__name__
+)
+def test_a_quick_init_takes_and_sets_what_the_dataclass_init_does(cls: type) -> None:
+    fields = dataclasses.fields(cls)
+    # The same class as `dataclasses` makes it, with the init `dataclasses` writes.
+    twin = dataclasses.make_dataclass(
+        cls.__name__,
+        [
+            (f.name, Any, field(default=f.default, default_factory=f.default_factory))
+            for f in fields
+        ],
+        frozen=True,
+        slots=True,
+    )
+    ours, theirs = inspect.signature(cls), inspect.signature(twin)
+    assert [(p.name, p.kind) for p in ours.parameters.values()] == [
+        (p.name, p.kind) for p in theirs.parameters.values()
+    ]
+    values = [object() for _ in fields]
+    every = cls(*values)
+    assert [getattr(every, f.name) for f in fields] == values
+    named = cls(**{f.name: v for f, v in zip(fields, values, strict=True)})
+    assert [getattr(named, f.name) for f in fields] == values
+    required = [f for f in fields if f.default is MISSING and f.default_factory is MISSING]
+    least = cls(*values[: len(required)])
+    twin_least = twin(*values[: len(required)])
+    assert [getattr(least, f.name) for f in fields] == [getattr(twin_least, f.name) for f in fields]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(every, fields[0].name, 1)  # still frozen
+    with pytest.raises(TypeError):
+        cls(*values, None)  # one argument too many, as with the dataclass's own

@@ -299,8 +299,7 @@ class Step:
         """Record one result on its leaf; ignore it unless that leaf waits for it."""
         check_result(result, len(self.paths))
         node_id = result.id
-        loc, ids, path = self.locate(node_id)
-        leaf = loc.node
+        leaf, above, path = self.locate(node_id)
         if not isinstance(leaf, Leaf):
             raise JobError(f"result for node {node_id}, which is a {leaf.kind}, not an action")
         if leaf.result is not LeafState.PENDING or (
@@ -314,7 +313,7 @@ class Step:
             and retry.should_retry(leaf, result.state, result.error)
             and not (isinstance(result.error, str) and result.error.startswith(INTERRUPTED))
         ):  # an interrupted attempt's outcome is unknown: never retried by the policy
-            self.retry(loc, leaf, result)
+            self.retry(above, path, leaf, result)
             return
         new = leaf.with_state(
             result.state,
@@ -332,11 +331,11 @@ class Step:
                 self.context = leaf.augment.apply(self.context, result.output)
         else:
             self.context = assoc_in(self.context, (LAST_ERROR,), result.error)
-        self.root = zipper.root(zipper.replace(loc, new))
+        self.put(above, path, new)
         self.touched.add(node_id)
-        self.mark_dirty(ids, path)
+        self.mark_dirty(above, path)
 
-    def retry(self, loc: zipper.Loc, leaf: Leaf, result: Result) -> None:
+    def retry(self, above: list[Any], path: tuple[int, ...], leaf: Leaf, result: Result) -> None:
         """Another attempt of a leaf whose policy retries this failure, after its delay.
 
         The leaf stays in flight (its parents see no change); the failed attempt joins its
@@ -356,48 +355,54 @@ class Step:
         )
         payload = leaf.sent if isinstance(leaf.payload, Expr) else leaf.payload
         self.dispatch(leaf, payload, attempt, wake)
-        self.root = zipper.root(zipper.replace(loc, new))
+        self.put(above, path, new)
         self.touched.add(leaf.id)
 
-    def locate(self, node_id: int) -> tuple[zipper.Loc, list[int], tuple[int, ...]]:
-        """The zipper at node `node_id`, the ids of its ancestors and its path."""
+    def locate(self, node_id: int) -> tuple[Node, list[Any], tuple[int, ...]]:
+        """Node `node_id`, its ancestors from the root down, and its path (child indices)."""
         path = self.paths[node_id]
-        loc = zipper.zipper(self.root, OPS)
-        ids = []
+        node = self.root
+        above: list[Any] = []  # branches
         for i in path:
-            ids.append(loc.node.id)
-            loc = zipper.down(loc, i)  # type: ignore[assignment]
-        return loc, ids, path
+            above.append(node)
+            node = node.children[i]
+        return node, above, path
 
-    def mark_dirty(self, ids: list[int], path: tuple[int, ...]) -> None:
+    def put(self, above: list[Any], path: tuple[int, ...], node: Node) -> None:
+        """Make `node` the one at `path` (under the ancestors `above`, as `locate` gave
+        them), each ancestor rebuilt with its summary updated."""
+        for parent, i in zip(reversed(above), reversed(path), strict=True):
+            node = parent.replace_child(i, node)
+        self.root = node
+
+    def mark_dirty(self, above: list[Any], path: tuple[int, ...]) -> None:
         """Make the next walk visit the path down to a changed node."""
         dirty = self.dirty
-        for parent_id, i in zip(ids, path, strict=True):
-            entry = dirty.get(parent_id)
+        for parent, i in zip(above, path, strict=True):
+            entry = dirty.get(parent.id)
             if entry is None:
-                dirty[parent_id] = {i}
+                dirty[parent.id] = {i}
             elif entry is not ALL:
                 entry.add(i)
 
     def redispatch(self) -> None:
         """Dispatch again, as a new attempt, the leaves in flight that a replay handed back."""
         for node_id in sorted(self.redo):
-            loc, ids, path = self.locate(node_id)
-            leaf = loc.node
+            leaf, above, path = self.locate(node_id)
             if not isinstance(leaf, Leaf) or leaf.result is not None:
                 continue  # it ran in the meantime (its result arrived, or an abort failed it)
-            self.root = zipper.root(zipper.replace(loc, self.start_leaf(leaf)))
-            self.mark_dirty(ids, path)
+            self.put(above, path, self.start_leaf(leaf))
+            self.mark_dirty(above, path)
 
     def hand_back(self, leaf: Leaf, *, same_attempt: bool = False) -> None:
         """Make a leaf in flight unset again, for the next restart to dispatch it anew: as a
         new attempt, or (`same_attempt`: an attempt that never began, a wait) as the same
         one, so a hand-over does not use up a retry policy's attempts."""
-        loc, _, _ = self.locate(leaf.id)
+        _, above, path = self.locate(leaf.id)
         new = leaf.reset(keep_wake=True)
         if same_attempt and new.attempt > 0:
             new = replace(new, attempt=new.attempt - 1)  # the next start numbers it again
-        self.root = zipper.root(zipper.replace(loc, new))
+        self.put(above, path, new)
         self.touched.add(leaf.id)
         self.redo.add(leaf.id)
 

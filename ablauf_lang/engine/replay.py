@@ -15,7 +15,6 @@ from dataclasses import replace
 from typing import Any
 
 from ablauf_lang.code import Expr
-from ablauf_lang.engine import zipper
 from ablauf_lang.engine.job import INTERRUPTED, LAST_ERROR, REDO, ROOT, Job, Step
 from ablauf_lang.engine.kinds import Leaf, Node
 from ablauf_lang.engine.kinds.base import rebuild
@@ -187,10 +186,10 @@ def prepare_replay(job: Job, *, retry_interrupted: bool = False, now: float | No
         for leaf in inflight:
             rs.hand_back(leaf)
         for node in failure_causes(job.root):
-            loc, ids, path = rs.locate(node.id)
-            rs.root = zipper.root(zipper.replace(loc, node.reset()))
+            found, above, path = rs.locate(node.id)
+            rs.put(above, path, found.reset())
             rs.touched.add(node.id)
-            rs.mark_dirty(ids, path)
+            rs.mark_dirty(above, path)
         rs.dirty[ROOT] = ALL  # walk the whole tree once: stopped branches go on
         context = {k: v for k, v in rs.context.items() if k != LAST_ERROR}
         aborted = None

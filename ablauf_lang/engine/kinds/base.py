@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
 
 from pyrsistent import PVector, pvector
 
-from ablauf_lang.engine.nodes import ALL, LeafState
+from ablauf_lang.engine.nodes import ALL, LeafState, quick_init
 from ablauf_lang.errors import JobError
 
 if TYPE_CHECKING:
@@ -184,6 +184,7 @@ class Branch(Kind):
         raise JobError(f"cannot reset a {self.kind} node")
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Counting(Branch):
     """A branch that counts its children done and failed (do!!, dopar!!).

@@ -17,7 +17,7 @@ from pyrsistent import PVector, pvector
 
 from ablauf_lang.engine.kinds.base import STATE, T_BOOL, Branch, Next, Stored, rebuild
 from ablauf_lang.engine.kinds.leaf import Leaf
-from ablauf_lang.engine.nodes import ALL, LeafState
+from ablauf_lang.engine.nodes import ALL, LeafState, quick_init
 from ablauf_lang.errors import Span
 
 # The error of a leaf a deadline cut (in flight: `timeout`; never started: skipped).
@@ -32,6 +32,7 @@ def expired_error(timer: Leaf) -> str:
     return EXPIRED
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Deadline(Branch):
     """`(timeout!! d body...)`: [body, timer]; fails with `timeout` when the timer wins.

@@ -32,10 +32,11 @@ from ablauf_lang.engine.kinds.base import (
     next_in_sequence,
     seq_cursor,
 )
-from ablauf_lang.engine.nodes import ALL
+from ablauf_lang.engine.nodes import ALL, quick_init
 from ablauf_lang.errors import Span
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Expansion(Branch):
     """A node that becomes one copy of `template` per element of `coll` when reached.
@@ -144,6 +145,7 @@ class Expansion(Branch):
         return replace(self, error=None).summarize()
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Doseq(Expansion):
     """`(doseq!! [x coll] body)`: one body per element, in sequence."""
@@ -166,6 +168,7 @@ class Doseq(Expansion):
         return moved, (Next(cursor),) if cursor < len(self.children) else ()
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Pmap(Expansion):
     """`(pmap!! [x coll] body)`: one body per element, in parallel."""

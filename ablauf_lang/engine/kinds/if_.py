@@ -18,11 +18,12 @@ from ablauf_lang.engine.kinds.base import (
     Restart,
     Stored,
 )
-from ablauf_lang.engine.nodes import ALL
+from ablauf_lang.engine.nodes import ALL, quick_init
 from ablauf_lang.errors import Span
 from ablauf_lang.values import is_truthy
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class If(Branch):
     """`(if!! test then else?)`, `(when!! test body...)`: two sequence children.

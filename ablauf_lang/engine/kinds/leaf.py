@@ -26,11 +26,12 @@ from ablauf_lang.engine.kinds.base import (
     Kind,
     Stored,
 )
-from ablauf_lang.engine.nodes import DONE_STATES, FAILED_STATES, LeafState
+from ablauf_lang.engine.nodes import DONE_STATES, FAILED_STATES, LeafState, quick_init
 from ablauf_lang.errors import Span
 from ablauf_lang.values import assoc_in
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Augment:
     """`with-augment [source dest]`: on success copy `get-in output source` to `dest`."""
@@ -46,6 +47,7 @@ class Augment:
         return assoc_in(context, self.dest, value)
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Leaf(Kind):
     """One action to perform: `(action!! :ns/name payload)`, `(log!! x)`, `(fail!! r)`."""

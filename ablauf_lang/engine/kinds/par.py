@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ablauf_lang.engine.kinds.base import Counting, counted, counts
-from ablauf_lang.engine.nodes import ALL
+from ablauf_lang.engine.nodes import ALL, quick_init
 from ablauf_lang.errors import Span
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Par(Counting):
     """`(dopar!! n ...)`: children at the same time.

@@ -17,9 +17,11 @@ from ablauf_lang.engine.kinds.base import (
     next_in_sequence,
     seq_cursor,
 )
+from ablauf_lang.engine.nodes import quick_init
 from ablauf_lang.errors import Span
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Seq(Counting):
     """`(do!! n ...)`: children one after the other.

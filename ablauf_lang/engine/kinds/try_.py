@@ -10,10 +10,11 @@ from pyrsistent import PVector
 
 from ablauf_lang.engine.kinds.base import Branch, Next
 from ablauf_lang.engine.kinds.seq import Seq
-from ablauf_lang.engine.nodes import ALL
+from ablauf_lang.engine.nodes import ALL, quick_init
 from ablauf_lang.errors import Span
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Try(Branch):
     """`(try!! body... (rescue!! ...) (finally!! ...))`: three sequence children.

@@ -30,7 +30,7 @@ delta's shape, the run's own fields. Text that is not UTF-8 is `BadText` and rep
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cache
 from typing import Any
@@ -48,14 +48,32 @@ def _not_json(value: Any) -> Any:
     raise TypeError(f"not JSON-able: {type(value).__name__}")
 
 
-# Compact JSON built once (json.dumps builds an encoder a call); values are encoded by the
-# value codec first, so there is no cycle to look for. Non-ASCII text is written as it is.
-_dumps_utf8 = json.JSONEncoder(
-    separators=(",", ":"), ensure_ascii=False, check_circular=False, default=_not_json
-).encode
-_dumps_ascii = json.JSONEncoder(
-    separators=(",", ":"), ensure_ascii=True, check_circular=False, default=_not_json
-).encode
+def _compact_json(ensure_ascii: bool) -> Callable[[Any], str]:
+    """Compact JSON, its encoder built once: `json.dumps` builds one a call, and so does
+    `JSONEncoder.encode` (the C encoder it makes for each value is kept here, when the
+    C accelerator is there). Values are encoded by the value codec first, so there is no
+    cycle to look for."""
+    encoder = json.JSONEncoder(
+        separators=(",", ":"), ensure_ascii=ensure_ascii, check_circular=False, default=_not_json
+    )
+    make = json.encoder.c_make_encoder  # type: ignore[attr-defined]
+    if make is None:  # pragma: no cover - a Python without the _json accelerator
+        return encoder.encode
+    strings = (
+        json.encoder.encode_basestring_ascii if ensure_ascii else json.encoder.encode_basestring
+    )
+    chunks = make(None, _not_json, strings, None, ":", ",", False, False, True)
+    join = "".join
+
+    def encode(value: Any) -> str:
+        return join(chunks(value, 0))
+
+    return encode
+
+
+# Non-ASCII text is written as it is (unless it cannot be: see `dumps_text`).
+_dumps_utf8 = _compact_json(ensure_ascii=False)
+_dumps_ascii = _compact_json(ensure_ascii=True)
 
 
 def dumps_text(value: Any) -> str:

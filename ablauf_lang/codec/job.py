@@ -170,24 +170,31 @@ def encode_state(node: Node) -> dict[str, Any]:
     is left out: it decodes to its default, and a state is always written whole (a store
     replaces a node's state, never merges it), so leaving it out loses nothing.
     """
-    out = _fill({}, node, _plans(node)[2])
-    for name in _optional_state(type(node)):
-        value = out.get(name, 0)
-        if value is None or value == _EMPTY_TUPLE:
-            del out[name]
+    fields, get = _state_plan(node)
+    out: dict[str, Any] = {}
+    for (name, encode, optional), value in zip(fields, get(node), strict=True):
+        if value is None:  # every encoder writes None as it is
+            if not optional:
+                out[name] = None
+        elif not (optional and isinstance(value, tuple) and not value):  # {"$tuple": []}
+            out[name] = value if encode is None else encode(value)
     return out
 
 
-_EMPTY_TUPLE: dict[str, list[Any]] = {"$tuple": []}
-_OPTIONAL: dict[type, tuple[str, ...]] = {}
+# kind class -> its state fields (name, encoder, may be left out) and their getter
+_STATE_PLANS: dict[type, tuple[tuple[tuple[str, Callable[[Any], Any] | None, bool], ...], Any]] = {}
 
 
-def _optional_state(cls: type) -> tuple[str, ...]:
-    names = _OPTIONAL.get(cls)
-    if names is None:
-        stored = getattr(cls, "stored", ())
-        names = _OPTIONAL[cls] = tuple(f.name for f in stored if f.part == STATE and not f.required)
-    return names
+def _state_plan(
+    node: Node,
+) -> tuple[tuple[tuple[str, Callable[[Any], Any] | None, bool], ...], Any]:
+    plan = _STATE_PLANS.get(type(node))
+    if plan is None:
+        fields, get = _plans(node)[2]
+        required = {f.name for f in type(node).stored if f.part == STATE and f.required}
+        marked = tuple((name, encode, name not in required) for name, encode in fields)
+        plan = _STATE_PLANS[type(node)] = (marked, get)
+    return plan
 
 
 def encode_tree(root: Node) -> list[dict[str, Any]]:

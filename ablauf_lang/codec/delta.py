@@ -40,7 +40,7 @@ from ablauf_lang.codec import job as codec
 from ablauf_lang.engine.job import Job
 from ablauf_lang.engine.kinds import Leaf, Node, by_name
 from ablauf_lang.engine.kinds.base import SPEC, STATE, T_RESULT
-from ablauf_lang.engine.nodes import LeafState, Status
+from ablauf_lang.engine.nodes import LeafState, Status, quick_init
 from ablauf_lang.errors import AblaufError, JobError, StoreError
 
 
@@ -173,6 +173,7 @@ def state_changed(old: Node, new: Node) -> bool:
 # ---------------------------------------------------------------- what changed
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Change:
     """What one write changes: node states, whole nodes, context keys (JSON-able values)."""

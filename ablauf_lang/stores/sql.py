@@ -100,7 +100,7 @@ from ablauf_lang.codec.delta import read_json as _json
 from ablauf_lang.codec.history import RunHistory, build_history, whole_data
 from ablauf_lang.engine.job import Job
 from ablauf_lang.engine.kinds import Leaf
-from ablauf_lang.engine.nodes import Status
+from ablauf_lang.engine.nodes import Status, quick_init
 from ablauf_lang.engine.waits import RETRY, Wait, wait_of
 from ablauf_lang.engine.waits import waits as waits_of
 from ablauf_lang.errors import AblaufError, RunError, StoreError
@@ -206,6 +206,7 @@ RUN_TABLES = (
 History = tuple[dict[int, dict[str, Any]], tuple[int, ...], tuple[str, ...], bool, Any] | None
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Known:
     """What a store object knows of a run it wrote or read: the base of its next delta."""
@@ -359,6 +360,7 @@ def row_wait(node: Any, kind: Any, name: Any, until: Any, attempt: Any) -> Wait:
     )
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class WaitChange:
     """What one write changes in a run's `waits` rows."""

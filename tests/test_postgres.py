@@ -358,6 +358,31 @@ def test_a_submitted_run_is_queued_in_the_same_transaction(store: pg.PostgresSto
     assert queue.queue_counts(store)["ready"] == 1  # the refused duplicate queued nothing
 
 
+def test_a_submit_is_one_round_trip(
+    store: pg.PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its BEGIN, statements and COMMIT in one pipeline block, synced once (psycopg's
+    `transaction()` in pipeline mode nests two blocks around its BEGIN: three syncs)."""
+    syncs: list[str] = []
+    for name in ("sync", "__exit__"):
+        real = getattr(psycopg.Pipeline, name)
+
+        def counted(
+            self: psycopg.Pipeline, *args: object, _real: object = real, _n: str = name
+        ) -> object:
+            syncs.append(_n)
+            return _real(self, *args)  # type: ignore[operator]
+
+        monkeypatch.setattr(psycopg.Pipeline, name, counted)
+    program = "(do!! (log!! 1) (dopar!! (log!! 2) (log!! 3)))"
+    queue.submit(store, ablauf_lang.make_job(program))  # the run keys taken (a read of its own)
+    syncs.clear()
+    run_id = queue.submit(store, ablauf_lang.make_job(program))
+    assert syncs == ["__exit__"]
+    assert store.load(run_id).job.restarts == 0
+    assert queue.queue_counts(store)["ready"] == 2  # each with its restart task
+
+
 def _queued_run_with_id(store: pg.PostgresStore, run_id: str) -> str:
     return queue.submit(store, ablauf_lang.make_job("(log!! 2)"), run_id=run_id)
 

@@ -42,6 +42,11 @@ class Loc(NamedTuple):
     end: bool = False
 
 
+# A location or frame built by `tuple.__new__` (the NamedTuple's own __new__ is a Python
+# function around it: a third of a move's cost, and a restart makes about ten).
+_make: Any = tuple.__new__
+
+
 def zipper(root: Any, ops: Ops) -> Loc:
     """Return the location of `root`."""
     return Loc(root, None, False, ops)
@@ -55,7 +60,9 @@ def down(loc: Loc, index: int = 0) -> Loc | None:
     kids = loc.ops.children(node)
     if not 0 <= index < len(kids):
         return None
-    return Loc(kids[index], Frame(node, index, loc.changed, loc.path), False, loc.ops)
+    frame = _make(Frame, (node, index, loc.changed, loc.path))
+    loc_: Loc = _make(Loc, (kids[index], frame, False, loc.ops, False))
+    return loc_
 
 
 def up(loc: Loc) -> Loc | None:
@@ -65,8 +72,10 @@ def up(loc: Loc) -> Loc | None:
         return None
     if loc.changed:
         parent = loc.ops.replace_child(frame.parent, frame.pos, loc.node)
-        return Loc(parent, frame.up, True, loc.ops)
-    return Loc(frame.parent, frame.up, frame.parent_changed, loc.ops)
+        made: Loc = _make(Loc, (parent, frame.up, True, loc.ops, False))
+        return made
+    back: Loc = _make(Loc, (frame.parent, frame.up, frame.parent_changed, loc.ops, False))
+    return back
 
 
 def _sibling(loc: Loc, offset: int) -> Loc | None:
@@ -97,7 +106,8 @@ def right(loc: Loc) -> Loc | None:
 
 def replace(loc: Loc, node: Any) -> Loc:
     """Replace the focused node."""
-    return Loc(node, loc.path, True, loc.ops, loc.end)
+    edited: Loc = _make(Loc, (node, loc.path, True, loc.ops, loc.end))
+    return edited
 
 
 def edit(loc: Loc, fn: Callable[..., Any], *args: Any) -> Loc:

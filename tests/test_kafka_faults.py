@@ -526,7 +526,9 @@ def test_a_full_action_worker_goes_on_after_a_rebalance(
         open_store(c.store).close()
         c.start("actions", concurrency=1, lease=10.0)
         c.start("restarter")
-        run_id = c.submit(dopar([idem(n, before=1.0) for n in range(24)]))
+        # Each step long enough that the first worker is full whenever the group rebalances
+        # (the second worker's join takes a few seconds), the run long enough to span it.
+        run_id = c.submit(dopar([idem(n, before=0.6) for n in range(24)]))
         wait_until("the first effect", lambda: len(c.effects()) >= 1, 30)
         c.start("actions", concurrency=1, lease=10.0)
         run = wait_or_stall(c, run_id, 90, stall=20)

@@ -110,20 +110,22 @@ _ENCODERS: dict[str, Callable[[Any], Any] | None] = {
     T_TREE: lambda root: encode_tree(root),
 }
 
-# A part of a record: the fields' names, their encoders, and one getter of all the values.
-_Plan = tuple[tuple[tuple[str, Callable[[Any], Any] | None], ...], Callable[[Any], Any]]
+# A part of a record: each field's name, encoder and whether it may be left out when it
+# holds nothing (not required: see `encode_state`), and one getter of all the values.
+_Plan = tuple[tuple[tuple[str, Callable[[Any], Any] | None, bool], ...], Callable[[Any], Any]]
 
 
 def _plan(fields: tuple[Stored, ...], part: str | None) -> _Plan:
     chosen = [f for f in fields if part is None or f.part == part]
     names = [f.name for f in chosen]
+    marked = tuple((f.name, _ENCODERS[f.type], not f.required) for f in chosen)
     if len(names) > 1:
-        return tuple((f.name, _ENCODERS[f.type]) for f in chosen), attrgetter(*names)
+        return marked, attrgetter(*names)
 
     def get(node: Any) -> tuple[Any, ...]:  # attrgetter of one name gives no tuple
         return tuple(getattr(node, n) for n in names)
 
-    return tuple((f.name, _ENCODERS[f.type]) for f in chosen), get
+    return marked, get
 
 
 # kind class -> (every stored field, spec fields, state fields), each with its encoder
@@ -143,7 +145,7 @@ def _plans(node: Node) -> tuple[_Plan, _Plan, _Plan]:
 
 def _fill(out: dict[str, Any], node: Node, plan: _Plan) -> dict[str, Any]:
     encoders, get = plan
-    for (name, encode), value in zip(encoders, get(node), strict=True):
+    for (name, encode, _), value in zip(encoders, get(node), strict=True):
         out[name] = value if encode is None else encode(value)
     return out
 
@@ -170,7 +172,7 @@ def encode_state(node: Node) -> dict[str, Any]:
     is left out: it decodes to its default, and a state is always written whole (a store
     replaces a node's state, never merges it), so leaving it out loses nothing.
     """
-    fields, get = _state_plan(node)
+    fields, get = _plans(node)[2]
     out: dict[str, Any] = {}
     for (name, encode, optional), value in zip(fields, get(node), strict=True):
         if value is None:  # every encoder writes None as it is
@@ -179,22 +181,6 @@ def encode_state(node: Node) -> dict[str, Any]:
         elif not (optional and isinstance(value, tuple) and not value):  # {"$tuple": []}
             out[name] = value if encode is None else encode(value)
     return out
-
-
-# kind class -> its state fields (name, encoder, may be left out) and their getter
-_STATE_PLANS: dict[type, tuple[tuple[tuple[str, Callable[[Any], Any] | None, bool], ...], Any]] = {}
-
-
-def _state_plan(
-    node: Node,
-) -> tuple[tuple[tuple[str, Callable[[Any], Any] | None, bool], ...], Any]:
-    plan = _STATE_PLANS.get(type(node))
-    if plan is None:
-        fields, get = _plans(node)[2]
-        required = {f.name for f in type(node).stored if f.part == STATE and f.required}
-        marked = tuple((name, encode, name not in required) for name, encode in fields)
-        plan = _STATE_PLANS[type(node)] = (marked, get)
-    return plan
 
 
 def encode_tree(root: Node) -> list[dict[str, Any]]:

@@ -249,29 +249,24 @@ class PostgresStore(SqlStore):
                 yield self.conn.cursor()
                 return
             self.known.begin()
-            if pipeline:
-                # BEGIN and COMMIT sent with the statements, in one pipeline block: one
-                # round trip. (psycopg's `transaction()` in pipeline mode nests a pipeline
-                # on each side of its BEGIN, and each nested block syncs on leaving: three.)
-                mark = prepared_mark(self.conn)
-                try:
+            mark = prepared_mark(self.conn)
+            try:
+                if pipeline:
+                    # BEGIN and COMMIT sent with the statements, in one pipeline block: one
+                    # round trip. (psycopg's `transaction()` in pipeline mode nests a
+                    # pipeline on each side of its BEGIN, each synced on leaving: three.)
                     with self.conn.pipeline():
                         self.conn.execute("BEGIN")
                         yield self.conn.cursor()
                         self.known.committing()
                         self.conn.execute("COMMIT")
-                except BaseException:
-                    self.known.rollback()
-                    self._abandon(mark)
-                    raise
-                self._committed()
-                return
-            try:
-                with self.conn.transaction():
-                    yield self.conn.cursor()
-                    self.known.committing()
+                else:
+                    with self.conn.transaction():
+                        yield self.conn.cursor()
+                        self.known.committing()
             except BaseException:
                 self.known.rollback()
+                self._abandon(mark)  # psycopg's transaction() rolled back already
                 raise
             self._committed()
 

@@ -15,6 +15,7 @@ from ablauf_lang.engine.job import Job, make_job, restart_job
 from ablauf_lang.engine.nodes import Dispatch, failure, success
 from ablauf_lang.engine.replay import abort
 from ablauf_lang.lang.compiler import compile_source
+from ablauf_lang.stores.sqlite import SqliteStore
 from tests.strategies import workflow_sources
 from tests.test_store_sqlite import same, trees
 
@@ -94,3 +95,69 @@ def test_catching_up_with_compiled_workflows(source: str, data: st.DataObject) -
     """Programs as people write them (context keys set by augments, rescues, finallys):
     every write is caught up with, and builds what a load builds."""
     _caught_up_from_any_write(_writes(make_job(compile_source(source)), data), data)
+
+
+@settings(max_examples=60, deadline=None)
+@given(tree=trees, data=st.data(), steps_first=st.integers(0, 3))
+def test_a_store_reads_a_run_another_store_wrote_as_loading_it_would(
+    tmp_path_factory: Any, tree: Any, data: st.DataObject, steps_first: int
+) -> None:
+    """`SqlStore.load_job` of a run this store knows an older write of, after another
+    store object wrote on (a worker, for the client that submitted the run): what a load
+    builds, and without reading the run whole when only states changed (also past a
+    fold into the snapshot)."""
+    path = str(tmp_path_factory.mktemp("catch") / "runs.db")
+    jobs = _writes(make_job(tree, {"start": 1}), data)
+    client, other = SqliteStore(path), SqliteStore(path)
+    try:
+        run_id = client.create_run(jobs[0])
+        for job in jobs[1 : 1 + steps_first]:
+            client.record(run_id, job)
+        other.load(run_id)
+        for job in jobs[1 + steps_first :]:
+            other.record(run_id, job)
+        read_whole: list[str] = []
+        real = client.load
+
+        def load(run: str) -> Any:
+            read_whole.append(run)
+            return real(run)
+
+        client.load = load  # type: ignore[method-assign]
+        got = client.load_job(run_id)
+        assert same(got, real(run_id).job)
+        assert same(got, jobs[-1])
+        texts = [
+            diff(jobs[i], jobs[i + 1]).data(jobs[i + 1])
+            for i in range(min(steps_first, len(jobs) - 1), len(jobs) - 1)
+        ]
+        if not (_kinds(texts) - {"r", "s", "c", "cd"}):
+            assert read_whole == []
+    finally:
+        client.close()
+        other.close()
+
+
+def test_a_long_sequence_written_elsewhere_is_caught_up_with_past_its_folds(
+    tmp_path: Any,
+) -> None:
+    source = "(do!! " + " ".join(f"(log!! {i})" for i in range(300)) + ")"
+    path = str(tmp_path / "runs.db")
+    client, other = SqliteStore(path), SqliteStore(path)
+    try:
+        job = make_job(compile_source(source))
+        run_id = client.create_run(job)
+        other.load(run_id)
+        job, dispatches = restart_job(job)
+        while dispatches:
+            other.record(run_id, job)
+            job, dispatches = restart_job(job, [success(d, 1) for d in dispatches])
+        other.record(run_id, job)
+        assert other.compactions > 0  # folded on the way
+        client.load = None  # type: ignore[assignment,method-assign]  # not read whole
+        got = client.load_job(run_id)
+        assert same(got, job)
+        assert got.status == "success"
+    finally:
+        client.close()
+        other.close()

@@ -12,13 +12,18 @@ import time
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import ablauf_lang
 from ablauf_lang import queue
 from ablauf_lang.codec import job as serde
+from ablauf_lang.codec.records import text_value
 from ablauf_lang.engine.job import INTERRUPTED, restart_job
-from ablauf_lang.engine.nodes import LeafState, Status, success
+from ablauf_lang.engine.nodes import Dispatch, LeafState, Status, success
 from ablauf_lang.errors import RunError, StoreError
+from ablauf_lang.names import AWAIT
+from ablauf_lang.queue import tasks
 from ablauf_lang.runners.worker import advance, hand_back, requeue_run
 from ablauf_lang.stores import postgres as pg
 from ablauf_lang.stores import sql as sqlbase
@@ -381,6 +386,140 @@ def test_a_submit_is_one_round_trip(
     assert syncs == ["__exit__"]
     assert store.load(run_id).job.restarts == 0
     assert queue.queue_counts(store)["ready"] == 2  # each with its restart task
+
+
+_PG_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"))
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    rows=st.lists(st.tuples(_PG_TEXT, _PG_TEXT, st.none() | _PG_TEXT), min_size=2, max_size=12),
+    key_texts=st.lists(_PG_TEXT, min_size=2, max_size=6, unique=True),
+)
+def test_many_rows_in_one_statement_are_the_rows_one_at_a_time(
+    store: pg.PostgresStore,
+    rows: list[tuple[str, str, str | None]],
+    key_texts: list[str],
+) -> None:
+    """`Dialect.bulk` (rows as one JSON array) writes what `executemany` writes, whatever
+    the text: quotes, backslashes, escapes, any character PostgreSQL text holds."""
+    keys = []
+    for _ in range(2):
+        run_id = store.create_run(ablauf_lang.make_job("(log!! 1)"))
+        keys.append(
+            store.conn.execute(
+                "SELECT id FROM ablauf.runs WHERE run_id = %s", (run_id,)
+            ).fetchone()[0]
+        )
+    bulk, single = keys
+
+    def write(key: int, many: bool) -> None:
+        nodes = [(key, 100 + i, spec, state, kids) for i, (spec, state, kids) in enumerate(rows)]
+        states = [(state[::-1], key, 100 + i) for i, (_, state, _) in enumerate(rows)]
+        ctx = [(key, text, pos, text + "'") for pos, text in enumerate(key_texts)]
+        with store.transaction() as conn:
+            cur = conn.cursor()
+            for name, params in (
+                ("upsert_node", nodes),
+                ("update_state", states),
+                ("upsert_context", ctx),
+            ):
+                if many:
+                    store.dialect.many(cur, name, params)
+                else:
+                    cur.executemany(store.dialect.q(sqlbase.Q[name]), params)
+
+    def read(key: int) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+        nodes = store.conn.execute(
+            "SELECT node, spec, state, children FROM ablauf.nodes WHERE run = %s AND node >= 100"
+            " ORDER BY node",
+            (key,),
+        ).fetchall()
+        ctx = store.conn.execute(
+            "SELECT key, pos, value FROM ablauf.context WHERE run = %s ORDER BY pos", (key,)
+        ).fetchall()
+        return nodes, ctx
+
+    write(bulk, True)
+    write(single, False)
+    assert read(bulk) == read(single)
+    assert [r[1:] for r in read(bulk)[0]] == [
+        (spec, state[::-1], kids) for spec, state, kids in rows
+    ]
+
+
+def test_many_action_tasks_are_queued_as_they_were_asked_for(store: pg.PostgresStore) -> None:
+    """`send_actions` of several dispatches (one statement, its rows as JSON): each task
+    holds its dispatch, whatever its payload's text; the first `claim` due now are
+    leased; a due time, an infinite timeout and a heartbeat are kept."""
+
+    run_id = store.create_run(ablauf_lang.make_job("(log!! 1)"))
+    later = time.time() + 3600
+    asked = [
+        Dispatch(1, "a/one", {"q": 'say "hi"\\ \u00e9'}, False, 1, {"k": [1]}),
+        Dispatch(2, "a/two", [1.5, None], True, 3, None, due=later, timeout=float("inf")),
+        Dispatch(3, AWAIT, {"signal": "go"}, False, 1, None, timeout=2.5, heartbeat=0.5),
+    ]
+    with store.transaction() as conn:
+        cur, leased = tasks.send_actions(conn, run_id, asked, claim=2, owner="me", lease=60)
+        rows = cur.fetchall() if cur is not None else []
+    assert leased == 2  # not the second: it is due later
+    assert [(int(node), bool(mine)) for _, node, mine in rows] == [(1, True), (3, True)]
+    got = store.conn.execute(
+        "SELECT node, attempt, action, idempotent, payload, context, lease_owner, tries,"
+        " extract(epoch FROM not_before), signal, timeout, heartbeat"
+        " FROM ablauf.tasks WHERE run_id = %s AND kind = 'action' ORDER BY node",
+        (run_id,),
+    ).fetchall()
+    assert [(r[0], r[1], r[2], r[3]) for r in got] == [
+        (d.id, d.attempt, d.action, d.idempotent) for d in asked
+    ]
+    assert [text_value(r[4]) for r in got] == [d.payload for d in asked]
+    assert text_value(got[0][5]) == {"k": [1]}
+    assert [(r[6], r[7]) for r in got] == [("me", 1), (None, 0), ("me", 1)]
+    assert got[0][8] is None
+    assert abs(float(got[1][8]) - later) < 1e-3
+    assert got[2][8] is None
+    assert [r[9] for r in got] == [None, None, "go"]
+    assert [r[10] for r in got] == [None, float("inf"), 2.5]
+    assert [r[11] for r in got] == [None, None, 0.5]
+
+
+def test_a_client_reads_the_run_a_worker_wrote_by_its_writes_since(pg_url: str) -> None:
+    """`load_job` (what `worker.wait` returns) of a run the client submitted: caught up
+    with the workers' writes, in one snapshot: what a load builds; a run deleted since,
+    and one another store made anew with the same id, are read as they are."""
+    client, other = pg.PostgresStore.from_url(pg_url), pg.PostgresStore.from_url(pg_url)
+    try:
+        job = ablauf_lang.make_job(PROGRAM)
+        run_id = client.create_run(job)  # as a submit writes it (the queue aside)
+        other.load(run_id)
+        job, dispatches = restart_job(job)
+        while dispatches:
+            other.record(run_id, job)
+            job, dispatches = restart_job(job, [success(d, d.payload) for d in dispatches])
+        other.record(run_id, job)
+        loads = []
+        real = client.load
+        monkey = pytest.MonkeyPatch()
+        monkey.setattr(client, "load", lambda run: loads.append(run) or real(run))
+        try:
+            got = client.load_job(run_id)
+        finally:
+            monkey.undo()
+        assert same(got, job)
+        assert got.status == "success"
+        assert loads == []
+        other.delete_run(run_id)
+        with pytest.raises(RunError):
+            client.load_job(run_id)
+        again = other.create_run(ablauf_lang.make_job("(log!! 2)"), run_id=run_id)
+        assert same(client.load_job(again), other.load(again).job)
+    finally:
+        client.close()
+        other.close()
 
 
 def _queued_run_with_id(store: pg.PostgresStore, run_id: str) -> str:

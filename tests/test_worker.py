@@ -728,6 +728,42 @@ def test_submit_and_wait_keep_one_connection_each_for_the_process(
     assert ours("ablauf-wait") == waits
 
 
+def test_wait_looks_first_only_when_its_listener_may_have_missed_the_end(
+    shared: tuple[str, Workers], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run this thread submitted while its listener LISTENed is waited for without a
+    first status read (its end is announced to that listener); a run whose end the
+    listener announced during an earlier wait is looked at first and found done at once
+    (not after a second's safety look)."""
+    url, _ = shared
+    looks: list[str] = []
+    real = PostgresStore.status
+
+    def status(self: PostgresStore, run_id: str) -> str:
+        looks.append(run_id)
+        return real(self, run_id)
+
+    monkeypatch.setattr(PostgresStore, "status", status)
+
+    def done(run_id: str) -> bool:
+        rows = query(url, "SELECT status FROM ablauf.runs WHERE run_id = %s", run_id)
+        return rows[0][0] != "pending"
+
+    worker.wait(worker.submit('(action!! :test/noop "listen")', url), url, timeout=POLL)
+    looks.clear()
+    first = worker.submit('(action!! :test/noop "a")', url)
+    assert worker.wait(first, url, timeout=POLL).status is Status.SUCCESS
+    assert looks == []
+    early = worker.submit('(action!! :test/noop "b")', url)
+    wait_for(lambda: done(early), 30, what="the first run")  # announced, not yet read
+    late = worker.submit('(action!! :test/noop "c")', url)
+    assert worker.wait(late, url, timeout=POLL).status is Status.SUCCESS  # hears both
+    began = time.monotonic()
+    assert worker.wait(early, url, timeout=POLL).status is Status.SUCCESS
+    assert time.monotonic() - began < 0.5
+    assert looks == [early]
+
+
 def test_run_worker_sets_the_switch_interval_while_it_runs(pg_server: PgServer) -> None:
     url = database(pg_server)
     stop = threading.Event()

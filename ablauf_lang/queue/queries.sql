@@ -101,15 +101,16 @@ SELECT (SELECT array_agg(task_id) FROM t), (SELECT id FROM r),
 -- were it not, the write of the step would conflict and be refused, not lost.)
 -- `s` sleeps only under injected faults (0 seconds otherwise): between taking the
 -- snapshot and trying the lock, as a busy server does now and then.
--- Params: sleep, task ids, owner, run_id, run_id, task ids, results, run_id.
+-- Params: sleep, task ids, owner, run_id, run_id, results (a JSON array of [task id,
+-- result] rows), run_id.
 WITH s AS (SELECT pg_sleep(%s)),
      t AS (DELETE FROM ablauf.tasks WHERE EXISTS (SELECT 1 FROM s)
            AND task_id = ANY(%s) AND lease_owner = %s RETURNING task_id),
      r AS (SELECT id, snapshot_seq FROM ablauf.runs WHERE run_id = %s
            AND EXISTS (SELECT 1 FROM t) FOR NO KEY UPDATE SKIP LOCKED),
-     q AS (INSERT INTO ablauf.tasks (run_id, kind, result) SELECT %s, 'restart', u.result
-           FROM unnest(%s::bigint[], %s::text[]) AS u(task_id, result)
-           WHERE u.task_id IN (SELECT task_id FROM t) AND NOT EXISTS (SELECT 1 FROM r)
+     q AS (INSERT INTO ablauf.tasks (run_id, kind, result) SELECT %s, 'restart', u->>1
+           FROM json_array_elements(%s::json) AS u
+           WHERE (u->>0)::bigint IN (SELECT task_id FROM t) AND NOT EXISTS (SELECT 1 FROM r)
            RETURNING task_id),
      n AS (SELECT pg_notify('ablauf_tasks', count(*)::text) FROM q HAVING count(*) > 0),
 {{deliver_tail}};
@@ -168,22 +169,23 @@ VALUES (%s, 'action', %s, %s, %s, %s, %s, %s, %s,
 RETURNING task_id, node, lease_owner IS NOT NULL;
 
 -- name: enqueue_actions
--- Many action tasks at once (arrays). Params: run_id, owner, lease seconds, nodes, attempts,
--- actions, idempotent flags, payloads, contexts, mine flags, not befores, signals, timeouts,
--- heartbeats.
+-- Many action tasks at once. Params: run_id, owner, lease seconds, the tasks as one JSON
+-- array (one row each: node, attempt, action, idempotent, payload, context, mine, not
+-- before, signal, timeout, heartbeat; numbers that are not finite given as text): JSON,
+-- not arrays, because psycopg builds a text array's literal a character at a time. Rows:
+-- those leased (task_id, node, true), not the others (a wide step queues 100,000).
+WITH i AS (
 INSERT INTO ablauf.tasks (run_id, kind, node, attempt, action, idempotent, payload, context,
                           lease_owner, lease_until, tries, not_before, signal, timeout,
                           heartbeat)
-SELECT %s, 'action', u.node, u.attempt, u.action, u.idempotent, u.payload, u.context,
-       CASE WHEN u.mine THEN %s END,
-       CASE WHEN u.mine THEN now() + %s * interval '1 second' END,
-       CASE WHEN u.mine THEN 1 ELSE 0 END,
-       to_timestamp(u.due), u.signal, u.timeout, u.heartbeat
-FROM unnest(%s::int[], %s::int[], %s::text[], %s::bool[], %s::text[], %s::text[], %s::bool[],
-            %s::float8[], %s::text[], %s::float8[], %s::float8[])
-     AS u(node, attempt, action, idempotent, payload, context, mine, due, signal, timeout,
-          heartbeat)
-RETURNING task_id, node, lease_owner IS NOT NULL;
+SELECT %s, 'action', (u->>0)::int, (u->>1)::int, u->>2, (u->>3)::bool, u->>4, u->>5,
+       CASE WHEN (u->>6)::bool THEN %s END,
+       CASE WHEN (u->>6)::bool THEN now() + %s * interval '1 second' END,
+       CASE WHEN (u->>6)::bool THEN 1 ELSE 0 END,
+       to_timestamp((u->>7)::float8), u->>8, (u->>9)::float8, (u->>10)::float8
+FROM json_array_elements(%s::json) AS u
+RETURNING task_id, node, lease_owner IS NOT NULL AS mine)
+SELECT task_id, node, mine FROM i WHERE mine;
 
 -- fragment: restart_task
 -- A restart task queued (result and note: the last parameters) and a NOTIFY naming its run.

@@ -31,7 +31,7 @@ from ablauf_lang.queue.tasks import (
 from ablauf_lang.stores.postgres.connection import WriteConflict
 from ablauf_lang.stores.postgres.queries import QUERIES as STORE_Q
 from ablauf_lang.stores.postgres.store import PostgresStore
-from ablauf_lang.stores.sql import Known
+from ablauf_lang.stores.sql import Known, json_rows
 
 # A step's engine call: the run's job and the results to apply -> (new job, dispatches).
 Advance = Callable[[Job, list[Result]], tuple[Job, list[Dispatch]]]
@@ -325,10 +325,10 @@ def deliver(
                 run_id=run_id,
             )
         else:
-            results = [encode_result(r) for _, r in items]
+            results = json_rows([(t, encode_result(r)) for t, r in items])
             row = store.begin(
                 Q["deliver"],
-                (delay, ids, worker, run_id, run_id, ids, results, run_id),
+                (delay, ids, worker, run_id, run_id, results, run_id),
                 run_id=run_id,
             )
         mine = [int(t) for t in (row[0] or [])]

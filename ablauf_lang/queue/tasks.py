@@ -3,6 +3,7 @@ the workers table. Every statement is a named query of `queries.sql`."""
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -18,6 +19,7 @@ from ablauf_lang.engine.job import INTERRUPTED
 from ablauf_lang.engine.nodes import Dispatch, LeafState, Result
 from ablauf_lang.stdlib.actions import AWAIT
 from ablauf_lang.stores.queries import load_queries
+from ablauf_lang.stores.sql import json_rows
 
 Q = load_queries(__package__ or "ablauf_lang.queue", "queries.sql")
 
@@ -99,8 +101,8 @@ def send_actions(
     with a later `due` is queued with that time (`tasks.not_before`). NOTIFYs for the
     tasks ready and not leased (idle workers take them), and once for tasks due later
     (the listeners look at the next due time again). Returns the cursor (rows: task_id,
-    node, leased?; None when there was nothing to insert, see `leased`) and how many
-    are leased. Pipeline-safe: read the cursor after it."""
+    node, leased?; of several tasks, only those leased; None when there was nothing to
+    insert, see `leased`) and how many are leased. Pipeline-safe: read the cursor after it."""
     if not dispatches:
         return None, 0
     now = time.time()
@@ -120,51 +122,37 @@ def send_actions(
             text = contexts[id(d.context)] = value_text(d.context or {})
         return text
 
-    if len(dispatches) == 1:  # the common step of a sequence: plain values, no arrays
-        d = dispatches[0]
-        cur = conn.execute(
-            Q["enqueue_action"],
-            (
-                run_id,
-                d.id,
-                d.attempt,
-                d.action,
-                d.idempotent,
-                value_text(d.payload),
-                context_text(d),
-                owner if mine[0] else None,
-                mine[0],
-                lease,
-                1 if mine[0] else 0,
-                dues[0],
-                signal_of(d),
-                d.timeout,
-                d.heartbeat,
-            ),
-        )
-        _announce(conn, len(dispatches) - later - sum(mine), later)
-        return cur, sum(mine)
-    cur = conn.execute(
-        Q["enqueue_actions"],
+    tasks = [
         (
-            run_id,
-            owner,
-            lease,
-            [d.id for d in dispatches],
-            [d.attempt for d in dispatches],
-            [d.action for d in dispatches],
-            [d.idempotent for d in dispatches],
-            [value_text(d.payload) for d in dispatches],
-            [context_text(d) for d in dispatches],
-            mine,
-            dues,
-            [signal_of(d) for d in dispatches],
-            [d.timeout for d in dispatches],
-            [d.heartbeat for d in dispatches],
-        ),
-    )
+            d.id,
+            d.attempt,
+            d.action,
+            d.idempotent,
+            value_text(d.payload),
+            context_text(d),
+            take,
+            due,
+            signal_of(d),
+            d.timeout,
+            d.heartbeat,
+        )
+        for d, take, due in zip(dispatches, mine, dues, strict=True)
+    ]
+    if len(tasks) == 1:  # the common step of a sequence: plain values
+        node, attempt, action, idempotent, payload, ctx, take, due, signal, timeout, beat = tasks[0]
+        params = (run_id, node, attempt, action, idempotent, payload, ctx)
+        leasing = (owner if take else None, take, lease, 1 if take else 0)
+        cur = conn.execute(Q["enqueue_action"], (*params, *leasing, due, signal, timeout, beat))
+    else:
+        rows = [(*t[:7], _number(t[7]), t[8], _number(t[9]), _number(t[10])) for t in tasks]
+        cur = conn.execute(Q["enqueue_actions"], (run_id, owner, lease, json_rows(rows)))
     _announce(conn, len(dispatches) - later - sum(mine), later)
     return cur, sum(mine)
+
+
+def _number(x: float | None) -> float | str | None:
+    """A number for `json_rows`: JSON has no infinity (PostgreSQL reads 'inf' as one)."""
+    return x if x is None or math.isfinite(x) else str(x)
 
 
 def _announce(conn: psycopg.Connection, ready: int, later: int) -> None:

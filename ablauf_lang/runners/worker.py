@@ -167,6 +167,7 @@ SHARED_STORES = 4
 _shared_stores: OrderedDict[tuple[str, int], PostgresStore] = OrderedDict()
 _shared_lock = threading.Lock()
 _listeners = threading.local()
+REMEMBERED = 1024  # runs a thread remembers it submitted while listening, or heard of
 
 
 def _shared(store_url: str) -> PostgresStore:
@@ -210,6 +211,21 @@ def _listener(store_url: str, shown: str) -> psycopg.Connection | None:
     while len(mine) > SHARED_STORES:
         postgres.close_quietly(mine.popitem(last=False)[1])
     return conn
+
+
+def _threads_own(name: str) -> OrderedDict[str, Any]:
+    """This thread's runs by id: "submitted" (to the listener then LISTENing), "heard"
+    (announced done to its listener)."""
+    mine: OrderedDict[str, Any] = _listeners.__dict__.setdefault(name, OrderedDict())
+    return mine
+
+
+def _remember(runs: OrderedDict[str, Any], run_id: str, value: Any) -> None:
+    """Keep `value` for the run, the newest REMEMBERED runs only."""
+    runs[run_id] = value
+    runs.move_to_end(run_id)
+    while len(runs) > REMEMBERED:
+        runs.popitem(last=False)
 
 
 def _drop_listener(store_url: str) -> None:
@@ -288,7 +304,11 @@ def submit(
     from ablauf_lang.lang.compiler import with_breaks
 
     job = make_job(with_breaks(compile_file_source(source, filename), breaks), context)
-    return queue.submit(_shared(store_url), job, source=source, filename=filename, run_id=run_id)
+    listening = _my_listeners().get((store_url, os.getpid()))
+    made = queue.submit(_shared(store_url), job, source=source, filename=filename, run_id=run_id)
+    if listening is not None and not listening.closed:
+        _remember(_threads_own("submitted"), made, listening)
+    return made
 
 
 def wait(run_id: str, store_url: str, timeout: float | None = None) -> Run:
@@ -300,11 +320,21 @@ def wait(run_id: str, store_url: str, timeout: float | None = None) -> Run:
     deadline = None if timeout is None else time.monotonic() + timeout
     # Listening before the first look: a run that finishes in between is not missed.
     listener = _listener(store_url, store.url)
+    heard = _threads_own("heard")
+    # No first look when it cannot find the run done: this thread submitted it while its
+    # listener was LISTENing (so the run's end is announced to it), which has not
+    # announced it yet. (Each later look is made, as after any other wait.)
+    unseen = (
+        listener is not None
+        and _threads_own("submitted").pop(run_id, None) is listener
+        and run_id not in heard
+    )
 
     def finished() -> bool:
         return store.status(run_id) != Status.PENDING  # one statement; reconnects by itself
 
-    while not finished():
+    while unseen or not finished():
+        unseen = False
         left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
         if left <= 0:
             break
@@ -312,20 +342,25 @@ def wait(run_id: str, store_url: str, timeout: float | None = None) -> Run:
             time.sleep(min(left, 0.2))
             listener = _listener(store_url, store.url)
             continue  # listening now (or still not): look again
+        announced = False
         try:
             # Closed at once: a generator left suspended would hold the connection's lock.
             with contextlib.closing(postgres.notifications(listener, store.url, left)) as notes:
-                announced = any(payload == run_id for payload in notes)
+                for payload in notes:
+                    _remember(heard, payload, True)  # a later wait for it looks first
+                    if payload == run_id:
+                        announced = True
+                        break
         except StoreError as exc:
             log.warning("wait: lost the connection to %s (%s); reconnecting", store.url, exc)
             _drop_listener(store_url)
             listener = None
             continue
         if announced:  # finished: read it once (pending again? retried since: wait on)
-            run = Run(run_id, store.load(run_id).job)
+            run = Run(run_id, store.load_job(run_id))
             if run.status is not Status.PENDING:
                 return run
-    return Run(run_id, store.load(run_id).job)
+    return Run(run_id, store.load_job(run_id))
 
 
 def requeue(run_id: str, store_url: str, *, retry: bool = False) -> str:

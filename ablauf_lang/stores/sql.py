@@ -74,7 +74,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 from ablauf_lang.codec import job as serde
@@ -248,10 +248,24 @@ class Dialect:
     placeholder: str  # "?" or "%s" (the SQL here is written with "?")
     limit_all: str  # what LIMIT takes for no limit ("ALL"; SQLite: "-1")
     returning: bool  # INSERT ... RETURNING id; else the cursor's `lastrowid`
+    # Statements of `sql.sql` (by name) this database runs for many rows at once as one
+    # statement taking them as one JSON array of their parameter rows (see `many`).
+    bulk: dict[str, str] = field(default_factory=dict)
 
     def q(self, sql: str) -> str:
         """`sql` (written with "?") in this dialect's placeholders."""
         return sql if self.placeholder == "?" else sql.replace("?", self.placeholder)
+
+    def many(self, cur: Any, name: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run the statement `name` of `sql.sql` once for each parameter row: as one
+        statement when the dialect has a bulk form of it (the rows as JSON text: one
+        statement to parse, plan and run, where `executemany` costs every row all three),
+        else with `executemany` (SQLite's costs a row little: no round trips, no plans)."""
+        bulk = self.bulk.get(name)
+        if bulk is not None and len(rows) > 1:
+            cur.execute(bulk, (json_rows(rows),))
+        else:
+            cur.executemany(self.q(Q[name]), rows)
 
     def insert_run(
         self, cur: Any, columns: Sequence[str], values: Sequence[Any], key: int | None = None
@@ -310,6 +324,14 @@ S = TypeVar("S", bound="SqlStore")
 
 # A statement of a write and the parameters of each of its executions.
 Statement = tuple[str, Sequence[Sequence[Any]]]
+
+
+def json_rows(rows: Sequence[Sequence[Any]]) -> str:
+    """Parameter rows as one JSON array, for a statement that takes many rows in one
+    parameter (PostgreSQL's `json_array_elements`): written in C, where psycopg builds a
+    text array's literal in Python (ten times the work a row). Numbers must be finite:
+    JSON has no infinity (give one as text, which PostgreSQL's float8 reads)."""
+    return _dumps(rows)
 
 
 def execute_all(cur: Any, statements: Iterable[Statement]) -> None:
@@ -512,10 +534,16 @@ class SqlStore:
         row = cur.fetchone()
         if row is None:
             return None
-        snapshot_seq = int(row[0])
         cur.execute(q(Q["writes_since"]), (known.key, known.seq, known.key, known.seq))
+        return self._caught_up_with(known, seq, int(row[0]), cur.fetchall())
+
+    def _caught_up_with(
+        self, known: Known, seq: int, snapshot_seq: int, writes: Sequence[Sequence[Any]]
+    ) -> Known | None:
+        """`_caught_up` from the rows it reads: the run's snapshot number and its writes
+        after `known`'s (`writes_since`)."""
         try:
-            rows = [(int(s), len(d), _json(d, f"write {s}")) for s, d in cur.fetchall()]
+            rows = [(int(s), len(d), _json(d, f"write {s}")) for s, d in writes]
         except Damage:
             return None
         # The newest write is the last row read here (the caller may have named an older
@@ -544,6 +572,26 @@ class SqlStore:
         return Known(
             known.key, seq, snapshot_seq, nodes, str(job.status), job, deltas, size, history
         )
+
+    @_reads
+    def load_job(self, run_id: str) -> Job:
+        """The run's job as it is now, in one snapshot: what this store knows of it caught
+        up with the writes since (O(what they changed): a client reading the run it
+        submitted, once the workers are done with it), else read whole (`load`)."""
+        known = self._known.get(run_id)
+        if known is not None:
+            q = self._q
+            params = (known.key, known.seq, known.key, known.seq)
+            snapshot, writes = self._read_rows(
+                [(q(Q["snapshot_of"]), (known.key,)), (q(Q["writes_since"]), params)]
+            )
+            caught = None
+            if snapshot:  # else the run is gone (or is another of that id): read it
+                caught = self._caught_up_with(known, known.seq, int(snapshot[0][0]), writes)
+            if caught is not None:
+                self._known.put(run_id, caught)
+                return caught.job
+        return self.load(run_id).job
 
     def reserve_known(self, count: int) -> None:
         """Keep `count` more runs in the cache of what this store knows (negative: fewer),
@@ -738,8 +786,9 @@ class SqlStore:
             whole_ids = sorted(wholes)
             for at in range(0, len(whole_ids), ROWS_AT_ONCE):
                 full = [node_row(job.node(i)) for i in whole_ids[at : at + ROWS_AT_ONCE]]
-                cur.executemany(
-                    q(Q["upsert_node"]),
+                self.dialect.many(
+                    cur,
+                    "upsert_node",
                     [(known.key, r.node, r.spec, r.state, r.children) for r in full],
                 )
                 self.rows_written += len(full)
@@ -747,12 +796,12 @@ class SqlStore:
                     len(r.spec) + len(r.state) + len(r.children or "") for r in full
                 )
             if state_rows:
-                cur.executemany(q(Q["update_state"]), state_rows)
+                self.dialect.many(cur, "update_state", state_rows)
             if reset:
                 cur.execute(q(Q["delete_context_of_run"]), (known.key,))
             ctx_rows = [(known.key, k, pos, _dumps(v)) for k, pos, v in ctx]
             if ctx_rows:
-                cur.executemany(q(Q["upsert_context"]), ctx_rows)
+                self.dialect.many(cur, "upsert_context", ctx_rows)
             if count:
                 cur.execute(q(Q["archive_deltas"]), (known.key,))
                 cur.execute(q(Q["delete_deltas_of_run"]), (known.key,))
@@ -811,10 +860,10 @@ class SqlStore:
         the node rows."""
         made = [node_row(n) for n in job.nodes()]
         rows = [(key, r.node, r.spec, r.state, r.children) for r in made]
-        cur.executemany(self._q(Q["upsert_node"]), rows)
+        self.dialect.many(cur, "upsert_node", rows)
         ctx = [(key, k, pos, _dumps(v)) for k, pos, v in context_rows(job.context)]
         if ctx:
-            cur.executemany(self._q(Q["upsert_context"]), ctx)
+            self.dialect.many(cur, "upsert_context", ctx)
         found = waits_of(job) if job.status is Status.PENDING else []
         skip = set(cleared)
         found = [w for w in found if w not in skip] if skip else found

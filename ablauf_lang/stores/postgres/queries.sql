@@ -103,3 +103,21 @@ SELECT id, run_id, status FROM ablauf.runs WHERE run_id IN ({marks}) FOR KEY SHA
 SELECT run, node, attempt, owner, lease_until, started_at, taken_from, result
 FROM ablauf.attempts WHERE (run, node, attempt) IN (VALUES {marks})
 ORDER BY run, node, attempt FOR UPDATE;
+
+-- name: upsert_node_rows
+-- Bulk forms of statements of `stores/sql.sql` (`Dialect.bulk`, `_rows` added to the
+-- name): one statement for many rows, given as one JSON array of the statement's
+-- parameter rows (each in its order).
+INSERT INTO ablauf.nodes (run, node, spec, state, children)
+SELECT (e->>0)::bigint, (e->>1)::integer, e->>2, e->>3, e->>4 FROM json_array_elements(%s::json) e
+ON CONFLICT (run, node) DO UPDATE
+SET spec = excluded.spec, state = excluded.state, children = excluded.children;
+
+-- name: update_state_rows
+UPDATE ablauf.nodes n SET state = e->>0 FROM json_array_elements(%s::json) e
+WHERE n.run = (e->>1)::bigint AND n.node = (e->>2)::integer;
+
+-- name: upsert_context_rows
+INSERT INTO ablauf.context (run, key, pos, value)
+SELECT (e->>0)::bigint, e->>1, (e->>2)::integer, e->>3 FROM json_array_elements(%s::json) e
+ON CONFLICT (run, key) DO UPDATE SET pos = excluded.pos, value = excluded.value;

@@ -306,6 +306,9 @@ class PostgresStore(SqlStore):
         with self._lock, errors(self.url):
             if self.in_transaction():
                 return self._fetch_all(self.conn.cursor(), queries)
+            if len(queries) == 1:  # a statement has a snapshot of its own: no BEGIN, COMMIT
+                sql, params = queries[0]
+                return [self.conn.execute(sql, params).fetchall()]
             try:
                 with self.conn.pipeline():
                     self.conn.execute(Q["begin_read"])

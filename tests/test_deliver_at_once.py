@@ -23,6 +23,7 @@ from ablauf_lang import queue
 from ablauf_lang.engine.kinds import Leaf
 from ablauf_lang.engine.nodes import LeafState, Status, success
 from ablauf_lang.runners import worker
+from ablauf_lang.stores import postgres as pg
 from ablauf_lang.stores.postgres import PostgresStore
 from tests.pg import PgServer
 from tests.strategies import workflow_sources
@@ -81,6 +82,7 @@ def _head(url: str, run_id: str) -> int:
 
 
 SEQUENCE = "(do!! (action!! :t/a 1) (action!! :t/a 2) (action!! :t/a 3))"
+WIDE = "(do!! (action!! :t/a 0) (pmap!! [i (range 50)] (action!! :t/a i)))"
 
 
 def test_a_sequence_is_delivered_at_once_step_after_step(store: PostgresStore) -> None:
@@ -118,6 +120,51 @@ def test_a_run_locked_elsewhere_gets_the_result_queued(url: str, store: Postgres
     assert step is not None
     assert step.results == 1
     assert [d.payload for _, d in step.claimed] == [2]
+
+
+def test_a_process_that_never_saw_the_run_reads_it_only_once_it_has_the_lock(
+    url: str, store: PostgresStore
+) -> None:
+    """A delivery from a process that does not know the run (another worker's): while
+    the run is locked elsewhere its result is queued and nothing of the run is read (a
+    wide run's delivery read its 100,000 nodes for nothing each time); once the lock is
+    free, the run is read (once) and restarted."""
+    run_id, task_id, dispatch = _first_action(store, WIDE)
+    stranger = PostgresStore.from_url(url)  # a process of its own: its own SharedKnown
+    reads: list[str] = []  # the run's rows asked for (read along, or a load)
+    real = stranger.load_queries
+
+    def load_queries(run: str) -> Any:
+        reads.append(run)
+        return real(run)
+
+    stranger.load_queries = load_queries  # type: ignore[method-assign]
+    try:
+        result = success(dispatch, dispatch.payload)
+        with psycopg.connect(url) as other:
+            other.execute(
+                "SELECT 1 FROM ablauf.runs WHERE run_id = %s FOR NO KEY UPDATE", (run_id,)
+            )
+            got = queue.deliver(
+                stranger, run_id, [(task_id, result)], worker.advance, worker=ME, claim=1, lease=30
+            )
+            assert got.outcome == "queued"
+            assert reads == []
+        step = queue.run_restart(stranger, run_id, worker.advance, worker=ME, claim=1, lease=30)
+        assert step is not None
+        assert step.results == 1
+        assert reads == [run_id]
+    finally:
+        stranger.close()
+
+
+def test_threads_of_a_process_read_a_run_along_one_at_a_time(url: str) -> None:
+    shared = pg.SharedKnown()
+    assert shared.start_reading("r1")
+    assert not shared.start_reading("r1")  # another thread reads it: not again
+    assert shared.start_reading("r2")
+    shared.done_reading("r1")
+    assert shared.start_reading("r1")
 
 
 def test_statements_skipped_with_a_failed_delivery_are_prepared_again(

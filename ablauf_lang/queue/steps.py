@@ -319,18 +319,14 @@ def deliver(
         delay = store.statement_delay()
         if len(items) == 1:
             one = encode_result(items[0][1])
-            row = store.begin(
-                Q["deliver_one"],
-                (delay, ids[0], worker, run_id, run_id, one, run_id),
-                run_id=run_id,
-            )
+            # Not read along (no `run_id`): a delivery often finds the run's lock taken
+            # (the results are queued), and the run read for nothing; when the lock is
+            # had and the run unknown, `base_for` reads it.
+            params = (delay, ids[0], worker, run_id, run_id, one, run_id)
+            row = store.begin(Q["deliver_one"], params)
         else:
             results = json_rows([(t, encode_result(r)) for t, r in items])
-            row = store.begin(
-                Q["deliver"],
-                (delay, ids, worker, run_id, run_id, results, run_id),
-                run_id=run_id,
-            )
+            row = store.begin(Q["deliver"], (delay, ids, worker, run_id, run_id, results, run_id))
         mine = [int(t) for t in (row[0] or [])]
         lost = len(ids) - len(mine)
         if not mine:

@@ -32,6 +32,21 @@ class SharedKnown(KnownRuns):
         self.catch_ups = 0  # runs caught up with another process's writes instead
         self.at_once = 0  # results delivered with their step in one round trip
         self.at_once_missed = 0  # tried so, delivered the usual way (`queue.deliver`)
+        self._reading: set[str] = set()  # runs a thread reads along with its step
+
+    def start_reading(self, run_id: str) -> bool:
+        """A thread is to read the run whole with its step's first statements: True unless
+        another thread of the process does (then the run is known once that one's step
+        commits; reading it again meanwhile, a hundred thousand rows, would be waste)."""
+        with self.lock:
+            if run_id in self._reading:
+                return False
+            self._reading.add(run_id)
+            return True
+
+    def done_reading(self, run_id: str) -> None:
+        with self.lock:
+            self._reading.discard(run_id)
 
     def publish(self, run_id: str, known: Known) -> None:
         """Share what a committed transaction learned of a run, unless newer is known."""

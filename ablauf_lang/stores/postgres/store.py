@@ -169,6 +169,7 @@ class PostgresStore(SqlStore):
         self._defer: list[tuple[Sequence[Any] | None, Sequence[Statement]]] | None = None
         # A step's rows of a run it did not know, read with its first statements (`begin`).
         self._read_along: tuple[str, list[list[Any]]] | None = None
+        self._reading: str | None = None  # the run this step reads along (`start_reading`)
         # A step's pipeline `begin_unanswered` opened, left by `commit_step`.
         self._pipe: contextlib.ExitStack | None = None
         self._keys: list[int] = []  # numbers for new runs' rows (`_new_key`)
@@ -410,6 +411,9 @@ class PostgresStore(SqlStore):
                 self._close_pipe()
                 self._defer = None
                 self._read_along = None
+                if self._reading is not None:
+                    self.known.shared.done_reading(self._reading)
+                    self._reading = None
                 if self.known.in_transaction:  # every path ends the transaction
                     self.known.rollback()
 
@@ -417,7 +421,8 @@ class PostgresStore(SqlStore):
         """BEGIN and a first statement in one round trip; the statement's first row. The
         step's delta is then held back for `commit_step`. `run_id`: the run the step
         writes; when this process does not know it, its rows are read along (`base_for`
-        builds it from them: no round trip of its own)."""
+        builds it from them: no round trip of its own), unless another thread of the
+        process reads them along with its own step (`SharedKnown.start_reading`)."""
         return self._begin([(sql, params)], run_id)[0]
 
     def begin_with(
@@ -468,11 +473,11 @@ class PostgresStore(SqlStore):
     def _begin(self, statements: list[tuple[str, Sequence[Any]]], run_id: str | None) -> list[Any]:
         # The run's rows, when read along, are read after the first statements (after the
         # run's lock: they see what its holder wrote, and no one writes them meanwhile).
-        reads = (
-            []
-            if run_id is None or self.known.get(run_id) is not None
-            else self.load_queries(run_id)
-        )
+        reads: list[tuple[str, Sequence[Any]]] = []
+        unknown = run_id is not None and self.known.get(run_id) is None
+        if unknown and run_id is not None and self.known.shared.start_reading(run_id):
+            self._reading = run_id
+            reads = self.load_queries(run_id)
         with self.conn.pipeline():
             self.conn.execute("BEGIN")
             cursors = [self.conn.execute(sql, params) for sql, params in statements]
